@@ -1,0 +1,97 @@
+"""`pagoda` command line. Engine flags are derived from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any
+
+from pagoda.config import section_fields, section_hints
+
+_SKIP_FOR_ENGINE = {"server_config"}
+
+
+def _flag_type(hint: Any) -> dict[str, Any]:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": list(args)}
+    if args and typing.get_origin(hint) is not typing.Literal:  # Optional[X] / X | None
+        return _flag_type(args[0])
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint in (int, float):
+        return {"type": hint}
+    return {"type": str}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    group = parser.add_argument_group("engine")
+    for section, field in section_fields():
+        if section in _SKIP_FOR_ENGINE or (positional_model and field.name == "model"):
+            continue
+        kwargs = _flag_type(section_hints(section)[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        group.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            help=f"(default: {default})",
+            **kwargs,
+        )
+    if positional_model:
+        parser.add_argument("model", nargs="?", default=argparse.SUPPRESS,
+                            help="local folder, .gguf file, hub id, or alias (default: smollm2-135m)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for s, f in section_fields() if s not in _SKIP_FOR_ENGINE}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.sampling_seed
+    )
+    prompt: Any = args.prompt
+    if args.chat:
+        tok = llm.get_tokenizer()
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt = {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    for output in llm.generate_stream(prompt, params):
+        sys.stdout.write(output.outputs[0].delta_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="print a completion of a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    add_engine_args(gen, positional_model=False)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

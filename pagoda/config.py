@@ -1,0 +1,146 @@
+"""The one tree of engine settings. Every default lives here once.
+
+CLI flags and ``LLM(**kwargs)`` are derived from these dataclasses; a key that no
+section knows raises ``TypeError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m"
+    tokenizer: str | None = None
+    dtype: DType = "auto"
+    load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: Literal["auto", "torch"] = "auto"
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # On GPU: fraction of device memory for weights + activations + KV cache.
+    gpu_memory_utilization: float = 0.9
+    # On CPU there is no device to fill, so the KV budget is explicit.
+    kv_cache_gib: float = 2.0
+    # Exact block count, overriding either budget (tests and benchmarks).
+    num_kv_blocks: int | None = None
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    # Bound on requests waiting for admission; beyond it add_request raises.
+    max_queued_requests: int = 4096
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1"
+            )
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+_SECTIONS: dict[str, type] = {
+    "model_config": ModelConfig,
+    "cache_config": CacheConfig,
+    "scheduler_config": SchedulerConfig,
+    "parallel_config": ParallelConfig,
+    "server_config": ServerConfig,
+}
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    server_config: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build the tree from flat keys (``max_num_seqs=8``); unknown keys raise."""
+        owner = field_owners()
+        per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in kwargs.items():
+            if key not in owner:
+                raise TypeError(
+                    f"unknown engine argument {key!r}; known arguments: {', '.join(sorted(owner))}"
+                )
+            per_section[owner[key]][key] = value
+        config = cls(**{name: _SECTIONS[name](**vals) for name, vals in per_section.items()})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in _SECTIONS:
+            getattr(self, name).validate()
+
+
+def field_owners() -> dict[str, str]:
+    """Flat argument name -> the section that owns it."""
+    owners: dict[str, str] = {}
+    for section_name, section in _SECTIONS.items():
+        for f in dataclasses.fields(section):
+            owners[f.name] = section_name
+    return owners
+
+
+def section_hints(section_name: str) -> dict[str, Any]:
+    """Resolved type hints of one section's fields (the annotations are strings)."""
+    return typing.get_type_hints(_SECTIONS[section_name])
+
+
+def section_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every (section name, field) pair, for deriving CLI flags."""
+    return [(name, f) for name, section in _SECTIONS.items() for f in dataclasses.fields(section)]

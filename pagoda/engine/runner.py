@@ -1,0 +1,102 @@
+"""Scheduled batch -> flat input tensors -> one model forward -> logits of the rows that sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.engine.scheduler import ScheduledRequest
+from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # flat token index of the last token of each sampling request
+    sampling: list[ScheduledRequest]
+
+
+def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
+    cfg = model.config
+    # Zeroed (not empty): padded gather slots must hold finite values, or 0 * NaN leaks into outputs.
+    cache = torch.zeros(
+        cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+        dtype=model.dtype, device=device,
+    )
+    return list(cache.unbind(0))
+
+
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+    cfg = model.config
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        attention: AttentionBackend,
+        device: str = "cpu",
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.attention = attention
+        self.device = device
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[ScheduledRequest] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        max_blocks = max(len(s.request.block_ids) for s in scheduled)
+        tables = torch.zeros(len(scheduled), max_blocks, dtype=torch.int64)
+        for row, s in enumerate(scheduled):
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            input_ids.extend(r.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = r.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampling.append(s)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            block_size=bs,
+        )
+        self.attention.prepare(metadata)
+        return ModelInputs(
+            torch.tensor(input_ids, dtype=torch.int64),
+            torch.tensor(positions, dtype=torch.int64),
+            metadata,
+            torch.tensor(sample_rows, dtype=torch.int64),
+            sampling,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """Run the model; returns the requests that sample and their logits [n, vocab] (fp32)."""
+        inputs = self.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
+        if not inputs.sampling:
+            return [], hidden.new_empty(0, 0, dtype=torch.float32)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return inputs.sampling, logits

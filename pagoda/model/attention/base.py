@@ -1,0 +1,42 @@
+"""The flat input contract between the runner and an attention backend.
+
+One step is a batch of sequences, each contributing ``query_lens[i]`` new tokens
+(a prefill chunk or one decode token) whose KV lands in the paged cache at
+``slot_mapping``; after the step sequence ``i`` has ``seq_lens[i]`` tokens of KV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    query_lens: list[int]  # new tokens per sequence
+    seq_lens: list[int]  # KV length per sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    block_size: int
+    # Whatever the backend precomputes once per step and reuses in every layer.
+    backend_state: Any = field(default=None)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        """Precompute per-step state (gather indices, masks) into ``metadata.backend_state``."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write k/v into the cache, attend, return [num_tokens, num_heads, head_dim]."""

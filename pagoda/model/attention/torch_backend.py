@@ -1,0 +1,126 @@
+"""Paged attention in plain PyTorch (CPU, and the fallback everywhere).
+
+Decode sequences (one query token each) are attended together: their keys are
+gathered from the paged cache into a padded [batch, kv_heads, max_len, dim]
+tensor and the query heads of each KV head are treated as its query rows, so
+grouped-query attention needs no key repetition. Prefill chunks are attended one
+sequence at a time (each is large, so the per-call cost is amortized); a chunk
+with no earlier context attends to its own keys with a causal mask and never
+touches the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from pagoda.model.attention.base import AttentionMetadata
+
+
+@dataclass
+class _PrefillSeq:
+    token_start: int
+    query_len: int
+    # Flat cache slots of the whole context, or None when the chunk is the whole context.
+    context_slots: torch.Tensor | None
+    mask: torch.Tensor | None  # [query_len, seq_len] bool, True = attend
+
+
+@dataclass
+class _StepState:
+    decode_token_idx: torch.Tensor  # [num_decode] flat token index of each decode query
+    decode_slots: torch.Tensor  # [num_decode, max_len] flat cache slots (0 where padded)
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_len] bool
+    prefills: list[_PrefillSeq]
+
+
+def _context_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length)
+    return block_table[pos // block_size] * block_size + pos % block_size
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        bs = metadata.block_size
+        decode_rows: list[int] = []
+        decode_tokens: list[int] = []
+        prefills: list[_PrefillSeq] = []
+        start = 0
+        for i, (q_len, s_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
+            if q_len == 1 and s_len > 1:
+                decode_rows.append(i)
+                decode_tokens.append(start)
+            elif q_len == s_len:
+                prefills.append(_PrefillSeq(start, q_len, None, None))
+            else:
+                slots = _context_slots(metadata.block_tables[i], s_len, bs)
+                q_pos = torch.arange(s_len - q_len, s_len)[:, None]
+                mask = torch.arange(s_len)[None, :] <= q_pos
+                prefills.append(_PrefillSeq(start, q_len, slots, mask))
+            start += q_len
+        if decode_rows:
+            rows = torch.tensor(decode_rows)
+            lens = torch.tensor([metadata.seq_lens[i] for i in decode_rows])
+            max_len = int(lens.max())
+            pos = torch.arange(max_len)
+            tables = metadata.block_tables[rows]
+            block_idx = (pos // bs).clamp(max=tables.shape[1] - 1)
+            slots = tables[:, block_idx] * bs + (pos % bs)[None, :]
+            valid = pos[None, :] < lens[:, None]
+            slots = torch.where(valid, slots, torch.zeros_like(slots))
+            mask = valid[:, None, None, :]
+        else:
+            slots = torch.zeros(0, 0, dtype=torch.int64)
+            mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool)
+        metadata.backend_state = _StepState(torch.tensor(decode_tokens, dtype=torch.int64), slots, mask, prefills)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        state: _StepState = metadata.backend_state
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, metadata.slot_mapping, k)
+        v_flat.index_copy_(0, metadata.slot_mapping, v)
+        out = torch.empty_like(q)
+        num_heads = q.shape[1]
+        group = num_heads // num_kv_heads
+
+        if state.decode_token_idx.numel():
+            n = state.decode_token_idx.numel()
+            q_dec = q[state.decode_token_idx].view(n, num_kv_heads, group, head_dim)
+            k_dec = k_flat[state.decode_slots].transpose(1, 2)  # [n, kv_heads, max_len, dim]
+            v_dec = v_flat[state.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=state.decode_mask, scale=scale)
+            out[state.decode_token_idx] = o.reshape(n, num_heads, head_dim)
+
+        for seq in state.prefills:
+            rows = slice(seq.token_start, seq.token_start + seq.query_len)
+            q_seq = q[rows].transpose(0, 1)[None]  # [1, heads, q_len, dim]
+            if seq.context_slots is None:
+                k_seq, v_seq = k[rows], v[rows]
+            else:
+                k_seq, v_seq = k_flat[seq.context_slots], v_flat[seq.context_slots]
+            k_seq = k_seq.transpose(0, 1)[None].repeat_interleave(group, dim=1)
+            v_seq = v_seq.transpose(0, 1)[None].repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(
+                q_seq,
+                k_seq,
+                v_seq,
+                attn_mask=seq.mask,
+                is_causal=seq.mask is None,
+                scale=scale,
+            )
+            out[rows] = o[0].transpose(0, 1)
+        return out

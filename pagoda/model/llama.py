@@ -1,0 +1,184 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, SmolLM2); Qwen2 and Qwen3 set two switches.
+
+Q/K/V and gate/up projections are stored fused so each layer runs two big
+matmuls instead of five small ones; ``load_weights`` takes HF tensor names and
+stacks the pieces into place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.model.arch_config import ArchConfig
+from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.layers.linear import Linear
+from pagoda.model.layers.norm import RMSNorm
+from pagoda.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden = cfg.hidden_size
+        self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype)
+        self.o_proj = Linear(self.q_size, hidden, False, dtype)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
+        self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
+        self.gate_up_proj = Linear(hidden, 2 * cfg.intermediate_size, False, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, hidden, False, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionBackend,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attn.forward(q, k, v, kv_cache, metadata, self.scale)
+        hidden = hidden + self.o_proj(o.reshape(tokens, self.q_size))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# HF sub-name -> (our parameter, which shard of the fused tensor).
+_STACKED = {
+    "self_attn.q_proj": ("qkv_proj", 0),
+    "self_attn.k_proj": ("qkv_proj", 1),
+    "self_attn.v_proj": ("qkv_proj", 2),
+    "mlp.gate_proj": ("gate_up_proj", 0),
+    "mlp.up_proj": ("gate_up_proj", 1),
+}
+_RENAMED = {
+    "self_attn.o_proj": "o_proj",
+    "mlp.down_proj": "down_proj",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
+    "input_layernorm": "input_layernorm",
+    "post_attention_layernorm": "post_attention_layernorm",
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False
+
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, self.qk_norm) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        )
+        self.rotary = RotaryEmbedding(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionBackend,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden] (normed) for a flat batch."""
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, kv_cache, attn, metadata)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into place; every parameter must be written exactly once."""
+        params = dict(self.named_parameters())
+        shard_sizes = {
+            "qkv_proj": [self.layers[0].q_size, self.layers[0].kv_size, self.layers[0].kv_size]
+            if len(self.layers)
+            else [],
+            "gate_up_proj": [self.config.intermediate_size] * 2,
+        }
+        written: set[str] = set()
+        for name, tensor in weights:
+            target, offset, size = self._locate(name, shard_sizes)
+            if target is None:
+                continue
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            dest = param.data if offset is None else param.data.narrow(0, offset, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            written.add(target if offset is None else f"{target}#{offset}")
+        expected = set()
+        for pname in params:
+            kind = pname.split(".")[-2] if "." in pname else ""
+            sizes = shard_sizes.get(kind)
+            if sizes:
+                expected.update(f"{pname}#{sum(sizes[:j])}" for j in range(len(sizes)))
+            else:
+                expected.add(pname)
+        missing = sorted(expected - written)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _locate(self, name: str, shard_sizes: dict[str, list[int]]) -> tuple[str | None, int | None, int]:
+        if name in ("model.embed_tokens.weight",):
+            return "embed_tokens", None, 0
+        if name == "model.norm.weight":
+            return "norm.weight", None, 0
+        if name == "lm_head.weight":
+            return (None if self.lm_head is None else "lm_head"), None, 0
+        if name.endswith("rotary_emb.inv_freq"):
+            return None, None, 0
+        m = _LAYER_NAME.fullmatch(name)
+        if not m:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}")
+        layer, rest = m.group(1), m.group(2)
+        module, _, leaf = rest.rpartition(".")
+        if module in _STACKED:
+            target, shard = _STACKED[module]
+            sizes = shard_sizes[target]
+            return f"layers.{layer}.{target}.{leaf}", sum(sizes[:shard]), sizes[shard]
+        if module in _RENAMED:
+            return f"layers.{layer}.{_RENAMED[module]}.{leaf}", None, 0
+        raise ValueError(f"unexpected checkpoint tensor {name!r}")
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.02)

