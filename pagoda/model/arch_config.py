@@ -39,6 +39,11 @@ class ArchConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot pick a model class")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         rope_scaling = cfg.get("rope_scaling") or None
