@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -31,7 +30,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 class ModelSource:
     """Where a model's files are: one GGUF file or one HF-style folder."""
 
-    kind: str  # "gguf" | "folder"
+    kind: str  # "gguf" | "folder" | "config"
     path: Path
     name: str
 
@@ -67,6 +66,8 @@ def resolve_model(name: str) -> ModelSource:
             return ModelSource("gguf", path, path.name)
         if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(path)
+        if path.suffix == ".json":  # a bare config: shapes only, for dummy weights
+            return ModelSource("config", path, path.stem)
         raise ValueError(f"model file {path} is neither a .gguf file nor a folder with config.json")
     if path.is_dir():
         return ModelSource("folder", path, path.name)
@@ -192,15 +193,16 @@ def load_model(
     load_format: str = "auto",
     tokenizer: str | None = None,
     seed: int = 0,
-    hf_config: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer. ``load_format='dummy'`` fills random weights (config still read)."""
-    if load_format == "dummy" and hf_config is not None:
-        arch = ArchConfig.from_hf(hf_config)
+    """Load weights and tokenizer. ``load_format='dummy'`` fills random weights of the same shapes."""
+    source = resolve_model(name)
+    if source.kind == "config":
+        if load_format != "dummy":
+            raise ValueError(f"{source.path} is a bare config.json: it needs load_format='dummy'")
+        arch = ArchConfig.from_hf(json.loads(source.path.read_text()))
         model = _build(arch, dtype)
         model.init_dummy_weights(seed)
-        return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), "dummy")
-    source = resolve_model(name)
+        return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), source.name)
     if source.kind == "gguf":
         if load_format not in ("auto", "gguf", "dummy"):
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")

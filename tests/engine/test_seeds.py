@@ -1,0 +1,42 @@
+"""Same seed + same request -> same output, whatever else is in the batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("smollm2-135m")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, seed=1234, max_tokens=24),
+    SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, seed=7, max_tokens=24, repetition_penalty=1.1),
+])
+def test_seeded_sampling_independent_of_batch(llm: LLM, params: SamplingParams) -> None:
+    prompt = "Write a short story about a robot who learns to paint."
+    alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [f"Tell me fact number {i} about the ocean." for i in range(7)]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=40)
+    mixed = llm.generate(others[:3] + [prompt] + others[3:], [unseeded] * 3 + [params] + [unseeded] * 4, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+    # And again later, after the prefix cache has changed what gets computed.
+    again = llm.generate([others[0], prompt], [unseeded, params], use_tqdm=False)[1].outputs[0].token_ids
+    assert again == alone
+
+
+@pytest.mark.slow
+def test_different_seeds_differ_and_n_children_differ(llm: LLM) -> None:
+    prompt = "Name a color:"
+    a = llm.generate([prompt], SamplingParams(temperature=1.0, seed=1, max_tokens=16), use_tqdm=False)[0]
+    b = llm.generate([prompt], SamplingParams(temperature=1.0, seed=2, max_tokens=16), use_tqdm=False)[0]
+    assert a.outputs[0].token_ids != b.outputs[0].token_ids
+    multi = llm.generate([prompt], SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=16), use_tqdm=False)[0]
+    assert [o.index for o in multi.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in multi.outputs}) == 3
+    # Child 0 of an n=3 request with seed 1 draws like a single request with seed 1.
+    assert multi.outputs[0].token_ids == a.outputs[0].token_ids
