@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.cpu_kernels import load_cpu_kernels
 
 
 @dataclass
@@ -31,8 +32,11 @@ class _PrefillSeq:
 @dataclass
 class _StepState:
     decode_token_idx: torch.Tensor  # [num_decode] flat token index of each decode query
-    decode_slots: torch.Tensor  # [num_decode, max_len] flat cache slots (0 where padded)
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_len] bool
+    decode_tables: torch.Tensor  # [num_decode, max_blocks] block tables of the decode rows
+    decode_lens: torch.Tensor  # [num_decode] int64 KV lengths
+    # Gather-path inputs (only without the C++ kernel):
+    decode_slots: torch.Tensor | None  # [num_decode, max_len] flat cache slots (0 where padded)
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_len] bool
     prefills: list[_PrefillSeq]
 
 
@@ -42,7 +46,12 @@ def _context_slots(block_table: torch.Tensor, length: int, block_size: int) -> t
 
 
 class TorchAttentionBackend:
+    """Decode rows use the C++ paged kernel when it builds, else a gather + SDPA in torch."""
+
     name = "torch"
+
+    def __init__(self, use_cpu_kernel: bool = True) -> None:
+        self.kernels = load_cpu_kernels() if use_cpu_kernel else None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         bs = metadata.block_size
@@ -62,21 +71,21 @@ class TorchAttentionBackend:
                 mask = torch.arange(s_len)[None, :] <= q_pos
                 prefills.append(_PrefillSeq(start, q_len, slots, mask))
             start += q_len
-        if decode_rows:
-            rows = torch.tensor(decode_rows)
-            lens = torch.tensor([metadata.seq_lens[i] for i in decode_rows])
+        rows = torch.tensor(decode_rows, dtype=torch.int64)
+        lens = torch.tensor([metadata.seq_lens[i] for i in decode_rows], dtype=torch.int64)
+        tables = metadata.block_tables[rows]
+        slots = mask = None
+        if decode_rows and self.kernels is None:
             max_len = int(lens.max())
             pos = torch.arange(max_len)
-            tables = metadata.block_tables[rows]
             block_idx = (pos // bs).clamp(max=tables.shape[1] - 1)
             slots = tables[:, block_idx] * bs + (pos % bs)[None, :]
             valid = pos[None, :] < lens[:, None]
             slots = torch.where(valid, slots, torch.zeros_like(slots))
             mask = valid[:, None, None, :]
-        else:
-            slots = torch.zeros(0, 0, dtype=torch.int64)
-            mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool)
-        metadata.backend_state = _StepState(torch.tensor(decode_tokens, dtype=torch.int64), slots, mask, prefills)
+        metadata.backend_state = _StepState(
+            torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills
+        )
 
     def forward(
         self,
@@ -97,7 +106,11 @@ class TorchAttentionBackend:
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
 
-        if state.decode_token_idx.numel():
+        if state.decode_token_idx.numel() and self.kernels is not None:
+            out[state.decode_token_idx] = self.kernels.paged_decode_attention(
+                q[state.decode_token_idx], kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale
+            )
+        elif state.decode_token_idx.numel():
             n = state.decode_token_idx.numel()
             q_dec = q[state.decode_token_idx].view(n, num_kv_heads, group, head_dim)
             k_dec = k_flat[state.decode_slots].transpose(1, 2)  # [n, kv_heads, max_len, dim]
