@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
-from pagoda.model.layers.linear import Linear
+from pagoda.model.layers.linear import Linear, linear
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
 
@@ -51,13 +51,14 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(hidden))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        # Queries and keys side by side: one rotary pass for both.
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         o = attn.forward(q, k, v, kv_cache, metadata, self.scale)
         hidden = hidden + self.o_proj(o.reshape(tokens, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
@@ -117,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into place; every parameter must be written exactly once."""

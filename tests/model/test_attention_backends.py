@@ -44,3 +44,21 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float) -> None:
         backend.prepare(meta)
         outs.append(backend.forward(q, k, v, cache.clone(), meta, dim**-0.5).float())
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+
+
+def test_small_batch_linear_kernel_matches_onednn() -> None:
+    from pagoda.model.layers import linear as linear_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    w = torch.randn(960, 576, dtype=torch.bfloat16)
+    b = torch.randn(960, dtype=torch.bfloat16)
+    reference = torch.nn.functional.linear(x, w, b).float()
+    linear_mod.enable_small_batch_kernel(True)
+    try:
+        if linear_mod._small_batch_kernel() is None:
+            pytest.skip("this CPU has no AVX-512 BF16")
+        got = linear_mod.linear(x, w, b).float()
+    finally:
+        linear_mod.enable_small_batch_kernel(False)
+    torch.testing.assert_close(got, reference, atol=0.1, rtol=2e-2)

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from pagoda.model.attention.base import AttentionMetadata
-from pagoda.model.attention.cpu_kernels import load_cpu_kernels
+from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
 @dataclass
@@ -107,6 +107,10 @@ class TorchAttentionBackend:
         group = num_heads // num_kv_heads
 
         if state.decode_token_idx.numel() and self.kernels is not None:
+            if not state.prefills:  # a pure decode step: every token is a decode query, in order
+                return self.kernels.paged_decode_attention(
+                    q, kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale
+                )
             out[state.decode_token_idx] = self.kernels.paged_decode_attention(
                 q[state.decode_token_idx], kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale
             )

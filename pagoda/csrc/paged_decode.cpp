@@ -1,0 +1,309 @@
+// Paged decode attention for CPU: one query token per sequence, read straight from the block cache.
+//
+// PyTorch has no gather-free way to attend over a paged cache, and its gathers copy every key and value
+// of every sequence once per layer; this kernel reads each key/value row once, in place, for all the
+// query heads that share it (grouped-query attention), with fp32 accumulation whatever the cache dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next one.
+inline void prefetch_block(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#if defined(__AVX512F__)
+// bf16 is the top half of an fp32: widen 16 lanes at a time.
+template <>
+inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float total = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// exp for the softmax: 2^(x log2 e) split into 2^n * 2^f, |f| <= 0.5, 2^f by a degree-6 polynomial
+// (relative error ~1e-7, like std::exp in fp32 for this range).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// In place: sc = exp(sc - max(sc)); returns the sum.
+inline float softmax_numerators(float* sc, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sc + i));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (; i < n; ++i) mx = std::max(mx, sc[i]);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + i), vmx));
+    _mm512_storeu_ps(sc + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  float sum = _mm512_reduce_add_ps(vsum);
+  for (; i < n; ++i) {
+    sc[i] = std::exp(sc[i] - mx);
+    sum += sc[i];
+  }
+  return sum;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#else
+template <>
+inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+inline float softmax_numerators(float* sc, int64_t n) {
+  const float mx = *std::max_element(sc, sc + n);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    sc[i] = std::exp(sc[i] - mx);
+    sum += sc[i];
+  }
+  return sum;
+}
+#endif
+
+// Scores of one key row against every query head: scores[hq * len + t] = scale * q[hq] . k[hq / group].
+template <typename T>
+inline void score_row(const float* qf, const T* krow, const T* /*q_raw*/, float* row, float* scores, int64_t t,
+                      int64_t len, int64_t heads, int64_t group, int64_t dim, int64_t row_stride, float /*scale*/) {
+  to_float(krow, row, row_stride);
+  for (int64_t hq = 0; hq < heads; ++hq) scores[hq * len + t] = dot(&qf[hq * dim], &row[(hq / group) * dim], dim);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 keys: multiply bf16 pairs straight into fp32 sums (no widening of the key row).
+template <>
+inline void score_row<at::BFloat16>(const float* qf, const at::BFloat16* krow, const at::BFloat16* q_raw, float* row,
+                                    float* scores, int64_t t, int64_t len, int64_t heads, int64_t group, int64_t dim,
+                                    int64_t row_stride, float scale) {
+  if (dim % 32 != 0) {
+    to_float(krow, row, row_stride);
+    for (int64_t hq = 0; hq < heads; ++hq) scores[hq * len + t] = dot(&qf[hq * dim], &row[(hq / group) * dim], dim);
+    return;
+  }
+  for (int64_t hq = 0; hq < heads; ++hq) {
+    const at::BFloat16* k = krow + (hq / group) * dim;
+    const at::BFloat16* q = q_raw + hq * dim;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 32) {
+      acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + i)),
+                             reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + i)));
+    }
+    scores[hq * len + t] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+
+// acc[hq] += sum_t p[hq][t] * v[t] for bf16 values, two tokens per instruction: the rows of tokens t and
+// t+1 are interleaved element-wise and multiplied with the pair (p_t, p_t+1) rounded to bf16, the way
+// flash attention feeds P to its P.V product. Returns false when dim is not a multiple of 32.
+inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const float* probs, float* acc,
+                                   int64_t len, int64_t heads, int64_t kv_heads, int64_t group, int64_t dim) {
+  constexpr int64_t kMaxChunks = 8;  // dim <= 256
+  constexpr int64_t kPrefetchAhead = 16;
+  if (dim % 32 != 0 || dim / 16 > kMaxChunks || group > 16) return false;
+  alignas(64) static const int16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i vlo = _mm512_load_si512(lo_idx), vhi = _mm512_load_si512(hi_idx);
+  const __m512i zero_row = _mm512_setzero_si512();
+  const int64_t chunks = dim / 16;
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    __m512 sums[16][kMaxChunks];
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < chunks; ++c) sums[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 2) {
+      if (t + kPrefetchAhead < len) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kPrefetchAhead] + h * dim), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kPrefetchAhead + 1 < len ? t + kPrefetchAhead + 1 : t + kPrefetchAhead] + h * dim), _MM_HINT_T0);
+      }
+      const bool pair = t + 1 < len;
+      const at::BFloat16* r0 = rows[t] + h * dim;
+      const at::BFloat16* r1 = pair ? rows[t + 1] + h * dim : nullptr;
+      __m512bh weights[16];
+      for (int64_t g = 0; g < group; ++g) {
+        const float* p = probs + (h * group + g) * len;
+        const c10::BFloat16 a(p[t]), b(pair ? p[t + 1] : 0.f);
+        const uint32_t packed = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(b.x) << 16);
+        weights[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(packed)));
+      }
+      for (int64_t c = 0; c < chunks; c += 2) {
+        const __m512i v0 = _mm512_loadu_si512(r0 + c * 16);
+        const __m512i v1 = pair ? _mm512_loadu_si512(r1 + c * 16) : zero_row;
+        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vlo, v1));
+        const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vhi, v1));
+        for (int64_t g = 0; g < group; ++g) {
+          sums[g][c] = _mm512_dpbf16_ps(sums[g][c], lo, weights[g]);
+          sums[g][c + 1] = _mm512_dpbf16_ps(sums[g][c + 1], hi, weights[g]);
+        }
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + (h * group + g) * dim + c * 16, sums[g][c]);
+  }
+  return true;
+}
+#endif
+
+template <typename T>
+inline void write_output(const float* acc, const float* inv_sum, T* o, int64_t heads, int64_t dim) {
+  for (int64_t hq = 0; hq < heads; ++hq)
+    for (int64_t i = 0; i < dim; ++i) o[hq * dim + i] = static_cast<T>(acc[hq * dim + i] * inv_sum[hq]);
+}
+
+template <typename T>
+void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, torch::Tensor& out, double scale) {
+  const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+
+  // One work item per sequence: its blocks are read front to back, all KV heads of a row together,
+  // which keeps the hardware prefetcher streaming (per-head items strided through memory and stalled).
+  const int64_t row_stride = kv_heads * dim;
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(heads * dim), row(row_stride), acc(heads * dim), scores, inv_sum(heads);
+    std::vector<const T*> value_rows;
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t len = lens[s];
+      const int64_t* table = tables + s * max_blocks;
+      scores.resize(heads * len);
+      to_float(qp + s * heads * dim, qf.data(), heads * dim);
+      for (int64_t i = 0; i < heads * dim; ++i) qf[i] *= fscale;
+      const int64_t block_bytes = block_size * row_stride * static_cast<int64_t>(sizeof(T));
+      for (int64_t b = 0, t = 0; t < len; ++b) {
+        const T* kb = kp + table[b] * block_size * row_stride;
+        const int64_t stop = std::min(len, t + block_size);
+        if (stop < len) prefetch_block(kp + table[b + 1] * block_size * row_stride, block_bytes);
+        for (; t < stop; ++t, kb += row_stride)
+          score_row<T>(qf.data(), kb, qp + s * heads * dim, row.data(), scores.data(), t, len, heads, group, dim,
+                       row_stride, fscale);
+      }
+      for (int64_t hq = 0; hq < heads; ++hq) inv_sum[hq] = 1.f / softmax_numerators(&scores[hq * len], len);
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        value_rows.resize(len);
+        for (int64_t b = 0, t = 0; t < len; ++b) {
+          const T* vb = vp + table[b] * block_size * row_stride;
+          const int64_t stop = std::min(len, t + block_size);
+          for (; t < stop; ++t, vb += row_stride) value_rows[t] = vb;
+        }
+        if (accumulate_values_bf16(value_rows, scores.data(), acc.data(), len, heads, kv_heads, group, dim)) {
+          write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
+          continue;
+        }
+      }
+#endif
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0, t = 0; t < len; ++b) {
+        const T* vb = vp + table[b] * block_size * row_stride;
+        const int64_t stop = std::min(len, t + block_size);
+        if (stop < len) prefetch_block(vp + table[b + 1] * block_size * row_stride, block_bytes);
+        for (; t < stop; ++t, vb += row_stride) {
+          to_float(vb, row.data(), row_stride);
+          for (int64_t hq = 0; hq < heads; ++hq)
+            axpy(scores[hq * len + t], &row[(hq / group) * dim], &acc[hq * dim], dim);
+        }
+      }
+      write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
+    }
+  });
+}
+
+}  // namespace
+
+// q: [num_seqs, heads, dim]; k_cache, v_cache: [num_blocks, block_size, kv_heads, dim];
+// block_tables: [num_seqs, max_blocks] int64; seq_lens: [num_seqs] int64 (>= 1). Returns [num_seqs, heads, dim].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 indices");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+  });
+  return out;
+}
+
