@@ -23,9 +23,9 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: Literal["auto", "torch"] = "auto"
-    # Same seed + same request -> same tokens whatever else is batched. False lets batches of
-    # <= 4 rows use a faster bf16 kernel (about 2x batch-1 decode on CPU) at the cost of that.
-    batch_invariant: bool = True
+    # True: a request's tokens (seeded sampling included) do not depend on what else is batched,
+    # bit for bit; every matmul and attention row runs in row-independent kernels (slower prefill).
+    batch_invariant: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -18,12 +18,6 @@
 
 namespace {
 
-// Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next one.
-inline void prefetch_block(const void* start, int64_t bytes) {
-  const char* p = static_cast<const char*>(start);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
-
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -246,11 +240,9 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       scores.resize(heads * len);
       to_float(qp + s * heads * dim, qf.data(), heads * dim);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] *= fscale;
-      const int64_t block_bytes = block_size * row_stride * static_cast<int64_t>(sizeof(T));
       for (int64_t b = 0, t = 0; t < len; ++b) {
         const T* kb = kp + table[b] * block_size * row_stride;
         const int64_t stop = std::min(len, t + block_size);
-        if (stop < len) prefetch_block(kp + table[b + 1] * block_size * row_stride, block_bytes);
         for (; t < stop; ++t, kb += row_stride)
           score_row<T>(qf.data(), kb, qp + s * heads * dim, row.data(), scores.data(), t, len, heads, group, dim,
                        row_stride, fscale);
@@ -274,7 +266,6 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       for (int64_t b = 0, t = 0; t < len; ++b) {
         const T* vb = vp + table[b] * block_size * row_stride;
         const int64_t stop = std::min(len, t + block_size);
-        if (stop < len) prefetch_block(vp + table[b + 1] * block_size * row_stride, block_bytes);
         for (; t < stop; ++t, vb += row_stride) {
           to_float(vb, row.data(), row_stride);
           for (int64_t hq = 0; hq < heads; ++hq)

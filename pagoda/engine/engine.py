@@ -22,7 +22,7 @@ from pagoda.engine.sampler import Sampler
 from pagoda.engine.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.attention import get_backend
-from pagoda.model.layers.linear import enable_small_batch_kernel
+from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_model
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class LLMEngine:
         self.device = "cpu"
         torch.manual_seed(mc.seed)
         self.dtype = _DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
-        enable_small_batch_kernel(not mc.batch_invariant)
+        configure_linear(mc.batch_invariant)
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed)
         self.model = loaded.model.eval()
         self.arch = loaded.arch
@@ -65,7 +65,7 @@ class LLMEngine:
             self.model,
             allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device),
             cc.block_size,
-            get_backend(mc.attention_backend, self.device),
+            get_backend(mc.attention_backend, self.device, mc.batch_invariant),
             self.device,
         )
         self.sampler = Sampler(mc.seed)

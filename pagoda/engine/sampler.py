@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import torch
 
 from pagoda.engine.request import Logprob, PositionLogprobs, Request
+from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
 @dataclass
@@ -22,11 +25,21 @@ class SampleResult:
     logprobs: list[PositionLogprobs | None]  # per row; None when the request did not ask
 
 
+def _argmax_fn() -> Callable[[torch.Tensor], torch.Tensor]:
+    ops = load_cpu_kernels()
+    return ops.argmax_rows if ops is not None else (lambda x: x.argmax(dim=-1))
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
+        self.argmax = _argmax_fn()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed)."""
+        if all(_plain_greedy(r) for r in requests):  # the common offline case: no copy, one pass
+            return SampleResult(self.argmax(logits).tolist(), [None] * len(requests))
+        logits = logits.float()
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1)
             if any(r.sampling_params.logprobs is not None for r in requests)
@@ -38,7 +51,7 @@ class Sampler:
         random = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if greedy:
             idx = torch.tensor(greedy)
-            tokens[idx] = logits[idx].argmax(dim=-1)
+            tokens[idx] = self.argmax(logits[idx])
         if random:
             idx = torch.tensor(random)
             tokens[idx] = self._sample(logits[idx], [requests[i] for i in random])
@@ -112,6 +125,19 @@ class Sampler:
         for i, r in enumerate(requests):
             noise[i].exponential_(generator=r.generator if r.generator is not None else self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _plain_greedy(r: Request) -> bool:
+    p = r.sampling_params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and not p.logit_bias
+        and r.num_output_tokens >= p.min_tokens
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+    )
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[PositionLogprobs | None]:

@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ["module.cpp", "paged_decode.cpp", "linear_bf16.cpp"]
+_SOURCES = ["module.cpp", "paged_decode.cpp", "linear_rowwise.cpp", "argmax.cpp"]
 
 
 @lru_cache(maxsize=1)

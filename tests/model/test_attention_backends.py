@@ -46,19 +46,36 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float) -> None:
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
 
 
-def test_small_batch_linear_kernel_matches_onednn() -> None:
-    from pagoda.model.layers import linear as linear_mod
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_rowwise_linear_matches_torch_and_ignores_batch_size(dtype: torch.dtype, tol: float) -> None:
+    from pagoda.model.cpu_kernels import load_cpu_kernels
 
+    ops = load_cpu_kernels()
+    assert ops is not None, "the C++ CPU kernels did not build"
     torch.manual_seed(0)
-    x = torch.randn(3, 576, dtype=torch.bfloat16)
-    w = torch.randn(960, 576, dtype=torch.bfloat16)
-    b = torch.randn(960, dtype=torch.bfloat16)
-    reference = torch.nn.functional.linear(x, w, b).float()
-    linear_mod.enable_small_batch_kernel(True)
-    try:
-        if linear_mod._small_batch_kernel() is None:
-            pytest.skip("this CPU has no AVX-512 BF16")
-        got = linear_mod.linear(x, w, b).float()
-    finally:
-        linear_mod.enable_small_batch_kernel(False)
-    torch.testing.assert_close(got, reference, atol=0.1, rtol=2e-2)
+    x = torch.randn(37, 576).to(dtype)
+    w = torch.randn(960, 576).to(dtype)
+    b = torch.randn(960).to(dtype)
+    full = ops.linear_rowwise(x, w, b)
+    torch.testing.assert_close(full.float(), torch.nn.functional.linear(x, w, b).float(), atol=tol * 30, rtol=tol)
+    for rows in (1, 2, 3, 5, 16):  # any subset of rows gives bit-identical results
+        assert torch.equal(ops.linear_rowwise(x[:rows], w, b), full[:rows])
+    odd = torch.randn(3, 40).to(dtype)  # k not a multiple of the vector width: the portable path
+    w_odd = torch.randn(8, 40).to(dtype)
+    torch.testing.assert_close(ops.linear_rowwise(odd, w_odd, None).float(),
+                               torch.nn.functional.linear(odd, w_odd).float(), atol=tol * 30, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch(dtype: torch.dtype) -> None:
+    from pagoda.model.cpu_kernels import load_cpu_kernels
+
+    ops = load_cpu_kernels()
+    assert ops is not None, "the C++ CPU kernels did not build"
+    torch.manual_seed(0)
+    x = torch.randn(7, 49157).to(dtype)  # a length that leaves a scalar tail
+    x[3, 100] = x[3, 4000] = 50.0  # a tie: the lowest index wins
+    x[5, -1] = 60.0  # the maximum in the tail
+    x[6, :5] = torch.tensor([1.0, 3.0, 3.0, -1.0, 0.0]).to(dtype)
+    x[6, 5:] = -100.0
+    assert ops.argmax_rows(x).tolist() == x.float().argmax(dim=-1).tolist()

@@ -50,10 +50,18 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self, use_cpu_kernel: bool = True) -> None:
+    def __init__(self, use_cpu_kernel: bool = True, batch_invariant: bool = False) -> None:
         self.kernels = load_cpu_kernels() if use_cpu_kernel else None
+        # Every query row, prefill ones too, through the paged kernel as if it were a decode
+        # query at its own position: its result then never depends on chunking or batching.
+        self.batch_invariant = batch_invariant
+        if batch_invariant and self.kernels is None:
+            raise ValueError("batch_invariant=True needs Pagoda's C++ CPU kernels, which failed to build")
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        if self.batch_invariant:
+            self._prepare_per_token(metadata)
+            return
         bs = metadata.block_size
         decode_rows: list[int] = []
         decode_tokens: list[int] = []
@@ -86,6 +94,15 @@ class TorchAttentionBackend:
         metadata.backend_state = _StepState(
             torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills
         )
+
+    def _prepare_per_token(self, metadata: AttentionMetadata) -> None:
+        q_lens = torch.tensor(metadata.query_lens)
+        s_lens = torch.tensor(metadata.seq_lens)
+        starts = torch.repeat_interleave(s_lens - q_lens, q_lens)
+        offsets = torch.arange(int(q_lens.sum())) - torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
+        lens = starts + offsets + 1  # each token attends to itself and everything before it
+        tables = metadata.block_tables.repeat_interleave(q_lens, dim=0)
+        metadata.backend_state = _StepState(torch.arange(len(lens)), tables, lens, None, None, [])
 
     def forward(
         self,

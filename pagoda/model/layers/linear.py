@@ -1,15 +1,16 @@
 """Dense linear layer whose parameters are allocated but never initialized (weights are loaded).
 
-Decode steps with a handful of rows are bound by reading the weights; there the C++
-bf16 kernel streams them about 2-3x faster than oneDNN, which wins from a few rows up.
-Switching kernels by row count changes a row's rounding with the batch size, so the
-kernel is off unless the engine runs with ``batch_invariant=False``.
+Which kernel multiplies is a process-wide policy set by the engine:
+* default: oneDNN, except products of <= 4 bf16 rows (decode of a few sequences), which are
+  bound by reading the weights and run 2-3x faster in Pagoda's row-independent C++ kernel;
+* batch-invariant: every product goes through the row-independent kernel. oneDNN chooses its
+  kernel by row count, so a row's rounding changes with the batch; this mode makes a request's
+  tokens independent of what else is batched, at a large cost for prefill.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -17,42 +18,32 @@ from torch.nn import functional as F
 
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
-# Largest row count sent to the C++ kernel (measured crossover with oneDNN on AVX-512 BF16 CPUs).
+# Largest row count sent to the C++ kernel by default (measured crossover with oneDNN).
 SMALL_BATCH_ROWS = 4
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+_rowwise: LinearFn | None = None
+_rowwise_fast: Callable[[torch.Tensor], bool] | None = None
+_batch_invariant = False
 
 
-_small_batch_enabled = False
-
-
-def enable_small_batch_kernel(enabled: bool) -> None:
-    """Process-wide: whether few-row bf16 products use the C++ kernel (see the module note)."""
-    global _small_batch_enabled
-    _small_batch_enabled = enabled
-
-
-@lru_cache(maxsize=1)
-def _small_batch_kernel() -> LinearFn | None:
+def configure_linear(batch_invariant: bool) -> None:
+    """Set the process-wide kernel policy (see the module note)."""
+    global _rowwise, _rowwise_fast, _batch_invariant
     ops = load_cpu_kernels()
-    if ops is None or not ops.linear_bf16_supported():
-        return None
-    return ops.linear_bf16
+    if batch_invariant and ops is None:
+        raise ValueError("batch_invariant=True needs Pagoda's C++ CPU kernels, which failed to build")
+    _rowwise = ops.linear_rowwise if ops is not None else None
+    _rowwise_fast = ops.linear_rowwise_fast if ops is not None else None
+    _batch_invariant = batch_invariant
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (
-        _small_batch_enabled
-        and x.dim() == 2
-        and x.shape[0] <= SMALL_BATCH_ROWS
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and x.shape[1] % 32 == 0
-    ):
-        kernel = _small_batch_kernel()
-        if kernel is not None:
-            return kernel(x, weight, bias)
+    if _rowwise is not None and x.device.type == "cpu" and x.dim() == 2:
+        if _batch_invariant:
+            return _rowwise(x, weight, bias)
+        if x.shape[0] <= SMALL_BATCH_ROWS and x.dtype == torch.bfloat16 and _rowwise_fast(x):
+            return _rowwise(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
