@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-batch-invariant", action="store_true",
-                        help="let batch-1 use the small-batch bf16 kernel (batch_invariant=False)")
+    parser.add_argument("--batch-invariant", action="store_true", help="run the engine with batch_invariant=True")
     args = parser.parse_args(argv)
-    engine_args = {"batch_invariant": False} if args.no_batch_invariant else {}
+    engine_args = {"batch_invariant": True} if args.batch_invariant else {}
     print(json.dumps(measure(engine_args, args.input_len, args.output_len, args.repeats)))
     return 0
 

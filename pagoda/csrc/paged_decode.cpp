@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -156,11 +157,48 @@ inline void score_row<at::BFloat16>(const float* qf, const at::BFloat16* krow, c
   }
 }
 
+// Sixteen vectors -> one: lane j holds the sum of v[j]'s lanes (a transpose-and-add tree, ~3 ops a lane
+// instead of a full horizontal reduction per vector).
+inline __m512 sum16(__m512 v[16]) {
+  __m512 pairs[8];
+  for (int j = 0; j < 8; ++j)
+    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  __m512 quads[4];
+  for (int j = 0; j < 4; ++j)
+    quads[j] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of up to 16 consecutive tokens (one cache block) for every query head, stored as vectors.
+inline void score_block_bf16(const at::BFloat16* q, const at::BFloat16* const* krows, int64_t n, float* scores,
+                             int64_t t0, int64_t len, int64_t heads, int64_t group, int64_t dim, float scale) {
+  const __mmask16 keep = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t hq = 0; hq < heads; ++hq) {
+    const int64_t kv_off = (hq / group) * dim;
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 32) {
+      const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + hq * dim + i));
+      for (int64_t j = 0; j < n; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], qv, reinterpret_cast<__m512bh>(_mm512_loadu_si512(krows[j] + kv_off + i)));
+    }
+    _mm512_mask_storeu_ps(scores + hq * len + t0, keep, _mm512_mul_ps(sum16(acc), vscale));
+  }
+}
+
 // acc[hq] += sum_t p[hq][t] * v[t] for bf16 values, two tokens per instruction: the rows of tokens t and
 // t+1 are interleaved element-wise and multiplied with the pair (p_t, p_t+1) rounded to bf16, the way
 // flash attention feeds P to its P.V product. Returns false when dim is not a multiple of 32.
-inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const float* probs, float* acc,
-                                   int64_t len, int64_t heads, int64_t kv_heads, int64_t group, int64_t dim) {
+inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
+                                   int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads, int64_t group,
+                                   int64_t dim) {
   constexpr int64_t kMaxChunks = 8;  // dim <= 256
   constexpr int64_t kPrefetchAhead = 16;
   if (dim % 32 != 0 || dim / 16 > kMaxChunks || group > 16) return false;
@@ -184,11 +222,10 @@ inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows,
       const at::BFloat16* r0 = rows[t] + h * dim;
       const at::BFloat16* r1 = pair ? rows[t + 1] + h * dim : nullptr;
       __m512bh weights[16];
-      for (int64_t g = 0; g < group; ++g) {
-        const float* p = probs + (h * group + g) * len;
-        const c10::BFloat16 a(p[t]), b(pair ? p[t + 1] : 0.f);
-        const uint32_t packed = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(b.x) << 16);
-        weights[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(packed)));
+      for (int64_t g = 0; g < group; ++g) {  // (p_t, p_t+1) as one 32-bit pair; the padding slot is 0
+        int32_t packed;
+        std::memcpy(&packed, probs + (h * group + g) * probs_stride + t, sizeof(packed));
+        weights[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(packed));
       }
       for (int64_t c = 0; c < chunks; c += 2) {
         const __m512i v0 = _mm512_loadu_si512(r0 + c * 16);
@@ -231,15 +268,58 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   // One work item per sequence: its blocks are read front to back, all KV heads of a row together,
   // which keeps the hardware prefetcher streaming (per-head items strided through memory and stalled).
   const int64_t row_stride = kv_heads * dim;
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+  // Sequences differ in length, so threads take them one at a time from a shared counter instead
+  // of splitting the range evenly (an even split left one thread idle for much of the call).
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_seqs);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(heads * dim), row(row_stride), acc(heads * dim), scores, inv_sum(heads);
     std::vector<const T*> value_rows;
-    for (int64_t s = begin; s < end; ++s) {
+    std::vector<at::BFloat16> probs_bf16;
+    for (int64_t s = next.fetch_add(1); s < num_seqs; s = next.fetch_add(1)) {
       const int64_t len = lens[s];
       const int64_t* table = tables + s * max_blocks;
       scores.resize(heads * len);
       to_float(qp + s * heads * dim, qf.data(), heads * dim);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] *= fscale;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (dim % 32 == 0 && dim <= 256 && group <= 16) {
+          const T* q_raw = qp + s * heads * dim;
+          value_rows.resize(len);
+          for (int64_t b = 0, t = 0; t < len; ++b) {
+            const int64_t n = std::min(block_size, len - t);
+            const T* kb = kp + table[b] * block_size * row_stride;
+            const T* vb = vp + table[b] * block_size * row_stride;
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {
+              const int64_t m = std::min<int64_t>(16, n - j0);
+              const T* krows[16];
+              for (int64_t j = 0; j < m; ++j) krows[j] = kb + (j0 + j) * row_stride;
+              score_block_bf16(q_raw, krows, m, scores.data(), t + j0, len, heads, group, dim, fscale);
+            }
+            for (int64_t j = 0; j < n; ++j) value_rows[t + j] = vb + j * row_stride;
+            t += n;
+          }
+          // Probabilities in bf16, each head's row padded to an even length with a zero.
+          const int64_t stride = len + (len & 1);
+          probs_bf16.assign(heads * stride, at::BFloat16(0.f));
+          for (int64_t hq = 0; hq < heads; ++hq) {
+            float* sc = &scores[hq * len];
+            inv_sum[hq] = 1.f / softmax_numerators(sc, len);
+            at::BFloat16* pb = &probs_bf16[hq * stride];
+            int64_t i = 0;
+            for (; i + 16 <= len; i += 16)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + i),
+                                  reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + i))));
+            for (; i < len; ++i) pb[i] = at::BFloat16(sc[i]);
+          }
+          if (accumulate_values_bf16(value_rows, probs_bf16.data(), stride, acc.data(), len, kv_heads, group, dim)) {
+            write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
+            continue;
+          }
+        }
+      }
+#endif
       for (int64_t b = 0, t = 0; t < len; ++b) {
         const T* kb = kp + table[b] * block_size * row_stride;
         const int64_t stop = std::min(len, t + block_size);
@@ -248,20 +328,6 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
                        row_stride, fscale);
       }
       for (int64_t hq = 0; hq < heads; ++hq) inv_sum[hq] = 1.f / softmax_numerators(&scores[hq * len], len);
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        value_rows.resize(len);
-        for (int64_t b = 0, t = 0; t < len; ++b) {
-          const T* vb = vp + table[b] * block_size * row_stride;
-          const int64_t stop = std::min(len, t + block_size);
-          for (; t < stop; ++t, vb += row_stride) value_rows[t] = vb;
-        }
-        if (accumulate_values_bf16(value_rows, scores.data(), acc.data(), len, heads, kv_heads, group, dim)) {
-          write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
-          continue;
-        }
-      }
-#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0, t = 0; t < len; ++b) {
         const T* vb = vp + table[b] * block_size * row_stride;

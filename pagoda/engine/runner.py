@@ -21,12 +21,18 @@ class ModelInputs:
 
 
 def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
+    """Per-layer [2, num_blocks + 1, block_size, kv_heads, head_dim] tensors.
+
+    Left uninitialized (zeroing gigabytes costs most of a second at start-up): a slot is read only
+    after it is written. The one exception is the extra last block, never handed out and zeroed,
+    which padded gathers point at so that masked-out positions hold finite values (0 * NaN = NaN).
+    """
     cfg = model.config
-    # Zeroed (not empty): padded gather slots must hold finite values, or 0 * NaN leaks into outputs.
-    cache = torch.zeros(
-        cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+    cache = torch.empty(
+        cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim,
         dtype=model.dtype, device=device,
     )
+    cache[:, :, num_blocks].zero_()
     return list(cache.unbind(0))
 
 
@@ -81,6 +87,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_tables=tables,
             block_size=bs,
+            pad_slot=(self.kv_caches[0].shape[1] - 1) * bs,
         )
         self.attention.prepare(metadata)
         return ModelInputs(

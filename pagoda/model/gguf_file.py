@@ -119,30 +119,40 @@ class GGUFFile:
         info = self.tensors[name]
         return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized tensor ``name`` in PyTorch shape order, cast to ``dtype``."""
+    def load(self, name: str, dtype: torch.dtype = torch.float32, row_order: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantized tensor ``name`` in PyTorch shape order, cast to ``dtype``.
+
+        ``row_order`` reorders the rows (outermost dim) first; quantization blocks never span rows,
+        so this moves the raw bytes, which is cheaper than moving the dequantized values.
+        """
         info = self.tensors[name]
-        values = dequantize(self.raw(name), info.qtype, info.shape)
-        return values.to(dtype)
+        raw = self.raw(name)
+        if row_order is not None:
+            raw = raw.view(info.shape[0], -1)[row_order].reshape(-1)
+        return dequantize(raw, info.qtype, info.shape).to(dtype)
 
 
 def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[blocks, 16] packed bytes -> [blocks, 32] fp32: low nibbles are elements 0-15, high 16-31."""
+    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+    q[:, :16] = qs & 0x0F
+    q[:, 16:] = qs >> 4
+    return q
+
+
 def _dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16_column(blocks, 0)
-    qs = blocks[:, 2:18]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.float32) - 8.0
-    return d * q
+    return _nibbles(blocks[:, 2:18]).sub_(8.0).mul_(d)
 
 
 def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16_column(blocks, 0)
     m = _f16_column(blocks, 2)
-    qs = blocks[:, 4:20]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.float32)
-    return d * q + m
+    return _nibbles(blocks[:, 4:20]).mul_(d).add_(m)
 
 
 def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +139,13 @@ def gguf_to_hf_name(name: str) -> str:
     return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
 
 
-def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> rotate-half halves)."""
-    rows = weight.shape[0]
+def unpermute_qk_rows(rows: int, n_heads: int) -> torch.Tensor:
+    """Row order undoing llama.cpp's Q/K permutation (interleaved rotary pairs -> rotate-half halves).
+
+    llama.cpp stores head h's rows as (pair i, member j) -> h*dim + 2i + j; HF wants h*dim + j*dim/2 + i.
+    """
     half = rows // n_heads // 2
-    w = weight.reshape(n_heads, half, 2, *weight.shape[1:])
-    return w.transpose(1, 2).reshape(weight.shape)
+    return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
 def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,12 +153,11 @@ def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Itera
     names = [n for n in gguf.tensors if n != "rope_freqs.weight"]
     for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=None):
         hf_name = gguf_to_hf_name(name)
-        tensor = gguf.load(name, torch.float32)
-        if permute and hf_name.endswith("q_proj.weight"):
-            tensor = unpermute_qk(tensor, arch.num_attention_heads)
-        elif permute and hf_name.endswith("k_proj.weight"):
-            tensor = unpermute_qk(tensor, arch.num_key_value_heads)
-        yield hf_name, tensor.to(dtype)
+        order = None
+        if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = arch.num_attention_heads if "q_proj" in hf_name else arch.num_key_value_heads
+            order = unpermute_qk_rows(gguf.tensors[name].shape[0], heads)
+        yield hf_name, gguf.load(name, dtype, row_order=order)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -208,14 +209,19 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
-        model = _build(arch, dtype)
-        if load_format == "dummy":
-            model.init_dummy_weights(seed)
-        else:
-            if "rope_freqs.weight" in gguf.tensors:  # llama3 rope scaling baked into the file
-                model.rotary.inv_freq = model.rotary.inv_freq / gguf.load("rope_freqs.weight")
-            model.load_weights(_gguf_weights(gguf, arch, dtype))
-        tok = _load_tokenizer_override(tokenizer, arch) if tokenizer else tokenizer_from_gguf(gguf.metadata)
+        # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tok_future = pool.submit(
+                (lambda: _load_tokenizer_override(tokenizer, arch)) if tokenizer else (lambda: tokenizer_from_gguf(gguf.metadata))
+            )
+            model = _build(arch, dtype)
+            if load_format == "dummy":
+                model.init_dummy_weights(seed)
+            else:
+                if "rope_freqs.weight" in gguf.tensors:  # llama3 rope scaling baked into the file
+                    model.rotary.inv_freq = model.rotary.inv_freq / gguf.load("rope_freqs.weight")
+                model.load_weights(_gguf_weights(gguf, arch, dtype))
+            tok = tok_future.result()
         return LoadedModel(model, arch, tok, source.name)
     folder = source.path
     config_path = folder / "config.json"

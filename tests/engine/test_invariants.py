@@ -105,3 +105,16 @@ def test_priority_runs_first(make_tiny_model) -> None:
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["high", "low"]
+
+
+def test_n_children_share_the_prompt_blocks(make_tiny_model) -> None:
+    folder, _ = make_tiny_model("llama", seed=7)
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=128)
+    prompt = {"prompt_token_ids": list(range(300, 341))}  # 41 tokens: 10 full blocks + 1
+    out = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and all(len(o.token_ids) == 5 for o in out.outputs)
+    # The first child computes the prompt; the other three reuse its 10 full blocks and compute
+    # only the last prompt token.
+    assert llm.engine.stats.prompt_tokens_computed == 41 + 3 * 1
+    assert _all_free(llm)

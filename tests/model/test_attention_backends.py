@@ -11,7 +11,7 @@ from pagoda.model.attention.torch_backend import TorchAttentionBackend
 
 def _metadata(seq_lens: list[int], query_lens: list[int], block_size: int, num_blocks: int) -> AttentionMetadata:
     gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    perm = torch.randperm(num_blocks - 1, generator=gen).tolist()  # the last block is the spare
     tables, slots = [], []
     for s_len, q_len in zip(seq_lens, query_lens):
         nb = -(-s_len // block_size)
@@ -20,7 +20,8 @@ def _metadata(seq_lens: list[int], query_lens: list[int], block_size: int, num_b
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(s_len - q_len, s_len)]
     width = max(len(t) for t in tables)
     table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-    return AttentionMetadata(torch.tensor(slots), query_lens, seq_lens, table_tensor, block_size)
+    return AttentionMetadata(torch.tensor(slots), query_lens, seq_lens, table_tensor, block_size,
+                             pad_slot=(num_blocks - 1) * block_size)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -34,6 +35,10 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float) -> None:
     query_lens = [1, 1, 1, 4, 1, 12]  # decode rows, a prefill chunk with context, a fresh prefill
     torch.manual_seed(0)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim).to(dtype)
+    cache[:, -1] = 0.0  # the spare block padded gathers read
+    used = set(_metadata(seq_lens, query_lens, block_size, num_blocks).block_tables.flatten().tolist())
+    for block in set(range(num_blocks - 1)) - used:
+        cache[:, block] = float("nan")  # stale garbage in unused blocks must never leak into outputs
     tokens = sum(query_lens)
     q = torch.randn(tokens, heads, dim).to(dtype)
     k = torch.randn(tokens, kv_heads, dim).to(dtype)

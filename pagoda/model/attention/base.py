@@ -20,6 +20,7 @@ class AttentionMetadata:
     seq_lens: list[int]  # KV length per sequence after this step
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     block_size: int
+    pad_slot: int  # a slot in the cache's zeroed spare block, for padded gathers
     # Whatever the backend precomputes once per step and reuses in every layer.
     backend_state: Any = field(default=None)
 

@@ -89,7 +89,8 @@ class TorchAttentionBackend:
             block_idx = (pos // bs).clamp(max=tables.shape[1] - 1)
             slots = tables[:, block_idx] * bs + (pos % bs)[None, :]
             valid = pos[None, :] < lens[:, None]
-            slots = torch.where(valid, slots, torch.zeros_like(slots))
+            # Padding reads the cache's zeroed spare block (the last one), never stale data.
+            slots = torch.where(valid, slots, torch.full_like(slots, metadata.pad_slot))
             mask = valid[:, None, None, :]
         metadata.backend_state = _StepState(
             torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills
@@ -146,15 +147,14 @@ class TorchAttentionBackend:
                 k_seq, v_seq = k[rows], v[rows]
             else:
                 k_seq, v_seq = k_flat[seq.context_slots], v_flat[seq.context_slots]
-            k_seq = k_seq.transpose(0, 1)[None].repeat_interleave(group, dim=1)
-            v_seq = v_seq.transpose(0, 1)[None].repeat_interleave(group, dim=1)
             o = F.scaled_dot_product_attention(
                 q_seq,
-                k_seq,
-                v_seq,
+                k_seq.transpose(0, 1)[None],
+                v_seq.transpose(0, 1)[None],
                 attn_mask=seq.mask,
                 is_causal=seq.mask is None,
                 scale=scale,
+                enable_gqa=True,
             )
             out[rows] = o[0].transpose(0, 1)
         return out
