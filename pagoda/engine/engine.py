@@ -19,7 +19,7 @@ from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.request import FinishReason, Request, RequestOutput, SamplingParams
 from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from pagoda.engine.sampler import Sampler
-from pagoda.engine.scheduler import Scheduler, SchedulerOutput
+from pagoda.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.attention import get_backend
 from pagoda.model.layers.linear import configure_linear
@@ -124,8 +124,6 @@ class LLMEngine:
         self.scheduler.check_admissible(len(ids), params.max_tokens)
         sched_cfg = self.config.scheduler_config
         if len(self.scheduler.waiting) + params.n > sched_cfg.max_queued_requests:
-            from pagoda.engine.scheduler import QueueFullError
-
             raise QueueFullError(f"waiting queue is full ({sched_cfg.max_queued_requests} requests); retry later")
         children: list[Request] = []
         now = time.monotonic()

@@ -156,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def _locate(self, name: str, shard_sizes: dict[str, list[int]]) -> tuple[str | None, int | None, int]:
-        if name in ("model.embed_tokens.weight",):
+        if name == "model.embed_tokens.weight":
             return "embed_tokens", None, 0
         if name == "model.norm.weight":
             return "norm.weight", None, 0
