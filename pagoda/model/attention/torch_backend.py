@@ -1,12 +1,13 @@
-"""Paged attention in plain PyTorch (CPU, and the fallback everywhere).
+"""Paged attention on CPU (and the fallback everywhere).
 
-Decode sequences (one query token each) are attended together: their keys are
-gathered from the paged cache into a padded [batch, kv_heads, max_len, dim]
-tensor and the query heads of each KV head are treated as its query rows, so
-grouped-query attention needs no key repetition. Prefill chunks are attended one
-sequence at a time (each is large, so the per-call cost is amortized); a chunk
-with no earlier context attends to its own keys with a causal mask and never
-touches the cache.
+Decode sequences (one query token each) go to the C++ paged kernel, which reads keys and
+values in place from the block cache. Without the kernel they are gathered into a padded
+[batch, kv_heads, max_len, dim] tensor (padding points at the cache's zeroed spare block) and
+the query heads of each KV head act as its query rows, so grouped-query attention needs no key
+repetition. Prefill chunks are attended one sequence at a time with SDPA (each is large, so the
+per-call cost is amortized); a chunk with no earlier context attends to its own keys with a
+causal mask and never touches the cache. In batch-invariant mode every query row goes through
+the paged kernel instead.
 """
 
 from __future__ import annotations
