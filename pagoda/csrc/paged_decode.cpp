@@ -193,6 +193,72 @@ inline void score_block_bf16(const at::BFloat16* q, const at::BFloat16* const* k
   }
 }
 
+// The same product with the accumulators of one KV head's query heads held in registers: sizes known
+// at compile time (kChunks = dim / 16, kGroup = query heads per KV head) for the common shapes.
+template <int kChunks, int kGroup>
+void accumulate_values_fixed(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
+                             int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads) {
+  constexpr int64_t dim = kChunks * 16;
+  alignas(64) static const int16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i vlo = _mm512_load_si512(lo_idx), vhi = _mm512_load_si512(hi_idx);
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    __m512 sums[kGroup][kChunks];
+    for (int g = 0; g < kGroup; ++g)
+      for (int c = 0; c < kChunks; ++c) sums[g][c] = _mm512_setzero_ps();
+    const at::BFloat16* p0 = probs + h * kGroup * probs_stride;
+    for (int64_t t = 0; t < len; t += 2) {
+      const bool pair = t + 1 < len;
+      const at::BFloat16* r0 = rows[t] + h * dim;
+      const at::BFloat16* r1 = pair ? rows[t + 1] + h * dim : r0;
+      __m512bh weights[kGroup];
+      for (int g = 0; g < kGroup; ++g) {
+        int32_t packed;
+        std::memcpy(&packed, p0 + g * probs_stride + t, sizeof(packed));
+        weights[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(packed));
+      }
+      for (int c = 0; c < kChunks; c += 2) {
+        const __m512i v0 = _mm512_loadu_si512(r0 + c * 16);
+        // An odd tail pairs the last row with itself under a zero weight.
+        const __m512i v1 = _mm512_loadu_si512(r1 + c * 16);
+        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vlo, v1));
+        const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vhi, v1));
+        for (int g = 0; g < kGroup; ++g) {
+          sums[g][c] = _mm512_dpbf16_ps(sums[g][c], lo, weights[g]);
+          sums[g][c + 1] = _mm512_dpbf16_ps(sums[g][c + 1], hi, weights[g]);
+        }
+      }
+    }
+    for (int g = 0; g < kGroup; ++g)
+      for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + (h * kGroup + g) * dim + c * 16, sums[g][c]);
+  }
+}
+
+// Dispatch to a register-resident specialization when one fits, else the general loop.
+inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
+                                   int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads, int64_t group,
+                                   int64_t dim);
+
+inline bool accumulate_values_dispatch(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
+                                       int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads,
+                                       int64_t group, int64_t dim) {
+#define PAGODA_VALUES_CASE(D, G)                                                       \
+  if (dim == D && group == G) {                                                        \
+    accumulate_values_fixed<D / 16, G>(rows, probs, probs_stride, acc, len, kv_heads); \
+    return true;                                                                       \
+  }
+  PAGODA_VALUES_CASE(64, 1)
+  PAGODA_VALUES_CASE(64, 2)
+  PAGODA_VALUES_CASE(64, 3)
+  PAGODA_VALUES_CASE(64, 4)
+  PAGODA_VALUES_CASE(128, 1)
+  PAGODA_VALUES_CASE(128, 2)
+#undef PAGODA_VALUES_CASE
+  return accumulate_values_bf16(rows, probs, probs_stride, acc, len, kv_heads, group, dim);
+}
+
 // acc[hq] += sum_t p[hq][t] * v[t] for bf16 values, two tokens per instruction: the rows of tokens t and
 // t+1 are interleaved element-wise and multiplied with the pair (p_t, p_t+1) rounded to bf16, the way
 // flash attention feeds P to its P.V product. Returns false when dim is not a multiple of 32.
@@ -313,7 +379,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
                                   reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + i))));
             for (; i < len; ++i) pb[i] = at::BFloat16(sc[i]);
           }
-          if (accumulate_values_bf16(value_rows, probs_bf16.data(), stride, acc.data(), len, kv_heads, group, dim)) {
+          if (accumulate_values_dispatch(value_rows, probs_bf16.data(), stride, acc.data(), len, kv_heads, group, dim)) {
             write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
             continue;
           }
