@@ -193,8 +193,10 @@ inline void score_block_bf16(const at::BFloat16* q, const at::BFloat16* const* k
   }
 }
 
-// The same product with the accumulators of one KV head's query heads held in registers: sizes known
-// at compile time (kChunks = dim / 16, kGroup = query heads per KV head) for the common shapes.
+// acc[hq] += sum_t p[hq][t] * v[t] for bf16 values, two tokens per instruction: the rows of tokens t and
+// t+1 are interleaved element-wise and multiplied with the pair (p_t, p_t+1) rounded to bf16, the way
+// flash attention feeds P to its P.V product. Sizes are compile-time (kChunks = dim / 16, kGroup = query
+// heads per KV head) so one KV head's accumulators stay in registers.
 template <int kChunks, int kGroup>
 void accumulate_values_fixed(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
                              int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads) {
@@ -236,78 +238,23 @@ void accumulate_values_fixed(const std::vector<const at::BFloat16*>& rows, const
   }
 }
 
-// Dispatch to a register-resident specialization when one fits, else the general loop.
-inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
-                                   int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads, int64_t group,
-                                   int64_t dim);
+using ValuesFn = void (*)(const std::vector<const at::BFloat16*>&, const at::BFloat16*, int64_t, float*, int64_t,
+                         int64_t);
 
-inline bool accumulate_values_dispatch(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
-                                       int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads,
-                                       int64_t group, int64_t dim) {
-#define PAGODA_VALUES_CASE(D, G)                                                       \
-  if (dim == D && group == G) {                                                        \
-    accumulate_values_fixed<D / 16, G>(rows, probs, probs_stride, acc, len, kv_heads); \
-    return true;                                                                       \
-  }
+// The specialization for this head size and group, or nullptr (then the portable fp32 path runs).
+inline ValuesFn values_kernel_for(int64_t dim, int64_t group) {
+#define PAGODA_VALUES_CASE(D, G) \
+  if (dim == D && group == G) return &accumulate_values_fixed<D / 16, G>;
   PAGODA_VALUES_CASE(64, 1)
   PAGODA_VALUES_CASE(64, 2)
   PAGODA_VALUES_CASE(64, 3)
   PAGODA_VALUES_CASE(64, 4)
+  PAGODA_VALUES_CASE(64, 8)
   PAGODA_VALUES_CASE(128, 1)
   PAGODA_VALUES_CASE(128, 2)
+  PAGODA_VALUES_CASE(128, 4)
 #undef PAGODA_VALUES_CASE
-  return accumulate_values_bf16(rows, probs, probs_stride, acc, len, kv_heads, group, dim);
-}
-
-// acc[hq] += sum_t p[hq][t] * v[t] for bf16 values, two tokens per instruction: the rows of tokens t and
-// t+1 are interleaved element-wise and multiplied with the pair (p_t, p_t+1) rounded to bf16, the way
-// flash attention feeds P to its P.V product. Returns false when dim is not a multiple of 32.
-inline bool accumulate_values_bf16(const std::vector<const at::BFloat16*>& rows, const at::BFloat16* probs,
-                                   int64_t probs_stride, float* acc, int64_t len, int64_t kv_heads, int64_t group,
-                                   int64_t dim) {
-  constexpr int64_t kMaxChunks = 8;  // dim <= 256
-  constexpr int64_t kPrefetchAhead = 16;
-  if (dim % 32 != 0 || dim / 16 > kMaxChunks || group > 16) return false;
-  alignas(64) static const int16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const int16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i vlo = _mm512_load_si512(lo_idx), vhi = _mm512_load_si512(hi_idx);
-  const __m512i zero_row = _mm512_setzero_si512();
-  const int64_t chunks = dim / 16;
-  for (int64_t h = 0; h < kv_heads; ++h) {
-    __m512 sums[16][kMaxChunks];
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < chunks; ++c) sums[g][c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; t += 2) {
-      if (t + kPrefetchAhead < len) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kPrefetchAhead] + h * dim), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(rows[t + kPrefetchAhead + 1 < len ? t + kPrefetchAhead + 1 : t + kPrefetchAhead] + h * dim), _MM_HINT_T0);
-      }
-      const bool pair = t + 1 < len;
-      const at::BFloat16* r0 = rows[t] + h * dim;
-      const at::BFloat16* r1 = pair ? rows[t + 1] + h * dim : nullptr;
-      __m512bh weights[16];
-      for (int64_t g = 0; g < group; ++g) {  // (p_t, p_t+1) as one 32-bit pair; the padding slot is 0
-        int32_t packed;
-        std::memcpy(&packed, probs + (h * group + g) * probs_stride + t, sizeof(packed));
-        weights[g] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(packed));
-      }
-      for (int64_t c = 0; c < chunks; c += 2) {
-        const __m512i v0 = _mm512_loadu_si512(r0 + c * 16);
-        const __m512i v1 = pair ? _mm512_loadu_si512(r1 + c * 16) : zero_row;
-        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vlo, v1));
-        const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(v0, vhi, v1));
-        for (int64_t g = 0; g < group; ++g) {
-          sums[g][c] = _mm512_dpbf16_ps(sums[g][c], lo, weights[g]);
-          sums[g][c + 1] = _mm512_dpbf16_ps(sums[g][c + 1], hi, weights[g]);
-        }
-      }
-    }
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + (h * group + g) * dim + c * 16, sums[g][c]);
-  }
-  return true;
+  return nullptr;
 }
 #endif
 
@@ -337,6 +284,9 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   // Sequences differ in length, so threads take them one at a time from a shared counter instead
   // of splitting the range evenly (an even split left one thread idle for much of the call).
   std::atomic<int64_t> next{0};
+#if defined(__AVX512BF16__)
+  const ValuesFn values_kernel = std::is_same_v<T, at::BFloat16> ? values_kernel_for(dim, group) : nullptr;
+#endif
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_seqs);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(heads * dim), row(row_stride), acc(heads * dim), scores, inv_sum(heads);
@@ -350,7 +300,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] *= fscale;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (dim % 32 == 0 && dim <= 256 && group <= 16) {
+        if (values_kernel != nullptr) {
           const T* q_raw = qp + s * heads * dim;
           value_rows.resize(len);
           for (int64_t b = 0, t = 0; t < len; ++b) {
@@ -379,10 +329,9 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
                                   reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + i))));
             for (; i < len; ++i) pb[i] = at::BFloat16(sc[i]);
           }
-          if (accumulate_values_dispatch(value_rows, probs_bf16.data(), stride, acc.data(), len, kv_heads, group, dim)) {
-            write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
-            continue;
-          }
+          values_kernel(value_rows, probs_bf16.data(), stride, acc.data(), len, kv_heads);
+          write_output(acc.data(), inv_sum.data(), op + s * heads * dim, heads, dim);
+          continue;
         }
       }
 #endif
