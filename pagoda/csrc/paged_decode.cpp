@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd_math.h"
+
 namespace {
 
 template <typename T>
@@ -49,22 +51,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// exp for the softmax: 2^(x log2 e) split into 2^n * 2^f, |f| <= 0.5, 2^f by a degree-6 polynomial
-// (relative error ~1e-7, like std::exp in fp32 for this range).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using pagoda::exp512;
 
 // In place: sc = exp(sc - max(sc)); returns the sum.
 inline float softmax_numerators(float* sc, int64_t n) {

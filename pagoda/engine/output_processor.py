@@ -1,22 +1,32 @@
-"""Engine tokens -> user-facing RequestOutputs: detokenization, stop strings, logprobs, n > 1 fan-in."""
+"""Core outputs -> user-facing RequestOutputs: detokenization, stop strings, logprobs, n > 1 fan-in.
+
+Runs in front of the engine core (in-process for ``LLM``, in the server process for
+``pagoda serve``). Stop strings are found here, so the caller must tell the core to
+free the sequences that ``process`` reports as ended.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
-from pagoda.engine.request import CompletionOutput, PositionLogprobs, Request, RequestOutput
+from pagoda.engine.messages import CoreOutput
+from pagoda.engine.request import CompletionOutput, FinishReason, RequestOutput, RequestTimes, SamplingParams
 from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Child:
-    request: Request
+    request_id: str
+    params: SamplingParams
     detokenizer: IncrementalDetokenizer
     output: CompletionOutput
     text: str = ""  # full detokenized text (visible text may lag behind it, see holdback)
     emitted_chars: int = 0
     emitted_tokens: int = 0
-    processed_tokens: int = 0
 
 
 @dataclass
@@ -25,64 +35,124 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child]
+    arrival_time: float
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     dirty: bool = False
     error: str | None = field(default=None)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.output.finish_reason is not None for c in self.children)
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
-        self.child_to_parent: dict[str, _Parent] = {}
+        self.child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
 
-    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request]) -> None:
+    def add(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        child_request_ids: list[str],
+        arrival_time: float | None = None,
+    ) -> None:
         kids = []
-        for i, req in enumerate(children):
-            p = req.sampling_params
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, p.skip_special_tokens)
-            out = CompletionOutput(index=i, logprobs=[] if p.logprobs is not None else None,
-                                   cumulative_logprob=0.0 if p.logprobs is not None else None)
-            kids.append(_Child(req, detok, out))
-        parent = _Parent(request_id, prompt, prompt_token_ids, kids)
+        for i, cid in enumerate(child_request_ids):
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            out = CompletionOutput(
+                index=i,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            kids.append(_Child(cid, params, detok, out))
+        parent = _Parent(request_id, prompt, prompt_token_ids, kids, arrival_time or time.monotonic())
         self.parents[request_id] = parent
         for kid in kids:
-            self.child_to_parent[kid.request.request_id] = parent
+            self.child_to_parent[kid.request_id] = (parent, kid)
 
-    def process(self, request: Request, logprobs: PositionLogprobs | None) -> str | None:
-        """Take the request's new tokens; returns a stop string if one was hit (caller finishes it)."""
-        parent = self.child_to_parent.get(request.request_id)
-        if parent is None:
-            return None
-        child = next(c for c in parent.children if c.request is request)
-        parent.dirty = True
-        new_tokens = request.output_token_ids[child.processed_tokens :]
-        child.processed_tokens += len(new_tokens)
+    def process(self, outputs: list[CoreOutput]) -> list[str]:
+        """Take one step's core outputs. Returns the child ids this side ended (stop string, detokenizer
+        failure) that the core must still free."""
+        ended: list[str] = []
+        now = time.monotonic()
+        for co in outputs:
+            found = self.child_to_parent.get(co.request_id)
+            if found is None:
+                continue
+            parent, child = found
+            parent.dirty = True
+            parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
+            if parent.first_scheduled_time is None:
+                parent.first_scheduled_time = co.first_scheduled_time
+            out = child.output
+            if out.finish_reason is not None:
+                continue  # ended here already; the core may report a step more
+            if co.new_token_ids:
+                parent.first_token_time = parent.first_token_time or now
+                parent.last_token_time = now
+                try:
+                    if self._take_tokens(child, co):
+                        ended.append(child.request_id)
+                        continue
+                except Exception as exc:  # e.g. a detokenizer failure fails one request only
+                    logger.error("output processing failed for %s: %s", co.request_id, exc)
+                    out.finish_reason = FinishReason.ERROR.value
+                    parent.error = parent.error or f"{type(exc).__name__}: {exc}"
+                    ended.append(child.request_id)
+                    continue
+            if co.finish_reason is not None:
+                out.finish_reason = co.finish_reason
+                out.stop_reason = co.stop_reason
+                if co.error and parent.error is None:
+                    parent.error = co.error
+        return ended
+
+    def _take_tokens(self, child: _Child, co: CoreOutput) -> bool:
+        """Append new tokens; True when a stop string ended the sequence."""
         out = child.output
-        if out.finish_reason is not None:
-            return None
-        if logprobs is not None and out.logprobs is not None:
-            for tid, lp in logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
-            out.logprobs.append(logprobs)
-            out.cumulative_logprob = (out.cumulative_logprob or 0.0) + logprobs[new_tokens[-1]].logprob
+        new_tokens = co.new_token_ids
+        if co.new_logprobs is not None and out.logprobs is not None:
+            for pos, tid in zip(co.new_logprobs, new_tokens):
+                for token, lp in pos.items():
+                    lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
+                out.logprobs.append(pos)
+                out.cumulative_logprob = (out.cumulative_logprob or 0.0) + pos[tid].logprob
         out.token_ids.extend(new_tokens)
-        delta = child.detokenizer.add(new_tokens) if new_tokens else ""
+        delta = child.detokenizer.add(new_tokens)
         child.text += delta
-        stops = request.sampling_params.stop
+        stops = child.params.stop
         if delta and stops:
             hit = find_stop(child.text, len(delta), stops)
             if hit is not None:
                 stop, idx = hit
-                keep = idx + len(stop) if request.sampling_params.include_stop_str_in_output else idx
+                keep = idx + len(stop) if child.params.include_stop_str_in_output else idx
                 child.text = child.text[:keep]
-                return stop
-        return None
+                out.finish_reason = FinishReason.STOP.value
+                out.stop_reason = stop
+                return True
+        return False
 
-    def mark_dirty(self, request: Request) -> None:
-        parent = self.child_to_parent.get(request.request_id)
-        if parent is not None:
-            parent.dirty = True
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> list[str]:
+        """End a request on this side (the caller frees it in the core); returns its unfinished child ids."""
+        parent = self.parents.get(request_id)
+        if parent is None:
+            return []
+        ended = []
+        for child in parent.children:
+            if child.output.finish_reason is None:
+                child.output.finish_reason = reason.value
+                ended.append(child.request_id)
+        if error and parent.error is None:
+            parent.error = error
+        parent.dirty = True
+        return ended
 
     def collect(self) -> list[RequestOutput]:
         """RequestOutputs for every parent touched since the last call; forgets finished parents."""
@@ -91,14 +161,9 @@ class OutputProcessor:
             parent.dirty = False
             outputs = []
             for child in parent.children:
-                req, out = child.request, child.output
-                if req.is_finished and out.finish_reason is None:
-                    out.finish_reason = req.finish_reason.value
-                    out.stop_reason = req.stop_reason
-                    if req.error and parent.error is None:
-                        parent.error = req.error
-                stops = req.sampling_params.stop
-                holdback = 0 if req.is_finished or not stops else max(len(s) for s in stops) - 1
+                out = child.output
+                stops = child.params.stop
+                holdback = 0 if out.finish_reason is not None or not stops else max(len(s) for s in stops) - 1
                 visible = child.text[: max(child.emitted_chars, len(child.text) - holdback)]
                 out.text = visible
                 out.delta_text = visible[child.emitted_chars :]
@@ -106,8 +171,7 @@ class OutputProcessor:
                 out.delta_token_ids = out.token_ids[child.emitted_tokens :]
                 child.emitted_tokens = len(out.token_ids)
                 outputs.append(out)
-            parent.num_cached_tokens = parent.children[0].request.num_cached_tokens
-            finished = all(c.request.is_finished for c in parent.children)
+            finished = parent.finished
             results.append(
                 RequestOutput(
                     request_id=parent.request_id,
@@ -117,12 +181,16 @@ class OutputProcessor:
                     finished=finished,
                     num_cached_tokens=parent.num_cached_tokens,
                     error=parent.error,
+                    metrics=RequestTimes(
+                        parent.arrival_time, parent.first_scheduled_time, parent.first_token_time,
+                        parent.last_token_time,
+                    ),
                 )
             )
             if finished:
                 del self.parents[parent.request_id]
                 for child in parent.children:
-                    self.child_to_parent.pop(child.request.request_id, None)
+                    self.child_to_parent.pop(child.request_id, None)
         return results
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Bounds on user-controlled sizes; the server reuses them so both paths reject the same input.
 MAX_N = 128
@@ -131,6 +133,8 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.sampling_params.seed is not None:
+            import torch  # only the engine core builds Requests; the server process never imports torch
+
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
 
     @property
@@ -180,6 +184,16 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestTimes:
+    """time.monotonic() marks of one request, for latency metrics."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -188,3 +202,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     error: str | None = None
+    metrics: RequestTimes | None = None

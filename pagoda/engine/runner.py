@@ -107,3 +107,10 @@ class ModelRunner:
             return [], hidden.new_empty(0, 0, dtype=torch.float32)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         return inputs.sampling, logits
+
+    @torch.inference_mode()
+    def mean_hidden(self, scheduled: ScheduledRequest) -> torch.Tensor:
+        """Mean of the final (normed) hidden states over one whole prompt, fp32 [hidden]."""
+        inputs = self.prepare([scheduled])
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
+        return hidden.float().mean(dim=0)

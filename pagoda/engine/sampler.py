@@ -2,8 +2,8 @@
 
 Order of operations (as in vLLM): logprobs of the raw model distribution; then
 logit bias, min_tokens masking and penalties; greedy rows take the argmax; the
-other rows apply temperature, top-k, top-p and min-p and draw with the
-exponential-race trick, using the request's own generator when it has a seed so
+other rows apply temperature, top-k, top-p and min-p and draw by inverse CDF
+with one uniform number, from the request's own generator when it has a seed so
 that its draws do not depend on what else is in the batch.
 """
 
@@ -25,26 +25,25 @@ class SampleResult:
     logprobs: list[PositionLogprobs | None]  # per row; None when the request did not ask
 
 
-def _argmax_fn() -> Callable[[torch.Tensor], torch.Tensor]:
-    ops = load_cpu_kernels()
-    return ops.argmax_rows if ops is not None else (lambda x: x.argmax(dim=-1))
-
-
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
-        self.argmax = _argmax_fn()
+        ops = load_cpu_kernels()
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = (
+            ops.argmax_rows if ops is not None else (lambda x: x.argmax(dim=-1))
+        )
+        self.sample_rows: Callable[..., torch.Tensor] = ops.sample_rows if ops is not None else _sample_rows_torch
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed)."""
+        if logits.dtype not in (torch.float32, torch.bfloat16):  # what the kernels read
+            logits = logits.float()
         if all(_plain_greedy(r) for r in requests):  # the common offline case: no copy, one pass
             return SampleResult(self.argmax(logits).tolist(), [None] * len(requests))
-        logits = logits.float()
-        raw_logprobs = (
-            torch.log_softmax(logits, dim=-1)
-            if any(r.sampling_params.logprobs is not None for r in requests)
-            else None
-        )
+        wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
+        if wants_logprobs or _needs_processing(requests):
+            logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = self._process(logits, requests)
         tokens = torch.empty(len(requests), dtype=torch.int64)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
@@ -53,8 +52,7 @@ class Sampler:
             idx = torch.tensor(greedy)
             tokens[idx] = self.argmax(logits[idx])
         if random:
-            idx = torch.tensor(random)
-            tokens[idx] = self._sample(logits[idx], [requests[i] for i in random])
+            tokens[torch.tensor(random)] = self._sample(logits, random, [requests[i] for i in random])
         token_list = tokens.tolist()
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -62,15 +60,7 @@ class Sampler:
         return SampleResult(token_list, logprobs)
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        needs = [
-            i
-            for i, r in enumerate(requests)
-            if r.sampling_params.logit_bias
-            or r.num_output_tokens < r.sampling_params.min_tokens
-            or r.sampling_params.repetition_penalty != 1.0
-            or r.sampling_params.presence_penalty
-            or r.sampling_params.frequency_penalty
-        ]
+        needs = [i for i, r in enumerate(requests) if _row_needs_processing(r)]
         if not needs:
             return logits
         logits = logits.clone()
@@ -96,48 +86,80 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
+        """Draw for ``rows`` of ``logits``: one uniform number per row, from the request's own generator
+        when it has a seed, so its draws do not depend on what else is in the batch."""
         params = [r.sampling_params for r in requests]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
-        logits = logits / temps
-        top_ks = [p.top_k for p in params]
-        if any(top_ks):
-            vocab = logits.shape[-1]
-            ks = torch.tensor([k if k > 0 else vocab for k in top_ks])
-            kmax = int(ks.max())
-            top_vals = logits.topk(kmax, dim=-1).values
-            thresholds = top_vals.gather(1, (ks - 1)[:, None])
-            logits = logits.masked_fill(logits < thresholds, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=probs.dtype)
-        if bool((top_ps < 1.0).any()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            cum = sorted_probs.cumsum(dim=-1)
-            # Drop a token when the tokens ranked above it already reach top_p.
-            drop_sorted = (cum - sorted_probs) >= top_ps[:, None]
-            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-            probs = probs.masked_fill(drop, 0.0)
-        min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype)
-        if bool((min_ps > 0).any()):
-            cutoff = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
-            probs = probs.masked_fill(probs < cutoff, 0.0)
-        noise = torch.empty_like(probs)
+        uniform = torch.empty(len(requests), dtype=torch.float64)
+        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+        if unseeded:
+            uniform[torch.tensor(unseeded)] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
         for i, r in enumerate(requests):
-            noise[i].exponential_(generator=r.generator if r.generator is not None else self.generator)
-        return (probs / noise).argmax(dim=-1)
+            if r.generator is not None:
+                uniform[i] = float(torch.rand(1, dtype=torch.float64, generator=r.generator))
+        return self.sample_rows(
+            logits,
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32),
+            uniform,
+        )
+
+
+def _sample_rows_torch(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """The C++ ``sample_rows`` in torch (for machines without the kernels): same filters, same draw."""
+    logits = logits[rows].float() / temperature[:, None]
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()):
+        ks = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+        thresholds = logits.topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+        logits = logits.masked_fill(logits < thresholds, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_probs.cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (cum - sorted_probs) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if bool((min_p > 0).any()):
+        cutoff = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(probs < cutoff, 0.0)
+    cdf = probs.double().cumsum(dim=-1)
+    targets = uniform[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+    # Rounding can leave a target at the top of the mass: take the last token with probability.
+    last_kept = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(picked, last_kept)
+
+
+def _row_needs_processing(r: Request) -> bool:
+    p = r.sampling_params
+    return bool(
+        p.logit_bias
+        or r.num_output_tokens < p.min_tokens
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty
+        or p.frequency_penalty
+    )
+
+
+def _needs_processing(requests: list[Request]) -> bool:
+    return any(_row_needs_processing(r) for r in requests)
 
 
 def _plain_greedy(r: Request) -> bool:
-    p = r.sampling_params
-    return (
-        p.greedy
-        and p.logprobs is None
-        and not p.logit_bias
-        and r.num_output_tokens >= p.min_tokens
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-    )
+    return r.sampling_params.greedy and r.sampling_params.logprobs is None and not _row_needs_processing(r)
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[PositionLogprobs | None]:

@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ["module.cpp", "paged_decode.cpp", "linear_rowwise.cpp", "argmax.cpp"]
+_SOURCES = ["module.cpp", "paged_decode.cpp", "linear_rowwise.cpp", "argmax.cpp", "sample.cpp", "elementwise.cpp"]
 
 
 @lru_cache(maxsize=1)
@@ -29,6 +29,7 @@ def load_cpu_kernels() -> ModuleType | None:
             sources=[str(_CSRC / s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(_CSRC)],
             verbose=False,
         )
     except Exception as exc:  # no compiler / ninja: the pure-torch paths still work

@@ -18,7 +18,8 @@ from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.layers.linear import Linear, linear
 from pagoda.model.layers.norm import RMSNorm
-from pagoda.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+from pagoda.model.layers.activation import silu_and_mul
+from pagoda.model.layers.rotary import RotaryAngles, RotaryEmbedding, apply_rotary_, inverse_frequencies
 
 
 class DecoderLayer(nn.Module):
@@ -43,14 +44,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        angles: RotaryAngles,
         kv_cache: torch.Tensor,
         attn: AttentionBackend,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the next norm adds the two."""
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_forward(hidden, residual)
+        tokens = normed.shape[0]
+        qkv = self.qkv_proj(normed)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -58,11 +65,10 @@ class DecoderLayer(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # Queries and keys side by side: one rotary pass for both.
-        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rotary_(qk, angles).split([self.num_heads, self.num_kv_heads], dim=1)
         o = attn.forward(q, k, v, kv_cache, metadata, self.scale)
-        hidden = hidden + self.o_proj(o.reshape(tokens, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        normed, residual = self.post_attention_layernorm.add_forward(self.o_proj(o.reshape(tokens, self.q_size)), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(normed))), residual
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -111,10 +117,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden] (normed) for a flat batch."""
         hidden = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        angles = self.rotary.angles(positions)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, kv_cache, attn, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, angles, kv_cache, attn, metadata)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm.add_forward(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype (the sampler upcasts only when it needs to)."""

@@ -30,6 +30,26 @@ class TokenizerSource:
     eos_token: str | None
     eos_token_ids: list[int] = field(default_factory=list)
 
+    def to_wire(self) -> dict[str, Any]:
+        """Plain fields (the tokenizer as its JSON), so another process can rebuild it without the weights."""
+        return {
+            "tokenizer_json": self.tokenizer.to_str(),
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "eos_token_ids": list(self.eos_token_ids),
+        }
+
+    @classmethod
+    def from_wire(cls, fields: dict[str, Any]) -> TokenizerSource:
+        return cls(
+            Tokenizer.from_str(fields["tokenizer_json"]),
+            fields["chat_template"],
+            fields["bos_token"],
+            fields["eos_token"],
+            list(fields["eos_token_ids"]),
+        )
+
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in ("smollm", "starcoder", "refact"):

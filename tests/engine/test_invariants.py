@@ -74,14 +74,14 @@ def test_preempted_request_output_equals_unpreempted(make_tiny_model) -> None:
 
 def test_output_processing_error_fails_one_request(tiny_llm: LLM, monkeypatch) -> None:
     engine = tiny_llm.engine
-    real = engine.output_processor.process
+    real = engine.output_processor._take_tokens
 
-    def process(request, logprobs):
-        if request.request_id == "bad":
+    def take_tokens(child, core_output):
+        if core_output.request_id == "bad":
             raise UnicodeError("injected")
-        return real(request, logprobs)
+        return real(child, core_output)
 
-    monkeypatch.setattr(engine.output_processor, "process", process)
+    monkeypatch.setattr(engine.output_processor, "_take_tokens", take_tokens)
     engine.add_request("bad", "one two", SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("good", "three four", SamplingParams(max_tokens=4, ignore_eos=True))
     results = {}
@@ -116,5 +116,5 @@ def test_n_children_share_the_prompt_blocks(make_tiny_model) -> None:
     assert len(out.outputs) == 4 and all(len(o.token_ids) == 5 for o in out.outputs)
     # The first child computes the prompt; the other three reuse its 10 full blocks and compute
     # only the last prompt token.
-    assert llm.engine.stats.prompt_tokens_computed == 41 + 3 * 1
+    assert llm.engine.stats.prompt_tokens == 41 + 3 * 1
     assert _all_free(llm)

@@ -24,16 +24,16 @@ def test_shared_prefix_computes_only_suffix(prompts) -> None:
     first, second = prompts
     llm = LLM("smollm2-135m", dtype="float32")
     _run(llm, first)
-    before = llm.engine.stats.prompt_tokens_computed
+    before = llm.engine.stats.prompt_tokens
     cached = _run(llm, second)
-    computed = llm.engine.stats.prompt_tokens_computed - before
+    computed = llm.engine.stats.prompt_tokens - before
     assert cached.num_cached_tokens == 512
     assert computed == len(second) - 512
 
     uncached_llm = LLM("smollm2-135m", dtype="float32", enable_prefix_caching=False)
     uncached = _run(uncached_llm, second)
     assert uncached.num_cached_tokens == 0
-    assert uncached_llm.engine.stats.prompt_tokens_computed == len(second)
+    assert uncached_llm.engine.stats.prompt_tokens == len(second)
     assert cached.outputs[0].token_ids == uncached.outputs[0].token_ids
     for engine in (llm.engine, uncached_llm.engine):
         assert engine.scheduler.kv.pool.num_free_blocks == engine.num_blocks

@@ -35,7 +35,7 @@ def test_logit_bias_forces_a_token(llm: LLM) -> None:
 
 
 def test_min_tokens_and_ignore_eos(llm: LLM) -> None:
-    eos = sorted(llm.engine.eos_token_ids)
+    eos = sorted(llm.engine.core.eos_token_ids)
     chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
     short = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=64), use_tqdm=False)[0].outputs[0]
     assert short.finish_reason == "stop" and len(short.token_ids) < 64

@@ -1,4 +1,4 @@
-"""RMSNorm (torch's fused kernel accumulates in fp32 for bf16 inputs)."""
+"""RMSNorm, optionally fused with the residual add before it (C++ kernel when built, else torch)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.model.cpu_kernels import load_cpu_kernels
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.ops = load_cpu_kernels()
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        return self.ops is not None and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_ok(x):
+            return self.ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` (the new residual stream) and its norm; may update ``residual`` in place."""
+        if self._kernel_ok(x) and residual.is_contiguous() and residual.dim() == 2:
+            return self.ops.add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = residual + x
+        return self.forward(residual), residual

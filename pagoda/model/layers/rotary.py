@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -37,18 +40,33 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass
+class RotaryAngles:
+    """cos and sin of every (token, frequency) of a step, fp32 [tokens, head_dim / 2]; shared by all layers."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class RotaryEmbedding:
     def __init__(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape [tokens, 1, head_dim], computed once per step for all layers."""
+    def angles(self, positions: torch.Tensor) -> RotaryAngles:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return RotaryAngles(freqs.cos(), freqs.sin())
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary_(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    """Rotate ``x`` [tokens, heads, head_dim] in place (heads * head_dim dense per token) and return it."""
+    ops = load_cpu_kernels()
+    if ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        ops.rotary_inplace(x, angles.cos, angles.sin)
+        return x
+    # As HF computes it: cos/sin rounded to the model dtype, products in that dtype.
+    cos = torch.cat((angles.cos, angles.cos), dim=-1)[:, None, :].to(x.dtype)
+    sin = torch.cat((angles.sin, angles.sin), dim=-1)[:, None, :].to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x.copy_(x * cos + rotated * sin)
+    return x

@@ -1,0 +1,251 @@
+"""EngineCore: token ids in, new token ids out, one ``step()`` at a time. No text.
+
+The core owns the model, the KV cache, the scheduler and the sampler. Text work
+(tokenizing, detokenizing, stop strings) happens in front of it: in-process for
+the offline ``LLM``, in the server process when the core runs in its own process
+(``engine/core_proc.py``). What it reports are plain ``CoreOutput`` records
+(``engine/messages.py``) that cross a socket as msgpack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+
+import torch
+
+from pagoda.config import EngineConfig
+from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
+from pagoda.engine.request import FinishReason, Request, SamplingParams
+from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from pagoda.engine.sampler import Sampler
+from pagoda.engine.scheduler import QueueFullError, ScheduledRequest, Scheduler, SchedulerOutput
+from pagoda.engine.tokenizer import Tokenizer
+from pagoda.model.attention import get_backend
+from pagoda.model.layers.linear import configure_linear
+from pagoda.model.loader import default_dtype, load_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc, cc = config.model_config, config.cache_config
+        self.device = "cpu"
+        torch.manual_seed(mc.seed)
+        self.dtype = DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
+        configure_linear(mc.batch_invariant)
+        loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed)
+        self.model = loaded.model.eval()
+        self.arch = loaded.arch
+        self.model_name = loaded.name
+        self.tokenizer_source = loaded.tokenizer
+        self.tokenizer = Tokenizer(loaded.tokenizer)
+        self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(self.arch.eos_token_ids)
+        self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
+        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
+        num_blocks = cc.num_kv_blocks or int(cc.kv_cache_gib * 2**30 // bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_gib={cc.kv_cache_gib} holds no KV block ({bytes_per_block} bytes each); raise it")
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config.scheduler_config, cc, num_blocks, self.max_model_len)
+        self.runner = ModelRunner(
+            self.model,
+            allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device),
+            cc.block_size,
+            get_backend(mc.attention_backend, self.device, mc.batch_invariant),
+            self.device,
+        )
+        self.sampler = Sampler(mc.seed)
+        self.stats = CoreStats(num_blocks=num_blocks)
+        self.parents: dict[str, list[Request]] = {}
+        self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> list[str]:
+        """Queue a request (n sequences); returns the child ids. Raises ValueError / QueueFullError."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.validate_for_vocab(self.arch.vocab_size)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if request_id in self.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids
+        ):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
+        self.scheduler.check_admissible(len(prompt_token_ids), params.max_tokens)
+        limit = self.config.scheduler_config.max_queued_requests
+        if len(self.scheduler.waiting) + params.n > limit:
+            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+        now = time.monotonic() if arrival_time is None else arrival_time
+        ids = list(prompt_token_ids)
+        children: list[Request] = []
+        for i, cid in enumerate(child_ids(request_id, params.n)):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + i
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            children.append(
+                Request(
+                    cid,
+                    ids,
+                    child_params,
+                    self.eos_token_ids,
+                    arrival_time=now,
+                    priority=priority,
+                    cache_salt=cache_salt,
+                    # Siblings wait for the first child's prompt so they reuse its cached blocks.
+                    wait_for=children[0] if i > 0 and self.config.cache_config.enable_prefix_caching else None,
+                )
+            )
+        for child in children:
+            self.scheduler.add_request(child)
+        self.parents[request_id] = children
+        return [c.request_id for c in children]
+
+    def abort_request(self, request_ids: list[str], report: bool = True) -> None:
+        """Finish every sequence of these requests (parent ids) and free their blocks. Unknown ids are
+        ignored (the request may have finished already). ``report``: emit their end in the next step."""
+        for rid in request_ids:
+            for req in self.parents.get(rid, []):
+                self._finish_between_steps(req, report)
+            self._forget_if_done(rid)
+
+    def finish_sequences(self, child_request_ids: list[str]) -> None:
+        """Free the sequences the front end has ended itself (a stop string, a detokenizer error)."""
+        for cid in child_request_ids:
+            req = self.scheduler.requests.get(cid)
+            if req is not None:
+                self._finish_between_steps(req, report=False)
+        for rid in [p for p, kids in self.parents.items() if all(k.is_finished for k in kids)]:
+            del self.parents[rid]
+
+    def _finish_between_steps(self, req: Request, report: bool) -> None:
+        if req.is_finished:
+            return
+        self.scheduler.finish(req, FinishReason.ABORT)
+        if report:
+            self._reported.append(CoreOutput(req.request_id, finish_reason=FinishReason.ABORT.value))
+
+    def _forget_if_done(self, request_id: str) -> None:
+        kids = self.parents.get(request_id)
+        if kids is not None and all(k.is_finished for k in kids):
+            del self.parents[request_id]
+
+    def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """Mean-pooled, L2-normalised final hidden states of a prompt (embeddings without an embedding
+        model). Runs between steps on borrowed blocks that are freed, never published to the cache."""
+        if not prompt_token_ids or len(prompt_token_ids) > self.max_model_len:
+            raise ValueError(f"an embedding input must hold 1 to {self.max_model_len} tokens, got {len(prompt_token_ids)}")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"input holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
+        req = Request("embedding", list(prompt_token_ids), SamplingParams(max_tokens=1), self.eos_token_ids)
+        kv = self.scheduler.kv
+        if not kv.allocate(req, len(prompt_token_ids)):
+            raise ValueError("not enough free KV blocks for this embedding input right now; retry later")
+        try:
+            vector = self.runner.mean_hidden(ScheduledRequest(req, len(prompt_token_ids)))
+        finally:
+            kv.free(req)
+        return torch.nn.functional.normalize(vector, dim=0).tolist()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents) or bool(self._reported)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        outputs, self._reported = self._reported, []
+        out = self.scheduler.schedule()
+        if out.scheduled:
+            outputs.extend(self._run(out))
+        for rid in [p for p, kids in self.parents.items() if all(k.is_finished for k in kids)]:
+            del self.parents[rid]
+        return outputs
+
+    def _run(self, out: SchedulerOutput) -> list[CoreOutput]:
+        self.stats.num_steps += 1
+        for s in out.scheduled:
+            r = s.request
+            self.stats.prompt_tokens += max(0, min(r.num_prompt_tokens - r.num_computed_tokens, s.num_new_tokens))
+        try:
+            sampling, logits = self.runner.execute(out.scheduled)
+            requests = [s.request for s in sampling]
+            result = self.sampler(logits, requests) if requests else None
+        except Exception as exc:  # fail this step's requests, keep the engine alive
+            logger.error("model step failed: %s", traceback.format_exc())
+            ended = []
+            for s in out.scheduled:
+                self.scheduler.finish(s.request, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                ended.append(self._output(s.request, []))
+            return ended
+        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)} if result else {}
+        self.stats.generation_tokens += len(sampled)
+        self.scheduler.update(out, sampled)
+        outputs = []
+        logprobs = dict(zip((r.request_id for r in requests), result.logprobs)) if result else {}
+        for s in out.scheduled:
+            req = s.request
+            token = sampled.get(req.request_id)
+            if token is None and not req.is_finished:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            lp = logprobs.get(req.request_id)
+            out_ = self._output(req, [] if token is None else [token])
+            if lp is not None:
+                out_.new_logprobs = [lp]
+            outputs.append(out_)
+        return outputs
+
+    def _output(self, req: Request, tokens: list[int]) -> CoreOutput:
+        return CoreOutput(
+            req.request_id,
+            tokens,
+            None,
+            req.finish_reason.value if req.finish_reason is not None else None,
+            req.stop_reason,
+            req.error,
+            req.num_cached_tokens,
+            req.first_scheduled_time,
+        )
+
+    def snapshot_stats(self) -> CoreStats:
+        kv = self.scheduler.kv
+        free = kv.pool.num_free_blocks
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.num_free_blocks = free
+        self.stats.kv_cache_usage = 1.0 - free / self.num_blocks
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queries = kv.prefix_queries
+        self.stats.prefix_cache_hits = kv.prefix_hits
+        return dataclasses.replace(self.stats)
+
+
+def resolve_max_model_len(config: EngineConfig, model_limit: int, sliding_window: int | None) -> int:
+    limit = model_limit
+    if sliding_window:  # without sliding-window attention, stay inside the window
+        limit = min(limit, sliding_window)
+    wanted = config.model_config.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
+    return wanted

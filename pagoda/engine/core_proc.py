@@ -1,0 +1,175 @@
+"""The engine core in its own process, fed and drained over ZeroMQ with msgpack frames.
+
+Started by ``EngineClient`` as ``python -m pagoda.engine.core_proc`` (nothing is
+pickled: the config travels as JSON on the command line). Messages in (PULL):
+
+    ["add", request_id, prompt_token_ids, sampling_params dict, priority, cache_salt, arrival_time]
+    ["abort", [request_id, ...]]           end whole requests (client gone)
+    ["finish", [child_request_id, ...]]    sequences the front end ended (stop strings)
+    ["embed", request_id, [[token ids], ...]]  mean-pooled hidden states (answered with "embedded")
+    ["shutdown"]
+
+Messages out (PUSH): ["ready", info], ["failed", message], ["rejected", request_id, kind, message],
+["embedded", request_id, [[float, ...], ...]],
+["outputs", [CoreOutput wire, ...], CoreStats dict] after every step and after every batch of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import msgpack
+import zmq
+
+from pagoda.config import EngineConfig
+from pagoda.engine.request import SamplingParams
+from pagoda.engine.scheduler import QueueFullError
+
+logger = logging.getLogger("pagoda.engine_core")
+IDLE_POLL_MS = 500
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list[Any]:
+    # Token ids are map keys in logit_bias: allow integer keys.
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**fields)
+
+
+class CoreLoop:
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.connect(input_addr)
+        self.outbox = self.context.socket(zmq.PUSH)
+        self.outbox.connect(output_addr)
+        self.parent_pid = os.getppid()
+        try:
+            from pagoda.engine.core import EngineCore
+
+            self.core = EngineCore(config)
+        except Exception as exc:
+            logger.error("engine core failed to start: %s", traceback.format_exc())
+            self.outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
+            raise
+        self.outbox.send(
+            pack(
+                [
+                    "ready",
+                    {
+                        "model_name": self.core.model_name,
+                        "max_model_len": self.core.max_model_len,
+                        "vocab_size": self.core.arch.vocab_size,
+                        "hidden_size": self.core.arch.hidden_size,
+                        "num_blocks": self.core.num_blocks,
+                        "eos_token_ids": sorted(self.core.eos_token_ids),
+                        "tokenizer": self.core.tokenizer_source.to_wire(),
+                        "dtype": str(self.core.dtype).removeprefix("torch."),
+                        "pid": os.getpid(),
+                    },
+                ]
+            )
+        )
+        self.running = True
+
+    def serve(self) -> None:
+        while self.running:
+            busy = self.core.has_unfinished_requests()
+            if self.inbox.poll(0 if busy else IDLE_POLL_MS):
+                self._drain_inbox()
+                if not self.core.has_unfinished_requests():
+                    self._send_outputs([])  # e.g. after an abort: report the freed blocks
+            if os.getppid() != self.parent_pid:
+                logger.warning("front end exited; engine core stops")
+                return
+            if self.running and self.core.has_unfinished_requests():
+                self._send_outputs(self.core.step())
+
+    def _drain_inbox(self) -> None:
+        while self.running:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(unpack(frame))
+
+    def _handle(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, rid, ids, params, priority, salt, arrival = message
+            try:
+                self.core.add_request(rid, ids, params_from_wire(params), priority, salt, arrival)
+            except QueueFullError as exc:
+                self.outbox.send(pack(["rejected", rid, "queue_full", str(exc)]))
+            except (ValueError, TypeError) as exc:
+                self.outbox.send(pack(["rejected", rid, "invalid", str(exc)]))
+        elif kind == "embed":
+            _, rid, inputs = message
+            try:
+                vectors = [self.core.embed(list(ids)) for ids in inputs]
+            except (ValueError, TypeError) as exc:
+                self.outbox.send(pack(["rejected", rid, "invalid", str(exc)]))
+            else:
+                self.outbox.send(pack(["embedded", rid, vectors]))
+        elif kind == "abort":
+            self.core.abort_request(list(message[1]), report=False)
+        elif kind == "finish":
+            self.core.finish_sequences(list(message[1]))
+        elif kind == "shutdown":
+            self.running = False
+        else:
+            logger.error("unknown message %r", kind)
+
+    def _send_outputs(self, outputs: list[Any]) -> None:
+        stats = dataclasses.asdict(self.core.snapshot_stats())
+        self.outbox.send(pack(["outputs", [o.to_wire() for o in outputs], stats]))
+
+    def close(self) -> None:
+        self.inbox.close(linger=0)
+        self.outbox.close(linger=1000)
+        self.context.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pagoda engine core process (started by the server)")
+    parser.add_argument("--config-json", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
+    # Ctrl-C reaches the whole process group; the server drains in-flight requests and then sends
+    # "shutdown", so the core must not die on the signal itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = EngineConfig.from_kwargs(**json.loads(args.config_json))
+    try:
+        loop = CoreLoop(config, args.input, args.output)
+    except Exception:
+        return 1
+    try:
+        loop.serve()
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

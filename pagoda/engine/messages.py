@@ -1,0 +1,64 @@
+"""Records exchanged between the engine core and its front end (in-process or over ZeroMQ as msgpack).
+
+Kept free of torch so the server process stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagoda.engine.request import Logprob, PositionLogprobs
+
+
+@dataclass
+class CoreOutput:
+    """What one child request gained in one step (or how it ended)."""
+
+    request_id: str  # the child's id (the parent's id when n == 1)
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic(), comparable across local processes
+
+    def to_wire(self) -> list[Any]:
+        logprobs = (
+            None
+            if self.new_logprobs is None
+            else [[[tid, lp.logprob, lp.rank] for tid, lp in pos.items()] for pos in self.new_logprobs]
+        )
+        return [self.request_id, self.new_token_ids, logprobs, self.finish_reason, self.stop_reason, self.error,
+                self.num_cached_tokens, self.first_scheduled_time]
+
+    @classmethod
+    def from_wire(cls, fields: list[Any]) -> CoreOutput:
+        rid, tokens, logprobs, finish, stop, error, cached, scheduled = fields
+        positions = None
+        if logprobs is not None:
+            positions = [{int(t): Logprob(float(v), int(r)) for t, v, r in pos} for pos in logprobs]
+        return cls(rid, list(tokens), positions, finish, stop, error, int(cached), scheduled)
+
+
+@dataclass
+class CoreStats:
+    """Gauges and running totals of the core, for metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks in use
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens served from it
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # prompt tokens that went through the model (cache hits excluded)
+    generation_tokens: int = 0
+    num_steps: int = 0
+
+
+def child_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a request's sequences: the request's own id when n == 1, else ``{i}_{id}``."""
+    return [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]

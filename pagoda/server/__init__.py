@@ -1,0 +1,1 @@
+"""HTTP: the OpenAI-compatible server (knows nothing about tensors)."""

@@ -1,0 +1,293 @@
+"""The FastAPI app: OpenAI routes, auth, request ids, health, metrics and the chat page.
+
+The engine core runs in its own process behind ``EngineClient``; this process only
+parses, tokenizes, detokenizes and writes responses, so ``/health`` and
+``/metrics`` answer while the model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from pagoda import __version__
+from pagoda.config import EngineConfig
+from pagoda.engine.core_client import EngineClient
+from pagoda.engine.tokenizer import ChatTemplateError
+from pagoda.server import serving
+from pagoda.server.embeddings import Embedder, load_embedder
+from pagoda.server.errors import APIError, error_response, install_error_handlers
+from pagoda.server.metrics import ServerMetrics
+from pagoda.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    UnsupportedParameter,
+)
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    config: EngineConfig
+    client: EngineClient
+    metrics: ServerMetrics
+    model_names: list[str]
+    api_keys: list[bytes]
+    embedder: Embedder | None = None
+    draining: bool = False
+    in_flight: set[str] = field(default_factory=set)
+
+
+def load_api_keys(config: EngineConfig) -> list[bytes]:
+    sc = config.server_config
+    keys = [k for k in (sc.api_key, os.environ.get("PAGODA_API_KEY")) if k]
+    if sc.api_key_file:
+        lines = Path(sc.api_key_file).read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [k.encode() for k in keys]
+
+
+class RequestIdMiddleware:
+    """Echo ``X-Request-Id`` (or a fresh one) on every response. Pure ASGI, so streaming and
+    disconnects pass through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = given or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(config: EngineConfig, client: EngineClient | None = None) -> FastAPI:
+    served = config.server_config.served_model_name or config.model_config.model
+    metrics = ServerMetrics(served)
+    client = client or EngineClient(config, on_stats=metrics.update_stats, on_output=metrics.observe_output)
+    state = ServerState(config, client, metrics, [served], load_api_keys(config))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        assert client.info is not None
+        if client.info.model_name not in state.model_names:
+            state.model_names.append(client.info.model_name)
+        state.embedder = load_embedder(client)
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="Pagoda", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM serving (Pagoda)")
+    app.state.pagoda = state
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    bearer = HTTPBearer(auto_error=False)
+
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not state.api_keys:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        # Compare with every key, always: the time taken does not tell which key came close.
+        matched = False
+        for key in state.api_keys:
+            matched |= hmac.compare_digest(given, key)
+        if not matched:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(name: str | None) -> str:
+        if name is not None and name not in state.model_names:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {state.model_names[0]!r}",
+                           "model", "model_not_found")
+        return state.model_names[0]
+
+    def check_capacity(n: int) -> None:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": serving.RETRY_AFTER_S})
+        if not client.is_alive:
+            raise APIError(503, f"the engine is not available: {client.dead_reason or 'not running'}",
+                           headers={"Retry-After": serving.RETRY_AFTER_S})
+        limit = config.scheduler_config.max_queued_requests
+        waiting = client.num_unfinished - client.stats.num_running
+        if waiting + n > limit:
+            raise APIError(429, f"the waiting queue is full ({limit} requests); retry later", code="queue_full",
+                           headers={"Retry-After": serving.RETRY_AFTER_S})
+
+    async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+        """Run ``work``; if the client goes away first, cancel it (which aborts its engine requests)."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=499)
+
+    def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> serving.Prompt:
+        assert client.tokenizer is not None
+        try:
+            text = client.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages],
+                add_generation_prompt,
+            )
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        return serving.Prompt(text, client.tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- pages and probes --------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not client.is_alive:
+            return JSONResponse({"status": "engine_dead", "detail": client.dead_reason}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        info = client.info
+        embed = state.embedder.name if state.embedder else None
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_names[0],
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pagoda",
+                    "max_model_len": info.max_model_len if info else None,
+                    "embedding_model": embed,
+                }
+            ],
+        }
+
+    # ---- generation --------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        model = check_model(req.model)
+        try:
+            params = serving.chat_params(req)
+        except UnsupportedParameter as exc:
+            raise APIError(400, str(exc), exc.param, "unsupported_parameter") from None
+        prompt = render_chat(req.messages, req.add_generation_prompt)
+        assert client.info is not None
+        serving.check_length(prompt, params, client.info.max_model_len, "messages")
+        check_capacity(params.n)
+        job = serving.ChatJob.new(model, prompt, params, req)
+        if not req.stream:
+            return await until_disconnect(request, serving.chat_full(client, job))
+        stream = serving.run_one(client, job.request_id, prompt, params, job.priority)
+        first = await serving.open_stream(stream)  # a rejection becomes a status, not a broken stream
+        return StreamingResponse(serving.chat_stream(job, serving.prepend(first, stream)),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        model = check_model(req.model)
+        try:
+            params = serving.completion_params(req)
+        except UnsupportedParameter as exc:
+            raise APIError(400, str(exc), exc.param, "unsupported_parameter") from None
+        prompts = serving.completion_prompts(req, client)
+        assert client.info is not None
+        for p in prompts:
+            serving.check_length(p, params, client.info.max_model_len, "prompt")
+        check_capacity(params.n * len(prompts))
+        job = serving.CompletionJob.new(model, prompts, params, req)
+        echo = [job.prefix(i) for i in range(len(prompts))]
+        if not req.stream:
+            return await until_disconnect(request, serving.completion_full(client, job, echo))
+        stream = serving.merged(job.streams(client))
+        first = await serving.open_stream(stream)
+        return StreamingResponse(serving.completion_stream(job, serving.prepend(first, stream), echo),
+                                 media_type="text/event-stream")
+
+    # ---- embeddings and tokens ---------------------------------------------------------------
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        model = check_model(req.model)
+        if state.embedder is None:
+            raise APIError(503, "no embedding model is loaded")
+        return await state.embedder.respond(req, model)
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        assert client.tokenizer is not None and client.info is not None
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            ids = render_chat(req.messages, req.add_generation_prompt).token_ids
+        else:
+            ids = client.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        assert client.tokenizer is not None and client.info is not None
+        bad = [t for t in req.tokens if not 0 <= t < client.info.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens outside the vocabulary [0, {client.info.vocab_size}): {bad[:5]}", "tokens")
+        return {"prompt": client.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.exception_handler(404)
+    async def not_found(_: Request, __: Exception) -> JSONResponse:
+        return error_response(404, "no such route")
+
+    return app
+

@@ -1,0 +1,88 @@
+"""Prometheus metrics with vLLM's names under the ``pagoda:`` prefix, in a registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagoda.engine.messages import CoreStats
+from pagoda.engine.request import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        r = self.registry
+        self.running = Gauge("pagoda:num_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("pagoda:num_requests_waiting", "Sequences waiting for admission", registry=r)
+        self.kv_usage = Gauge("pagoda:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", registry=r)
+        self.prefix_queries = Counter("pagoda:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("pagoda:prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                                   registry=r)
+        self.preemptions = Counter("pagoda:num_preemptions", "Preemptions (recompute)", registry=r)
+        self.prompt_tokens = Counter("pagoda:prompt_tokens", "Prompt tokens computed (cache hits excluded)",
+                                     registry=r)
+        self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens", registry=r)
+        self.success = Counter("pagoda:request_success", "Finished requests by reason", ["finished_reason"],
+                               registry=r)
+        self.ttft = Histogram("pagoda:time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pagoda:inter_token_latency_seconds", "Time between consecutive output tokens",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("pagoda:e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("pagoda:request_queue_time_seconds", "Arrival to first scheduling",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.info = Gauge("pagoda:model_info", "The served model", list(labels), registry=r)
+        self.info.labels(**labels).set(1)
+        self._last = CoreStats()
+        self._seen_first_token: set[str] = set()
+        self._last_token_time: dict[str, float] = {}
+
+    def update_stats(self, stats: CoreStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        # The core reports running totals; counters take the increments.
+        for counter, now, before in (
+            (self.prefix_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
+            (self.prefix_hits, stats.prefix_cache_hits, last.prefix_cache_hits),
+            (self.preemptions, stats.num_preemptions, last.num_preemptions),
+            (self.prompt_tokens, stats.prompt_tokens, last.prompt_tokens),
+            (self.generation_tokens, stats.generation_tokens, last.generation_tokens),
+        ):
+            if now > before:
+                counter.inc(now - before)
+        self._last = stats
+
+    def observe_output(self, out: RequestOutput) -> None:
+        times = out.metrics
+        if times is None:
+            return
+        rid = out.request_id
+        if times.first_token is not None and rid not in self._seen_first_token:
+            self._seen_first_token.add(rid)
+            self.ttft.observe(max(0.0, times.first_token - times.arrival))
+            if times.first_scheduled is not None:
+                self.queue_time.observe(max(0.0, times.first_scheduled - times.arrival))
+        if times.last_token is not None:
+            previous = self._last_token_time.get(rid)
+            if previous is not None and times.last_token > previous:
+                self.itl.observe(times.last_token - previous)
+            self._last_token_time[rid] = times.last_token
+        if out.finished:
+            for o in out.outputs:
+                self.success.labels(finished_reason=o.finish_reason or "unknown").inc()
+            if times.last_token is not None:
+                self.e2e.observe(max(0.0, times.last_token - times.arrival))
+            self._seen_first_token.discard(rid)
+            self._last_token_time.pop(rid, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

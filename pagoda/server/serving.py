@@ -1,0 +1,427 @@
+"""Chat and text completions: request -> SamplingParams -> engine -> OpenAI response or SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
+from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
+from pagoda.server.errors import APIError, error_body
+from pagoda.server.protocol import (
+    MAX_PROMPTS_PER_REQUEST,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    UnsupportedParameter,
+)
+
+RETRY_AFTER_S = "1"
+T = TypeVar("T")
+
+
+@dataclass
+class Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; every value error names its parameter (400)."""
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            logit_bias=bias,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as exc:
+        param = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param) from None
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    for name in ("response_format", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+        value = getattr(req, name)
+        if value is not None and not (name == "response_format" and value.get("type") == "text"):
+            raise UnsupportedParameter(name, f"{name} is not supported yet (structured output and tool calls "
+                                             "are planned)")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return sampling_params(req, max_tokens, logprobs)
+
+
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    if req.suffix is not None:
+        raise UnsupportedParameter("suffix", "suffix is not supported (this model has no fill-in-the-middle mode)")
+    if req.best_of is not None and req.best_of != req.n:
+        raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
+    if req.echo and req.logprobs is not None:
+        raise UnsupportedParameter("echo", "echo together with logprobs (prompt logprobs) is not supported yet")
+    return sampling_params(req, req.max_tokens, req.logprobs)
+
+
+def completion_prompts(req: CompletionRequest, client: EngineClient) -> list[Prompt]:
+    assert client.tokenizer is not None
+    p = req.prompt
+    if isinstance(p, str):
+        raw: list[str | list[int]] = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        raw = [list(p)]  # type: ignore[arg-type]
+    else:
+        raw = list(p)  # type: ignore[arg-type]
+    if not raw:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    if len(raw) > MAX_PROMPTS_PER_REQUEST:
+        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(raw)}", "prompt")
+    prompts = []
+    vocab = client.info.vocab_size if client.info else 0
+    for item in raw:
+        if isinstance(item, str):
+            prompts.append(Prompt(item, client.tokenizer.encode(item)))
+        else:
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
+            prompts.append(Prompt(None, list(item)))
+    return prompts
+
+
+def check_length(prompt: Prompt, params: SamplingParams, max_model_len: int, what: str) -> None:
+    count = len(prompt.token_ids)
+    if count == 0:
+        raise APIError(400, f"the {what} is empty after tokenization", "prompt" if what == "prompt" else "messages")
+    wanted = params.max_tokens or 0
+    if count + wanted > max_model_len or count >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{count + wanted} tokens ({count} in the {what}, {wanted} in the completion). Please reduce the "
+            f"length of the {what} or the completion.",
+            "messages" if what == "messages" else "prompt",
+            "context_length_exceeded",
+        )
+
+
+# ---- running requests ----------------------------------------------------------------------------
+async def run_one(client: EngineClient, request_id: str, prompt: Prompt, params: SamplingParams, priority: int,
+                  ) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority):
+            yield out
+    except RequestRejected as exc:
+        if exc.kind == "queue_full":
+            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+        raise APIError(400, str(exc)) from None
+    except EngineDeadError as exc:
+        raise APIError(503, f"the engine is not available: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_error(out: RequestOutput) -> None:
+    if out.error:
+        raise APIError(500, f"the engine failed this request: {out.error}")
+
+
+# ---- response pieces -----------------------------------------------------------------------------
+def _token_text(entry: Any) -> str:
+    return entry.decoded_token if entry.decoded_token is not None else ""
+
+
+def chat_logprobs(positions: list[PositionLogprobs], tokens: list[int], top: int) -> dict[str, Any]:
+    content = []
+    for pos, tid in zip(positions, tokens):
+        chosen = pos[tid]
+        text = _token_text(chosen)
+        ranked = sorted(pos.items(), key=lambda kv: kv[1].rank)
+        tops = [
+            {"token": _token_text(lp), "logprob": lp.logprob, "bytes": list(_token_text(lp).encode())}
+            for t, lp in ranked
+            if not (t == tid and lp.rank > top)
+        ][:top]
+        content.append({"token": text, "logprob": chosen.logprob, "bytes": list(text.encode()), "top_logprobs": tops})
+    return {"content": content}
+
+
+def completion_logprobs(positions: list[PositionLogprobs], tokens: list[int], top: int, offset: int
+                        ) -> dict[str, Any]:
+    result: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for pos, tid in zip(positions, tokens):
+        chosen = pos[tid]
+        text = _token_text(chosen)
+        result["tokens"].append(text)
+        result["token_logprobs"].append(chosen.logprob)
+        ranked = sorted(pos.items(), key=lambda kv: kv[1].rank)
+        result["top_logprobs"].append({_token_text(lp): lp.logprob for _, lp in ranked[: max(top, 0)]} if top else None)
+        result["text_offset"].append(offset)
+        offset += len(text)
+    return result
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _finish(o: CompletionOutput) -> str | None:
+    if o.finish_reason in ("stop", "length"):
+        return o.finish_reason
+    return o.finish_reason and "stop"
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+@dataclass
+class ChatJob:
+    request_id: str
+    model: str
+    prompt: Prompt
+    params: SamplingParams
+    priority: int
+    include_usage: bool
+    created: int
+
+    @classmethod
+    def new(cls, model: str, prompt: Prompt, params: SamplingParams, req: ChatCompletionRequest) -> ChatJob:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, include, int(time.time()))
+
+
+async def chat_full(client: EngineClient, job: ChatJob) -> dict[str, Any]:
+    final: RequestOutput | None = None
+    async for out in run_one(client, job.request_id, job.prompt, job.params, job.priority):
+        final = out
+    assert final is not None
+    _check_error(final)
+    top = job.params.logprobs
+    choices = [
+        {
+            "index": o.index,
+            "message": {"role": "assistant", "content": o.text},
+            "logprobs": chat_logprobs(o.logprobs or [], o.token_ids, top or 0) if top is not None else None,
+            "finish_reason": _finish(o),
+        }
+        for o in final.outputs
+    ]
+    completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    return {
+        "id": job.request_id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": usage(len(job.prompt.token_ids), completion_tokens, final.num_cached_tokens),
+        "system_fingerprint": None,
+    }
+
+
+async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    base = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+    extra = {"usage": None} if job.include_usage else {}
+    top = job.params.logprobs
+    for i in range(job.params.n):
+        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra})
+    last: RequestOutput | None = None
+    try:
+        async for out in outputs:
+            last = out
+            if out.error:
+                yield sse(error_body(500, f"the engine failed this request: {out.error}"))
+                break
+            for o in out.outputs:
+                if not o.delta_text and not o.delta_token_ids and not o.finished:
+                    continue
+                new = len(o.delta_token_ids)
+                lp = (chat_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top or 0)
+                      if top is not None else None)
+                if o.delta_text or lp:
+                    yield sse({**base, "choices": [{"index": o.index, "delta": {"content": o.delta_text},
+                                                    "logprobs": lp, "finish_reason": None}], **extra})
+                if o.finished:
+                    yield sse({**base, "choices": [{"index": o.index, "delta": {}, "logprobs": None,
+                                                    "finish_reason": _finish(o)}], **extra})
+    except APIError as exc:
+        yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if job.include_usage and last is not None:
+        completion_tokens = sum(len(o.token_ids) for o in last.outputs)
+        yield sse({**base, "choices": [],
+                   "usage": usage(len(job.prompt.token_ids), completion_tokens, last.num_cached_tokens)})
+    yield SSE_DONE
+
+
+async def open_stream(stream: AsyncIterator[T]) -> T | None:
+    """The first item (None when there is none): waiting for it turns a rejection into an HTTP status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+# ---- completions ---------------------------------------------------------------------------------
+@dataclass
+class CompletionJob:
+    request_id: str
+    model: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    priority: int
+    echo: bool
+    include_usage: bool
+    created: int
+
+    @classmethod
+    def new(cls, model: str, prompts: list[Prompt], params: SamplingParams, req: CompletionRequest
+            ) -> CompletionJob:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return cls(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, req.priority, req.echo, include,
+                   int(time.time()))
+
+    def streams(self, client: EngineClient) -> list[AsyncIterator[RequestOutput]]:
+        return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority)
+                for i, p in enumerate(self.prompts)]
+
+    def prefix(self, prompt_index: int) -> str:
+        if not self.echo:
+            return ""
+        p = self.prompts[prompt_index]
+        return p.text if p.text is not None else ""
+
+
+async def completion_full(client: EngineClient, job: CompletionJob, echo_text: list[str]) -> dict[str, Any]:
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in merged(job.streams(client)):
+        if out.finished:
+            finals[i] = out
+    choices, completion_tokens, cached = [], 0, 0
+    for i in range(len(job.prompts)):
+        final = finals[i]
+        _check_error(final)
+        cached += final.num_cached_tokens
+        for o in final.outputs:
+            completion_tokens += len(o.token_ids)
+            top = job.params.logprobs
+            choices.append({
+                "index": i * job.params.n + o.index,
+                "text": echo_text[i] + o.text,
+                "logprobs": completion_logprobs(o.logprobs or [], o.token_ids, top, 0) if top is not None else None,
+                "finish_reason": _finish(o),
+            })
+    prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
+    return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached), "system_fingerprint": None}
+
+
+async def completion_stream(job: CompletionJob, stream: AsyncIterator[tuple[int, RequestOutput]],
+                            echo_text: list[str]) -> AsyncIterator[str]:
+    base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model}
+    extra = {"usage": None} if job.include_usage else {}
+    top = job.params.logprobs
+    offsets: dict[int, int] = {}
+    lasts: dict[int, RequestOutput] = {}
+    echoed: set[int] = set()
+    try:
+        async for i, out in stream:
+            lasts[i] = out
+            if out.error:
+                yield sse(error_body(500, f"the engine failed this request: {out.error}"))
+                break
+            for o in out.outputs:
+                index = i * job.params.n + o.index
+                text = o.delta_text
+                if index not in echoed:
+                    echoed.add(index)
+                    text = echo_text[i] + text
+                new = len(o.delta_token_ids)
+                lp = None
+                if top is not None:
+                    lp = completion_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top,
+                                             offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+                if text or new or o.finished:
+                    yield sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                    "finish_reason": _finish(o) if o.finished else None}], **extra})
+    except APIError as exc:
+        yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if job.include_usage:
+        prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
+        completion_tokens = sum(len(o.token_ids) for out in lasts.values() for o in out.outputs)
+        cached = sum(out.num_cached_tokens for out in lasts.values())
+        yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached)})
+    yield SSE_DONE

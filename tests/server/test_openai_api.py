@@ -1,0 +1,221 @@
+"""The official openai client against a live `pagoda serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import API_KEY, LiveServer
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_probes_models_and_docs(server: LiveServer, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert "version" in httpx.get(f"{server.url}/version").json()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"} <= set(paths)
+
+
+def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "List three colors."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].message.content
+    assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_usage_counts_prompt_tokens(server: LiveServer, client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 你好 👋"}]
+    counted = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers=_auth()).json()["count"]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+    assert out.usage.prompt_tokens == counted
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello 你好 👋"}, headers=_auth()).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}, headers=_auth()).json()["prompt"]
+    assert text == "Hello 你好 👋"
+
+
+def test_completions_n2_seeds_and_indices(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, n=2, seed=7)
+    first = client.completions.create(**kwargs)
+    second = client.completions.create(**kwargs)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert first.choices[0].text != first.choices[1].text  # children get different seeds
+    streamed = client.completions.create(**kwargs, stream=True)
+    texts = {0: "", 1: ""}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert [texts[0], texts[1]] == [c.text for c in first.choices]
+
+
+def test_stop_strings_and_echo(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0)
+    assert "," in free.choices[0].text
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[","])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == free.choices[0].text.split(",")[0]
+    echoed = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("Hi")
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the best token
+    comp = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == comp.choices[0].text
+
+
+def _error(server: LiveServer, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=_auth() if headers is None else headers, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"n": 1000}, "n"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"no_such_parameter": 1}, "no_such_parameter"),
+    ],
+)
+def test_bad_values_are_400_naming_the_parameter(server: LiveServer, body: dict, param: str) -> None:
+    r = _error(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and param in (err["param"] or "") + err["message"]
+
+
+def test_context_length_error_gives_limit_and_count(server: LiveServer) -> None:
+    prompt = "hello " * 3000
+    count = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}, headers=_auth()).json()["count"]
+    r = _error(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "2048" in message and f"{count + 10} tokens ({count} in the prompt" in message
+
+
+def test_auth_model_and_request_id(server: LiveServer) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert _error(server, "/v1/chat/completions", body, headers={}).status_code == 401
+    wrong = _error(server, "/v1/chat/completions", body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    missing = _error(server, "/v1/chat/completions", {**body, "model": "gpt-9"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={**_auth(), "X-Request-Id": "abc-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "abc-1"
+    assert len(httpx.get(f"{server.url}/health").headers["x-request-id"]) >= 16
+
+
+def _metric(server: LiveServer, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_metrics_are_exported(server: LiveServer, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt="Metrics please", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ["pagoda:num_requests_running", "pagoda:num_requests_waiting", "pagoda:kv_cache_usage_perc",
+                 "pagoda:prefix_cache_queries_total", "pagoda:prefix_cache_hits_total",
+                 "pagoda:num_preemptions_total", "pagoda:prompt_tokens_total", "pagoda:generation_tokens_total",
+                 'pagoda:request_success_total{finished_reason="length"}',
+                 "pagoda:time_to_first_token_seconds_bucket", "pagoda:inter_token_latency_seconds_bucket",
+                 "pagoda:e2e_request_latency_seconds_bucket", "pagoda:request_queue_time_seconds_bucket"]:
+        assert name in text, name
+    assert _metric(server, "pagoda:generation_tokens_total") >= 3
+
+
+def test_disconnect_mid_stream_frees_blocks(server: LiveServer) -> None:
+    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=_auth(), timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _metric(server, "pagoda:kv_cache_usage_perc") == 0 and _metric(server, "pagoda:num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(server, "pagoda:kv_cache_usage_perc") == 0
+    assert _metric(server, "pagoda:num_requests_running") == 0
+    assert _metric(server, 'pagoda:request_success_total{finished_reason="length"}') >= 0
+
+
+def test_fifty_concurrent_streams(server: LiveServer, client: openai.OpenAI) -> None:
+    prompts = [f"Write one sentence about the number {i}." for i in range(5)]
+    expected = {}
+    for p in prompts:
+        choice = client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0]
+        expected[p] = (choice.text, choice.finish_reason)
+
+    async def one(aclient: openai.AsyncOpenAI, prompt: str) -> tuple[str, str, str | None]:
+        text, finish = "", None
+        async for chunk in await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=16,
+                                                            temperature=0, stream=True):
+            for c in chunk.choices:
+                text += c.text
+                finish = c.finish_reason or finish
+        return prompt, text, finish
+
+    async def run() -> list[tuple[str, str, str | None]]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(one(aclient, prompts[i % 5]) for i in range(50)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 50
+    for prompt, text, finish in results:
+        assert (text, finish) == expected[prompt]
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    out = client.embeddings.create(model=MODEL, input=["A cat sits on the mat.", "A kitten rests on a rug.",
+                                                        "Quarterly revenue grew by four percent."])
+    vectors = [d.embedding for d in out.data]
+    assert [d.index for d in out.data] == [0, 1, 2] and all(len(v) == 384 for v in vectors)
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b))
+
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2
+    assert out.usage.prompt_tokens > 0
