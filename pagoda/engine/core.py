@@ -64,6 +64,7 @@ class EngineCore:
         self.sampler = Sampler(mc.seed)
         self.stats = CoreStats(num_blocks=num_blocks)
         self.parents: dict[str, list[Request]] = {}
+        self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
 
     # ---- requests ---------------------------------------------------------------------------
@@ -119,6 +120,8 @@ class EngineCore:
         for child in children:
             self.scheduler.add_request(child)
         self.parents[request_id] = children
+        for c in children:
+            self._parent_of[c.request_id] = request_id
         return [c.request_id for c in children]
 
     def abort_request(self, request_ids: list[str], report: bool = True) -> None:
@@ -127,7 +130,7 @@ class EngineCore:
         for rid in request_ids:
             for req in self.parents.get(rid, []):
                 self._finish_between_steps(req, report)
-            self._forget_if_done(rid)
+        self._forget_finished([c.request_id for rid in request_ids for c in self.parents.get(rid, [])])
 
     def finish_sequences(self, child_request_ids: list[str]) -> None:
         """Free the sequences the front end has ended itself (a stop string, a detokenizer error)."""
@@ -135,8 +138,7 @@ class EngineCore:
             req = self.scheduler.requests.get(cid)
             if req is not None:
                 self._finish_between_steps(req, report=False)
-        for rid in [p for p, kids in self.parents.items() if all(k.is_finished for k in kids)]:
-            del self.parents[rid]
+        self._forget_finished(child_request_ids)
 
     def _finish_between_steps(self, req: Request, report: bool) -> None:
         if req.is_finished:
@@ -145,10 +147,15 @@ class EngineCore:
         if report:
             self._reported.append(CoreOutput(req.request_id, finish_reason=FinishReason.ABORT.value))
 
-    def _forget_if_done(self, request_id: str) -> None:
-        kids = self.parents.get(request_id)
-        if kids is not None and all(k.is_finished for k in kids):
-            del self.parents[request_id]
+    def _forget_finished(self, child_request_ids: list[str]) -> None:
+        """Drop the parents whose last sequence is among these (just-ended) children."""
+        for cid in child_request_ids:
+            rid = self._parent_of.get(cid)
+            kids = self.parents.get(rid) if rid is not None else None
+            if kids is not None and all(k.is_finished for k in kids):
+                del self.parents[rid]
+                for k in kids:
+                    self._parent_of.pop(k.request_id, None)
 
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """Mean-pooled, L2-normalised final hidden states of a prompt (embeddings without an embedding
@@ -177,8 +184,7 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.scheduled:
             outputs.extend(self._run(out))
-        for rid in [p for p, kids in self.parents.items() if all(k.is_finished for k in kids)]:
-            del self.parents[rid]
+        self._forget_finished([o.request_id for o in outputs if o.finish_reason is not None])
         return outputs
 
     def _run(self, out: SchedulerOutput) -> list[CoreOutput]:

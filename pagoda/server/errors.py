@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagoda.server.protocol import UnsupportedParameter
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -63,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(UnsupportedParameter)
+    async def _unsupported(_: Request, exc: UnsupportedParameter) -> JSONResponse:
+        return error_response(400, str(exc), exc.param, "unsupported_parameter")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -35,6 +35,7 @@ class StreamOptions(_Strict):
 
 
 StopType = Union[str, list[str], None]
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
 class SamplingFields(_Strict):
@@ -101,7 +102,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: PromptInput
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -111,7 +112,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(_Strict):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = Field(default=None, max_length=256)
@@ -128,3 +129,20 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int] = Field(max_length=1_000_000)
+
+
+def prompt_items(raw: PromptInput, param: str) -> list[str | list[int]]:
+    """One item per prompt: a string or a token-id list; at most MAX_PROMPTS_PER_REQUEST, none empty."""
+    if isinstance(raw, str):
+        items: list[str | list[int]] = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [list(raw)]  # type: ignore[arg-type]
+    else:
+        items = list(raw)  # type: ignore[arg-type]
+    if not items:
+        raise ValueError(f"{param} must not be empty")
+    if len(items) > MAX_PROMPTS_PER_REQUEST:
+        raise ValueError(f"{param}: at most {MAX_PROMPTS_PER_REQUEST} per request, got {len(items)}")
+    if any(len(i) == 0 for i in items):
+        raise ValueError(f"{param} entries must not be empty")
+    return items

@@ -14,11 +14,11 @@ from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestReje
 from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.protocol import (
-    MAX_PROMPTS_PER_REQUEST,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
     UnsupportedParameter,
+    prompt_items,
 )
 
 RETRY_AFTER_S = "1"
@@ -90,17 +90,10 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
 
 def completion_prompts(req: CompletionRequest, client: EngineClient) -> list[Prompt]:
     assert client.tokenizer is not None
-    p = req.prompt
-    if isinstance(p, str):
-        raw: list[str | list[int]] = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        raw = [list(p)]  # type: ignore[arg-type]
-    else:
-        raw = list(p)  # type: ignore[arg-type]
-    if not raw:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    if len(raw) > MAX_PROMPTS_PER_REQUEST:
-        raise APIError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(raw)}", "prompt")
+    try:
+        raw = prompt_items(req.prompt, "prompt")
+    except ValueError as exc:
+        raise APIError(400, str(exc), "prompt") from None
     prompts = []
     vocab = client.info.vocab_size if client.info else 0
     for item in raw:
