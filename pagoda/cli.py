@@ -53,9 +53,14 @@ def engine_kwargs(args: argparse.Namespace, server: bool = False) -> dict[str, A
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pagoda.config import EngineConfig
+    from pagoda.engine.core_client import EngineClient
+
+    config = EngineConfig.from_kwargs(**engine_kwargs(args, server=True))
+    client = EngineClient(config)
+    client.spawn()  # the core imports torch and loads the model while this process imports the web stack
     from pagoda.server.launch import serve
 
-    return serve(EngineConfig.from_kwargs(**engine_kwargs(args, server=True)), log_level=args.log_level)
+    return serve(config, log_level=args.log_level, client=client)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

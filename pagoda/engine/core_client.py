@@ -92,8 +92,11 @@ class EngineClient:
         self._embeddings: dict[str, asyncio.Future[list[list[float]]]] = {}
 
     # ---- life cycle --------------------------------------------------------------------------
-    async def start(self, timeout_s: float = 300.0) -> None:
-        """Start the core process and wait until it has loaded the model."""
+    def spawn(self) -> None:
+        """Start the core process without waiting for it (idempotent). `pagoda serve` calls this before
+        importing the web stack so that both load at once; ``start`` waits for the model."""
+        if self.process is not None:
+            return
         to_core = f"ipc://{self._ipc_dir}/in"
         from_core = f"ipc://{self._ipc_dir}/out"
         self._to_core.bind(to_core)
@@ -101,6 +104,17 @@ class EngineClient:
         cmd = [sys.executable, "-m", "pagoda.engine.core_proc", "--config-json",
                json.dumps(self.config.to_kwargs(include_server=False)), "--input", to_core, "--output", from_core]
         self.process = subprocess.Popen(cmd, env=dict(os.environ))
+
+    def kill(self) -> None:
+        """Last resort when the server never ran its shutdown (it failed to bind its port, say)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    async def start(self, timeout_s: float = 300.0) -> None:
+        """Start the core process (unless ``spawn`` did) and wait until it has loaded the model."""
+        self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:

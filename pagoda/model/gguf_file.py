@@ -48,6 +48,9 @@ class GGUFTensorInfo:
     nbytes: int
 
 
+_U64 = struct.Struct("<Q")
+
+
 class GGUFFile:
     """A memory-mapped GGUF file: ``metadata`` dict and ``tensors`` by name."""
 
@@ -99,6 +102,18 @@ class GGUFFile:
         (length,) = self._unpack("<Q")
         return self._read(length).decode("utf-8", errors="replace")
 
+    def _read_string_array(self, count: int) -> list[str]:
+        # The tokenizer's vocabulary and merges: ~100k strings, read in one tight loop (start-up time).
+        mm, pos, strings = self._mm, self._pos, []
+        read_length = _U64.unpack_from
+        for _ in range(count):
+            (length,) = read_length(mm, pos)
+            pos += 8
+            strings.append(mm[pos : pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self._pos = pos
+        return strings
+
     def _read_value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self._unpack(_SCALARS[vtype][0])[0]
@@ -111,6 +126,8 @@ class GGUFFile:
                 values = np.frombuffer(self._mm, dtype=dtype, count=count, offset=self._pos).copy()
                 self._pos += dtype.itemsize * count
                 return values.tolist()
+            if item_type == _STRING:
+                return self._read_string_array(count)
             return [self._read_value(item_type) for _ in range(count)]
         raise ValueError(f"{self.path}: unknown GGUF value type {vtype}")
 

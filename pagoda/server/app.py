@@ -93,7 +93,8 @@ class RequestIdMiddleware:
 def create_app(config: EngineConfig, client: EngineClient | None = None) -> FastAPI:
     served = config.server_config.served_model_name or config.model_config.model
     metrics = ServerMetrics(served)
-    client = client or EngineClient(config, on_stats=metrics.update_stats, on_output=metrics.observe_output)
+    client = client or EngineClient(config)
+    client.on_stats, client.on_output = metrics.update_stats, metrics.observe_output
     state = ServerState(config, client, metrics, [served], load_api_keys(config))
 
     @asynccontextmanager

@@ -65,14 +65,15 @@ class _BaseEmbedder:
 
 
 class MiniLMEmbedder(_BaseEmbedder):
-    """Loaded in a thread at start-up (torch stays out of the server's start time); runs in a thread."""
+    """Loaded in a thread on first use: importing torch here at start-up would hold the GIL while the
+    server answers its first probes and compete with the engine core for the CPU; runs in a thread."""
 
     name = MINILM_NAME
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.dimensions = 384
-        self._loaded: asyncio.Task[Any] = asyncio.ensure_future(asyncio.to_thread(self._load))
+        self._loaded: asyncio.Task[Any] | None = None
 
     def _load(self) -> tuple[Any, Any]:
         from tokenizers import Tokenizer
@@ -85,6 +86,8 @@ class MiniLMEmbedder(_BaseEmbedder):
         return tokenizer, BertEncoder(self.folder)
 
     async def embed(self, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        if self._loaded is None:
+            self._loaded = asyncio.ensure_future(asyncio.to_thread(self._load))
         tokenizer, encoder = await self._loaded
         vocab = tokenizer.get_vocab_size()
         rows: list[list[int]] = []

@@ -47,15 +47,25 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+_LOC_ROOTS = {"body", "query", "path"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _is_param_part(part: Any) -> bool:
+    """Field names and list indices; not pydantic's union-branch tags such as 'list[constrained-str]'."""
+    return isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS | _LOC_ROOTS)
+
+
 def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    # A union reports one error per branch; a broken bound ("too short") says more than "not a string".
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    loc = [str(p) for p in first.get("loc", ()) if _is_param_part(p)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         message = f"unsupported parameter: {param}"
     elif first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+        message, param = "the request body is not valid JSON", None  # loc is a byte offset, not a parameter
     elif param:
         message = f"{param}: {message}"
     return message, param

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from pagoda.config import EngineConfig
+from pagoda.engine.core_client import EngineClient
 from pagoda.server.app import create_app
 
 logger = logging.getLogger("pagoda.serve")
@@ -63,12 +64,16 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: EngineConfig, log_level: str = "info") -> int:
+def serve(config: EngineConfig, log_level: str = "info", client: EngineClient | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(config)
+    client = client or EngineClient(config)
+    app = create_app(config, client)
     sc = config.server_config
     uv_config = uvicorn.Config(app, host=sc.host, port=sc.port, log_level=log_level, lifespan="on",
                                timeout_graceful_shutdown=max(1, int(sc.shutdown_timeout)))
     server = DrainingServer(uv_config, config, app)
-    server.run()
+    try:
+        server.run()
+    finally:
+        client.kill()
     return 0 if server.started else 1

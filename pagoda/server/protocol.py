@@ -7,11 +7,12 @@ Bounds come from ``engine/request.py`` so the server and the engine agree.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagoda.engine.request import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCES
+from pagoda.engine.request import (MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCE_CHARS,
+                                  MAX_STOP_SEQUENCES)
 
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions or /v1/embeddings call
 MAX_SEED = 2**63 - 1
@@ -34,8 +35,13 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-StopType = Union[str, list[str], None]
-PromptInput = Union[str, list[str], list[int], list[list[int]]]
+# The bounds live in the types so that /openapi.json tells clients (and the fuzzer) what is valid.
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS)]
+StopType = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)], None]
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = Union[PromptText, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)],
+                    TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]]
 
 
 class SamplingFields(_Strict):
@@ -47,7 +53,7 @@ class SamplingFields(_Strict):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: StopType = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop: StopType = None
     max_tokens: int | None = Field(default=None, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
