@@ -88,7 +88,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(parser) and run(args)
+    "serve": ("pagoda.bench.serve", "load an OpenAI-compatible server and measure latency and throughput"),
+    "offline": ("pagoda.bench.offline", "in-process engine throughput on a named workload, peers beside it"),
+    "latency": ("pagoda.bench.latency", "batch-1 time to first token and decode tokens/s"),
+    "roofline": ("pagoda.bench.roofline", "this machine's bandwidth and FLOP/s and the limits they imply"),
+    "startup": ("pagoda.bench.startup", "seconds from launching pagoda serve to a ready /health"),
+}
+
+
+def _add_bench(sub: Any, with_options: bool) -> None:
+    """The bench modules import numpy/httpx/matplotlib helpers: only load them for `pagoda bench ...` so that
+    `pagoda serve` starts without them."""
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        if not with_options:
+            kinds.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        parser = kinds.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.run)
+
+
+def build_parser(with_bench_options: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="print a completion of a prompt")
@@ -114,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256)
     add_engine_args(chat, positional_model=False)
     chat.set_defaults(func=_cmd_chat)
+    _add_bench(sub, with_bench_options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_bench_options=bool(argv) and argv[0] == "bench").parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

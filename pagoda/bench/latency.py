@@ -1,6 +1,6 @@
 """Batch-1 latency: time to first token and decode tokens/s for one request, repeated.
 
-    python -m pagoda.bench.latency --input-len 128 --output-len 128 --repeats 5
+    pagoda bench latency --input-len 128 --output-len 128 --repeats 5
 
 Prompts are random token ids (numpy seed 0); ignore_eos and greedy, so every run decodes exactly
 --output-len tokens. Reports the median and the min-max spread over the repeats.
@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,16 +45,33 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-invariant", action="store_true", help="run the engine with batch_invariant=True")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("input_len", "output_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.output_len < 2:
+        raise ValueError("--output-len must be >= 2 to measure decoding")
     engine_args = {"batch_invariant": True} if args.batch_invariant else {}
-    print(json.dumps(measure(engine_args, args.input_len, args.output_len, args.repeats)))
+    result = measure(engine_args, args.input_len, args.output_len, args.repeats)
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

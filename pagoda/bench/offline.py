@@ -1,10 +1,12 @@
-"""Offline throughput: the in-process engine on a named workload, optionally beside HF transformers.
+"""`pagoda bench offline`: throughput of the in-process engine on a named workload, with peers on the same
+prompts and weights in the same run.
 
-    python -m pagoda.bench.offline --workload offline-256 --peer hf
+    pagoda bench offline --workload offline-256 --peer hf --peer llamacpp
 
 Metric: generated tokens / wall seconds, with all requests submitted at once. The HF peer runs
 `generate` in static batches of 64 sorted by prompt length (bf16, same weights), each batch run to its
-longest requested output; only the requested tokens count as useful output.
+longest requested output; only the requested tokens count as useful output. The llama.cpp peer
+(`pagoda-llm[peers]`) runs the same GGUF file with its own quantized kernels and continuous batching.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from pagoda.bench.workloads import WORKLOADS, OfflineWorkload
+from pagoda.config import ModelConfig
 
 
 def run_pagoda(workload: OfflineWorkload, engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -48,11 +51,12 @@ def run_pagoda(workload: OfflineWorkload, engine_args: dict[str, Any]) -> dict[s
 
 
 def run_hf(workload: OfflineWorkload, batch_size: int = 64) -> dict[str, Any]:
+    import torch
     from transformers import AutoModelForCausalLM
 
     from pagoda.model.loader import resolve_model
 
-    path = resolve_model("smollm2-135m").path
+    path = resolve_model(ModelConfig().model).path
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t0
@@ -85,33 +89,54 @@ def run_hf(workload: OfflineWorkload, batch_size: int = 64) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="offline-256", choices=sorted(WORKLOADS))
-    parser.add_argument("--peer", choices=["hf", "none"], default="none")
+    parser.add_argument("--peer", action="append", choices=["hf", "llamacpp"], default=[],
+                        help="also run this peer on the same prompts (repeatable)")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--llamacpp-slots", type=int, default=64, help="parallel sequences for the llama.cpp peer")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
     workload = WORKLOADS[args.workload]
     engine_args = {k: v for k, v in {
         "kv_cache_gib": args.kv_cache_gib,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
     }.items() if v is not None}
-    results = {"workload": workload.name, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-               "pagoda": run_pagoda(workload, engine_args)}
+    results: dict[str, Any] = {"workload": workload.name,
+                               "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+                               "pagoda": run_pagoda(workload, engine_args)}
     print(json.dumps(results["pagoda"]))
-    if args.peer == "hf":
-        results["hf"] = run_hf(workload)
-        print(json.dumps(results["hf"]))
-        results["ratio_vs_hf"] = round(results["pagoda"]["output_tok_per_s"] / results["hf"]["output_tok_per_s"], 2)
-        print(f"pagoda / hf-transformers = {results['ratio_vs_hf']}x")
+    for peer in dict.fromkeys(args.peer):
+        if peer == "hf":
+            results["hf"] = run_hf(workload)
+        else:
+            from pagoda.bench.llamacpp_peer import run_llamacpp
+            from pagoda.model.loader import resolve_model
+
+            prompts, out_lens = workload.build()
+            results["llamacpp"] = run_llamacpp(str(resolve_model(ModelConfig().model).path), prompts, out_lens,
+                                               slots=args.llamacpp_slots)
+        print(json.dumps(results[peer]))
+        ratio = round(results["pagoda"]["output_tok_per_s"] / results[peer]["output_tok_per_s"], 2)
+        results[f"ratio_vs_{peer}"] = ratio
+        print(f"pagoda / {results[peer]['system']} = {ratio}x")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,21 @@ def _build(arch: ArchConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     return model_class(arch.architecture)(arch, dtype)
 
 
+def load_arch(name: str) -> ArchConfig:
+    """The architecture of a model without loading its weights (benchmarks' roofline, memory planning)."""
+    source = resolve_model(name)
+    if source.kind == "gguf":
+        gguf = GGUFFile(source.path)
+        return ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
+    config_path = source.path if source.kind == "config" else source.path / "config.json"
+    if not config_path.exists():
+        ggufs = sorted(source.path.glob("*.gguf"))
+        if ggufs:
+            return load_arch(str(ggufs[0]))
+        raise FileNotFoundError(f"{source.path} has no config.json")
+    return ArchConfig.from_hf(json.loads(config_path.read_text()))
+
+
 def load_model(
     name: str,
     dtype: torch.dtype,
