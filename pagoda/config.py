@@ -22,7 +22,7 @@ class ModelConfig:
     load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
     max_model_len: int | None = None
     seed: int = 0
-    attention_backend: Literal["auto", "torch"] = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
     # True: a request's tokens (seeded sampling included) do not depend on what else is batched,
     # bit for bit; every matmul and attention row runs in row-independent kernels (slower prefill).
     batch_invariant: bool = False

@@ -50,7 +50,8 @@ class ModelFootprint:
     def of(cls, arch: ArchConfig, dtype_bytes: int) -> ModelFootprint:
         h, q_dim, kv_dim = arch.hidden_size, arch.num_attention_heads * arch.head_dim, \
             arch.num_key_value_heads * arch.head_dim
-        per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * arch.intermediate_size + 2 * h
+        qk_norms = 2 * arch.head_dim if arch.architecture == "Qwen3ForCausalLM" else 0
+        per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * arch.intermediate_size + 2 * h + qk_norms
         embed = arch.vocab_size * h
         lm_head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
         params = arch.num_hidden_layers * per_layer + embed + lm_head + h

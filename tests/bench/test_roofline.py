@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from pagoda.bench.roofline import MachineLimits, ModelFootprint, decode_bounds, measure_machine, roofline
 from pagoda.model.loader import _build, load_arch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_footprint_counts_the_models_parameters() -> None:
@@ -18,6 +23,14 @@ def test_footprint_counts_the_models_parameters() -> None:
     assert footprint.decode_params == footprint.params
     assert footprint.decode_weight_bytes == 2 * footprint.params
     assert footprint.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
+
+
+@pytest.mark.parametrize("config", ["configs/llama-3.1-8b.json", "configs/qwen3-0.6b.json"])
+def test_footprint_of_the_benchmark_shapes(config: str) -> None:
+    arch = load_arch(str(REPO / config))
+    with torch.device("meta"):  # shapes only: no 16 GB of weights
+        model = _build(arch, torch.bfloat16)
+    assert ModelFootprint.of(arch, 2).params == sum(p.numel() for p in model.parameters())
 
 
 def test_decode_bounds_switch_from_memory_to_compute() -> None:

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 
 
 def get_backend(name: str, device: str, batch_invariant: bool = False) -> AttentionBackend:
-    if name in ("auto", "torch"):
+    """``auto``: triton on CUDA devices, torch elsewhere. ``triton`` on a CPU runs only under TRITON_INTERPRET=1."""
+    if name == "auto":
+        name = "triton" if device.startswith("cuda") and not batch_invariant else "torch"
+    if name == "torch":
         from pagoda.model.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(batch_invariant=batch_invariant)
-    raise ValueError(f"attention_backend {name!r} is not available on {device}; choose 'torch'")
+    if name == "triton":
+        if batch_invariant:
+            raise ValueError("batch_invariant=True needs attention_backend='torch'")
+        if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"attention_backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+        try:
+            from pagoda.model.attention.triton_backend import TritonAttentionBackend
+        except ImportError as exc:
+            raise ValueError(f"attention_backend 'triton' needs the triton package ({exc})") from None
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend {name!r} is not one of 'auto', 'torch', 'triton'")
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "get_backend"]

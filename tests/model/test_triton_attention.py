@@ -1,0 +1,68 @@
+"""The triton backend's kernels under TRITON_INTERPRET=1 (CPU, tiny sizes) against the torch backend."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. on import below
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagoda.model.attention import get_backend  # noqa: E402
+from pagoda.model.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from tests.model.test_attention_backends import _metadata  # noqa: E402
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 6), (9, 3)])
+def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int) -> None:
+    triton_backend = get_backend("triton", "cpu")
+    reference = TorchAttentionBackend(use_cpu_kernel=False)
+    block_size, num_blocks, dim = 16, 24, 16
+    seq_lens = [20, 37, 50, 16, 1]
+    query_lens = [20, 7, 1, 1, 1]  # a fresh prefill, a chunk with earlier context, decode rows
+    torch.manual_seed(0)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim)
+    cache[:, -1] = 0.0
+    used = set(_metadata(seq_lens, query_lens, block_size, num_blocks).block_tables.flatten().tolist())
+    for block in set(range(num_blocks - 1)) - used:
+        cache[:, block] = float("nan")  # unused blocks must never be read
+    tokens = sum(query_lens)
+    q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    outs, caches = [], []
+    for backend in (triton_backend, reference):
+        meta = _metadata(seq_lens, query_lens, block_size, num_blocks)
+        backend.prepare(meta)
+        kv = cache.clone()
+        outs.append(backend.forward(q, k, v, kv, meta, dim**-0.5))
+        caches.append(kv)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0], caches[1], equal_nan=True)  # the same slots written, nothing else
+
+
+def test_backend_choice() -> None:
+    assert get_backend("auto", "cpu").name == "torch"
+    assert get_backend("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 here
+    with pytest.raises(ValueError, match="batch_invariant"):
+        get_backend("triton", "cpu", batch_invariant=True)
+    with pytest.raises(ValueError, match="one of"):
+        get_backend("flash", "cpu")
+    backend = get_backend("triton", "cpu")
+    meta = _metadata([8], [8], 8, 4)
+    backend.prepare(meta)
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        backend.forward(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
+                        torch.zeros(2, 4, 8, 2, 16), meta, 0.25)
+
+
+@pytest.mark.slow
+def test_greedy_output_matches_torch_backend() -> None:
+    from pagoda import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompts = ["The capital of France is"]  # interpreted kernels are slow: one short prompt
+    outputs = [LLM(attention_backend=name, dtype="float32", kv_cache_gib=0.05).generate(prompts, params)
+               for name in ("triton", "torch")]
+    assert outputs[0][0].outputs[0].token_ids == outputs[1][0].outputs[0].token_ids
