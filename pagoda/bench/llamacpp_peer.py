@@ -62,6 +62,9 @@ def run_llamacpp(gguf_path: str, prompts: list[list[int]], out_lens: list[int], 
     params.n_seq_max = slots
     params.n_threads = threads
     params.n_threads_batch = threads
+    # One KV stream per sequence: with a unified cache every query would attend over all slots x context
+    # cells (masked), which is how llama-server runs only when asked to (--kv-unified).
+    params.kv_unified = False
     ctx = lib.llama_init_from_model(model, params)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context (n_ctx too large for memory?)")
