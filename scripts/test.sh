@@ -9,6 +9,6 @@ if ! dpkg -s $browser_packages >/dev/null 2>&1; then
   apt_get="apt-get"
   [ "$(id -u)" -eq 0 ] || apt_get="sudo apt-get"
   $apt_get update -qq
-  DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends $browser_packages >/dev/null
+  DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq $browser_packages >/dev/null
 fi
 exec "${PYTHON:-python3}" -m pytest -q "$@"
