@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 # The chat page's browser test drives Debian's Chromium; a CJK font so that Chinese renders in it.
 browser_packages="chromium fonts-wqy-microhei"
-if ! dpkg -s $browser_packages >/dev/null 2>&1; then
+# dpkg-query, not dpkg -s: a removed package keeps a status entry ("deinstall ok config-files").
+installed=$(dpkg-query -W -f='${Status}\n' $browser_packages 2>/dev/null | grep -c '^install ok installed$' || true)
+if [ "$installed" -ne "$(echo $browser_packages | wc -w)" ]; then
   apt_get="apt-get"
   [ "$(id -u)" -eq 0 ] || apt_get="sudo apt-get"
   $apt_get update -qq
