@@ -12,10 +12,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pagoda.bench import write_json
 
 
 def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeats: int) -> dict[str, Any]:
@@ -54,17 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("input_len", "output_len", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.output_len < 2:
-        raise ValueError("--output-len must be >= 2 to measure decoding")
+    for flag, value, least in (("--input-len", args.input_len, 1), ("--repeats", args.repeats, 1),
+                               ("--output-len", args.output_len, 2)):  # 2: one token after the first
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     engine_args = {"batch_invariant": True} if args.batch_invariant else {}
     result = measure(engine_args, args.input_len, args.output_len, args.repeats)
     print(json.dumps(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return 0
 
 

@@ -15,11 +15,11 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pagoda.bench import write_json
 from pagoda.bench.workloads import WORKLOADS, OfflineWorkload
 from pagoda.config import ModelConfig
 
@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         results[f"ratio_vs_{peer}"] = ratio
         print(f"pagoda / {results[peer]['system']} = {ratio}x")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
     return 0
 
 

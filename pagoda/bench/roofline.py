@@ -12,14 +12,13 @@ least FLOPs / FLOP/s. Prefill is bounded by FLOPs alone (2 per layer parameter p
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from pagoda.bench import write_json
 from pagoda.config import ModelConfig
 from pagoda.model.arch_config import ArchConfig
 
@@ -166,6 +165,5 @@ def run(args: argparse.Namespace) -> int:
     report = roofline(arch, limits, args.dtype, args.context_len)
     print(format_report(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return 0

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from pagoda.bench import workloads
+from pagoda.bench import workloads, write_json
 from pagoda.bench.stats import RequestRecord, ServeSummary, summarize, throughput_timeline
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
@@ -315,8 +315,7 @@ def run(args: argparse.Namespace) -> int:
         ],
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     plot_path = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     if plot_path:
         plot(records, origin, Path(plot_path), f"{label}: {args.dataset}, {load}")

@@ -9,16 +9,16 @@ start after an install compiles them), then stops it with SIGTERM.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+
+from pagoda.bench import write_json
 
 POLL_S = 0.02
 
@@ -73,6 +73,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"pagoda serve ready in {result['median_s']} s (median of {len(times)}; "
           f"{result['min_s']}-{result['max_s']} s)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return 0

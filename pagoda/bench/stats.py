@@ -12,7 +12,6 @@ Percentiles interpolate linearly between order statistics (numpy's default).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -144,7 +143,3 @@ def throughput_timeline(records: list[RequestRecord], origin: float, bin_s: floa
     for t, weight in events:
         totals[max(0, int(t // bin_s))] += weight
     return [(round(i * bin_s, 3), total / bin_s) for i, total in enumerate(totals)]
-
-
-def summary_dict(summary: ServeSummary) -> dict[str, Any]:
-    return asdict(summary)

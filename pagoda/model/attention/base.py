@@ -41,3 +41,14 @@ class AttentionBackend(Protocol):
         scale: float,
     ) -> torch.Tensor:
         """Write k/v into the cache, attend, return [num_tokens, num_heads, head_dim]."""
+
+
+def per_token_context(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every query token of the step: its sequence (row of ``block_tables``) and how many keys it
+    attends to, i.e. itself and everything before it (int64, on the CPU)."""
+    q_lens = torch.tensor(metadata.query_lens, dtype=torch.int64)
+    s_lens = torch.tensor(metadata.seq_lens, dtype=torch.int64)
+    token_seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
+    first = torch.cumsum(q_lens, 0) - q_lens  # flat index of each sequence's first query token
+    offset = torch.arange(int(q_lens.sum())) - first[token_seq]
+    return token_seq, (s_lens - q_lens)[token_seq] + offset + 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.base import AttentionMetadata, per_token_context
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
@@ -98,12 +98,8 @@ class TorchAttentionBackend:
         )
 
     def _prepare_per_token(self, metadata: AttentionMetadata) -> None:
-        q_lens = torch.tensor(metadata.query_lens)
-        s_lens = torch.tensor(metadata.seq_lens)
-        starts = torch.repeat_interleave(s_lens - q_lens, q_lens)
-        offsets = torch.arange(int(q_lens.sum())) - torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
-        lens = starts + offsets + 1  # each token attends to itself and everything before it
-        tables = metadata.block_tables.repeat_interleave(q_lens, dim=0)
+        token_seq, lens = per_token_context(metadata)
+        tables = metadata.block_tables[token_seq]
         metadata.backend_state = _StepState(torch.arange(len(lens)), tables, lens, None, None, [])
 
     def forward(

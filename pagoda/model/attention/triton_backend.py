@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.base import AttentionMetadata, per_token_context
 
 
 @dataclass
@@ -28,12 +28,7 @@ class TritonAttentionBackend:
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         device = metadata.block_tables.device
-        q_lens = torch.tensor(metadata.query_lens, dtype=torch.int64)
-        s_lens = torch.tensor(metadata.seq_lens, dtype=torch.int64)
-        token_seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
-        first = torch.cumsum(q_lens, 0) - q_lens  # index of each sequence's first query token
-        offset = torch.arange(int(q_lens.sum())) - first[token_seq]
-        token_len = (s_lens - q_lens)[token_seq] + offset + 1
+        token_seq, token_len = per_token_context(metadata)
         metadata.backend_state = _StepState(token_seq.to(device=device, dtype=torch.int32),
                                             token_len.to(device=device, dtype=torch.int32),
                                             metadata.block_tables.to(torch.int32))
