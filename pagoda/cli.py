@@ -92,6 +92,7 @@ BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(pa
     "serve": ("pagoda.bench.serve", "load an OpenAI-compatible server and measure latency and throughput"),
     "offline": ("pagoda.bench.offline", "in-process engine throughput on a named workload, peers beside it"),
     "latency": ("pagoda.bench.latency", "batch-1 time to first token and decode tokens/s"),
+    "backends": ("pagoda.bench.backends", "greedy tokens of the attention backends side by side"),
     "roofline": ("pagoda.bench.roofline", "this machine's bandwidth and FLOP/s and the limits they imply"),
     "startup": ("pagoda.bench.startup", "seconds from launching pagoda serve to a ready /health"),
 }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
@@ -22,12 +23,18 @@ class ModelConfig:
     load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    # auto: the CUDA device when torch sees one, else the CPU.
+    device: Device = "auto"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     # True: a request's tokens (seeded sampling included) do not depend on what else is batched,
     # bit for bit; every matmul and attention row runs in row-independent kernels (slower prefill).
     batch_invariant: bool = False
+    # GPU only: run decode steps eagerly instead of replaying captured CUDA graphs.
+    enforce_eager: bool = False
 
     def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -1,9 +1,13 @@
 """Batch-1 latency: time to first token and decode tokens/s for one request, repeated.
 
     pagoda bench latency --input-len 128 --output-len 128 --repeats 5
+    pagoda bench latency --model configs/llama-3.1-8b.json --load-format dummy --mbu
 
 Prompts are random token ids (numpy seed 0); ignore_eos and greedy, so every run decodes exactly
---output-len tokens. Reports the median and the min-max spread over the repeats.
+--output-len tokens. Reports the median and the min-max spread over the repeats. Every engine flag of
+`pagoda serve` applies. --mbu adds the model bandwidth utilization: bytes read per decode step (weights
+and the KV cache so far) times steps per second, over the bandwidth of a large device-to-device copy
+(bytes read + written) measured in the same run.
 """
 
 from __future__ import annotations
@@ -47,20 +51,61 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pagoda.cli import add_engine_args
+
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-invariant", action="store_true", help="run the engine with batch_invariant=True")
+    parser.add_argument("--mbu", action="store_true", help="also measure copy bandwidth and report the MBU")
+    parser.add_argument("--copy-mib", type=int, default=None,
+                        help="copy-bandwidth buffer (default: 4096 MiB on a GPU, 512 on the CPU)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
+    add_engine_args(parser, positional_model=False)
+
+
+def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], input_len: int, output_len: int,
+                          copy_mib: int | None) -> dict[str, Any]:
+    """MBU of the measured decode rate against a copy measured now, on the engine's device."""
+    import torch
+
+    from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint, measure_copy_bandwidth
+    from pagoda.config import ModelConfig
+    from pagoda.engine.core import resolve_device
+    from pagoda.model.loader import default_dtype, load_arch
+
+    device = resolve_device(engine_args.get("device", ModelConfig().device))
+    dtype = engine_args.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = str(default_dtype(device)).removeprefix("torch.")
+    footprint = ModelFootprint.of(load_arch(engine_args.get("model", ModelConfig().model)), DTYPE_BYTES[dtype])
+    copy_gbs = measure_copy_bandwidth(torch.device(device), copy_mib or (4096 if device == "cuda" else 512))
+    # The KV read grows by one token per step: on average the prompt plus half the output.
+    kv_bytes = (input_len + output_len / 2) * footprint.kv_bytes_per_token
+    step_bytes = footprint.decode_weight_bytes + kv_bytes
+    achieved = step_bytes * result["decode_tok_per_s_median"] / 1e9
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": dtype,
+        "bytes_per_step": int(step_bytes),
+        "tpot_ms_median": round(1e3 / result["decode_tok_per_s_median"], 3),
+        "achieved_gbs": round(achieved, 1),
+        "copy_gbs": copy_gbs,
+        "mbu": round(achieved / copy_gbs, 3),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
+    from pagoda.cli import engine_kwargs
+
     for flag, value, least in (("--input-len", args.input_len, 1), ("--repeats", args.repeats, 1),
                                ("--output-len", args.output_len, 2)):  # 2: one token after the first
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
-    engine_args = {"batch_invariant": True} if args.batch_invariant else {}
+    engine_args = engine_kwargs(args)
     result = measure(engine_args, args.input_len, args.output_len, args.repeats)
+    if args.mbu:
+        result["bandwidth"] = bandwidth_utilization(result, engine_args, args.input_len, args.output_len,
+                                                    args.copy_mib)
     print(json.dumps(result))
     if args.out:
         write_json(args.out, result)

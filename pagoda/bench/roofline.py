@@ -77,6 +77,16 @@ def _best_time(fn: Any, device: torch.device, repeats: int) -> float:
     return best
 
 
+def measure_copy_bandwidth(device: torch.device, buffer_mib: int, repeats: int = 10) -> float:
+    """GB/s of a large copy on ``device``, counting bytes read plus bytes written (best of ``repeats``)."""
+    import torch
+
+    source = torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    seconds = _best_time(lambda: target.copy_(source), device, repeats)
+    return round(2 * source.numel() * 4 / seconds / 1e9, 2)
+
+
 def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: int = 2048,
                     repeats: int = 5, dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> MachineLimits:
     """Best of ``repeats``: bandwidth over a ``buffer_mib`` buffer, FLOP/s of square matmuls."""

@@ -34,6 +34,8 @@ class OfflineWorkload:
 WORKLOADS = {
     "offline-256": OfflineWorkload("offline-256", 256, (64, 512), (64, 256)),
     "offline-32": OfflineWorkload("offline-32", 32, (64, 512), (64, 256)),
+    # Issue 5's GPU measurement (the shape of vLLM's throughput benchmark on 1000 prompts).
+    "gpu-1000": OfflineWorkload("gpu-1000", 1000, (128, 1024), (128, 512)),
     "smoke": OfflineWorkload("smoke", 8, (16, 64), (8, 32)),  # seconds: checks the tool, measures nothing
 }
 

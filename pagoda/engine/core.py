@@ -19,13 +19,22 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
 from pagoda.engine.request import FinishReason, Request, SamplingParams
+from pagoda.engine.cuda_graphs import DecodeGraphs
+from pagoda.engine.memory import (
+    GIB,
+    check_kv_fits,
+    check_weights_fit,
+    describe_gpu_budget,
+    gpu_kv_blocks,
+    profile_gpu_memory,
+)
 from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from pagoda.engine.sampler import Sampler
 from pagoda.engine.scheduler import QueueFullError, ScheduledRequest, Scheduler, SchedulerOutput
 from pagoda.engine.tokenizer import Tokenizer
-from pagoda.model.attention import get_backend
+from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.layers.linear import configure_linear
-from pagoda.model.loader import default_dtype, load_model
+from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +45,18 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc, cc = config.model_config, config.cache_config
-        self.device = "cpu"
+        self.device = resolve_device(mc.device)
+        if mc.batch_invariant and self.device != "cpu":
+            raise ValueError("batch_invariant=True is implemented on the CPU only; use device='cpu'")
         torch.manual_seed(mc.seed)
         self.dtype = DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
-        configure_linear(mc.batch_invariant)
-        loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed)
+        configure_linear(mc.batch_invariant, self.device)
+        baseline_used = 0
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            baseline_used = total - free
+            check_weights_fit(weight_bytes(load_arch(mc.model), self.dtype), total, cc.gpu_memory_utilization)
+        loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device)
         self.model = loaded.model.eval()
         self.arch = loaded.arch
         self.model_name = loaded.name
@@ -48,24 +64,43 @@ class EngineCore:
         self.tokenizer = Tokenizer(loaded.tokenizer)
         self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(self.arch.eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
-        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
-        num_blocks = cc.num_kv_blocks or int(cc.kv_cache_gib * 2**30 // bytes_per_block)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_gib={cc.kv_cache_gib} holds no KV block ({bytes_per_block} bytes each); raise it")
-        self.num_blocks = num_blocks
+        attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant)
+        self.num_blocks = num_blocks = self._plan_kv_blocks(attention, baseline_used)
+        kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
+        graphs = None
+        if self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable:
+            started = time.monotonic()
+            graphs = DecodeGraphs(self.model, kv_caches, attention, cc.block_size,
+                                  config.scheduler_config.max_num_seqs, self.max_model_len, use_cuda_graphs=True)
+            logger.info("captured CUDA graphs for decode batches %s in %.1f s", graphs.sizes, time.monotonic() - started)
         self.scheduler = Scheduler(config.scheduler_config, cc, num_blocks, self.max_model_len)
-        self.runner = ModelRunner(
-            self.model,
-            allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device),
-            cc.block_size,
-            get_backend(mc.attention_backend, self.device, mc.batch_invariant),
-            self.device,
-        )
-        self.sampler = Sampler(mc.seed)
+        self.runner = ModelRunner(self.model, kv_caches, cc.block_size, attention, self.device, graphs)
+        self.sampler = Sampler(mc.seed, self.device)
         self.stats = CoreStats(num_blocks=num_blocks)
         self.parents: dict[str, list[Request]] = {}
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
+
+    def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int) -> int:
+        """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
+        (see engine/memory.py), refusing to start when one max_model_len sequence would not fit."""
+        cc, sc = self.config.cache_config, self.config.scheduler_config
+        if cc.num_kv_blocks:
+            return cc.num_kv_blocks
+        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
+        if self.device == "cuda":
+            profile = profile_gpu_memory(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
+                                         sc.max_num_seqs, self.max_model_len, torch.device(self.device), baseline_used)
+            num_blocks = gpu_kv_blocks(profile, cc.gpu_memory_utilization, bytes_per_block)
+            hint = describe_gpu_budget(profile, cc.gpu_memory_utilization, sc.max_num_batched_tokens)
+            logger.info("GPU memory: %s; KV cache %d blocks (%.2f GiB)", profile, num_blocks,
+                        num_blocks * bytes_per_block / GIB)
+        else:
+            num_blocks = int(cc.kv_cache_gib * GIB // bytes_per_block)
+            needed = -(-self.max_model_len // cc.block_size) * bytes_per_block / GIB
+            hint = f"raise kv_cache_gib (now {cc.kv_cache_gib:g}) to at least {needed:.4g}"
+        check_kv_fits(num_blocks, cc.block_size, self.max_model_len, hint)
+        return num_blocks
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -243,6 +278,16 @@ class EngineCore:
         self.stats.prefix_cache_queries = kv.prefix_queries
         self.stats.prefix_cache_hits = kv.prefix_hits
         return dataclasses.replace(self.stats)
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the CUDA device when torch sees one, else the CPU."""
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    if name == "cuda" and not cuda:
+        raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return name
 
 
 def resolve_max_model_len(config: EngineConfig, model_limit: int, sliding_window: int | None) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from pagoda.engine.scheduler import ScheduledRequest
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.llama import LlamaForCausalLM
@@ -50,12 +51,14 @@ class ModelRunner:
         block_size: int,
         attention: AttentionBackend,
         device: str = "cpu",
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.attention = attention
-        self.device = device
+        self.device = torch.device(device)
+        self.graphs = graphs
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         bs = self.block_size
@@ -81,32 +84,62 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(s)
+        on_device = {"dtype": torch.int64, "device": self.device}
         metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, **on_device),
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_tables=tables,
             block_size=bs,
             pad_slot=(self.kv_caches[0].shape[1] - 1) * bs,
+            device=self.device,
         )
         self.attention.prepare(metadata)
         return ModelInputs(
-            torch.tensor(input_ids, dtype=torch.int64),
-            torch.tensor(positions, dtype=torch.int64),
+            torch.tensor(input_ids, **on_device),
+            torch.tensor(positions, **on_device),
             metadata,
-            torch.tensor(sample_rows, dtype=torch.int64),
+            torch.tensor(sample_rows, **on_device),
             sampling,
         )
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor]:
-        """Run the model; returns the requests that sample and their logits [n, vocab] (fp32)."""
+        """Run the model; returns the requests that sample and their logits [n, vocab] (model dtype)."""
+        if self.graphs is not None and self._graph_step(scheduled):
+            return self._execute_graph(scheduled)
         inputs = self.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
         if not inputs.sampling:
             return [], hidden.new_empty(0, 0, dtype=torch.float32)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         return inputs.sampling, logits
+
+    def _graph_step(self, scheduled: list[ScheduledRequest]) -> bool:
+        """A decode step: one new token per sequence, few enough sequences for a captured graph."""
+        return (
+            len(scheduled) <= self.graphs.max_batch
+            and all(s.num_new_tokens == 1 and len(s.request.block_ids) <= self.graphs.max_blocks for s in scheduled)
+            and any(s.samples for s in scheduled)
+        )
+
+    def _execute_graph(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        bs = self.block_size
+        batch = DecodeBatch([], [], [], [], [])
+        for s in scheduled:
+            r = s.request
+            pos = r.num_computed_tokens
+            batch.input_ids.append(r.token_ids[pos])
+            batch.positions.append(pos)
+            batch.slots.append(r.block_ids[pos // bs] * bs + pos % bs)
+            batch.seq_lens.append(pos + 1)
+            batch.block_tables.append(r.block_ids)
+        logits = self.graphs.run(batch)
+        rows = [i for i, s in enumerate(scheduled) if s.samples]
+        sampling = [scheduled[i] for i in rows]
+        if len(rows) < len(scheduled):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return sampling, logits
 
     @torch.inference_mode()
     def mean_hidden(self, scheduled: ScheduledRequest) -> torch.Tensor:

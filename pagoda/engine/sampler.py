@@ -26,9 +26,12 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    """Samples where the logits are (CPU: Pagoda's C++ kernels when built; GPU: torch). Random numbers
+    always come from host generators, so a seed draws the same numbers on every device."""
+
+    def __init__(self, seed: int = 0, device: str = "cpu") -> None:
         self.generator = torch.Generator().manual_seed(seed)
-        ops = load_cpu_kernels()
+        ops = load_cpu_kernels() if torch.device(device).type == "cpu" else None
         self.argmax: Callable[[torch.Tensor], torch.Tensor] = (
             ops.argmax_rows if ops is not None else (lambda x: x.argmax(dim=-1))
         )
@@ -45,14 +48,15 @@ class Sampler:
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = self._process(logits, requests)
-        tokens = torch.empty(len(requests), dtype=torch.int64)
+        device = logits.device
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         random = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if greedy:
-            idx = torch.tensor(greedy)
+            idx = torch.tensor(greedy, device=device)
             tokens[idx] = self.argmax(logits[idx])
         if random:
-            tokens[torch.tensor(random)] = self._sample(logits, random, [requests[i] for i in random])
+            tokens[torch.tensor(random, device=device)] = self._sample(logits, random, [requests[i] for i in random])
         token_list = tokens.tolist()
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -69,19 +73,20 @@ class Sampler:
             r = requests[i]
             p = r.sampling_params
             row = logits[i]
+            on = {"device": row.device}
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()))
-                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
+                ids = torch.tensor(list(p.logit_bias.keys()), **on)
+                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, **on))
             if r.num_output_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
                 if banned:
-                    row[torch.tensor(sorted(banned))] = float("-inf")
+                    row[torch.tensor(sorted(banned), **on)] = float("-inf")
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.token_ids)))
+                seen = torch.tensor(sorted(set(r.token_ids)), **on)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if p.presence_penalty or p.frequency_penalty:
-                out = torch.tensor(r.output_token_ids, dtype=torch.int64)
+                out = torch.tensor(r.output_token_ids, dtype=torch.int64, **on)
                 counts = torch.bincount(out, minlength=vocab).to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
@@ -97,14 +102,15 @@ class Sampler:
         for i, r in enumerate(requests):
             if r.generator is not None:
                 uniform[i] = float(torch.rand(1, dtype=torch.float64, generator=r.generator))
+        on = {"device": logits.device}
         return self.sample_rows(
             logits,
-            torch.tensor(rows, dtype=torch.int64),
-            torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            torch.tensor([p.top_k for p in params], dtype=torch.int64),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            torch.tensor([p.min_p for p in params], dtype=torch.float32),
-            uniform,
+            torch.tensor(rows, dtype=torch.int64, **on),
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, **on),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64, **on),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, **on),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32, **on),
+            uniform.to(logits.device),
         )
 
 

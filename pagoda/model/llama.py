@@ -105,7 +105,8 @@ class LlamaForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
         )
-        self.rotary = RotaryEmbedding(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(inv_freq.to(self.embed_tokens.device))
 
     def forward(
         self,
@@ -187,9 +188,11 @@ class LlamaForCausalLM(nn.Module):
         raise ValueError(f"unexpected checkpoint tensor {name!r}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
+        # Drawn where the weights live: an 8B model's worth of host-side randn would take minutes.
+        device = self.embed_tokens.device
+        generator = torch.Generator(device=device).manual_seed(seed)
         for name, param in self.named_parameters():
             if "norm" in name:
                 param.data.fill_(1.0)
             else:
-                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)

@@ -184,8 +184,17 @@ def _safetensors_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str
                 yield name, f.get_tensor(name).to(dtype)
 
 
-def _build(arch: ArchConfig, dtype: torch.dtype) -> LlamaForCausalLM:
-    return model_class(arch.architecture)(arch, dtype)
+def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
+    """The module with its parameters allocated (uninitialized) directly on ``device``: weights are then
+    copied in tensor by tensor, never staged as a whole model in host memory."""
+    with torch.device(device):
+        return model_class(arch.architecture)(arch, dtype)
+
+
+def weight_bytes(arch: ArchConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters, from a module built on the meta device (nothing allocated)."""
+    model = _build(arch, dtype, "meta")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def load_arch(name: str) -> ArchConfig:
@@ -209,14 +218,16 @@ def load_model(
     load_format: str = "auto",
     tokenizer: str | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load weights and tokenizer. ``load_format='dummy'`` fills random weights of the same shapes."""
+    """Load weights (onto ``device``) and tokenizer. ``load_format='dummy'`` fills random weights of the
+    same shapes."""
     source = resolve_model(name)
     if source.kind == "config":
         if load_format != "dummy":
             raise ValueError(f"{source.path} is a bare config.json: it needs load_format='dummy'")
         arch = ArchConfig.from_hf(json.loads(source.path.read_text()))
-        model = _build(arch, dtype)
+        model = _build(arch, dtype, device)
         model.init_dummy_weights(seed)
         return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), source.name)
     if source.kind == "gguf":
@@ -229,12 +240,13 @@ def load_model(
             tok_future = pool.submit(
                 (lambda: _load_tokenizer_override(tokenizer, arch)) if tokenizer else (lambda: tokenizer_from_gguf(gguf.metadata))
             )
-            model = _build(arch, dtype)
+            model = _build(arch, dtype, device)
             if load_format == "dummy":
                 model.init_dummy_weights(seed)
             else:
                 if "rope_freqs.weight" in gguf.tensors:  # llama3 rope scaling baked into the file
-                    model.rotary.inv_freq = model.rotary.inv_freq / gguf.load("rope_freqs.weight")
+                    factors = gguf.load("rope_freqs.weight").to(model.rotary.inv_freq.device)
+                    model.rotary.inv_freq = model.rotary.inv_freq / factors
                 model.load_weights(_gguf_weights(gguf, arch, dtype))
             tok = tok_future.result()
         return LoadedModel(model, arch, tok, source.name)
@@ -243,10 +255,10 @@ def load_model(
     if not config_path.exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed)
+            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device)
         raise FileNotFoundError(f"{folder} has no config.json")
     arch = ArchConfig.from_hf(json.loads(config_path.read_text()))
-    model = _build(arch, dtype)
+    model = _build(arch, dtype, device)
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif load_format in ("auto", "safetensors"):

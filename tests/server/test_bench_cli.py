@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pagoda.bench import workloads
 from tests.server.conftest import API_KEY, LiveServer
 
@@ -69,11 +71,16 @@ def test_bench_offline_latency_and_startup(tmp_path: Path) -> None:
     offline = json.loads((tmp_path / "o.json").read_text())["pagoda"]
     workload = workloads.WORKLOADS["smoke"]
     assert offline["output_tokens"] == sum(workload.build()[1]) and offline["output_tok_per_s"] > 0
-    done = _bench("latency", "--input-len", "16", "--output-len", "8", "--repeats", "2", "--out",
-                  str(tmp_path / "l.json"))
+    done = _bench("latency", "--input-len", "16", "--output-len", "8", "--repeats", "2", "--mbu", "--copy-mib", "64",
+                  "--kv-cache-gib", "0.25", "--out", str(tmp_path / "l.json"))
     assert done.returncode == 0, done.stderr
     latency = json.loads((tmp_path / "l.json").read_text())
     assert latency["ttft_ms_median"] > 0 and latency["decode_tok_per_s_median"] > 0
+    assert latency["engine_args"] == {"kv_cache_gib": 0.25}
+    bandwidth = latency["bandwidth"]
+    # The bundled model in bf16 reads ~0.27 GB per decode step (weights incl. the tied output projection).
+    assert 0.25e9 < bandwidth["bytes_per_step"] < 0.3e9 and bandwidth["copy_gbs"] > 0
+    assert bandwidth["mbu"] == pytest.approx(bandwidth["achieved_gbs"] / bandwidth["copy_gbs"], abs=2e-3)
     done = _bench("startup", "--repeats", "1", "--out", str(tmp_path / "s.json"), "--", "--kv-cache-gib", "0.25")
     assert done.returncode == 0, done.stderr
     startup = json.loads((tmp_path / "s.json").read_text())

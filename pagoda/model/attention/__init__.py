@@ -14,7 +14,7 @@ def get_backend(name: str, device: str, batch_invariant: bool = False) -> Attent
     if name == "torch":
         from pagoda.model.attention.torch_backend import TorchAttentionBackend
 
-        return TorchAttentionBackend(batch_invariant=batch_invariant)
+        return TorchAttentionBackend(use_cpu_kernel=device == "cpu", batch_invariant=batch_invariant)
     if name == "triton":
         if batch_invariant:
             raise ValueError("batch_invariant=True needs attention_backend='torch'")

@@ -15,18 +15,24 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    slot_mapping: torch.Tensor  # [num_tokens] int64 on the model's device: block_id * block_size + offset
     query_lens: list[int]  # new tokens per sequence
     seq_lens: list[int]  # KV length per sequence after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    # [num_seqs, max_blocks] int64, padded with 0. On the host: backends derive their own indices from it
+    # and move what they use to ``device`` once per step, not once per layer.
+    block_tables: torch.Tensor
     block_size: int
     pad_slot: int  # a slot in the cache's zeroed spare block, for padded gathers
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Whatever the backend precomputes once per step and reuses in every layer.
     backend_state: Any = field(default=None)
 
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether decode steps through this backend can be captured in a CUDA graph: its per-step state
+    # then comes from ``decode_state`` over fixed buffers instead of from ``prepare``.
+    graph_capturable: bool
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         """Precompute per-step state (gather indices, masks) into ``metadata.backend_state``."""

@@ -46,10 +46,24 @@ def _context_slots(block_table: torch.Tensor, length: int, block_size: int) -> t
     return block_table[pos // block_size] * block_size + pos % block_size
 
 
+def _on_device(state: _StepState, device: torch.device) -> _StepState:
+    """The step's indices moved once to the model's device (a no-op on the CPU)."""
+    if device.type == "cpu":
+        return state
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    prefills = [_PrefillSeq(p.token_start, p.query_len, move(p.context_slots), move(p.mask)) for p in state.prefills]
+    return _StepState(move(state.decode_token_idx), move(state.decode_tables), move(state.decode_lens),
+                      move(state.decode_slots), move(state.decode_mask), prefills)
+
+
 class TorchAttentionBackend:
-    """Decode rows use the C++ paged kernel when it builds, else a gather + SDPA in torch."""
+    """Decode rows use the C++ paged kernel when it builds (CPU), else a gather + SDPA in torch."""
 
     name = "torch"
+    graph_capturable = False  # prepare() builds per-step Python structures
 
     def __init__(self, use_cpu_kernel: bool = True, batch_invariant: bool = False) -> None:
         self.kernels = load_cpu_kernels() if use_cpu_kernel else None
@@ -84,7 +98,7 @@ class TorchAttentionBackend:
         lens = torch.tensor([metadata.seq_lens[i] for i in decode_rows], dtype=torch.int64)
         tables = metadata.block_tables[rows]
         slots = mask = None
-        if decode_rows and self.kernels is None:
+        if decode_rows and (self.kernels is None or metadata.device.type != "cpu"):
             max_len = int(lens.max())
             pos = torch.arange(max_len)
             block_idx = (pos // bs).clamp(max=tables.shape[1] - 1)
@@ -93,9 +107,8 @@ class TorchAttentionBackend:
             # Padding reads the cache's zeroed spare block (the last one), never stale data.
             slots = torch.where(valid, slots, torch.full_like(slots, metadata.pad_slot))
             mask = valid[:, None, None, :]
-        metadata.backend_state = _StepState(
-            torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills
-        )
+        state = _StepState(torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills)
+        metadata.backend_state = _on_device(state, metadata.device)
 
     def _prepare_per_token(self, metadata: AttentionMetadata) -> None:
         token_seq, lens = per_token_context(metadata)
@@ -121,7 +134,7 @@ class TorchAttentionBackend:
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
 
-        if state.decode_token_idx.numel() and self.kernels is not None:
+        if state.decode_token_idx.numel() and self.kernels is not None and q.is_cpu:
             if not state.prefills:  # a pure decode step: every token is a decode query, in order
                 return self.kernels.paged_decode_attention(
                     q, kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale

@@ -20,6 +20,7 @@ class _StepState:
 
 class TritonAttentionBackend:
     name = "triton"
+    graph_capturable = True
 
     def __init__(self) -> None:
         from pagoda.model.attention import triton_kernels
@@ -27,11 +28,16 @@ class TritonAttentionBackend:
         self.kernels = triton_kernels
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        device = metadata.block_tables.device
+        device = metadata.device
         token_seq, token_len = per_token_context(metadata)
         metadata.backend_state = _StepState(token_seq.to(device=device, dtype=torch.int32),
                                             token_len.to(device=device, dtype=torch.int32),
-                                            metadata.block_tables.to(torch.int32))
+                                            metadata.block_tables.to(device=device, dtype=torch.int32))
+
+    def decode_state(self, token_seq: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> _StepState:
+        """The state of a decode step (one query token per sequence, in order) over caller-owned int32
+        buffers, which a CUDA graph captures once and the caller refills before each replay."""
+        return _StepState(token_seq, seq_lens, block_tables)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ check them against the torch backend at tiny sizes). Importing this module needs
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,7 +51,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
                             scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
                             stride_cb, stride_cs, stride_ch,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr):
+                            BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     # One program: one query token x one KV head, i.e. the GROUP query heads that share that KV head.
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,8 +61,12 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
+    # Operands stay in the model dtype (bf16: tensor-core products, fp32 accumulation); fp32 models multiply
+    # in full fp32 (PRECISION "ieee"), not TF32, so that they match the torch backend.
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None],
-                other=0.0).to(tl.float32)
+                other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
@@ -70,15 +76,18 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
         pos = b * BLOCK_SIZE + s_idx
         valid = pos < length
         offsets = block * stride_cb + s_idx[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_SIZE] fp32
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / l[:, None]
     tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -103,6 +112,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=block_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # Triton's interpreter multiplies bf16 operands wrongly (a 16x16 bf16 tl.dot is off by ~1e10 under
+        # TRITON_INTERPRET=1, triton 3.9): there half-precision operands are upcast before the products.
+        DOT_FP32=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
     )
     return out

@@ -9,8 +9,8 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    ops = load_cpu_kernels()
-    if ops is not None and gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.bfloat16):
+    ops = load_cpu_kernels() if gate_up.device.type == "cpu" else None
+    if ops is not None and gate_up.dtype in (torch.float32, torch.bfloat16):
         return ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -27,10 +27,10 @@ _rowwise_fast: Callable[[torch.Tensor], bool] | None = None
 _batch_invariant = False
 
 
-def configure_linear(batch_invariant: bool) -> None:
-    """Set the process-wide kernel policy (see the module note)."""
+def configure_linear(batch_invariant: bool, device: str = "cpu") -> None:
+    """Set the process-wide kernel policy (see the module note). Off the CPU every product is torch's."""
     global _rowwise, _rowwise_fast, _batch_invariant
-    ops = load_cpu_kernels()
+    ops = load_cpu_kernels() if device == "cpu" else None
     if batch_invariant and ops is None:
         raise ValueError("batch_invariant=True needs Pagoda's C++ CPU kernels, which failed to build")
     _rowwise = ops.linear_rowwise if ops is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -16,10 +18,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
-        self.ops = load_cpu_kernels()
+
+    @property
+    def ops(self) -> ModuleType | None:
+        return load_cpu_kernels()  # cached; only asked for on the CPU, so a GPU run never builds them
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
-        return self.ops is not None and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+        return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and self.ops is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_ok(x):

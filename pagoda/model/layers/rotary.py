@@ -12,7 +12,8 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # On the host whatever the default device: the same frequencies bit for bit on every device.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
@@ -59,8 +60,8 @@ class RotaryEmbedding:
 
 def apply_rotary_(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     """Rotate ``x`` [tokens, heads, head_dim] in place (heads * head_dim dense per token) and return it."""
-    ops = load_cpu_kernels()
-    if ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+    ops = load_cpu_kernels() if x.device.type == "cpu" else None
+    if ops is not None and x.dtype in (torch.float32, torch.bfloat16):
         ops.rotary_inplace(x, angles.cos, angles.sin)
         return x
     # As HF computes it: cos/sin rounded to the model dtype, products in that dtype.

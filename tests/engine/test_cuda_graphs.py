@@ -1,0 +1,84 @@
+"""Decode through the CUDA-graph path's fixed buffers and padding, on the CPU.
+
+CI has no GPU, so the graphs run in their eager form (``use_cuda_graphs=False``: the captured function is
+called instead of replayed) with the triton backend under TRITON_INTERPRET=1. That checks the buffer
+refills, the padding rows and the logits slicing against the ordinary eager step; the capture itself is
+checked on a GPU by scripts/bench_gpu.sh.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. on import
+
+import pytest
+
+pytest.importorskip("triton")
+
+from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.engine.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
+from pagoda.model.attention import get_backend  # noqa: E402
+
+
+def test_capture_sizes_cover_every_batch_up_to_the_bound() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(4096)[-1] == 512
+
+
+def _llm(folder: str) -> LLM:
+    return LLM(folder, dtype="float32", attention_backend="triton", num_kv_blocks=64, max_num_seqs=8, seed=3)
+
+
+def test_padded_graph_decode_matches_the_eager_step(make_tiny_model) -> None:
+    folder, _ = make_tiny_model("llama", seed=5)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 100 + i + n))} for i, n in enumerate([3, 17, 9, 30, 5])]
+    # Different lengths, so the decode batch shrinks 5 -> 4 -> 3 -> 2 -> 1 and pads to 8, 4, 4, 2, 1.
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 7, 5, 9, 8)]
+    expected = [o.outputs[0].token_ids for o in _llm(str(folder)).generate(prompts, params, use_tqdm=False)]
+
+    llm = _llm(str(folder))
+    core = llm.engine.core
+    graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8, core.max_model_len,
+                          use_cuda_graphs=False)
+    assert graphs.sizes == [1, 2, 4, 8]
+    replayed: list[tuple[int, int]] = []
+    run = graphs.run
+
+    def counting_run(batch):  # type: ignore[no-untyped-def]
+        replayed.append((len(batch.input_ids), graphs.padded_size(len(batch.input_ids))))
+        return run(batch)
+
+    graphs.run = counting_run  # type: ignore[method-assign]
+    core.runner.graphs = graphs
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    assert {(5, 8), (4, 4), (3, 4), (2, 2), (1, 1)} <= set(replayed)
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == core.num_blocks  # no block leaked
+
+
+def test_sampled_decode_with_seeds_matches_the_eager_step(make_tiny_model) -> None:
+    folder, _ = make_tiny_model("llama", seed=6)
+    prompts = [{"prompt_token_ids": [7, 8, 9, 10 + i]} for i in range(3)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=6, ignore_eos=True, logprobs=2)
+    eager = _llm(str(folder)).generate(prompts, params, use_tqdm=False)
+    llm = _llm(str(folder))
+    core = llm.engine.core
+    core.runner.graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8,
+                                      core.max_model_len, use_cuda_graphs=False)
+    graphed = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(eager, graphed):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for lp_a, lp_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert lp_a.keys() == lp_b.keys()
+            for tid in lp_a:
+                assert lp_a[tid].logprob == pytest.approx(lp_b[tid].logprob, abs=1e-4)
+
+
+def test_only_a_capturable_backend_is_accepted(make_tiny_model) -> None:
+    folder, _ = make_tiny_model("llama", seed=5)
+    core = _llm(str(folder)).engine.core
+    with pytest.raises(ValueError, match="cannot be captured"):
+        DecodeGraphs(core.model, core.runner.kv_caches, get_backend("torch", "cpu"), 16, 8, 64, use_cuda_graphs=False)
