@@ -41,18 +41,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
-pagoda() { python3 -m pagoda.cli "$@"; }
+failed=()
+pagoda() {  # one measurement; a failure is reported at the end and does not stop the others
+  python3 -m pagoda.cli "$@" || { echo "FAILED ($?): pagoda $*" >&2; failed+=("$*"); }
+}
 tok=(--tokenizer .gpu/tokenizer --load-format dummy)
 llama8b=(--model configs/llama-3.1-8b.json "${tok[@]}")
 qwen06b=(--model configs/qwen3-0.6b.json "${tok[@]}")
 
 # Ceilings of this device: large-copy bandwidth and bf16 matmul rate.
 pagoda bench roofline --model configs/llama-3.1-8b.json --buffer-mib 4096 --matmul-size 8192 --out "$out/roofline.json"
-# (a) triton vs torch attention, greedy: exact in fp32; bf16 reported.
+# (a) triton vs torch attention, greedy: exact in fp32; bf16 reported (exits 1 on any difference).
 pagoda bench backends "${qwen06b[@]}" --dtype float32 --max-model-len 1024 --num-prompts 16 --output-len 32 \
-  --out "$out/backends-fp32.json" || echo "backends fp32: tokens differ (see $out/backends-fp32.json)"
+  --out "$out/backends-fp32.json"
 pagoda bench backends "${qwen06b[@]}" --dtype bfloat16 --max-model-len 1024 --num-prompts 16 --output-len 32 \
-  --out "$out/backends-bf16.json" || echo "backends bf16: tokens differ (see $out/backends-bf16.json)"
+  --out "$out/backends-bf16.json"
 # (b) batch-1 decode of the 8B shape in bf16, with CUDA graphs and without; MBU against the copy above.
 pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 5 --mbu \
   --out "$out/latency-8b.json"
@@ -94,3 +97,7 @@ for name in ("offline-8b.json", "offline-qwen3-0.6b.json"):
 width = max(len(k) for k, _ in rows) if rows else 0
 print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 PY
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'failed: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
