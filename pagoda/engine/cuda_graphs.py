@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
@@ -130,14 +131,14 @@ class DecodeGraphs:
         if size is None:
             raise ValueError(f"a decode step of {n} sequences exceeds the largest captured batch ({self.max_batch})")
         width = max(len(t) for t in batch.block_tables)
-        host_tables = torch.zeros(n, width, dtype=torch.int32)
+        host_tables = np.zeros((n, width), dtype=np.int32)
         for row, table in enumerate(batch.block_tables):
-            host_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            host_tables[row, : len(table)] = table
         self.input_ids[:n].copy_(torch.tensor(batch.input_ids, dtype=torch.int64), non_blocking=True)
         self.positions[:n].copy_(torch.tensor(batch.positions, dtype=torch.int64), non_blocking=True)
         self.slots[:n].copy_(torch.tensor(batch.slots, dtype=torch.int64), non_blocking=True)
         self.seq_lens[:n].copy_(torch.tensor(batch.seq_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:n, :width].copy_(host_tables, non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.from_numpy(host_tables), non_blocking=True)
         # Padding rows: write K/V into the spare block and attend to one key there.
         self.slots[n:size].fill_(self.pad_slot)
         self.seq_lens[n:size].fill_(1)

@@ -70,14 +70,16 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        stream: bool = True,
     ) -> None:
+        """``stream=False``: only the finished output will be read (its text is then decoded once, at the end)."""
         params = params or SamplingParams()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         now = time.monotonic()
         children = self.core.add_request(request_id, ids, params, priority, cache_salt, arrival_time=now)
-        self.output_processor.add(request_id, text, list(ids), params, children, arrival_time=now)
+        self.output_processor.add(request_id, text, list(ids), params, children, arrival_time=now, stream=stream)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -89,11 +91,12 @@ class LLMEngine:
         return bool(self.output_processor.parents)
 
     # ---- the loop ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step; the outputs of the requests it changed (``finished_only``: that it finished)."""
         ended = self.output_processor.process(self.core.step())
         if ended:  # stop strings and detokenizer failures: free those sequences before the next step
             self.core.finish_sequences(ended)
-        return self.output_processor.collect()
+        return self.output_processor.collect(finished_only)
 
 
 def _as_list(value: Any, count: int, name: str) -> list[Any]:
@@ -128,7 +131,7 @@ class LLM:
         ids = [uuid.uuid4().hex for _ in prompts]
         try:
             for rid, prompt, p, prio in zip(ids, prompts, params, priorities):
-                self.engine.add_request(rid, prompt, p, priority=prio)
+                self.engine.add_request(rid, prompt, p, priority=prio, stream=False)
         except Exception:
             self.engine.abort_request(ids)
             self.engine.output_processor.collect()  # forget them
@@ -139,7 +142,7 @@ class LLM:
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None, leave=False) as bar:
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished:
                         finals[output.request_id] = output
                         bar.update(1)

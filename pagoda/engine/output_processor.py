@@ -27,6 +27,9 @@ class _Child:
     text: str = ""  # full detokenized text (visible text may lag behind it, see holdback)
     emitted_chars: int = 0
     emitted_tokens: int = 0
+    # Nobody reads this sequence's text before it ends and no stop string is searched in it: detokenize the
+    # whole output once at the end instead of twice per token (the offline ``generate`` path).
+    deferred: bool = False
 
 
 @dataclass
@@ -62,7 +65,9 @@ class OutputProcessor:
         params: SamplingParams,
         child_request_ids: list[str],
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
+        """``stream=False``: the caller only reads finished outputs (see ``_Child.deferred``)."""
         kids = []
         for i, cid in enumerate(child_request_ids):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -71,7 +76,7 @@ class OutputProcessor:
                 logprobs=[] if params.logprobs is not None else None,
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
             )
-            kids.append(_Child(cid, params, detok, out))
+            kids.append(_Child(cid, params, detok, out, deferred=not stream and not params.stop))
         parent = _Parent(request_id, prompt, prompt_token_ids, kids, arrival_time or time.monotonic())
         self.parents[request_id] = parent
         for kid in kids:
@@ -125,6 +130,8 @@ class OutputProcessor:
                 out.logprobs.append(pos)
                 out.cumulative_logprob = (out.cumulative_logprob or 0.0) + pos[tid].logprob
         out.token_ids.extend(new_tokens)
+        if child.deferred:
+            return False
         delta = child.detokenizer.add(new_tokens)
         child.text += delta
         stops = child.params.stop
@@ -138,6 +145,16 @@ class OutputProcessor:
                 out.stop_reason = stop
                 return True
         return False
+
+    def _whole_text(self, child: _Child) -> str:
+        """The text the incremental detokenizer would have built, in one decode: the same unless the output
+        ends inside a multi-byte character, where the incremental path stops at the last complete one."""
+        tokens = child.output.token_ids
+        text = child.detokenizer.add(tokens)
+        if text or not tokens:
+            return text
+        detok = IncrementalDetokenizer(self.tokenizer, child.detokenizer.prompt_token_ids, child.params.skip_special_tokens)
+        return "".join(detok.add([t]) for t in tokens)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> list[str]:
         """End a request on this side (the caller frees it in the core); returns its unfinished child ids."""
@@ -154,14 +171,17 @@ class OutputProcessor:
         parent.dirty = True
         return ended
 
-    def collect(self) -> list[RequestOutput]:
-        """RequestOutputs for every parent touched since the last call; forgets finished parents."""
+    def collect(self, finished_only: bool = False) -> list[RequestOutput]:
+        """RequestOutputs for every parent touched since the last call; forgets finished parents.
+        ``finished_only``: skip the snapshots of unfinished ones (nobody streams them: offline ``generate``)."""
         results = []
-        for parent in [p for p in self.parents.values() if p.dirty]:
+        for parent in [p for p in self.parents.values() if p.dirty and (not finished_only or p.finished)]:
             parent.dirty = False
             outputs = []
             for child in parent.children:
                 out = child.output
+                if child.deferred and out.finish_reason is not None:
+                    child.text, child.deferred = self._whole_text(child), False
                 stops = child.params.stop
                 holdback = 0 if out.finish_reason is not None or not stops else max(len(s) for s in stops) - 1
                 visible = child.text[: max(child.emitted_chars, len(child.text) - holdback)]

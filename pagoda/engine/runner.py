@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagoda.engine.cuda_graphs import DecodeBatch, DecodeGraphs
@@ -61,6 +62,7 @@ class ModelRunner:
         self.graphs = graphs
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
+        # Host-side work per step is paid serially with the model: lists and numpy, one tensor per input.
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -69,19 +71,25 @@ class ModelRunner:
         sampling: list[ScheduledRequest] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
-        max_blocks = max(len(s.request.block_ids) for s in scheduled)
-        tables = torch.zeros(len(scheduled), max_blocks, dtype=torch.int64)
+        tables = np.zeros((len(scheduled), max(len(s.request.block_ids) for s in scheduled)), dtype=np.int64)
         for row, s in enumerate(scheduled):
             r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            input_ids.extend(r.token_ids[start:end])
-            positions.extend(range(start, end))
             blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-            query_lens.append(s.num_new_tokens)
+            start, n = r.num_computed_tokens, s.num_new_tokens
+            end = start + n
+            tables[row, : len(blocks)] = blocks
+            if n == 1:  # a decode token
+                input_ids.append(r.token_ids[start])
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(r.token_ids[start:end])
+                pos = np.arange(start, end)
+                positions.extend(pos.tolist())
+                slots.extend((tables[row, pos // bs] * bs + pos % bs).tolist())
+            query_lens.append(n)
             seq_lens.append(end)
-            if s.samples:
+            if end == len(r.token_ids):  # reaches the end of its known tokens: samples one
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(s)
         on_device = {"dtype": torch.int64, "device": self.device}
@@ -89,7 +97,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, **on_device),
             query_lens=query_lens,
             seq_lens=seq_lens,
-            block_tables=tables,
+            block_tables=torch.from_numpy(tables),
             block_size=bs,
             pad_slot=(self.kv_caches[0].shape[1] - 1) * bs,
             device=self.device,

@@ -47,3 +47,28 @@ def test_find_stop_across_boundaries() -> None:
     assert find_stop("xx STOP yy END", 14, ["END", "STOP"]) == ("STOP", 3)
     # A stop entirely before the new characters was already handled.
     assert find_stop("END and more", 4, ["END"]) is None
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_decoded_once_at_the_end_equals_the_streamed_text(tokenizer: Tokenizer, text: str) -> None:
+    """Offline generate decodes a finished output once (stream=False); every cut point of the output,
+    mid-character ones included, must give the text the incremental (streaming) path builds."""
+    from pagoda.engine.messages import CoreOutput
+    from pagoda.engine.output_processor import OutputProcessor
+    from pagoda.engine.request import SamplingParams
+
+    prompt = tokenizer.encode("Say:")
+    ids = tokenizer.encode(text)
+    for cut in range(1, len(ids) + 1):
+        texts = []
+        for stream in (True, False):
+            proc = OutputProcessor(tokenizer)
+            proc.add("r", None, prompt, SamplingParams(max_tokens=cut), ["r"], stream=stream)
+            for i, t in enumerate(ids[:cut]):
+                proc.process([CoreOutput("r", [t], finish_reason="length" if i == cut - 1 else None)])
+                outputs = proc.collect(finished_only=not stream)
+            (final,) = outputs
+            assert final.finished
+            texts.append(final.outputs[0].text)
+        assert texts[0] == texts[1], f"cut at {cut} tokens"
+        assert "\ufffd" not in texts[1]
