@@ -152,6 +152,8 @@ class KVCacheManager:
 
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Reserve blocks so the request can hold ``num_computed + cached + num_new`` tokens."""
+        if not cached_blocks and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return True  # the common decode step: room left in the last block
         cached_blocks = list(cached_blocks)
         total_tokens = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
         new_needed = self.blocks_needed(total_tokens) - len(request.block_ids) - len(cached_blocks)
@@ -171,6 +173,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
+        if num_full == request.num_published_blocks:
+            return  # no block filled up in this step
         hashes = self._hashes_up_to(request, num_full)
         bs = self.block_size
         for i in range(request.num_published_blocks, num_full):
