@@ -94,10 +94,9 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
 
     n = buffer_mib * 2**20 // 4
     buffer = torch.ones(n, dtype=torch.float32, device=device)
-    target = torch.empty_like(buffer)
     read_s = _best_time(lambda: buffer.sum(), device, repeats)
-    copy_s = _best_time(lambda: target.copy_(buffer), device, repeats)
-    del buffer, target
+    del buffer
+    copy_gbs = measure_copy_bandwidth(device, buffer_mib, repeats)
     tflops: dict[str, float] = {}
     for name in tqdm(dtypes, desc="matmul", leave=False):
         dtype = getattr(torch, name)
@@ -105,8 +104,7 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
         b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
         seconds = _best_time(lambda: torch.mm(a, b), device, repeats)
         tflops[name] = round(2 * matmul_size**3 / seconds / 1e12, 3)
-    nbytes = n * 4
-    return MachineLimits(str(device), round(nbytes / read_s / 1e9, 2), round(2 * nbytes / copy_s / 1e9, 2), tflops)
+    return MachineLimits(str(device), round(n * 4 / read_s / 1e9, 2), copy_gbs, tflops)
 
 
 def decode_bounds(footprint: ModelFootprint, limits: MachineLimits, dtype: str, context_len: int,

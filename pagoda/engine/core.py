@@ -27,6 +27,7 @@ from pagoda.engine.memory import (
     describe_gpu_budget,
     gpu_kv_blocks,
     profile_gpu_memory,
+    profile_step,
 )
 from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from pagoda.engine.sampler import Sampler
@@ -89,8 +90,11 @@ class EngineCore:
             return cc.num_kv_blocks
         bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
         if self.device == "cuda":
-            profile = profile_gpu_memory(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
-                                         sc.max_num_seqs, self.max_model_len, torch.device(self.device), baseline_used)
+            device = torch.device(self.device)
+            profile = profile_gpu_memory(
+                lambda: profile_step(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
+                                     sc.max_num_seqs, self.max_model_len, device),
+                device, baseline_used)
             num_blocks = gpu_kv_blocks(profile, cc.gpu_memory_utilization, bytes_per_block)
             hint = describe_gpu_budget(profile, cc.gpu_memory_utilization, sc.max_num_batched_tokens)
             logger.info("GPU memory: %s; KV cache %d blocks (%.2f GiB)", profile, num_blocks,

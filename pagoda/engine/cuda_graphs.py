@@ -62,7 +62,8 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
         self.device = kv_caches[0].device
-        self.pad_slot = (kv_caches[0].shape[1] - 1) * block_size
+        self.spare_block = kv_caches[0].shape[1] - 1  # never handed out: padding rows write here
+        self.pad_slot = self.spare_block * block_size
         largest = self.sizes[-1]
         self.max_blocks = max_blocks = -(-max_model_len // block_size)
         on = {"device": self.device}
@@ -70,9 +71,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(largest, dtype=torch.int64, **on)
         self.slots = torch.full((largest,), self.pad_slot, dtype=torch.int64, **on)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, **on)
-        spare_block = kv_caches[0].shape[1] - 1
-        self.block_tables = torch.full((largest, max_blocks), spare_block, dtype=torch.int32, **on)
-        self.spare_block = spare_block
+        self.block_tables = torch.full((largest, max_blocks), self.spare_block, dtype=torch.int32, **on)
         self.token_seq = torch.arange(largest, dtype=torch.int32, **on)
         self.use_cuda_graphs = use_cuda_graphs
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}

@@ -9,6 +9,7 @@ and what to change, instead of running out of memory under load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,22 +126,14 @@ def profile_step(
     return cache_bytes
 
 
-def profile_gpu_memory(
-    model: LlamaForCausalLM,
-    attention: AttentionBackend,
-    block_size: int,
-    num_tokens: int,
-    num_sampled_rows: int,
-    max_model_len: int,
-    device: torch.device,
-    baseline_used_bytes: int,
-) -> GpuMemoryProfile:
-    """``baseline_used_bytes``: device memory in use before this process loaded the model (other
-    processes, counted neither as ours nor as free)."""
+def profile_gpu_memory(run_step: Callable[[], int], device: torch.device, baseline_used_bytes: int) -> GpuMemoryProfile:
+    """Measure ``run_step`` (a ``profile_step`` call; returns its throw-away cache's bytes) on ``device``.
+    ``baseline_used_bytes``: device memory in use before this process loaded the model (other processes,
+    counted neither as ours nor as free)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     weight_bytes = torch.cuda.memory_allocated(device)
-    cache_bytes = profile_step(model, attention, block_size, num_tokens, num_sampled_rows, max_model_len, device)
+    cache_bytes = run_step()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)

@@ -44,6 +44,11 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
     return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
+def slot_of(block_ids: list[int], position: int, block_size: int) -> int:
+    """The flat cache slot of a sequence's token at ``position``."""
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -81,7 +86,7 @@ class ModelRunner:
             if n == 1:  # a decode token
                 input_ids.append(r.token_ids[start])
                 positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
+                slots.append(slot_of(blocks, start, bs))
             else:
                 input_ids.extend(r.token_ids[start:end])
                 pos = np.arange(start, end)
@@ -89,7 +94,7 @@ class ModelRunner:
                 slots.extend((tables[row, pos // bs] * bs + pos % bs).tolist())
             query_lens.append(n)
             seq_lens.append(end)
-            if end == len(r.token_ids):  # reaches the end of its known tokens: samples one
+            if s.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(s)
         on_device = {"dtype": torch.int64, "device": self.device}
@@ -139,7 +144,7 @@ class ModelRunner:
             pos = r.num_computed_tokens
             batch.input_ids.append(r.token_ids[pos])
             batch.positions.append(pos)
-            batch.slots.append(r.block_ids[pos // bs] * bs + pos % bs)
+            batch.slots.append(slot_of(r.block_ids, pos, bs))
             batch.seq_lens.append(pos + 1)
             batch.block_tables.append(r.block_ids)
         logits = self.graphs.run(batch)
