@@ -82,6 +82,8 @@ for name in ("backends-fp32.json", "backends-bf16.json"):
     if b:
         for backend, r in b["backends"].items():
             rows.append((f"{name[:-5]}: {backend} == {b['reference']}", f"{r['equal_requests']}/{b['num_prompts']} requests"))
+        seconds = b.get("generate_seconds", {})
+        rows.append((f"{name[:-5]}: generate seconds", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())))
 for name in ("latency-8b.json", "latency-8b-eager.json"):
     lat = load(name)
     if lat:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -20,15 +21,22 @@ from pagoda.bench import free_device_memory, write_json
 from pagoda.bench.workloads import DEFAULT_TOKEN_RANGE
 
 
-def greedy_tokens(engine_args: dict[str, Any], prompts: list[list[int]], output_len: int) -> list[list[int]]:
+def greedy_tokens(engine_args: dict[str, Any], prompts: list[list[int]],
+                  output_len: int) -> tuple[list[list[int]], float]:
+    """Each prompt's greedy tokens, and the seconds the generation took (the engine's start-up excluded)."""
     from pagoda import LLM, SamplingParams
 
     llm = LLM(**engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    # One short request first, so that kernel compilation (Triton's JIT) is not in the timing.
+    llm.generate(requests[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
     del llm
     free_device_memory()
-    return [list(o.outputs[0].token_ids) for o in outputs]
+    return [list(o.outputs[0].token_ids) for o in outputs], seconds
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -62,11 +70,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = [rng.integers(lo, hi + 1, int(rng.integers(args.input_len[0], args.input_len[1] + 1))).tolist()
                for _ in range(args.num_prompts)]
     engine_args = engine_kwargs(args)
-    tokens = {b: greedy_tokens({**engine_args, "attention_backend": b}, prompts, args.output_len)
-              for b in args.backends}
+    runs = {b: greedy_tokens({**engine_args, "attention_backend": b}, prompts, args.output_len)
+            for b in args.backends}
+    tokens = {b: run[0] for b, run in runs.items()}
     reference = args.backends[0]
     report: dict[str, Any] = {"engine_args": engine_args, "reference": reference, "num_prompts": len(prompts),
-                              "output_len": args.output_len, "backends": {}}
+                              "output_len": args.output_len, "backends": {},
+                              # one timed run each: a rough comparison, not a benchmark
+                              "generate_seconds": {b: round(run[1], 3) for b, run in runs.items()}}
     all_equal = True
     for backend in args.backends[1:]:
         diffs = [first_difference(a, b) for a, b in zip(tokens[reference], tokens[backend])]

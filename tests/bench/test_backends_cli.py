@@ -34,4 +34,5 @@ def test_backends_agree_on_a_tiny_model(make_tiny_model, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["all_equal"] and report["backends"]["triton"]["equal_requests"] == 3
+    assert set(report["generate_seconds"]) == {"torch", "triton"}
     assert report["engine_args"] == {"model": str(folder), "dtype": "float32", "num_kv_blocks": 32}

@@ -13,17 +13,25 @@ pytest.importorskip("triton")
 
 from pagoda.model.attention import get_backend  # noqa: E402
 from pagoda.model.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from pagoda.model.attention.triton_backend import TritonAttentionBackend, query_blocks  # noqa: E402
 from tests.model.test_attention_backends import _metadata  # noqa: E402
 
 
-@pytest.mark.parametrize("heads, kv_heads, dtype", [(4, 2, torch.float32), (6, 6, torch.float32),
-                                                     (9, 3, torch.float32), (4, 2, torch.bfloat16)])
-def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
-    triton_backend = get_backend("triton", "cpu")
+@pytest.mark.parametrize("heads, kv_heads, dtype, block_size, prefill_rows", [
+    (4, 2, torch.float32, 16, 16), (6, 6, torch.float32, 16, 16), (9, 3, torch.float32, 16, 16),
+    (4, 2, torch.bfloat16, 16, 16),
+    (4, 2, torch.float32, 5, 16),  # a block size that is no power of two: each key tile spans several blocks
+    (4, 2, torch.float32, 16, 64),  # the default: one block per prefill here
+])
+def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: torch.dtype, block_size: int,
+                                              prefill_rows: int) -> None:
+    triton_backend = TritonAttentionBackend(heads // kv_heads, prefill_rows)
     reference = TorchAttentionBackend(use_cpu_kernel=False)
-    block_size, num_blocks, dim = 16, 24, 16
+    num_blocks, dim = 256 // block_size, 16
+    # A fresh prefill and a chunk after earlier context, each longer than one query block at 16 rows (so
+    # blocks end mid-prompt and the last one is partial), decode rows, a one-token prompt.
     seq_lens = [20, 37, 50, 16, 1]
-    query_lens = [20, 7, 1, 1, 1]  # a fresh prefill, a chunk with earlier context, decode rows
+    query_lens = [20, 11, 1, 1, 1]
     torch.manual_seed(0)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim).to(dtype)
     cache[:, -1] = 0.0
@@ -45,6 +53,20 @@ def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: 
     torch.testing.assert_close(caches[0], caches[1], equal_nan=True)  # the same slots written, nothing else
 
 
+def test_query_blocks_cover_every_token_once() -> None:
+    query_lens, seq_lens = [1, 20, 1, 11, 9], [7, 20, 1, 37, 9]
+    decode, prefill = query_blocks(query_lens, seq_lens, 8)
+    assert decode.tolist() == [[0, 2], [0, 21], [7, 1], [1, 1]]  # sequence, first token, keys seen, count
+    assert prefill.tolist() == [
+        [1, 1, 1, 3, 3, 4, 4],
+        [1, 9, 17, 22, 30, 33, 41],
+        [1, 9, 17, 27, 35, 1, 9],
+        [8, 8, 4, 8, 3, 8, 1],
+    ]
+    covered = sorted([*decode[1].tolist()] + [t for first, n in zip(prefill[1], prefill[3]) for t in range(first, first + n)])
+    assert covered == list(range(sum(query_lens)))
+
+
 def test_backend_choice() -> None:
     assert get_backend("auto", "cpu").name == "torch"
     assert get_backend("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 here
@@ -55,9 +77,9 @@ def test_backend_choice() -> None:
     backend = get_backend("triton", "cpu")
     meta = _metadata([8], [8], 8, 4)
     backend.prepare(meta)
-    with pytest.raises(ValueError, match="block_size >= 16"):
-        backend.forward(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
-                        torch.zeros(2, 4, 8, 2, 16), meta, 0.25)
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        backend.forward(torch.zeros(8, 2, 24), torch.zeros(8, 2, 24), torch.zeros(8, 2, 24),
+                        torch.zeros(2, 4, 8, 2, 24), meta, 0.25)
 
 
 @pytest.mark.slow

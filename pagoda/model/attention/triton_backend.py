@@ -1,47 +1,77 @@
 """The `triton` attention backend: K/V written into the paged cache by a Triton kernel through the slot
-mapping, and every query token (prefill chunk or decode) attended by one paged-attention kernel that
-walks its sequence's block table with an online softmax. Chosen automatically on CUDA devices."""
+mapping, then paged attention over the block tables with an online softmax, in two launches of one kernel:
+decode tokens one per program, prefill chunks several tokens per program (so that a long prompt reads its
+context once per block of tokens, not once per token). Chosen automatically on CUDA devices."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pagoda.model.attention.base import AttentionMetadata, per_token_context
+from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.triton_kernels import PREFILL_ROWS, QueryBlocks, prefill_block_q
 
 
 @dataclass
 class _StepState:
-    token_seq: torch.Tensor  # [num_tokens] int32: the block-table row of each query token
-    token_len: torch.Tensor  # [num_tokens] int32: keys each query token attends to (causal)
+    decode: QueryBlocks  # sequences with one new token
+    prefill: QueryBlocks | None  # sequences with more (a prompt or a chunk of one, with or without context)
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+
+
+def query_blocks(query_lens: list[int], seq_lens: list[int], block_q: int) -> tuple[np.ndarray, np.ndarray]:
+    """The host-side launch plan of one step: ([4, num_decode] decode, [4, num_prefill_blocks] prefill)
+    int32 arrays whose rows are (sequence, first token, keys seen by the first token, tokens in the block)."""
+    q_lens = np.asarray(query_lens, dtype=np.int64)
+    s_lens = np.asarray(seq_lens, dtype=np.int64)
+    first = np.cumsum(q_lens) - q_lens
+    decode = np.flatnonzero(q_lens == 1)
+    decode_plan = np.stack([decode, first[decode], s_lens[decode], np.ones_like(decode)])
+    prefill = np.flatnonzero(q_lens > 1)
+    per_seq = -(-q_lens[prefill] // block_q)
+    seq = np.repeat(prefill, per_seq)
+    index = np.arange(len(seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)  # block within its sequence
+    offset = index * block_q
+    prefill_plan = np.stack([seq, first[seq] + offset, s_lens[seq] - q_lens[seq] + offset + 1,
+                             np.minimum(block_q, q_lens[seq] - offset)])
+    return decode_plan.astype(np.int32), prefill_plan.astype(np.int32)
 
 
 class TritonAttentionBackend:
     name = "triton"
     graph_capturable = True
 
-    def __init__(self) -> None:
+    def __init__(self, query_heads_per_kv: int = 1, prefill_rows: int = PREFILL_ROWS) -> None:
         from pagoda.model.attention import triton_kernels
 
         self.kernels = triton_kernels
+        self.prefill_block_q = prefill_block_q(query_heads_per_kv, prefill_rows)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        device = metadata.device
-        token_seq, token_len = per_token_context(metadata)
-        metadata.backend_state = _StepState(token_seq.to(device=device, dtype=torch.int32),
-                                            token_len.to(device=device, dtype=torch.int32),
-                                            metadata.block_tables.to(device=device, dtype=torch.int32))
+        decode, prefill = query_blocks(metadata.query_lens, metadata.seq_lens, self.prefill_block_q)
+        # One host-to-device copy per step for both launch plans.
+        plans = torch.from_numpy(np.concatenate([decode, prefill], axis=1)).to(metadata.device)
+        n = decode.shape[1]
+        decode_blocks = QueryBlocks(plans[0, :n], plans[1, :n], plans[2, :n], None, 1)
+        prefill_blocks = None
+        if prefill.shape[1]:
+            prefill_blocks = QueryBlocks(plans[0, n:], plans[1, n:], plans[2, n:], plans[3, n:], self.prefill_block_q)
+        metadata.backend_state = _StepState(decode_blocks, prefill_blocks,
+                                            metadata.block_tables.to(device=metadata.device, dtype=torch.int32))
 
     def decode_state(self, token_seq: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> _StepState:
-        """The state of a decode step (one query token per sequence, in order) over caller-owned int32
-        buffers, which a CUDA graph captures once and the caller refills before each replay."""
-        return _StepState(token_seq, seq_lens, block_tables)
+        """The state of a decode step (one query token per sequence, in order, so token i is sequence i) over
+        caller-owned int32 buffers, which a CUDA graph captures once and the caller refills before each replay."""
+        return _StepState(QueryBlocks(token_seq, token_seq, seq_lens, None, 1), None, block_tables)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         state: _StepState = metadata.backend_state
         self.kernels.write_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
-        return self.kernels.paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, state.token_seq,
-                                            state.token_len, scale)
+        out = torch.empty_like(q)
+        for blocks in (state.decode, state.prefill):
+            if blocks is not None:
+                self.kernels.paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, blocks, scale, out)
+        return out

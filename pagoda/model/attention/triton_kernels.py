@@ -1,5 +1,6 @@
 """Triton kernels for the paged KV cache: writing new K/V through the slot mapping, and paged attention for
-mixed prefill + decode batches (variable lengths, block tables, grouped-query attention).
+mixed prefill + decode batches (variable lengths, block tables, grouped-query attention). Attention runs
+one program per query block: a decode token alone, a prefill's tokens several at a time.
 
 On a GPU they compile for the device; on a CPU they run only under ``TRITON_INTERPRET=1`` (how the tests
 check them against the torch backend at tiny sizes). Importing this module needs ``triton``.
@@ -8,13 +9,19 @@ check them against the torch backend at tiny sizes). Importing this module needs
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# tl.dot wants every dimension >= 16: the query heads of one KV head are padded up to this.
+# tl.dot wants every dimension >= 16: a program's query rows are padded up to this.
 MIN_DOT_ROWS = 16
+# Rows of a prefill program (query tokens x the query heads of one KV head): each key/value tile it loads
+# serves all of them, so a prefill re-reads its context once per this many rows instead of once per token.
+PREFILL_ROWS = 64
+# Keys per inner-loop step; independent of the cache's block size (each key looks up its own block).
+TILE_KEYS = 32
 
 
 @triton.jit
@@ -35,6 +42,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """k, v: [tokens, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]; slot = block * size + offset."""
     tokens, kv_heads, head_dim = k.shape
+    if head_dim < MIN_DOT_ROWS or head_dim & (head_dim - 1):
+        raise ValueError(f"the triton backend needs a power-of-two head_dim >= {MIN_DOT_ROWS}, got {head_dim}")
     if tokens == 0:
         return
     k_flat = k_cache.view(-1, kv_heads, head_dim)
@@ -47,42 +56,59 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, token_seq_ptr, token_len_ptr,
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr,
+                            qb_seq_ptr, qb_token_ptr, qb_count_ptr, qb_len_ptr,
                             scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
                             stride_cb, stride_cs, stride_ch,
-                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    # One program: one query token x one KV head, i.e. the GROUP query heads that share that KV head.
-    token = tl.program_id(0)
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    # One program: one query block (up to BLOCK_Q consecutive query tokens of one sequence) x one KV head.
+    # Its rows are those tokens x the GROUP query heads sharing that KV head, so every key/value tile
+    # loaded serves BLOCK_Q * GROUP rows (a prefill reads its context once per block, not once per token).
+    qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(token_seq_ptr + token)
-    length = tl.load(token_len_ptr + token)  # keys this token attends to: its own position and all before
-    g = tl.arange(0, GROUP_PAD)
+    seq = tl.load(qb_seq_ptr + qblock)
+    first_token = tl.load(qb_token_ptr + qblock)
+    first_len = tl.load(qb_len_ptr + qblock)  # keys the block's first token attends to (itself included)
+    if BLOCK_Q == 1:
+        count = 1
+    else:
+        count = tl.load(qb_count_ptr + qblock)
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    r = rows // GROUP_PAD  # token within the block
+    g = rows % GROUP_PAD  # query head within the KV head's group
+    row_ok = (r < count) & (g < GROUP)
+    row_len = first_len + r  # causal: each later token sees one more key
+    max_len = first_len + count - 1
     d = tl.arange(0, HEAD_DIM)
+    tokens = first_token + r
     heads = kv_head * GROUP + g
-    head_ok = g < GROUP
     # Operands stay in the model dtype (bf16: tensor-core products, fp32 accumulation); fp32 models multiply
     # in full fp32 (PRECISION "ieee"), not TF32, so that they match the torch backend.
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None],
-                other=0.0)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    s_idx = tl.arange(0, BLOCK_SIZE)
-    for b in range(0, tl.cdiv(length, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + seq * stride_tb + b)
-        pos = b * BLOCK_SIZE + s_idx
-        valid = pos < length
-        offsets = block * stride_cb + s_idx[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    key_idx = tl.arange(0, TILE)
+    # Every row sees key 0, so the first tile leaves each row's running max finite.
+    for t in range(0, tl.cdiv(max_len, TILE)):
+        pos = t * TILE + key_idx
+        key_ok = pos < max_len
+        # Each key's cache block from the block table: a tile may span several (small) blocks.
+        block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        offsets = (block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs + kv_head * stride_ch
+                   + d[None, :])
+        k = tl.load(k_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_SIZE] fp32
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, TILE] fp32
+        scores = tl.where(pos[None, :] < row_len[:, None], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -90,31 +116,55 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / l[:, None]
-    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass
+class QueryBlocks:
+    """The programs of one paged-attention launch, one per query block (int32 tensors on the device):
+    up to ``block_q`` consecutive query tokens of one sequence."""
+
+    seq: torch.Tensor  # row of the block tables
+    first_token: torch.Tensor  # flat index (in q) of the block's first token
+    first_len: torch.Tensor  # keys the first token attends to; token i of the block sees first_len + i
+    count: torch.Tensor | None  # tokens in the block; None when block_q == 1
+    block_q: int
+
+
+def query_group_pad(group: int, block_q: int) -> int:
+    """Rows per token in a program: the group padded to a power of two, and to MIN_DOT_ROWS when the block
+    has one token (tl.dot needs that many rows)."""
+    pad = triton.next_power_of_2(group)
+    return max(pad, MIN_DOT_ROWS) if block_q * pad < MIN_DOT_ROWS else pad
+
+
+def prefill_block_q(group: int, rows: int = PREFILL_ROWS) -> int:
+    """Query tokens per prefill program so that a program has ``rows`` rows (at least one token)."""
+    return max(1, rows // triton.next_power_of_2(group))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    token_seq: torch.Tensor, token_len: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [tokens, heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]; block_tables: [seqs, max_blocks];
-    token_seq[t]: the sequence (row of block_tables) of query token t; token_len[t]: how many keys it sees."""
-    tokens, heads, head_dim = q.shape
+                    blocks: QueryBlocks, scale: float, out: torch.Tensor) -> None:
+    """Writes into ``out`` the rows of the tokens that ``blocks`` cover.
+
+    q, out: [tokens, heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]; block_tables: [seqs, max_blocks].
+    """
+    _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    for name, size in (("head_dim", head_dim), ("block_size", block_size)):
-        if size < MIN_DOT_ROWS or size & (size - 1):
-            raise ValueError(f"the triton backend needs a power-of-two {name} >= {MIN_DOT_ROWS}, got {size}")
-    out = torch.empty_like(q)
-    if tokens == 0:
-        return out
+    num_programs = blocks.seq.shape[0]
+    if num_programs == 0:
+        return
     group = heads // kv_heads
-    _paged_attention_kernel[(tokens, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, token_seq, token_len, scale,
+    _paged_attention_kernel[(num_programs, kv_heads)](
+        q, k_cache, v_cache, out, block_tables, blocks.seq, blocks.first_token,
+        blocks.count if blocks.count is not None else blocks.seq, blocks.first_len, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GROUP=group, GROUP_PAD=query_group_pad(group, blocks.block_q), BLOCK_Q=blocks.block_q,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_KEYS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bf16 operands wrongly (a 16x16 bf16 tl.dot is off by ~1e10 under
         # TRITON_INTERPRET=1, triton 3.9): there half-precision operands are upcast before the products.
         DOT_FP32=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
     )
-    return out
