@@ -66,7 +66,7 @@ class EngineCore:
         self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(self.arch.eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
         attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
-                                self.arch.num_attention_heads // self.arch.num_key_value_heads)
+                                self.arch.num_attention_heads // self.arch.num_key_value_heads, self.dtype)
         self.num_blocks = num_blocks = self._plan_kv_blocks(attention, baseline_used)
         kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
         graphs = None

@@ -25,7 +25,7 @@ from tests.model.test_attention_backends import _metadata  # noqa: E402
 ])
 def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: torch.dtype, block_size: int,
                                               prefill_rows: int) -> None:
-    triton_backend = TritonAttentionBackend(heads // kv_heads, prefill_rows)
+    triton_backend = TritonAttentionBackend(heads // kv_heads, dtype, prefill_rows)
     reference = TorchAttentionBackend(use_cpu_kernel=False)
     num_blocks, dim = 256 // block_size, 16
     # A fresh prefill and a chunk after earlier context, each longer than one query block at 16 rows (so

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 
 
-def get_backend(name: str, device: str, batch_invariant: bool = False, query_heads_per_kv: int = 1) -> AttentionBackend:
+def get_backend(name: str, device: str, batch_invariant: bool = False, query_heads_per_kv: int = 1,
+                dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
     """``auto``: triton on CUDA devices, torch elsewhere. ``triton`` on a CPU runs only under TRITON_INTERPRET=1.
-    ``query_heads_per_kv`` (the model's grouped-query ratio) sizes the triton backend's prefill programs."""
+    The model's grouped-query ratio and dtype size the triton backend's prefill programs."""
     if name == "auto":
         name = "triton" if device.startswith("cuda") and not batch_invariant else "torch"
     if name == "torch":
@@ -25,7 +28,7 @@ def get_backend(name: str, device: str, batch_invariant: bool = False, query_hea
             from pagoda.model.attention.triton_backend import TritonAttentionBackend
         except ImportError as exc:
             raise ValueError(f"attention_backend 'triton' needs the triton package ({exc})") from None
-        return TritonAttentionBackend(query_heads_per_kv)
+        return TritonAttentionBackend(query_heads_per_kv, dtype)
     raise ValueError(f"attention_backend {name!r} is not one of 'auto', 'torch', 'triton'")
 
 

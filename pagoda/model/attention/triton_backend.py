@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pagoda.model.attention.base import AttentionMetadata
-from pagoda.model.attention.triton_kernels import PREFILL_ROWS, QueryBlocks, prefill_block_q
+from pagoda.model.attention.triton_kernels import QueryBlocks, prefill_block_q, prefill_rows
 
 
 @dataclass
@@ -43,11 +43,13 @@ class TritonAttentionBackend:
     name = "triton"
     graph_capturable = True
 
-    def __init__(self, query_heads_per_kv: int = 1, prefill_rows: int = PREFILL_ROWS) -> None:
+    def __init__(self, query_heads_per_kv: int = 1, dtype: torch.dtype = torch.bfloat16,
+                 rows_per_prefill_program: int | None = None) -> None:
         from pagoda.model.attention import triton_kernels
 
         self.kernels = triton_kernels
-        self.prefill_block_q = prefill_block_q(query_heads_per_kv, prefill_rows)
+        rows = rows_per_prefill_program or prefill_rows(dtype)
+        self.prefill_block_q = prefill_block_q(query_heads_per_kv, rows)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         decode, prefill = query_blocks(metadata.query_lens, metadata.seq_lens, self.prefill_block_q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -19,9 +20,12 @@ import triton.language as tl
 MIN_DOT_ROWS = 16
 # Rows of a prefill program (query tokens x the query heads of one KV head): each key/value tile it loads
 # serves all of them, so a prefill re-reads its context once per this many rows instead of once per token.
+# Half as many in fp32, whose 64-row programs spill registers on sm_80/sm_90 (scripts/triton_resources.py).
 PREFILL_ROWS = 64
 # Keys per inner-loop step; independent of the cache's block size (each key looks up its own block).
-TILE_KEYS = 32
+# 32 needs ~2x the registers for Hopper (226 vs 120 per thread for a bf16 decode program; see
+# scripts/triton_resources.py) and spills in fp32.
+TILE_KEYS = 16
 
 
 @triton.jit
@@ -98,12 +102,12 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
     for t in range(0, tl.cdiv(max_len, TILE)):
         pos = t * TILE + key_idx
         key_ok = pos < max_len
-        # Each key's cache block from the block table: a tile may span several (small) blocks.
-        block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        offsets = (block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs + kv_head * stride_ch
-                   + d[None, :])
-        k = tl.load(k_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+        # Each key's cache block from the block table (a tile may span blocks); 64-bit offsets, as a
+        # layer's cache may hold more than 2^31 elements.
+        block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0)
+        key_off = block.to(tl.int64) * stride_cb + ((pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)
+        k = tl.load((k_cache_ptr + key_off)[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load((v_cache_ptr + key_off)[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -139,7 +143,11 @@ def query_group_pad(group: int, block_q: int) -> int:
     return max(pad, MIN_DOT_ROWS) if block_q * pad < MIN_DOT_ROWS else pad
 
 
-def prefill_block_q(group: int, rows: int = PREFILL_ROWS) -> int:
+def prefill_rows(dtype: torch.dtype) -> int:
+    return PREFILL_ROWS if dtype.itemsize <= 2 else PREFILL_ROWS // 2
+
+
+def prefill_block_q(group: int, rows: int) -> int:
     """Query tokens per prefill program so that a program has ``rows`` rows (at least one token)."""
     return max(1, rows // triton.next_power_of_2(group))
 
@@ -155,16 +163,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_programs = blocks.seq.shape[0]
     if num_programs == 0:
         return
-    group = heads // kv_heads
     _paged_attention_kernel[(num_programs, kv_heads)](
         q, k_cache, v_cache, out, block_tables, blocks.seq, blocks.first_token,
         blocks.count if blocks.count is not None else blocks.seq, blocks.first_len, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, GROUP_PAD=query_group_pad(group, blocks.block_q), BLOCK_Q=blocks.block_q,
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_KEYS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **attention_constexprs(q.dtype, heads // kv_heads, head_dim, block_size, blocks.block_q),
+    )
+
+
+def attention_constexprs(dtype: torch.dtype, group: int, head_dim: int, block_size: int,
+                         block_q: int) -> dict[str, Any]:
+    """The compile-time parameters of one attention launch (also what scripts/triton_resources.py compiles)."""
+    return dict(
+        GROUP=group, GROUP_PAD=query_group_pad(group, block_q), BLOCK_Q=block_q, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE=TILE_KEYS, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bf16 operands wrongly (a 16x16 bf16 tl.dot is off by ~1e10 under
         # TRITON_INTERPRET=1, triton 3.9): there half-precision operands are upcast before the products.
-        DOT_FP32=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_FP32=dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
     )
