@@ -5,6 +5,9 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
     python scripts/triton_resources.py                  # Hopper (sm_90) and Ampere (sm_80)
     python scripts/triton_resources.py --arch 90 --json
 
+Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
+bf16 and fp32: KV write, paged attention (decode and prefill programs), the norms, SiLU-and-mul, rotary.
+
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
 """
@@ -31,12 +34,34 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from pagoda.config import CacheConfig  # noqa: E402
 from pagoda.model.attention import triton_kernels  # noqa: E402
+from pagoda.model.layers import triton_elementwise  # noqa: E402
 
-# (query heads per KV head, head_dim) of the shipped shapes: Llama-3.1-8B, Qwen3-0.6B, the bundled SmolLM2.
-MODEL_SHAPES = [(4, 128), (2, 128), (3, 64)]
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr"}
-INT64_ARGS = {"slot_ptr"}  # the slot mapping is int64; the other index tensors are int32
+# Arguments in the model dtype; fp32 and int64 ones by name; every other pointer is int32, every scalar i32.
+TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr", "x_ptr", "residual_ptr", "w_ptr",
+               "gate_up_ptr"}
+FP32_ARGS = {"cos_ptr", "sin_ptr", "scale", "eps"}
+INT64_ARGS = {"slot_ptr"}
+
+
+@dataclass
+class ModelShape:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def model_shapes() -> list[ModelShape]:
+    """The shipped benchmark shapes (configs/*.json) and the bundled SmolLM2-135M."""
+    shapes = [ModelShape("smollm2-135m", 576, 9, 3, 64)]
+    for path in sorted((ROOT / "configs").glob("*.json")):
+        cfg = json.loads(path.read_text())
+        shapes.append(ModelShape(path.stem, cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                 cfg["head_dim"]))
+    return shapes
 
 
 @dataclass
@@ -48,6 +73,9 @@ class KernelResources:
     registers: int
     spill_bytes: int  # per-thread stack (local memory) the compiler needed beyond the registers
     mma: str  # "wgmma" (Hopper warpgroup MMA), "mma" (warp MMA), or "none"
+    model: str
+    # fp32 -> bf16 conversions round to nearest (cvt.rn) rather than truncate; None without any
+    bf16_rounds_to_nearest: bool | None
 
 
 def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
@@ -57,18 +85,16 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
             signature[name] = "constexpr"
         elif name in TENSOR_ARGS:
             signature[name] = f"*{dtype}"
+        elif name in FP32_ARGS:
+            signature[name] = "*fp32" if name.endswith("_ptr") else "fp32"
         elif name in INT64_ARGS:
             signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32"
-        elif name == "scale":
-            signature[name] = "fp32"
         else:
-            signature[name] = "i32"
+            signature[name] = "*i32" if name.endswith("_ptr") else "i32"
     return signature
 
 
-def compile_kernel(fn: Any, dtype: str, constexprs: dict[str, Any], arch: int) -> KernelResources:
+def compile_kernel(fn: Any, dtype: str, constexprs: dict[str, Any], arch: int, model: str) -> KernelResources:
     names = fn.arg_names
     source = ASTSource(fn, _signature(fn, dtype, constexprs),
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
@@ -76,7 +102,9 @@ def compile_kernel(fn: Any, dtype: str, constexprs: dict[str, Any], arch: int) -
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
     registers, spill = _resource_usage(compiled.asm["cubin"])
-    return KernelResources(fn.__name__.strip("_"), arch, dtype, constexprs, registers, spill, mma)
+    conversions = re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", ptx)
+    rounding = all(c == "rn" for c in conversions) if conversions else None
+    return KernelResources(fn.__name__.strip("_"), arch, dtype, constexprs, registers, spill, mma, model, rounding)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -92,21 +120,38 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+def launches(shape: ModelShape, dtype: torch.dtype) -> list[tuple[Any, dict[str, Any]]]:
+    """(kernel, compile-time parameters) of every launch the engine makes for this model and dtype."""
+    tk, te = triton_kernels, triton_elementwise
+    group = shape.heads // shape.kv_heads
+    pow2 = triton.next_power_of_2
+    found = [(tk._write_kv_kernel, {"HEAD_DIM": shape.head_dim})]
+    for block_q in (1, tk.prefill_block_q(group, tk.prefill_rows(dtype))):  # the decode and prefill launches
+        found.append((tk._paged_attention_kernel,
+                      tk.attention_constexprs(dtype, group, shape.head_dim, CacheConfig().block_size, block_q)))
+    for n in (shape.hidden, shape.head_dim):  # the layer norms; Qwen3's per-head q/k norms
+        found += [(te._rms_norm_kernel, {"BLOCK": pow2(n), "ADD": add}) for add in (False, True)]
+    found.append((te._silu_and_mul_kernel, {"BLOCK": te.SILU_BLOCK}))
+    found.append((te._rotary_kernel, {"HEADS": te.ROTARY_HEADS, "HALF_PAD": pow2(shape.head_dim // 2)}))
+    return found
+
+
 def measure(archs: list[int]) -> list[KernelResources]:
-    block_size = CacheConfig().block_size
     results = []
+    seen = set()
     for arch in archs:
         for dtype_name, dtype in DTYPES.items():
-            for head_dim in sorted({d for _, d in MODEL_SHAPES}):
-                results.append(compile_kernel(triton_kernels._write_kv_kernel, dtype_name,
-                                              {"HEAD_DIM": head_dim}, arch))
-            for group, head_dim in MODEL_SHAPES:
-                prefill_block_q = triton_kernels.prefill_block_q(group, triton_kernels.prefill_rows(dtype))
-                for block_q in (1, prefill_block_q):  # the decode and prefill launches
-                    constexprs = triton_kernels.attention_constexprs(dtype, group, head_dim, block_size, block_q)
-                    results.append(compile_kernel(triton_kernels._paged_attention_kernel, dtype_name, constexprs,
-                                                  arch))
+            for shape in model_shapes():
+                for fn, constexprs in launches(shape, dtype):
+                    key = (arch, dtype_name, fn.__name__, tuple(sorted(constexprs.items())))
+                    if key not in seen:  # shapes share some launches (e.g. the head_dim-128 norms)
+                        seen.add(key)
+                        results.append(compile_kernel(fn, dtype_name, constexprs, arch, shape.name))
     return results
+
+
+# The compile-time parameters worth a column in the table.
+SHOWN = ("BLOCK_Q", "GROUP", "HEAD_DIM", "BLOCK", "ADD", "HALF_PAD")
 
 
 def main() -> None:
@@ -119,13 +164,11 @@ def main() -> None:
         print(json.dumps([asdict(r) for r in results]))
         return
     print(f"triton {triton.__version__}")
-    print(f"{'kernel':<24} {'sm':>3} {'dtype':<5} {'group':>5} {'rows':>4} {'head_dim':>8} {'regs':>5} "
-          f"{'spill B':>8}  mma")
+    print(f"{'kernel':<22} {'model':<14} {'sm':>3} {'dtype':<5} {'shape':<32} {'regs':>5} {'spill B':>8}  mma")
     for r in results:
-        group = r.config.get("GROUP", "-")
-        rows = r.config.get("BLOCK_Q", 0) * r.config.get("GROUP_PAD", 0) or "-"
-        print(f"{r.kernel:<24} {r.arch:>3} {r.dtype:<5} {group:>5} {rows:>4} {r.config['HEAD_DIM']:>8} "
-              f"{r.registers:>5} {r.spill_bytes:>8}  {r.mma}")
+        shape = " ".join(f"{k}={v}" for k, v in r.config.items() if k in SHOWN)
+        print(f"{r.kernel:<22} {r.model:<14} {r.arch:>3} {r.dtype:<5} {shape:<32} {r.registers:>5} "
+              f"{r.spill_bytes:>8}  {r.mma}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model import fused_ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -60,8 +60,8 @@ class RotaryEmbedding:
 
 def apply_rotary_(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     """Rotate ``x`` [tokens, heads, head_dim] in place (heads * head_dim dense per token) and return it."""
-    ops = load_cpu_kernels() if x.device.type == "cpu" else None
-    if ops is not None and x.dtype in (torch.float32, torch.bfloat16):
+    ops = fused_ops.for_tensor(x)
+    if ops is not None:
         ops.rotary_inplace(x, angles.cos, angles.sin)
         return x
     # As HF computes it: cos/sin rounded to the model dtype, products in that dtype.

@@ -1,0 +1,42 @@
+"""Which fused elementwise kernels (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary) a tensor's
+device gets: Pagoda's C++ kernels on the CPU, its Triton kernels on CUDA, None (the torch paths) when those
+are unavailable or turned off (``PAGODA_DISABLE_CPU_KERNELS=1``, ``PAGODA_DISABLE_GPU_KERNELS=1``). Both
+sets have the same functions with the same signatures, so a layer calls whichever it is given."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from pagoda.model.cpu_kernels import load_cpu_kernels
+
+logger = logging.getLogger(__name__)
+# The dtypes both kernel sets take; others (float16 on the CPU) use the torch paths.
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@lru_cache(maxsize=1)
+def load_gpu_kernels() -> ModuleType | None:
+    if os.environ.get("PAGODA_DISABLE_GPU_KERNELS") == "1":
+        return None
+    try:
+        from pagoda.model.layers import triton_elementwise
+    except ImportError as exc:
+        logger.warning("Pagoda's Triton kernels unavailable (%s); using slower torch paths", exc)
+        return None
+    return triton_elementwise
+
+
+def for_tensor(x: torch.Tensor) -> ModuleType | None:
+    """The fused kernels for ``x`` (by its device and dtype), or None."""
+    if x.dtype not in FUSED_DTYPES:
+        return None
+    if x.device.type == "cpu":
+        return load_cpu_kernels()
+    if x.device.type == "cuda":
+        return load_gpu_kernels()
+    return None
