@@ -82,3 +82,28 @@ def test_only_a_capturable_backend_is_accepted(make_tiny_model) -> None:
     core = _llm(str(folder)).engine.core
     with pytest.raises(ValueError, match="cannot be captured"):
         DecodeGraphs(core.model, core.runner.kv_caches, get_backend("torch", "cpu"), 16, 8, 64, use_cuda_graphs=False)
+
+
+def test_the_whole_gpu_path_emulated_matches_the_cpu_engine(make_tiny_model, monkeypatch) -> None:
+    """Everything a GPU decode runs, on the CPU: triton attention (decode and multi-block prefill programs),
+    the Triton fused elementwise kernels, the graph buffers and padding; greedy tokens as the CPU engine's
+    (torch attention, C++ kernels)."""
+    from pagoda.model import fused_ops
+    from pagoda.model.layers import triton_elementwise
+
+    folder, _ = make_tiny_model("qwen3", seed=7)
+    prompts = [{"prompt_token_ids": list(range(200 + i, 200 + i + n))} for i, n in enumerate([70, 4, 33])]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    cpu = LLM(str(folder), dtype="float32", num_kv_blocks=64, max_num_seqs=8)
+    expected = [o.outputs[0].token_ids for o in cpu.generate(prompts, params, use_tqdm=False)]
+
+    monkeypatch.setattr(fused_ops, "for_tensor",
+                        lambda x: triton_elementwise if x.dtype in fused_ops.FUSED_DTYPES else None)
+    llm = _llm(str(folder))
+    core = llm.engine.core
+    assert core.runner.attention.prefill_block_q < 70  # the long prompt spans several prefill programs
+    core.runner.graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8,
+                                      core.max_model_len, use_cuda_graphs=False)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == core.num_blocks
