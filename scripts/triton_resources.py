@@ -6,7 +6,7 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
     python scripts/triton_resources.py --arch 90 --json
 
 Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
-bf16 and fp32: KV write, paged attention (decode and prefill programs), the norms, SiLU-and-mul, rotary.
+bf16, fp16 and fp32: KV write, paged attention (decode and prefill programs), the norms, SiLU-and-mul, rotary.
 
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
@@ -37,7 +37,7 @@ from pagoda.model.attention import triton_kernels  # noqa: E402
 from pagoda.model.layers import triton_elementwise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments in the model dtype; fp32 and int64 ones by name; every other pointer is int32, every scalar i32.
 TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr", "x_ptr", "residual_ptr", "w_ptr",
                "gate_up_ptr"}

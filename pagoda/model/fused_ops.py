@@ -15,8 +15,9 @@ import torch
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 logger = logging.getLogger(__name__)
-# The dtypes both kernel sets take; others (float16 on the CPU) use the torch paths.
+# The dtypes the C++ kernels take; the Triton ones take float16 too.
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
+GPU_FUSED_DTYPES = (*FUSED_DTYPES, torch.float16)
 
 
 @lru_cache(maxsize=1)
@@ -33,10 +34,8 @@ def load_gpu_kernels() -> ModuleType | None:
 
 def for_tensor(x: torch.Tensor) -> ModuleType | None:
     """The fused kernels for ``x`` (by its device and dtype), or None."""
-    if x.dtype not in FUSED_DTYPES:
-        return None
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dtype in FUSED_DTYPES:
         return load_cpu_kernels()
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" and x.dtype in GPU_FUSED_DTYPES:
         return load_gpu_kernels()
     return None

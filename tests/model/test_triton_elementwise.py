@@ -85,6 +85,28 @@ def test_rotary_in_place_inside_a_fused_qkv(cpu_ops, dtype: torch.dtype, tol: fl
         tri.rotary_inplace(qkv.view(tokens, -1, dim), angles.cos[:, :-1], angles.sin)
 
 
+def test_float16_against_the_torch_paths() -> None:
+    """float16 (which the C++ kernels do not take) through the Triton kernels, against torch in fp32."""
+    torch.manual_seed(0)
+    tol = 2**-9  # two units of fp16 rounding near 1
+    x, residual, weight = torch.randn(4, 96).half(), torch.randn(4, 96).half(), torch.randn(96).half()
+    torch.testing.assert_close(tri.rms_norm(x, weight, 1e-5).float(),
+                               F.rms_norm(x.float(), (96,), weight.float(), 1e-5), atol=tol * 8, rtol=tol * 4)
+    summed = residual.clone()
+    out = tri.add_rms_norm(x, summed, weight, 1e-5)
+    torch.testing.assert_close(summed.float(), x.float() + residual.float(), atol=tol * 8, rtol=tol * 2)
+    torch.testing.assert_close(out.float(), F.rms_norm(summed.float(), (96,), weight.float(), 1e-5), atol=tol * 8,
+                               rtol=tol * 4)
+    gate_up = torch.randn(3, 64).half()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(tri.silu_and_mul(gate_up).float(), F.silu(gate) * up, atol=tol * 8, rtol=tol * 4)
+    qk = torch.randn(2, 3, 32).half()
+    angles = RotaryEmbedding(inverse_frequencies(32, 10000.0, None)).angles(torch.tensor([3, 700]))
+    expected = _torch_rotary(qk.float(), angles)
+    tri.rotary_inplace(qk, angles.cos, angles.sin)
+    torch.testing.assert_close(qk.float(), expected, atol=tol * 8, rtol=tol * 4)
+
+
 def _torch_rotary(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     cos = torch.cat((angles.cos, angles.cos), dim=-1)[:, None, :].to(x.dtype)
     sin = torch.cat((angles.sin, angles.sin), dim=-1)[:, None, :].to(x.dtype)
