@@ -19,7 +19,7 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
 from pagoda.engine.request import FinishReason, Request, SamplingParams
-from pagoda.engine.cuda_graphs import DecodeGraphs
+from pagoda.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.memory import (
     GIB,
     check_kv_fits,
@@ -67,10 +67,11 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
         attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
                                 self.arch.num_attention_heads // self.arch.num_key_value_heads, self.dtype)
-        self.num_blocks = num_blocks = self._plan_kv_blocks(attention, baseline_used)
+        use_graphs = self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable
+        self.num_blocks = num_blocks = self._plan_kv_blocks(attention, baseline_used, use_graphs)
         kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
         graphs = None
-        if self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable:
+        if use_graphs:
             started = time.monotonic()
             graphs = DecodeGraphs(self.model, kv_caches, attention, cc.block_size,
                                   config.scheduler_config.max_num_seqs, self.max_model_len, use_cuda_graphs=True)
@@ -83,7 +84,7 @@ class EngineCore:
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
 
-    def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int) -> int:
+    def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
         """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
         (see engine/memory.py), refusing to start when one max_model_len sequence would not fit."""
         cc, sc = self.config.cache_config, self.config.scheduler_config
@@ -92,10 +93,14 @@ class EngineCore:
         bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
         if self.device == "cuda":
             device = torch.device(self.device)
+            largest_graph = capture_sizes(sc.max_num_seqs)[-1]
             profile = profile_gpu_memory(
                 lambda: profile_step(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
                                      sc.max_num_seqs, self.max_model_len, device),
-                device, baseline_used)
+                device, baseline_used,
+                # The largest captured decode step: that many one-token sequences, each sampling.
+                (lambda: profile_step(self.model, attention, cc.block_size, largest_graph, largest_graph, 1, device))
+                if use_graphs else None)
             num_blocks = gpu_kv_blocks(profile, cc.gpu_memory_utilization, bytes_per_block)
             hint = describe_gpu_budget(profile, cc.gpu_memory_utilization, sc.max_num_batched_tokens)
             logger.info("GPU memory: %s; KV cache %d blocks (%.2f GiB)", profile, num_blocks,

@@ -1,8 +1,9 @@
 """How many KV blocks the engine gets, decided once at start-up.
 
 On a GPU: ``gpu_memory_utilization`` of the device's memory holds the weights, the activations of the
-largest step (measured by running one, ``profile_step``) and memory outside torch's allocator (CUDA
-context, library workspaces); the KV cache gets the rest. On the CPU the budget is ``kv_cache_gib``.
+largest step (measured by running one, ``profile_step``), the CUDA graphs' memory pool (which holds the
+activations of the largest captured decode step for as long as the engine lives, beside the eager steps'
+own) and memory outside torch's allocator (CUDA context, library workspaces); the KV cache gets the rest. On the CPU the budget is ``kv_cache_gib``.
 Whichever way, when the model or ``max_model_len`` cannot fit the engine refuses to start with the numbers
 and what to change, instead of running out of memory under load.
 """
@@ -28,6 +29,7 @@ class GpuMemoryProfile:
     activation_bytes: int  # peak of torch's allocator during the profiled step, less weights and its cache
     non_torch_bytes: int  # this process's device memory outside torch's allocator
     free_bytes: int  # free on the device after the profile (other processes' use is not ours to take)
+    graph_bytes: int = 0  # the same for the largest captured decode step: what the graphs' pool will hold
 
 
 def check_weights_fit(weight_bytes: int, total_bytes: int, utilization: float) -> None:
@@ -44,8 +46,9 @@ def check_weights_fit(weight_bytes: int, total_bytes: int, utilization: float) -
 def gpu_kv_blocks(profile: GpuMemoryProfile, utilization: float, bytes_per_block: int) -> int:
     """KV blocks left in the budget after weights, peak activations and non-torch memory."""
     budget = profile.total_bytes * utilization
-    left = budget - profile.weight_bytes - profile.activation_bytes - profile.non_torch_bytes
-    left = min(left, profile.free_bytes - profile.activation_bytes)
+    working = profile.activation_bytes + profile.graph_bytes
+    left = budget - profile.weight_bytes - working - profile.non_torch_bytes
+    left = min(left, profile.free_bytes - working)
     return max(0, int(left // bytes_per_block))
 
 
@@ -65,8 +68,10 @@ def describe_gpu_budget(profile: GpuMemoryProfile, utilization: float, max_num_b
     return (
         f"raise gpu_memory_utilization (now {utilization}: {profile.total_bytes * utilization / GIB:.2f} GiB, of which "
         f"weights {profile.weight_bytes / GIB:.2f} GiB, activations {profile.activation_bytes / GIB:.2f} GiB at "
-        f"max_num_batched_tokens={max_num_batched_tokens} (lower it to shrink them), other "
-        f"{profile.non_torch_bytes / GIB:.2f} GiB)"
+        f"max_num_batched_tokens={max_num_batched_tokens} (lower it to shrink them), "
+        + (f"CUDA graphs {profile.graph_bytes / GIB:.2f} GiB (--enforce-eager frees them), " if profile.graph_bytes
+           else "")
+        + f"other {profile.non_torch_bytes / GIB:.2f} GiB)"
     )
 
 
@@ -126,18 +131,25 @@ def profile_step(
     return cache_bytes
 
 
-def profile_gpu_memory(run_step: Callable[[], int], device: torch.device, baseline_used_bytes: int) -> GpuMemoryProfile:
-    """Measure ``run_step`` (a ``profile_step`` call; returns its throw-away cache's bytes) on ``device``.
+def profile_gpu_memory(run_step: Callable[[], int], device: torch.device, baseline_used_bytes: int,
+                       run_graph_step: Callable[[], int] | None = None) -> GpuMemoryProfile:
+    """Measure ``run_step`` (a ``profile_step`` call; returns its throw-away cache's bytes) on ``device``, and
+    ``run_graph_step`` (the largest decode step CUDA graphs will capture, if any) likewise.
     ``baseline_used_bytes``: device memory in use before this process loaded the model (other processes,
     counted neither as ours nor as free)."""
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     weight_bytes = torch.cuda.memory_allocated(device)
-    cache_bytes = run_step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+
+    def peak_of(step: Callable[[], int]) -> int:
+        torch.cuda.reset_peak_memory_stats(device)
+        cache_bytes = step()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - weight_bytes - cache_bytes)
+
+    activation_bytes = peak_of(run_step)
+    graph_bytes = peak_of(run_graph_step) if run_graph_step is not None else 0
     free, total = torch.cuda.mem_get_info(device)
     non_torch = max(0, (total - free) - baseline_used_bytes - torch.cuda.memory_reserved(device))
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    return GpuMemoryProfile(total, weight_bytes, max(0, peak - weight_bytes - cache_bytes), non_torch, free)
+    return GpuMemoryProfile(total, weight_bytes, activation_bytes, non_torch, free, graph_bytes)

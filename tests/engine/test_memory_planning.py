@@ -35,6 +35,9 @@ def test_kv_blocks_take_what_the_budget_leaves() -> None:
     # Another process holds memory: never more than is free (less the activations still needed).
     assert gpu_kv_blocks(_profile(free_bytes=20 * GIB), 0.9, 2 * 2**20) == 18 * 512
     assert gpu_kv_blocks(_profile(weight_bytes=75 * GIB), 0.9, 2 * 2**20) == 0
+    # CUDA graphs' pool is held beside the eager steps' activations: it comes out of the budget too.
+    assert gpu_kv_blocks(_profile(graph_bytes=GIB), 0.9, 2 * 2**20) == 52 * 512
+    assert gpu_kv_blocks(_profile(graph_bytes=GIB, free_bytes=20 * GIB), 0.9, 2 * 2**20) == 17 * 512
 
 
 def test_weights_that_cannot_fit_are_refused_before_loading() -> None:
@@ -52,6 +55,9 @@ def test_max_model_len_that_cannot_fit_names_the_tokens_that_fit() -> None:
     assert "holds 112 tokens" in message and "max_model_len=128" in message
     assert "set max_model_len to at most 112" in message
     assert "gpu_memory_utilization (now 0.9" in message and "max_num_batched_tokens=8192" in message
+    assert "CUDA graphs" not in message
+    with_graphs = describe_gpu_budget(_profile(graph_bytes=GIB // 2), 0.9, 8192)
+    assert "CUDA graphs 0.50 GiB (--enforce-eager frees them)" in with_graphs
 
 
 def test_cpu_engine_refuses_a_budget_below_max_model_len(make_tiny_model) -> None:
@@ -76,7 +82,7 @@ def test_profile_batch_spends_the_whole_token_budget() -> None:
     assert profile_batch(1000, 384) == [384, 384, 232]
 
 
-@pytest.mark.parametrize("max_model_len", [64, 100])
+@pytest.mark.parametrize("max_model_len", [64, 100, 1])  # 1: the decode step profiled for CUDA graphs
 def test_profiled_step_runs_the_largest_step(make_tiny_model, max_model_len: int) -> None:
     folder, _ = make_tiny_model("llama")
     model = load_model(str(folder), torch.float32).model
