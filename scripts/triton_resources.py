@@ -73,6 +73,7 @@ class KernelResources:
     registers: int
     spill_bytes: int  # per-thread stack (local memory) the compiler needed beyond the registers
     mma: str  # "wgmma" (Hopper warpgroup MMA), "mma" (warp MMA), or "none"
+    async_copies: bool  # loads pipelined through cp.async / the bulk copy engine (Triton's software pipelining)
     model: str
     # fp32 -> bf16 conversions round to nearest (cvt.rn) rather than truncate; None without any
     bf16_rounds_to_nearest: bool | None
@@ -94,17 +95,28 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
     return signature
 
 
+def _aligned(fn: Any, constexprs: dict[str, Any]) -> dict[tuple[int, ...], list[list[Any]]]:
+    """What Triton's launcher tells the compiler at run time: tensors start 16-byte aligned (torch's
+    allocations and the q/k/v views of the shipped shapes do) and strides are multiples of 16 elements (as
+    every stride of the shipped shapes is), which lets it vectorize loads and stores."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name not in constexprs and (name.endswith("_ptr") or name.startswith("stride"))}
+
+
 def compile_kernel(fn: Any, dtype: str, constexprs: dict[str, Any], arch: int, model: str) -> KernelResources:
     names = fn.arg_names
     source = ASTSource(fn, _signature(fn, dtype, constexprs),
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs=_aligned(fn, constexprs))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
     registers, spill = _resource_usage(compiled.asm["cubin"])
     conversions = re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", ptx)
     rounding = all(c == "rn" for c in conversions) if conversions else None
-    return KernelResources(fn.__name__.strip("_"), arch, dtype, constexprs, registers, spill, mma, model, rounding)
+    pipelined = "cp.async" in ptx
+    return KernelResources(fn.__name__.strip("_"), arch, dtype, constexprs, registers, spill, mma, pipelined, model,
+                           rounding)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -164,11 +176,12 @@ def main() -> None:
         print(json.dumps([asdict(r) for r in results]))
         return
     print(f"triton {triton.__version__}")
-    print(f"{'kernel':<22} {'model':<14} {'sm':>3} {'dtype':<5} {'shape':<32} {'regs':>5} {'spill B':>8}  mma")
+    print(f"{'kernel':<22} {'model':<14} {'sm':>3} {'dtype':<5} {'shape':<32} {'regs':>5} {'spill B':>8}  mma    "
+          "async")
     for r in results:
         shape = " ".join(f"{k}={v}" for k, v in r.config.items() if k in SHOWN)
         print(f"{r.kernel:<22} {r.model:<14} {r.arch:>3} {r.dtype:<5} {shape:<32} {r.registers:>5} "
-              f"{r.spill_bytes:>8}  {r.mma}")
+              f"{r.spill_bytes:>8}  {r.mma:<6} {'yes' if r.async_copies else 'no'}")
 
 
 if __name__ == "__main__":

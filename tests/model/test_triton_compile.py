@@ -3,8 +3,8 @@
 The interpreter tests check what the kernels compute; this checks what the GPU compiler makes of every
 launch the engine makes for the shipped model shapes (scripts/triton_resources.py, in a subprocess so that
 TRITON_INTERPRET=1 of the test session does not apply): each compiles, none spills registers to local
-memory, 16-bit attention products run on tensor cores and float32 ones do not (float32 must not be rounded
-to TF32), and every fp32 -> bf16 store rounds to nearest.
+memory, attention's key/value loads are pipelined, 16-bit attention products run on tensor cores and float32
+ones do not (float32 must not be rounded to TF32), and every fp32 -> bf16 store rounds to nearest.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def test_kernels_compile_for_hopper_and_ampere_without_spills() -> None:
     for r in attention:
         expected = ({"wgmma", "mma"} if r["arch"] == 90 else {"mma"}) if r["dtype"] != "fp32" else {"none"}
         assert r["mma"] in expected, r
+    # Key/value loads are software-pipelined (cp.async), given the alignment the launcher reports at run time.
+    assert all(r["async_copies"] for r in attention)
     # Hopper's 64-row 16-bit prefill programs use its warpgroup MMA.
     assert all(r["mma"] == "wgmma" for r in attention
                if r["arch"] == 90 and r["dtype"] != "fp32" and r["config"]["BLOCK_Q"] > 1)

@@ -20,11 +20,11 @@ import triton.language as tl
 MIN_DOT_ROWS = 16
 # Rows of a prefill program (query tokens x the query heads of one KV head): each key/value tile it loads
 # serves all of them, so a prefill re-reads its context once per this many rows instead of once per token.
-# Half as many in fp32, whose 64-row programs spill registers on sm_80/sm_90 (scripts/triton_resources.py).
+# Half as many in fp32, whose 64-row programs spill registers on sm_80 (scripts/triton_resources.py).
 PREFILL_ROWS = 64
 # Keys per inner-loop step; independent of the cache's block size (each key looks up its own block).
-# 32 needs ~2x the registers for Hopper (226 vs 120 per thread for a bf16 decode program; see
-# scripts/triton_resources.py) and spills in fp32.
+# With 32 a bf16 prefill program needs 168 registers per thread on sm_90 instead of 128, and fp32 prefill
+# programs spill (scripts/triton_resources.py); which tile is faster is for a GPU to measure.
 TILE_KEYS = 16
 
 

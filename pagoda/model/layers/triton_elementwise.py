@@ -17,8 +17,8 @@ import triton.language as tl
 
 # Elements of one row a program handles at once in silu_and_mul (rows of the MLP are wide: 14336 for 8B).
 SILU_BLOCK = 1024
-# Heads of one token a rotary program rotates (all 40 of the 8B's q and k heads in one program took 217
-# registers per thread on sm_90; 8 take 32 or fewer).
+# Heads of one token a rotary program rotates: small tiles (32 registers per thread on sm_90), and a
+# batch-1 decode step still spreads over several programs.
 ROTARY_HEADS = 8
 
 
