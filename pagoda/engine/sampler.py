@@ -19,6 +19,10 @@ from pagoda.engine.request import Logprob, PositionLogprobs, Request
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
+# Rows whose logprob ranks are counted in one comparison (see _gather_logprobs).
+RANK_CHUNK_ROWS = 16
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -169,18 +173,26 @@ def _plain_greedy(r: Request) -> bool:
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[PositionLogprobs | None]:
-    result: list[PositionLogprobs | None] = []
-    for i, r in enumerate(requests):
-        k = r.sampling_params.logprobs
-        if k is None:
-            result.append(None)
-            continue
-        row = logprobs[i]
-        chosen = float(row[tokens[i]])
-        entry: PositionLogprobs = {tokens[i]: Logprob(chosen, int((row > chosen).sum()) + 1)}
-        if k > 0:
-            vals, ids = row.topk(k)
-            for rank, (tid, val) in enumerate(zip(ids.tolist(), vals.tolist()), start=1):
-                entry.setdefault(tid, Logprob(val, rank))
-        result.append(entry)
+    """Each asking row's sampled token with its rank, plus its top ``logprobs`` tokens: batched over the
+    rows (a gather, a top-k, ranks in chunks of rows, three copies to the host), not one row at a time."""
+    result: list[PositionLogprobs | None] = [None] * len(requests)
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    if not rows:
+        return result
+    on = {"device": logprobs.device}
+    asked = logprobs if len(rows) == len(requests) else logprobs[torch.tensor(rows, **on)]
+    chosen = asked.gather(1, torch.tensor([tokens[i] for i in rows], **on)[:, None])
+    # Counting over a whole [rows, vocab] comparison is ~3x slower on the CPU than chunk by chunk.
+    ranks = (torch.cat([(asked[c:c + RANK_CHUNK_ROWS] > chosen[c:c + RANK_CHUNK_ROWS]).sum(dim=-1)
+                        for c in range(0, len(rows), RANK_CHUNK_ROWS)]) + 1).tolist()
+    chosen_values = chosen.squeeze(1).tolist()
+    most = max(requests[i].sampling_params.logprobs for i in rows)
+    top_values, top_ids = asked.topk(most, dim=-1) if most else (asked[:, :0], asked[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        k = requests[i].sampling_params.logprobs
+        entry: PositionLogprobs = {tokens[i]: Logprob(chosen_values[j], ranks[j])}
+        for rank, (tid, val) in enumerate(zip(top_ids[j][:k], top_values[j][:k]), start=1):
+            entry.setdefault(tid, Logprob(val, rank))
+        result[i] = entry
     return result
