@@ -9,9 +9,9 @@ that its draws do not depend on what else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,31 +68,46 @@ class Sampler:
         return SampleResult(token_list, logprobs)
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Logit bias, min_tokens masking, repetition then presence/frequency penalties, each applied to all
+        the rows that need it in one indexed operation (the index lists built on the host)."""
         needs = [i for i, r in enumerate(requests) if _row_needs_processing(r)]
         if not needs:
             return logits
         logits = logits.clone()
-        vocab = logits.shape[-1]
+        bias, banned, seen, counted = _Edits(), _Edits(), _Edits(), _Edits()
+        presence: list[float] = []
+        frequency: list[float] = []
         for i in needs:
             r = requests[i]
             p = r.sampling_params
-            row = logits[i]
-            on = {"device": row.device}
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()), **on)
-                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, **on))
+                bias.add(i, p.logit_bias.keys(), p.logit_bias.values())
             if r.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
-                if banned:
-                    row[torch.tensor(sorted(banned), **on)] = float("-inf")
+                banned.add(i, sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))))
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.token_ids)), **on)
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                ids = sorted(set(r.token_ids))
+                seen.add(i, ids, [p.repetition_penalty] * len(ids))
             if p.presence_penalty or p.frequency_penalty:
-                out = torch.tensor(r.output_token_ids, dtype=torch.int64, **on)
-                counts = torch.bincount(out, minlength=vocab).to(row.dtype)
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+                counts = Counter(r.output_token_ids)
+                counted.add(i, counts.keys(), counts.values())
+                presence += [p.presence_penalty] * len(counts)
+                frequency += [p.frequency_penalty] * len(counts)
+        device, dtype = logits.device, logits.dtype
+        if bias.rows:
+            rows, ids = bias.index(device)
+            logits.index_put_((rows, ids), bias.tensor(dtype, device), accumulate=True)
+        if banned.rows:
+            logits[banned.index(device)] = float("-inf")
+        if seen.rows:
+            where = seen.index(device)
+            vals, penalty = logits[where], seen.tensor(dtype, device)
+            logits[where] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        if counted.rows:
+            where = counted.index(device)
+            counts = counted.tensor(dtype, device)
+            cut = (torch.tensor(frequency, dtype=dtype, device=device) * counts
+                   + torch.tensor(presence, dtype=dtype, device=device) * (counts > 0).to(dtype))
+            logits[where] = logits[where] - cut
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
@@ -151,6 +166,28 @@ def _sample_rows_torch(
     # Rounding can leave a target at the top of the mass: take the last token with probability.
     last_kept = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(picked, last_kept)
+
+
+@dataclass
+class _Edits:
+    """(row, token id, value) triples gathered on the host for one indexed update of the logits."""
+
+    rows: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def add(self, row: int, ids: Iterable[int], values: Iterable[float] = ()) -> None:
+        ids = list(ids)
+        self.rows += [row] * len(ids)
+        self.ids += ids
+        self.values += list(values)
+
+    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.rows, dtype=torch.int64, device=device),
+                torch.tensor(self.ids, dtype=torch.int64, device=device))
+
+    def tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.values, dtype=dtype, device=device)
 
 
 def _row_needs_processing(r: Request) -> bool:

@@ -32,6 +32,24 @@ def test_penalties_follow_vllm_definitions() -> None:
     assert logits.tolist() == [[1.0, 2.0, -2.0, 4.0, 0.5]]  # the input is never modified
 
 
+def test_penalties_of_a_batch_equal_each_row_alone() -> None:
+    """The processing is batched across rows (one indexed update per kind): no row's edits reach another."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40)
+    requests = [
+        _request([1, 2, 3], [4, 4, 5], repetition_penalty=1.5, frequency_penalty=0.3, presence_penalty=0.2),
+        _request([7], [], temperature=0.0),  # nothing to apply
+        _request([9, 9], [11], logit_bias={11: -3.0, 12: 2.5}, min_tokens=4, stop_token_ids=[13]),
+        _request([4], [4, 6, 6, 6], frequency_penalty=-0.5, repetition_penalty=0.7),
+        _request([20], [21], logit_bias={4: 1.0}, presence_penalty=1.0),
+    ]
+    sampler = Sampler()
+    batched = sampler._process(logits, requests)
+    for i, r in enumerate(requests):
+        assert torch.equal(batched[i], sampler._process(logits[i:i + 1], [r])[0]), i
+    assert torch.equal(batched[1], logits[1])
+
+
 def test_top_k_top_p_min_p_masks() -> None:
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
