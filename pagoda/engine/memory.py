@@ -3,7 +3,8 @@
 On a GPU: ``gpu_memory_utilization`` of the device's memory holds the weights, the activations of the
 largest step (measured by running one, ``profile_step``), the CUDA graphs' memory pool (which holds the
 activations of the largest captured decode step for as long as the engine lives, beside the eager steps'
-own) and memory outside torch's allocator (CUDA context, library workspaces); the KV cache gets the rest. On the CPU the budget is ``kv_cache_gib``.
+own) and memory outside torch's allocator (CUDA context, library workspaces); the KV cache gets the rest.
+On the CPU the budget is ``kv_cache_gib``.
 Whichever way, when the model or ``max_model_len`` cannot fit the engine refuses to start with the numbers
 and what to change, instead of running out of memory under load.
 """

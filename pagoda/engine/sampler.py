@@ -224,8 +224,11 @@ def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: li
                         for c in range(0, len(rows), RANK_CHUNK_ROWS)]) + 1).tolist()
     chosen_values = chosen.squeeze(1).tolist()
     most = max(requests[i].sampling_params.logprobs for i in rows)
-    top_values, top_ids = asked.topk(most, dim=-1) if most else (asked[:, :0], asked[:, :0].long())
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    top_values: list[list[float]] = [[]] * len(rows)
+    top_ids: list[list[int]] = [[]] * len(rows)
+    if most:
+        values, ids = asked.topk(most, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
     for j, i in enumerate(rows):
         k = requests[i].sampling_params.logprobs
         entry: PositionLogprobs = {tokens[i]: Logprob(chosen_values[j], ranks[j])}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pagoda.model.attention.base import AttentionMetadata
-from pagoda.model.attention.triton_kernels import QueryBlocks, prefill_block_q, prefill_rows
+from pagoda.model.attention.triton_kernels import QueryBlocks, paged_attention, prefill_block_q, prefill_rows, write_kv
 
 
 @dataclass
@@ -45,9 +45,6 @@ class TritonAttentionBackend:
 
     def __init__(self, query_heads_per_kv: int = 1, dtype: torch.dtype = torch.bfloat16,
                  rows_per_prefill_program: int | None = None) -> None:
-        from pagoda.model.attention import triton_kernels
-
-        self.kernels = triton_kernels
         rows = rows_per_prefill_program or prefill_rows(dtype)
         self.prefill_block_q = prefill_block_q(query_heads_per_kv, rows)
 
@@ -71,9 +68,9 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         state: _StepState = metadata.backend_state
-        self.kernels.write_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+        write_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
         out = torch.empty_like(q)
         for blocks in (state.decode, state.prefill):
             if blocks is not None:
-                self.kernels.paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, blocks, scale, out)
+                paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, blocks, scale, out)
         return out
