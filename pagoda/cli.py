@@ -55,7 +55,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pagoda.config import EngineConfig
     from pagoda.engine.core_client import EngineClient
 
+    from pagoda.server.access import check_exposure, load_api_keys
+
     config = EngineConfig.from_kwargs(**engine_kwargs(args, server=True))
+    check_exposure(config.server_config, bool(load_api_keys(config.server_config)))  # before the model loads
     client = EngineClient(config)
     client.spawn()  # the core imports torch and loads the model while this process imports the web stack
     from pagoda.server.launch import serve

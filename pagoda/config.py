@@ -101,12 +101,23 @@ class ServerConfig:
     api_key_file: str | None = None
     # On SIGTERM/SIGINT: seconds to let in-flight requests finish before exiting.
     shutdown_timeout: float = 30.0
+    # Request bodies over this many bytes get 413 before they are parsed.
+    max_request_body_bytes: int = 8 * 2**20
+    # Host header names answered (comma-separated; "*": any). Unset: loopback names only on a loopback
+    # bind (a DNS-rebinding defence), any name otherwise.
+    allowed_hosts: str | None = None
+    # Browser origins allowed by CORS (comma-separated; "*": any). Unset: none, preflights are refused.
+    allowed_origins: str | None = None
+    # A non-loopback bind without an API key is refused unless this is set.
+    allow_unauthenticated: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError(f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}")
 
 
 _SECTIONS: dict[str, type] = {

@@ -31,7 +31,7 @@ from pagoda.engine.memory import (
 )
 from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from pagoda.engine.sampler import Sampler
-from pagoda.engine.scheduler import QueueFullError, ScheduledRequest, Scheduler, SchedulerOutput
+from pagoda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, check_queue_room
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.layers.linear import configure_linear
@@ -138,9 +138,7 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
         self.scheduler.check_admissible(len(prompt_token_ids), params.max_tokens)
-        limit = self.config.scheduler_config.max_queued_requests
-        if len(self.scheduler.waiting) + params.n > limit:
-            raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+        check_queue_room(len(self.scheduler.waiting), params.n, self.config.scheduler_config.max_queued_requests)
         now = time.monotonic() if arrival_time is None else arrival_time
         ids = list(prompt_token_ids)
         children: list[Request] = []

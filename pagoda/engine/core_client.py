@@ -189,12 +189,18 @@ class EngineClient:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival = time.monotonic()
         stream = _Stream(num_sequences=params.n)
-        self.streams[request_id] = stream
-        self.output_processor.add(request_id, prompt, prompt_token_ids, params, child_ids(request_id, params.n), arrival)
-        await self._to_core.send(
-            pack(["add", request_id, prompt_token_ids, params_to_wire(params), priority, cache_salt, arrival])
-        )
+        # Everything that registers the request sits inside the try whose finally removes it: a failure
+        # before the core has it (a value the codec refuses, a cancelled send) must not leak queue room.
         try:
+            try:
+                frame = pack(["add", request_id, prompt_token_ids, params_to_wire(params), priority, cache_salt,
+                              arrival])
+            except (OverflowError, TypeError) as exc:  # e.g. an integer wider than 64 bits
+                raise RequestRejected("invalid", f"the request holds a value the engine cannot take: {exc}") from None
+            self.streams[request_id] = stream
+            self.output_processor.add(request_id, prompt, prompt_token_ids, params, child_ids(request_id, params.n),
+                                      arrival)
+            await self._to_core.send(frame)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -203,9 +209,10 @@ class EngineClient:
                 if item.finished:
                     return
         finally:
-            if not stream.finished:
-                self.abort(request_id)
-            self.streams.pop(request_id, None)
+            if self.streams.get(request_id) is stream:
+                if not stream.finished:
+                    self.abort(request_id)
+                del self.streams[request_id]
 
     def abort(self, request_id: str) -> None:
         """End a request now (no await: this runs while the handler's task is being cancelled)."""

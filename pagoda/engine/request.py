@@ -86,8 +86,9 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     def validate_for_vocab(self, vocab_size: int) -> None:
-        for token in list(self.logit_bias or {}) + list(self.stop_token_ids or []):
-            _check(0 <= token < vocab_size, "logit_bias/stop_token_ids", f"token id {token} is outside the vocabulary [0, {vocab_size})")
+        for name, tokens in (("logit_bias", list(self.logit_bias or {})), ("stop_token_ids", self.stop_token_ids or [])):
+            bad = [t for t in tokens if not 0 <= t < vocab_size]
+            _check(not bad, name, f"holds token ids outside the vocabulary [0, {vocab_size}): {bad[:20]}")
 
 
 class RequestStatus(enum.Enum):

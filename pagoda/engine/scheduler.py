@@ -27,6 +27,15 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at ``max_queued_requests``; retry later."""
 
 
+def check_queue_room(num_waiting: int, num_new: int, limit: int) -> None:
+    """The one waiting-queue check (the server before tokenizing the rest, the core on arrival)."""
+    if num_new > limit:
+        raise AdmissionError(f"this request holds {num_new} sequences (n x prompts), more than the waiting queue "
+                             f"ever admits at once (max_queued_requests={limit}); send fewer")
+    if num_waiting + num_new > limit:
+        raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+
+
 @dataclass
 class ScheduledRequest:
     request: Request

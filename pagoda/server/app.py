@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -19,16 +18,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pagoda import __version__
 from pagoda.config import EngineConfig
 from pagoda.engine.core_client import EngineClient
+from pagoda.engine.scheduler import AdmissionError, QueueFullError, check_queue_room
 from pagoda.engine.tokenizer import ChatTemplateError
 from pagoda.server import serving
+from pagoda.server.access import check_exposure, load_api_keys, tenant_salt
 from pagoda.server.embeddings import Embedder, load_embedder
 from pagoda.server.errors import APIError, error_response, install_error_handlers
+from pagoda.server.guards import BodyLimitMiddleware, HostCheckMiddleware, allowed_host_names
 from pagoda.server.metrics import ServerMetrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -54,15 +57,6 @@ class ServerState:
     embedder: Embedder | None = None
     draining: bool = False
     in_flight: set[str] = field(default_factory=set)
-
-
-def load_api_keys(config: EngineConfig) -> list[bytes]:
-    sc = config.server_config
-    keys = [k for k in (sc.api_key, os.environ.get("PAGODA_API_KEY")) if k]
-    if sc.api_key_file:
-        lines = Path(sc.api_key_file).read_text().splitlines()
-        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return [k.encode() for k in keys]
 
 
 class RequestIdMiddleware:
@@ -95,7 +89,9 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     metrics = ServerMetrics(served)
     client = client or EngineClient(config)
     client.on_stats, client.on_output = metrics.update_stats, metrics.observe_output
-    state = ServerState(config, client, metrics, [served], load_api_keys(config))
+    sc = config.server_config
+    state = ServerState(config, client, metrics, [served], load_api_keys(sc))
+    check_exposure(sc, bool(state.api_keys))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -113,12 +109,23 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
                   description="OpenAI-compatible LLM serving (Pagoda)")
     app.state.pagoda = state
     install_error_handlers(app)
+    # Added innermost first: the Host check runs before CORS, CORS before the body is read.
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=sc.max_request_body_bytes)
+    if sc.allowed_origins:
+        origins = [o.strip() for o in sc.allowed_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
+    hosts = allowed_host_names(sc.host, sc.allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=hosts)
     bearer = HTTPBearer(auto_error=False)
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> bytes | None:
+        """The caller's key (None when the server has none), after checking it."""
         if not state.api_keys:
-            return
+            return None
         given = credentials.credentials.encode() if credentials else b""
         # Compare with every key, always: the time taken does not tell which key came close.
         matched = False
@@ -127,6 +134,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if not matched:
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return given
 
     def check_model(name: str | None) -> str:
         if name is not None and name not in state.model_names:
@@ -140,11 +148,13 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if not client.is_alive:
             raise APIError(503, f"the engine is not available: {client.dead_reason or 'not running'}",
                            headers={"Retry-After": serving.RETRY_AFTER_S})
-        limit = config.scheduler_config.max_queued_requests
         waiting = client.num_unfinished - client.stats.num_running
-        if waiting + n > limit:
-            raise APIError(429, f"the waiting queue is full ({limit} requests); retry later", code="queue_full",
-                           headers={"Retry-After": serving.RETRY_AFTER_S})
+        try:
+            check_queue_room(waiting, n, config.scheduler_config.max_queued_requests)
+        except AdmissionError as exc:
+            raise APIError(400, str(exc), "n", "too_many_sequences") from None
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": serving.RETRY_AFTER_S}) from None
 
     async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
         """Run ``work``; if the client goes away first, cancel it (which aborts its engine requests)."""
@@ -165,8 +175,10 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)
 
-    def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> serving.Prompt:
-        assert client.tokenizer is not None
+    async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> serving.Prompt:
+        assert client.tokenizer is not None and client.info is not None
+        serving.check_chars(sum(len(m.text()) + len(m.name or "") for m in messages), client.info.max_model_len,
+                            "messages")
         try:
             text = client.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages],
@@ -174,7 +186,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             )
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return serving.Prompt(text, client.tokenizer.encode(text, add_special_tokens=False))
+        return serving.Prompt(text, await serving.encode(client.tokenizer, text, add_special_tokens=False))
 
     # ---- pages and probes --------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -216,47 +228,55 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         }
 
     # ---- generation --------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        model = check_model(req.model)
-        params = serving.chat_params(req)
-        prompt = render_chat(req.messages, req.add_generation_prompt)
-        assert client.info is not None
-        serving.check_length(prompt, params, client.info.max_model_len, "messages")
-        check_capacity(params.n)
-        job = serving.ChatJob.new(model, prompt, params, req)
-        if not req.stream:
-            return await until_disconnect(request, serving.chat_full(client, job))
-        stream = serving.run_one(client, job.request_id, prompt, params, job.priority)
-        first = await serving.open_stream(stream)  # a rejection becomes a status, not a broken stream
-        return StreamingResponse(serving.chat_stream(job, serving.prepend(first, stream)),
-                                 media_type="text/event-stream")
+    # Each handler's work runs under until_disconnect from the start: a client that leaves while its
+    # request waits in the queue or prefills has it aborted at once.
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request, key: bytes | None = Depends(authorize)) -> Any:
+        async def work() -> Any:
+            model = check_model(req.model)
+            params = serving.chat_params(req)
+            prompt = await render_chat(req.messages, req.add_generation_prompt)
+            assert client.info is not None
+            serving.check_length(prompt, params, client.info.max_model_len, "messages")
+            check_capacity(params.n)
+            job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt))
+            if not req.stream:
+                return await serving.chat_full(client, job)
+            stream = job.stream(client)
+            first = await serving.open_stream(stream)  # a rejection becomes a status, not a broken stream
+            return StreamingResponse(serving.chat_stream(job, serving.prepend(first, stream)),
+                                     media_type="text/event-stream")
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        model = check_model(req.model)
-        params = serving.completion_params(req)
-        prompts = serving.completion_prompts(req, client)
-        assert client.info is not None
-        for p in prompts:
-            serving.check_length(p, params, client.info.max_model_len, "prompt")
-        check_capacity(params.n * len(prompts))
-        job = serving.CompletionJob.new(model, prompts, params, req)
-        echo = [job.prefix(i) for i in range(len(prompts))]
-        if not req.stream:
-            return await until_disconnect(request, serving.completion_full(client, job, echo))
-        stream = serving.merged(job.streams(client))
-        first = await serving.open_stream(stream)
-        return StreamingResponse(serving.completion_stream(job, serving.prepend(first, stream), echo),
-                                 media_type="text/event-stream")
+        return await until_disconnect(request, work())
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request, key: bytes | None = Depends(authorize)) -> Any:
+        async def work() -> Any:
+            model = check_model(req.model)
+            params = serving.completion_params(req)
+            prompts = await serving.completion_prompts(req, client)
+            assert client.info is not None
+            for p in prompts:
+                serving.check_length(p, params, client.info.max_model_len, "prompt")
+            check_capacity(params.n * len(prompts))
+            job = serving.CompletionJob.new(model, prompts, params, req, tenant_salt(key, req.cache_salt))
+            echo = [job.prefix(i) for i in range(len(prompts))]
+            if not req.stream:
+                return await serving.completion_full(client, job, echo)
+            stream = serving.merged(job.streams(client))
+            first = await serving.open_stream(stream)
+            return StreamingResponse(serving.completion_stream(job, serving.prepend(first, stream), echo),
+                                     media_type="text/event-stream")
+
+        return await until_disconnect(request, work())
 
     # ---- embeddings and tokens ---------------------------------------------------------------
     @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
-    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+    async def embeddings(req: EmbeddingRequest, request: Request) -> Any:
         model = check_model(req.model)
         if state.embedder is None:
             raise APIError(503, "no embedding model is loaded")
-        return await state.embedder.respond(req, model)
+        return await until_disconnect(request, state.embedder.respond(req, model))
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
@@ -265,9 +285,11 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            ids = render_chat(req.messages, req.add_generation_prompt).token_ids
+            ids = (await render_chat(req.messages, req.add_generation_prompt)).token_ids
         else:
-            ids = client.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            prompt = req.prompt or ""
+            serving.check_chars(len(prompt), client.info.max_model_len, "prompt")
+            ids = await serving.encode(client.tokenizer, prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
@@ -277,7 +299,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         bad = [t for t in req.tokens if not 0 <= t < client.info.vocab_size]
         if bad:
             raise APIError(400, f"tokens outside the vocabulary [0, {client.info.vocab_size}): {bad[:5]}", "tokens")
-        return {"prompt": client.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(client.tokenizer.decode, req.tokens, False)
+        return {"prompt": text}
 
     @app.exception_handler(404)
     async def not_found(_: Request, __: Exception) -> JSONResponse:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pagoda.engine.request import (MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCE_CHARS,
-                                  MAX_STOP_SEQUENCES)
+                                  MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS)
 
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions or /v1/embeddings call
 MAX_SEED = 2**63 - 1
+# Every integer that reaches the engine fits an int32: the wire codec and the tensors take no bigger ones.
+MAX_INT32 = 2**31 - 1
+MAX_NAME_CHARS = 256
 
 
 class UnsupportedParameter(ValueError):
@@ -35,11 +38,24 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+def _no_lone_surrogates(text: str) -> str:
+    # JSON may carry "\ud800" alone; the tokenizer (and any UTF-8 encoder) cannot take it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone UTF-16 surrogate at character {exc.start}; send valid Unicode") from None
+    return text
+
+
 # The bounds live in the types so that /openapi.json tells clients (and the fuzzer) what is valid.
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS)]
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT32)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS)]
 StopType = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)], None]
-PromptText = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptText = Annotated[Text, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 PromptInput = Union[PromptText, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)],
                     TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]]
 
@@ -47,42 +63,45 @@ PromptInput = Union[PromptText, Annotated[list[PromptText], Field(min_length=1, 
 class SamplingFields(_Strict):
     """Sampling parameters shared by chat and completions (OpenAI names, then vLLM's extras)."""
 
-    model: str | None = None
+    model: Name | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopType = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Count | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     seed: int | None = Field(default=None, ge=-MAX_SEED, le=MAX_SEED)
-    user: str | None = Field(default=None, max_length=256)
+    user: Name | None = None
     # vLLM extras
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=256)
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's per-request prefix-cache salt; combined with the caller's API key (tenants never share blocks).
+    cache_salt: Name | None = None
 
 
 class ContentPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients echo back fields like refusal / annotations
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -94,7 +113,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
@@ -109,32 +128,32 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: Count | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class EmbeddingRequest(_Strict):
-    model: str | None = None
+    model: Name | None = None
     input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
-    user: str | None = Field(default=None, max_length=256)
+    dimensions: Count | None = None
+    user: Name | None = None
 
 
 class TokenizeRequest(_Strict):
-    model: str | None = None
-    prompt: str | None = None
+    model: Name | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    model: Name | None = None
+    tokens: list[TokenId] = Field(max_length=1_000_000)
 
 
 def prompt_items(raw: PromptInput, param: str) -> list[str | list[int]]:

@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 
 from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
 from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
+from pagoda.engine.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.protocol import (
+    MAX_INT32,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
@@ -22,6 +24,9 @@ from pagoda.server.protocol import (
 )
 
 RETRY_AFTER_S = "1"
+# Characters a prompt may hold per token of context before it is refused untokenized. Real text averages
+# 3-5 characters a token; the cap only keeps text that could never fit from costing a tokenizer pass.
+MAX_CHARS_PER_TOKEN = 32
 T = TypeVar("T")
 
 
@@ -33,12 +38,16 @@ class Prompt:
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """OpenAI fields -> SamplingParams; every value error names its parameter (400)."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     bias = None
     if req.logit_bias:
-        try:
-            bias = {int(k): v for k, v in req.logit_bias.items()}
-        except ValueError:
-            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+        bad = [k for k in req.logit_bias if not (k.isdecimal() and k.isascii() and int(k) <= MAX_INT32)]
+        if bad:
+            shown = ", ".join(repr(k[:40]) for k in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise APIError(400, f"logit_bias keys must be token ids (non-negative integers as strings); "
+                                f"invalid keys: {shown}", "logit_bias")
+        bias = {int(k): v for k, v in req.logit_bias.items()}
     try:
         return SamplingParams(
             n=req.n,
@@ -61,8 +70,13 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as exc:
-        param = str(exc).split(" ", 1)[0]
-        raise APIError(400, str(exc), param) from None
+        raise APIError(400, str(exc), _param_named(exc)) from None
+
+
+def _param_named(exc: Exception) -> str | None:
+    """Engine-side checks start their message with the parameter's name."""
+    head = str(exc).split(" ", 1)[0]
+    return head if head.isidentifier() else None
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:
@@ -88,17 +102,30 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     return sampling_params(req, req.max_tokens, req.logprobs)
 
 
-def completion_prompts(req: CompletionRequest, client: EngineClient) -> list[Prompt]:
-    assert client.tokenizer is not None
+def check_chars(count: int, max_model_len: int, param: str) -> None:
+    limit = max_model_len * MAX_CHARS_PER_TOKEN
+    if count > limit:
+        raise APIError(400, f"{param} holds {count} characters; this model's context of {max_model_len} tokens "
+                            f"never takes more than {limit}", param, "context_length_exceeded")
+
+
+async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    # Off the event loop: a long text must not stall /health or other requests' streams.
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+
+
+async def completion_prompts(req: CompletionRequest, client: EngineClient) -> list[Prompt]:
+    assert client.tokenizer is not None and client.info is not None
     try:
         raw = prompt_items(req.prompt, "prompt")
     except ValueError as exc:
         raise APIError(400, str(exc), "prompt") from None
     prompts = []
-    vocab = client.info.vocab_size if client.info else 0
+    vocab = client.info.vocab_size
     for item in raw:
         if isinstance(item, str):
-            prompts.append(Prompt(item, client.tokenizer.encode(item)))
+            check_chars(len(item), client.info.max_model_len, "prompt")
+            prompts.append(Prompt(item, await encode(client.tokenizer, item)))
         else:
             bad = [t for t in item if not 0 <= t < vocab]
             if bad:
@@ -125,14 +152,14 @@ def check_length(prompt: Prompt, params: SamplingParams, max_model_len: int, wha
 
 # ---- running requests ----------------------------------------------------------------------------
 async def run_one(client: EngineClient, request_id: str, prompt: Prompt, params: SamplingParams, priority: int,
-                  ) -> AsyncIterator[RequestOutput]:
+                  cache_salt: str | None) -> AsyncIterator[RequestOutput]:
     try:
-        async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority):
+        async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority, cache_salt):
             yield out
     except RequestRejected as exc:
         if exc.kind == "queue_full":
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-        raise APIError(400, str(exc)) from None
+        raise APIError(400, str(exc), _param_named(exc)) from None
     except EngineDeadError as exc:
         raise APIError(503, f"the engine is not available: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
 
@@ -240,18 +267,24 @@ class ChatJob:
     prompt: Prompt
     params: SamplingParams
     priority: int
+    cache_salt: str | None
     include_usage: bool
     created: int
 
     @classmethod
-    def new(cls, model: str, prompt: Prompt, params: SamplingParams, req: ChatCompletionRequest) -> ChatJob:
+    def new(cls, model: str, prompt: Prompt, params: SamplingParams, req: ChatCompletionRequest,
+            cache_salt: str | None) -> ChatJob:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, include, int(time.time()))
+        return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, cache_salt, include,
+                   int(time.time()))
+
+    def stream(self, client: EngineClient) -> AsyncIterator[RequestOutput]:
+        return run_one(client, self.request_id, self.prompt, self.params, self.priority, self.cache_salt)
 
 
 async def chat_full(client: EngineClient, job: ChatJob) -> dict[str, Any]:
     final: RequestOutput | None = None
-    async for out in run_one(client, job.request_id, job.prompt, job.params, job.priority):
+    async for out in job.stream(client):
         final = out
     assert final is not None
     _check_error(final)
@@ -335,19 +368,20 @@ class CompletionJob:
     prompts: list[Prompt]
     params: SamplingParams
     priority: int
+    cache_salt: str | None
     echo: bool
     include_usage: bool
     created: int
 
     @classmethod
-    def new(cls, model: str, prompts: list[Prompt], params: SamplingParams, req: CompletionRequest
-            ) -> CompletionJob:
+    def new(cls, model: str, prompts: list[Prompt], params: SamplingParams, req: CompletionRequest,
+            cache_salt: str | None) -> CompletionJob:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return cls(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, req.priority, req.echo, include,
+        return cls(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, req.priority, cache_salt, req.echo, include,
                    int(time.time()))
 
     def streams(self, client: EngineClient) -> list[AsyncIterator[RequestOutput]]:
-        return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority)
+        return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority, self.cache_salt)
                 for i, p in enumerate(self.prompts)]
 
     def prefix(self, prompt_index: int) -> str:

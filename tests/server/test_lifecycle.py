@@ -67,7 +67,9 @@ def test_sigterm_drains_in_flight_requests_and_exits(tmp_path: Path) -> None:
                 text += json.loads(line[6:])["choices"][0]["text"]
                 break
         live.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # the signal is handled asynchronously: wait until it took effect
+        while httpx.get(f"{live.url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
         refused = httpx.post(f"{live.url}/v1/completions", json={**STREAM, "stream": False}, timeout=10)
         assert refused.status_code == 503
         assert httpx.get(f"{live.url}/health").json()["status"] == "draining"

@@ -176,7 +176,6 @@ def test_disconnect_mid_stream_frees_blocks(server: LiveServer) -> None:
         time.sleep(0.05)
     assert _metric(server, "pagoda:kv_cache_usage_perc") == 0
     assert _metric(server, "pagoda:num_requests_running") == 0
-    assert _metric(server, 'pagoda:request_success_total{finished_reason="length"}') >= 0
 
 
 def test_fifty_concurrent_streams(server: LiveServer, client: openai.OpenAI) -> None:
