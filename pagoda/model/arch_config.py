@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin
 
 # GGUF `general.architecture` -> HF `architectures[0]`.
 GGUF_ARCHITECTURES = {
@@ -12,6 +12,35 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+# Far above any released model (hidden 16k, vocab 256k, 128 heads), and small enough that no product of
+# three sizes overflows int64 when the module is first sized on the meta device.
+_MAX_GGUF_SIZE = 1 << 20
+_REQUIRED: Any = object()
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    # A bool is an int to isinstance; a float field may hold an int.
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def gguf_value(meta: dict[str, Any], key: str, kind: Any, default: Any = _REQUIRED) -> Any:
+    """``meta[key]`` checked to be ``kind`` (``int``, ``float``, ``str``, ``bool`` or ``list[item]``).
+
+    GGUF values carry their own type tags, so a bad file can put any type under any key: this turns
+    that into a ValueError naming the key rather than a KeyError or TypeError wherever it is used.
+    """
+    if key not in meta:
+        if default is _REQUIRED:
+            raise ValueError(f"GGUF metadata key {key!r} is missing")
+        return default
+    value = meta[key]
+    outer = get_origin(kind) or kind
+    if not _has_kind(value, outer) or not all(_has_kind(v, item) for item in get_args(kind) for v in value):
+        expected = kind.__name__ if isinstance(kind, type) else str(kind)
+        raise ValueError(f"GGUF metadata key {key!r} should be {expected}, not {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -77,41 +106,56 @@ class ArchConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], has_output_weight: bool) -> "ArchConfig":
-        arch = meta["general.architecture"]
+        arch = gguf_value(meta, "general.architecture", str)
         if arch not in GGUF_ARCHITECTURES:
             raise ValueError(
                 f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
             )
 
-        def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{key}", default)
+        def get(key: str, kind: Any, default: Any = _REQUIRED) -> Any:
+            return gguf_value(meta, f"{arch}.{key}", kind, default)
 
-        heads = get("attention.head_count")
-        hidden = get("embedding_length")
-        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        scaling_type = get("rope.scaling.type")
+        def size(key: str, default: Any = _REQUIRED) -> int:
+            value = get(key, int, default)
+            if not 0 < value <= _MAX_GGUF_SIZE:
+                raise ValueError(f"GGUF metadata key '{arch}.{key}' is {value}, not a size in 1..{_MAX_GGUF_SIZE}")
+            return value
+
+        heads = size("attention.head_count")
+        hidden = size("embedding_length")
+        vocab = size("vocab_size", len(gguf_value(meta, "tokenizer.ggml.tokens", list, [])) or _REQUIRED)
+        head_dim = size("attention.key_length", hidden // heads)
+        if head_dim % 2:  # rotary embeddings turn pairs of dimensions
+            raise ValueError(f"GGUF head dimension {head_dim} is odd ('{arch}.attention.key_length')")
+        kv_heads = size("attention.head_count_kv", heads)
+        if heads % kv_heads:  # each key/value head serves a whole group of query heads
+            raise ValueError(f"GGUF head counts: {heads} query heads do not split into {kv_heads} key/value groups")
+        eos = gguf_value(meta, "tokenizer.ggml.eos_token_id", int, None)
+        scaling_type = get("rope.scaling.type", str, None)
         rope_scaling = None
         if scaling_type == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", float))}
         elif scaling_type not in (None, "none"):
             raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported")
+        context = get("context_length", int, 4096)
+        if context <= 0:
+            raise ValueError(f"GGUF metadata key '{arch}.context_length' is {context}, not a positive length")
         return cls(
             architecture=GGUF_ARCHITECTURES[arch],
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"),
+            intermediate_size=size("feed_forward_length"),
+            num_hidden_layers=size("block_count"),
             num_attention_heads=heads,
-            num_key_value_heads=get("attention.head_count_kv") or heads,
-            head_dim=get("attention.key_length") or hidden // heads,
-            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", float, 1e-6)),
+            rope_theta=float(get("rope.freq_base", float, 10000.0)),
             rope_scaling=rope_scaling,
-            max_position_embeddings=get("context_length", 4096),
+            max_position_embeddings=context,
             tie_word_embeddings=not has_output_weight,
             attention_bias=arch == "qwen2",
             sliding_window=None,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            bos_token_id=gguf_value(meta, "tokenizer.ggml.bos_token_id", int, None),
             eos_token_ids=[eos] if eos is not None else [],
         )

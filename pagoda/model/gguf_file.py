@@ -8,7 +8,9 @@ the common types are dequantized with vectorized torch ops.
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
+# Far above any writer's choice (32 by default, a page at most); a larger value is a corrupt field.
+_MAX_ALIGNMENT = 1 << 20
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS: llama.cpp refuses more too
+_INT64_MAX = (1 << 63) - 1
+# Arrays of arrays are legal, but nothing writes deep ones: a cap keeps a crafted file from recursing.
+_MAX_ARRAY_DEPTH = 4
 
 # GGUF value type id -> (struct format, numpy dtype) for fixed-size scalars.
 _SCALARS: dict[int, tuple[str, str]] = {
@@ -35,8 +44,29 @@ _SCALARS: dict[int, tuple[str, str]] = {
     11: ("<q", "<i8"),
     12: ("<d", "<f8"),
 }
+_SCALAR_STRUCTS = {vtype: struct.Struct(fmt) for vtype, (fmt, _) in _SCALARS.items()}
 _STRING = 8
 _ARRAY = 9
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_ARRAY_HEADER = struct.Struct("<IQ")
+_TYPE_AND_OFFSET = struct.Struct("<IQ")
+_DIMS = [struct.Struct(f"<{n}Q") for n in range(_MAX_DIMS + 1)]
+# The fewest bytes one item can take, so a count is refused before anything is allocated for it.
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, a one-byte scalar
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
+_MIN_STRING_BYTES = 8
+_MIN_ARRAY_BYTES = _ARRAY_HEADER.size
+
+
+class GGUFError(ValueError):
+    """A malformed GGUF file; the message names the file and the field that is wrong."""
+
+    def __init__(self, path: Path, field: str, problem: str) -> None:
+        super().__init__(f"{path}: {field}: {problem}")
+        self.path = path
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -48,88 +78,178 @@ class GGUFTensorInfo:
     nbytes: int
 
 
-_U64 = struct.Struct("<Q")
+class _Cursor:
+    """Reads the header front to back; every read is checked against the file's size before it happens."""
+
+    def __init__(self, mm: mmap.mmap, path: Path) -> None:
+        self.mm = mm
+        self.path = path
+        self.pos = 0
+        self.size = len(mm)
+
+    def fail(self, field: str, problem: str) -> GGUFError:
+        return GGUFError(self.path, field, problem)
+
+    def need(self, n: int, field: str) -> None:
+        left = self.size - self.pos
+        if n > left:
+            raise self.fail(field, f"needs {n} bytes at offset {self.pos} but only {left} remain (truncated file?)")
+
+    def unpack(self, layout: struct.Struct, field: str) -> tuple[Any, ...]:
+        self.need(layout.size, field)
+        values = layout.unpack_from(self.mm, self.pos)
+        self.pos += layout.size
+        return values
+
+    def count(self, field: str, min_item_bytes: int) -> int:
+        """A u64 item count, refused unless that many items of at least ``min_item_bytes`` fit in the rest."""
+        (n,) = self.unpack(_U64, field)
+        left = self.size - self.pos
+        if n * min_item_bytes > left:
+            raise self.fail(field, f"{n} items need at least {n * min_item_bytes} bytes but only {left} remain")
+        return n
+
+    def string(self, field: str) -> str:
+        n = self.count(field, 1)
+        data = self.mm[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(field, f"{n}-byte string at offset {self.pos - n} is not valid UTF-8") from None
+
+    def string_array(self, count: int, field: str) -> list[str]:
+        # The tokenizer's vocabulary and merges: ~100k strings, read in one tight loop (start-up time).
+        mm, pos, size, strings = self.mm, self.pos, self.size, []
+        read_length = _U64.unpack_from
+        try:
+            for _ in range(count):
+                (length,) = read_length(mm, pos)
+                pos += 8
+                end = pos + length
+                if end > size:
+                    raise self.fail(f"{field}[{len(strings)}]", f"{length}-byte string runs past the end of the file")
+                strings.append(mm[pos:end].decode("utf-8"))
+                pos = end
+        except struct.error:
+            raise self.fail(f"{field}[{len(strings)}]", "string length runs past the end of the file") from None
+        except UnicodeDecodeError:
+            raise self.fail(f"{field}[{len(strings)}]", f"string at offset {pos} is not valid UTF-8") from None
+        self.pos = pos
+        return strings
+
+    def value(self, vtype: int, field: str, depth: int = 0) -> Any:
+        if vtype in _SCALAR_STRUCTS:
+            return self.unpack(_SCALAR_STRUCTS[vtype], field)[0]
+        if vtype == _STRING:
+            return self.string(field)
+        if vtype != _ARRAY:
+            raise self.fail(field, f"unknown GGUF value type {vtype}")
+        if depth == _MAX_ARRAY_DEPTH:
+            raise self.fail(field, f"arrays nested deeper than {_MAX_ARRAY_DEPTH} levels")
+        (item_type,) = self.unpack(_U32, f"{field} array type")
+        if item_type in _SCALARS:
+            dtype = np.dtype(_SCALARS[item_type][1])
+            count = self.count(f"{field} array count", dtype.itemsize)
+            values = np.frombuffer(self.mm, dtype=dtype, count=count, offset=self.pos).tolist()
+            self.pos += dtype.itemsize * count
+            return values
+        if item_type == _STRING:
+            return self.string_array(self.count(f"{field} array count", _MIN_STRING_BYTES), field)
+        if item_type == _ARRAY:
+            count = self.count(f"{field} array count", _MIN_ARRAY_BYTES)
+            return [self.value(_ARRAY, f"{field}[{i}]", depth + 1) for i in range(count)]
+        raise self.fail(f"{field} array type", f"unknown GGUF value type {item_type}")
+
+
+def _alignment(metadata: dict[str, Any], path: Path) -> int:
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    # `type is int`: a bool is an int to isinstance, and a float alignment is as corrupt as a zero one.
+    if type(alignment) is not int or not 0 < alignment <= _MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise GGUFError(
+            path, "metadata key 'general.alignment'", f"{alignment!r} is not a power of two up to {_MAX_ALIGNMENT}"
+        )
+    return alignment
+
+
+# One tensor table entry: name, GGUF-order dims (innermost first), type, offset in the data section, bytes.
+_Entry = tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]
+
+
+def _tensor_entry(cur: _Cursor, index: int, alignment: int) -> _Entry:
+    name = cur.string(f"tensor {index} name")
+    field = f"tensor {name!r}"
+    (n_dims,) = cur.unpack(_U32, f"{field} n_dims")
+    if n_dims > _MAX_DIMS:
+        raise cur.fail(f"{field} n_dims", f"{n_dims} dimensions, at most {_MAX_DIMS} are allowed")
+    dims = cur.unpack(_DIMS[n_dims], f"{field} dims")
+    type_id, offset = cur.unpack(_TYPE_AND_OFFSET, f"{field} type")
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise cur.fail(f"{field} type", f"unknown ggml type id {type_id}") from None
+    # Zero-sized dimensions are legal, so every dimension is bounded, not only their product.
+    if math.prod(max(d, 1) for d in dims) > _INT64_MAX:
+        raise cur.fail(f"{field} dims", f"{list(dims)} overflow ggml's 64-bit element count")
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    row = dims[0] if dims else 1
+    if row % block:
+        raise cur.fail(f"{field} dims", f"rows of {row} elements are not whole {qtype.name} blocks of {block}")
+    if offset % alignment:
+        raise cur.fail(f"{field} offset", f"{offset} is not a multiple of the alignment {alignment}")
+    return name, dims, qtype, offset, math.prod(dims) // block * block_bytes
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # mmap refuses empty files with a message naming neither
+            raise GGUFError(path, "header.magic", "the file is empty")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 class GGUFFile:
-    """A memory-mapped GGUF file: ``metadata`` dict and ``tensors`` by name."""
+    """A memory-mapped GGUF file: ``metadata`` dict and ``tensors`` by name.
+
+    Any malformed part of the file raises ``GGUFError`` here, never a bare struct, overflow or
+    allocation error, and nothing is allocated for a count before the bytes it claims are known to exist.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._pos = 0
-        if self._read(4) != _MAGIC:
-            raise ValueError(f"{self.path} is not a GGUF file (bad magic)")
-        (self.version,) = self._unpack("<I")
-        if self.version < 2:
-            raise ValueError(f"{self.path}: GGUF version {self.version} is not supported (need >= 2)")
-        n_tensors, n_kv = self._unpack("<QQ")
+        self._mm = _map(self.path)
+        cur = _Cursor(self._mm, self.path)
+        cur.need(4, "header.magic")
+        magic = self._mm[:4]
+        if magic != _MAGIC:
+            raise cur.fail("header.magic", f"starts with {magic!r}: not a GGUF file (bad magic)")
+        cur.pos = 4
+        (self.version,) = cur.unpack(_U32, "header.version")
+        if self.version not in _VERSIONS:
+            raise cur.fail("header.version", f"GGUF version {self.version} is not supported (only 2 and 3)")
+        n_tensors = cur.count("header.tensor_count", _MIN_TENSOR_INFO_BYTES)
+        n_kv = cur.count("header.metadata_kv_count", _MIN_KV_BYTES)
         self.metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._read_string()
-            (vtype,) = self._unpack("<I")
-            self.metadata[key] = self._read_value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = self._read_string()
-            (n_dims,) = self._unpack("<I")
-            dims = self._unpack(f"<{n_dims}Q")
-            qtype_id, offset = self._unpack("<IQ")
-            infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype_id), offset))
-        alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-        data_start = -(-self._pos // alignment) * alignment
+        for i in range(n_kv):
+            key = cur.string(f"metadata entry {i} key")
+            field = f"metadata key {key!r}"
+            if key in self.metadata:
+                raise cur.fail(field, "appears twice")
+            (vtype,) = cur.unpack(_U32, f"{field} type")
+            self.metadata[key] = cur.value(vtype, field)
+        alignment = _alignment(self.metadata, self.path)
+        entries = [_tensor_entry(cur, i, alignment) for i in range(n_tensors)]
+        data_start = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensorInfo] = {}
-        for name, shape, qtype, offset in infos:
-            block, block_bytes = GGML_QUANT_SIZES[qtype]
-            n_elements = int(np.prod(shape)) if shape else 1
-            self.tensors[name] = GGUFTensorInfo(
-                name, shape, qtype, data_start + offset, n_elements // block * block_bytes
-            )
-
-    def _read(self, n: int) -> bytes:
-        data = self._mm[self._pos : self._pos + n]
-        self._pos += n
-        return data
-
-    def _unpack(self, fmt: str) -> tuple:
-        size = struct.calcsize(fmt)
-        values = struct.unpack_from(fmt, self._mm, self._pos)
-        self._pos += size
-        return values
-
-    def _read_string(self) -> str:
-        (length,) = self._unpack("<Q")
-        return self._read(length).decode("utf-8", errors="replace")
-
-    def _read_string_array(self, count: int) -> list[str]:
-        # The tokenizer's vocabulary and merges: ~100k strings, read in one tight loop (start-up time).
-        mm, pos, strings = self._mm, self._pos, []
-        read_length = _U64.unpack_from
-        for _ in range(count):
-            (length,) = read_length(mm, pos)
-            pos += 8
-            strings.append(mm[pos : pos + length].decode("utf-8", errors="replace"))
-            pos += length
-        self._pos = pos
-        return strings
-
-    def _read_value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self._unpack(_SCALARS[vtype][0])[0]
-        if vtype == _STRING:
-            return self._read_string()
-        if vtype == _ARRAY:
-            item_type, count = self._unpack("<IQ")
-            if item_type in _SCALARS:
-                dtype = np.dtype(_SCALARS[item_type][1])
-                values = np.frombuffer(self._mm, dtype=dtype, count=count, offset=self._pos).copy()
-                self._pos += dtype.itemsize * count
-                return values.tolist()
-            if item_type == _STRING:
-                return self._read_string_array(count)
-            return [self._read_value(item_type) for _ in range(count)]
-        raise ValueError(f"{self.path}: unknown GGUF value type {vtype}")
+        for name, dims, qtype, offset, nbytes in entries:
+            if name in self.tensors:
+                raise cur.fail(f"tensor {name!r} name", "appears twice")
+            start = data_start + offset
+            if start + nbytes > cur.size:
+                raise cur.fail(
+                    f"tensor {name!r} offset",
+                    f"data at bytes {start}..{start + nbytes} lies outside the file ({cur.size} bytes)",
+                )
+            self.tensors[name] = GGUFTensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 tensor sharing the mapping (no copy)."""
@@ -143,10 +263,15 @@ class GGUFFile:
         so this moves the raw bytes, which is cheaper than moving the dequantized values.
         """
         info = self.tensors[name]
+        if not info.nbytes:  # a zero-sized dimension: torch.frombuffer refuses to read nothing
+            return torch.empty(info.shape, dtype=dtype)
         raw = self.raw(name)
         if row_order is not None:
             raw = raw.view(info.shape[0], -1)[row_order].reshape(-1)
-        return dequantize(raw, info.qtype, info.shape).to(dtype)
+        try:
+            return dequantize(raw, info.qtype, info.shape).to(dtype)
+        except NotImplementedError as exc:  # a type the gguf package cannot dequantize either (I32, F64...)
+            raise GGUFError(self.path, f"tensor {name!r} type", str(exc)) from None
 
 
 def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:

@@ -130,6 +130,9 @@ _GGUF_LAYER = {
 }
 
 
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
 def gguf_to_hf_name(name: str) -> str:
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
@@ -148,6 +151,28 @@ def unpermute_qk_rows(rows: int, n_heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
+def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> None:
+    """The file's tensor names and shapes against ``arch``, on a module sized on the meta device, before
+    anything is allocated: metadata that promises more than the tensors hold (a corrupt block count or
+    width) is a ValueError here, not a huge allocation or a failed reshape later."""
+    layers = {int(m.group(1)) for name in gguf.tensors if (m := _GGUF_BLOCK.match(name))}
+    if layers != set(range(arch.num_hidden_layers)):
+        raise ValueError(
+            f"{gguf.path}: the metadata says {arch.num_hidden_layers} layers, but the tensors are for "
+            f"{len(layers)} blocks numbered {min(layers, default=0)}..{max(layers, default=0)}"
+        )
+    model = _build(arch, dtype, "meta")
+    rope = gguf.tensors.get("rope_freqs.weight")
+    expected = tuple(model.rotary.inv_freq.shape)
+    if rope is not None and rope.shape != expected:
+        raise ValueError(f"{gguf.path}: tensor 'rope_freqs.weight' has shape {rope.shape}, expected {expected}")
+    model.load_weights(
+        (gguf_to_hf_name(name), torch.empty(info.shape, device="meta"))
+        for name, info in gguf.tensors.items()
+        if name != "rope_freqs.weight"
+    )
+
+
 def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     permute = gguf.metadata["general.architecture"] in ("llama", "mistral")
     names = [n for n in gguf.tensors if n != "rope_freqs.weight"]
@@ -160,11 +185,35 @@ def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Itera
         yield hf_name, gguf.load(name, dtype, row_order=order)
 
 
+def _shard_names(index: Path) -> list[str]:
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index} is not valid JSON: {exc}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+def _shard_path(folder: Path, index: Path, shard: str) -> Path:
+    """The shard's path, refused unless it names a file inside the model folder: the index is downloaded
+    data, and must not make the loader read /etc/..., ../other-model/... or a link out of the folder."""
+    root = folder.resolve()
+    # A hub snapshot's files are links into the repo's blobs/ folder, beside snapshots/.
+    allowed = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    target = (folder / shard).resolve()
+    if Path(shard).is_absolute() or ".." in Path(shard).parts or not any(a in target.parents for a in allowed):
+        raise ValueError(f"{index}: shard {shard!r} is not a file inside the model folder {folder}")
+    if not target.is_file():
+        raise FileNotFoundError(f"{index}: shard {shard!r} does not exist in {folder}")
+    return folder / shard
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shard_names]
+        return [_shard_path(folder, index, s) for s in _shard_names(index)]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -235,6 +284,8 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
+        if load_format != "dummy":
+            _check_gguf_tensors(gguf, arch, dtype)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tok_future = pool.submit(

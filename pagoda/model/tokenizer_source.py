@@ -9,6 +9,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from pagoda.model.arch_config import gguf_value
+
 # llama.cpp's `tokenizer.ggml.pre` names -> the split regex that precedes byte-level BPE.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -67,19 +69,41 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
+def _token_id(meta: dict[str, Any], key: str, tokens: list[str]) -> int | None:
+    token_id = gguf_value(meta, key, int, None)
+    if token_id is not None and not 0 <= token_id < len(tokens):
+        raise ValueError(f"GGUF metadata key {key!r} is {token_id}, outside the {len(tokens)}-token vocabulary")
+    return token_id
+
+
+def _merges(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    merges = []
+    for merge in gguf_value(meta, "tokenizer.ggml.merges", list[str], []):
+        first, space, second = merge.partition(" ")
+        if not space:
+            raise ValueError(f"GGUF metadata key 'tokenizer.ggml.merges' holds {merge!r}, not a space-separated pair")
+        merges.append((first, second))
+    return merges
+
+
+def _bpe(tokens: list[str], merges: list[tuple[str, str]]) -> models.BPE:
+    try:
+        return models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise ValueError(f"GGUF metadata 'tokenizer.ggml.tokens'/'tokenizer.ggml.merges': {exc}") from None
+
+
 def tokenizer_from_gguf(meta: dict[str, Any]) -> TokenizerSource:
-    kind = meta.get("tokenizer.ggml.model")
+    kind = gguf_value(meta, "tokenizer.ggml.model", str, None)
     if kind != "gpt2":
         raise ValueError(
             f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2'); "
             "pass tokenizer=<folder with tokenizer.json> instead"
         )
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    token_types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    tokens: list[str] = gguf_value(meta, "tokenizer.ggml.tokens", list[str])
+    token_types: list[int] = gguf_value(meta, "tokenizer.ggml.token_type", list[int], [1] * len(tokens))
+    tok = Tokenizer(_bpe(tokens, _merges(meta)))
+    tok.pre_tokenizer = _byte_level_pre_tokenizer(gguf_value(meta, "tokenizer.ggml.pre", str, "default"))
     tok.decoder = decoders.ByteLevel()
     specials = [
         AddedToken(t, special=(tt == _GGUF_CONTROL), normalized=False)
@@ -87,14 +111,18 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> TokenizerSource:
         if tt in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
     ]
     tok.add_tokens(specials)
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    eos_id = meta.get("tokenizer.ggml.eos_token_id")
+    bos_id = _token_id(meta, "tokenizer.ggml.bos_token_id", tokens)
+    eos_id = _token_id(meta, "tokenizer.ggml.eos_token_id", tokens)
     bos = tokens[bos_id] if bos_id is not None else None
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    if gguf_value(meta, "tokenizer.ggml.add_bos_token", bool, False) and bos is not None:
+        # A template piece starting with '$' or holding ':' is parsed as a placeholder, which tokenizers
+        # then panics on (a BaseException) at the first encode.
+        if bos.startswith("$") or ":" in bos:
+            raise ValueError(f"GGUF bos token {bos!r} cannot be added by a tokenizers template")
+        tok.post_processor = processors.TemplateProcessing(single=[bos, "$A"], special_tokens=[(bos, bos_id)])
     return TokenizerSource(
         tokenizer=tok,
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=gguf_value(meta, "tokenizer.chat_template", str, None),
         bos_token=bos,
         eos_token=tokens[eos_id] if eos_id is not None else None,
         eos_token_ids=[eos_id] if eos_id is not None else [],
