@@ -103,7 +103,8 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
         a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
         b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
         seconds = _best_time(lambda: torch.mm(a, b), device, repeats)
-        tflops[name] = round(2 * matmul_size**3 / seconds / 1e12, 3)
+        # Significant digits, not decimals: a slow machine or a tiny test size must not round to 0.
+        tflops[name] = float(f"{2 * matmul_size**3 / seconds / 1e12:.3g}")
     return MachineLimits(str(device), round(n * 4 / read_s / 1e9, 2), copy_gbs, tflops)
 
 
