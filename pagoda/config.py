@@ -110,6 +110,9 @@ class ServerConfig:
     allowed_origins: str | None = None
     # A non-loopback bind without an API key is refused unless this is set.
     allow_unauthenticated: bool = False
+    # Times the engine core is restarted after dying within ten minutes before the server gives up and
+    # exits non-zero (for its supervisor to restart it).
+    max_engine_restarts: int = 3
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -118,6 +121,8 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_request_body_bytes < 1024:
             raise ValueError(f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}")
+        if self.max_engine_restarts < 0:
+            raise ValueError(f"max_engine_restarts must be >= 0, got {self.max_engine_restarts}")
 
 
 _SECTIONS: dict[str, type] = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
+from dataclasses import dataclass, field
 import time
 import traceback
 
@@ -38,6 +40,19 @@ from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingJob:
+    """One embeddings request: its inputs, done one after another in budget-sized chunks."""
+
+    job_id: str
+    inputs: list[list[int]]
+    vectors: list[list[float]] = field(default_factory=list)
+    request: Request | None = None  # the input in progress, holding borrowed KV blocks
+    hidden_sum: torch.Tensor | None = None
+    error: Exception | None = None
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,6 +98,7 @@ class EngineCore:
         self.parents: dict[str, list[Request]] = {}
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
+        self.embedding_jobs: deque[EmbeddingJob] = deque()
 
     def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
         """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
@@ -200,26 +216,75 @@ class EngineCore:
                 for k in kids:
                     self._parent_of.pop(k.request_id, None)
 
-    def embed(self, prompt_token_ids: list[int]) -> list[float]:
-        """Mean-pooled, L2-normalised final hidden states of a prompt (embeddings without an embedding
-        model). Runs between steps on borrowed blocks that are freed, never published to the cache."""
-        if not prompt_token_ids or len(prompt_token_ids) > self.max_model_len:
-            raise ValueError(f"an embedding input must hold 1 to {self.max_model_len} tokens, got {len(prompt_token_ids)}")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
-        if bad:
-            raise ValueError(f"input holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
-        req = Request("embedding", list(prompt_token_ids), SamplingParams(max_tokens=1), self.eos_token_ids)
+    def add_embedding(self, job_id: str, inputs: list[list[int]]) -> None:
+        """Queue embedding inputs (mean-pooled, L2-normalised final hidden states: embeddings without an
+        embedding model). Raises ValueError naming a bad input; ``embedding_chunk`` computes them."""
+        for index, ids in enumerate(inputs):
+            if not ids or len(ids) > self.max_model_len:
+                raise ValueError(f"input[{index}]: an embedding input must hold 1 to {self.max_model_len} tokens, "
+                                 f"got {len(ids)}")
+            bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise ValueError(f"input[{index}] holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
+        self.embedding_jobs.append(EmbeddingJob(job_id, [list(ids) for ids in inputs]))
+
+    def embedding_chunk(self) -> EmbeddingJob | None:
+        """Run at most one scheduler token budget of the oldest embedding job's prefill, so a long input never
+        stalls the running sequences for more than one step's worth of work. Returns the job once it is done
+        (``vectors`` filled) or failed (``error`` set)."""
+        job = self.embedding_jobs[0]
         kv = self.scheduler.kv
-        if not kv.allocate(req, len(prompt_token_ids)):
-            raise ValueError("not enough free KV blocks for this embedding input right now; retry later")
         try:
-            vector = self.runner.mean_hidden(ScheduledRequest(req, len(prompt_token_ids)))
-        finally:
-            kv.free(req)
-        return torch.nn.functional.normalize(vector, dim=0).tolist()
+            if job.request is None:
+                ids = job.inputs[len(job.vectors)]
+                req = Request(f"{job.job_id}-{len(job.vectors)}", ids, SamplingParams(max_tokens=1), self.eos_token_ids)
+                if not kv.allocate(req, len(ids)):
+                    raise MemoryError("not enough free KV blocks for this embedding input right now; retry later")
+                job.request, job.hidden_sum = req, None
+            req = job.request
+            chunk = min(req.num_prompt_tokens - req.num_computed_tokens, self.config.scheduler_config.max_num_batched_tokens)
+            part = self.runner.sum_hidden(ScheduledRequest(req, chunk))
+            job.hidden_sum = part if job.hidden_sum is None else job.hidden_sum + part
+            req.num_computed_tokens += chunk
+            if req.num_computed_tokens == req.num_prompt_tokens:
+                mean = job.hidden_sum / req.num_prompt_tokens
+                job.vectors.append(torch.nn.functional.normalize(mean, dim=0).tolist())
+                self._release_embedding(job)
+        except Exception as exc:  # this job fails; the engine and the other requests go on
+            if not isinstance(exc, MemoryError):
+                logger.error("embedding failed: %s", traceback.format_exc())
+            job.error = exc
+            self._release_embedding(job)
+        if job.error is None and len(job.vectors) < len(job.inputs):
+            return None
+        self.embedding_jobs.popleft()
+        return job
+
+    def _release_embedding(self, job: EmbeddingJob) -> None:
+        # Borrowed blocks, never published to the prefix cache.
+        if job.request is not None:
+            self.scheduler.kv.free(job.request)
+            job.request = None
 
     def has_unfinished_requests(self) -> bool:
+        return bool(self.parents) or bool(self._reported) or bool(self.embedding_jobs)
+
+    def has_sequences(self) -> bool:
+        """Sequences (or ends to report) for ``step``; embedding jobs run apart from it."""
         return bool(self.parents) or bool(self._reported)
+
+    def fail_all_sequences(self, error: str) -> list[CoreOutput]:
+        """End every sequence with ``error`` and free its blocks: the way out of a step that failed outside
+        the model (the scheduler's state can no longer be trusted for these requests)."""
+        outputs, self._reported = self._reported, []
+        for kids in self.parents.values():
+            for req in kids:
+                if not req.is_finished:
+                    self.scheduler.finish(req, FinishReason.ERROR, error=error)
+                    outputs.append(self._output(req, []))
+        self.parents.clear()
+        self._parent_of.clear()
+        return outputs
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:

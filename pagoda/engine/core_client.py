@@ -3,8 +3,10 @@
 One asyncio task reads the core's outputs, runs them through the OutputProcessor
 (detokenizing, stop strings, n > 1 fan-in) and hands each RequestOutput to the
 queue of the HTTP handler that waits for it. A watchdog notices when the core
-process dies: every waiting handler then gets ``EngineDeadError`` instead of
-hanging.
+process dies: every waiting handler then gets ``EngineDeadError`` at once instead
+of hanging, and the core is started again, with backoff, up to
+``max_engine_restarts`` times within ``RESTART_WINDOW_S``; after that the client
+gives up (``dead_reason``) and the server exits non-zero for its supervisor.
 """
 
 from __future__ import annotations
@@ -36,14 +38,25 @@ from pagoda.model.tokenizer_source import TokenizerSource
 
 logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 0.2
+RESTART_WINDOW_S = 600.0
+RESTART_BACKOFF_S = (0.5, 2.0, 8.0)  # before the 1st, 2nd, 3rd+ restart within the window
 
 
 class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
 
 
+class EngineStartError(RuntimeError):
+    """The engine core did not come up."""
+
+
+class EngineConfigError(ValueError):
+    """The engine core refused its model or settings (a malformed file, an impossible setting)."""
+
+
 class RequestRejected(ValueError):
-    """The core refused a request: ``kind`` is "invalid" (bad input) or "queue_full" (retry later)."""
+    """The core refused a request: ``kind`` is "invalid" (bad input), "queue_full" (retry later) or
+    "internal" (an engine fault that failed only this request)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -77,18 +90,27 @@ class EngineClient:
         self.config = config
         self.on_stats = on_stats
         self.on_output = on_output
+        self.on_restart: Callable[[], None] | None = None
+        self.on_gave_up: Callable[[str], None] | None = None
         self.stats = CoreStats()
         self.info: EngineInfo | None = None
         self.tokenizer: Tokenizer | None = None
         self.output_processor: OutputProcessor | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        self.dead_reason: str | None = None
+        self.dead_reason: str | None = None  # set once the client has given up on the core
+        self.restarting = False
+        self.num_restarts = 0
+        self.start_error: Exception | None = None
         self.streams: dict[str, _Stream] = {}
         self._ipc_dir = tempfile.mkdtemp(prefix="pagoda-ipc-")
         self._context = zmq.asyncio.Context()
+        self._generation = 0  # one pair of sockets per core process, so no frame reaches a successor
         self._to_core = self._context.socket(zmq.PUSH)
         self._from_core = self._context.socket(zmq.PULL)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._restart_times: list[float] = []
         self._embeddings: dict[str, asyncio.Future[list[list[float]]]] = {}
 
     # ---- life cycle --------------------------------------------------------------------------
@@ -97,8 +119,7 @@ class EngineClient:
         importing the web stack so that both load at once; ``start`` waits for the model."""
         if self.process is not None:
             return
-        to_core = f"ipc://{self._ipc_dir}/in"
-        from_core = f"ipc://{self._ipc_dir}/out"
+        to_core, from_core = (f"ipc://{self._ipc_dir}/{name}{self._generation}" for name in ("in", "out"))
         self._to_core.bind(to_core)
         self._from_core.bind(from_core)
         cmd = [sys.executable, "-m", "pagoda.engine.core_proc", "--config-json",
@@ -112,23 +133,33 @@ class EngineClient:
             self.process.wait()
 
     async def start(self, timeout_s: float = 300.0) -> None:
-        """Start the core process (unless ``spawn`` did) and wait until it has loaded the model."""
+        """Start the core process (unless ``spawn`` did) and wait until it has loaded the model. Raises
+        ``EngineConfigError`` when the core refuses the model or settings, ``EngineStartError`` otherwise."""
         self.spawn()
+        try:
+            await self._wait_ready(timeout_s)
+        except Exception as exc:
+            self.start_error = exc
+            raise
+        self._reader = asyncio.create_task(self._read_outputs())
+        self._watchdog_task = asyncio.create_task(self._watchdog())
+
+    async def _wait_ready(self, timeout_s: float) -> None:
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the engine core exited with code {self.process.returncode} while starting")
+                raise EngineStartError(f"the engine core exited with code {self.process.returncode} while starting")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the engine core was not ready within {timeout_s:.0f} s")
+                raise EngineStartError(f"the engine core was not ready within {timeout_s:.0f} s")
             if await self._from_core.poll(100):
                 message = unpack(await self._from_core.recv())
                 if message[0] == "failed":
-                    raise RuntimeError(f"the engine core failed to start: {message[1]}")
+                    error = EngineConfigError if message[1] == "invalid" else EngineStartError
+                    raise error(f"the engine core failed to start: {message[2]}")
                 if message[0] == "ready":
                     self._on_ready(message[1])
-                    break
-        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watchdog())]
+                    return
 
     def _on_ready(self, info: dict[str, Any]) -> None:
         source = TokenizerSource.from_wire(info.pop("tokenizer"))
@@ -136,17 +167,25 @@ class EngineClient:
         self.tokenizer = Tokenizer(source)
         self.tokenizer.eos_token_ids = frozenset(self.info.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.stats.num_blocks = self.info.num_blocks
-        self.stats.num_free_blocks = self.info.num_blocks
+        self.stats = CoreStats(num_blocks=self.info.num_blocks, num_free_blocks=self.info.num_blocks)
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_reason is None and self.process is not None and self.process.poll() is None
+        return (self.dead_reason is None and not self.restarting and self.process is not None
+                and self.process.poll() is None)
+
+    @property
+    def unavailable_reason(self) -> str:
+        if self.dead_reason is not None:
+            return self.dead_reason
+        return "the engine core is restarting" if self.restarting else "the engine core is not running"
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Ask the core to stop, wait for it, kill it if it does not; idempotent."""
-        for task in self._tasks:
-            task.cancel()
+        self._closing = True
+        for task in (self._reader, self._watchdog_task):
+            if task is not None:
+                task.cancel()
         if self.process is not None and self.process.poll() is None:
             try:
                 await self._to_core.send(pack(["shutdown"]))
@@ -161,9 +200,12 @@ class EngineClient:
         self._to_core.close(linger=0)
         self._from_core.close(linger=0)
         self._context.term()
-        for name in ("in", "out"):
-            Path(self._ipc_dir, name).unlink(missing_ok=True)
+        self._remove_ipc_files()
         Path(self._ipc_dir).rmdir() if Path(self._ipc_dir).exists() else None
+
+    def _remove_ipc_files(self) -> None:
+        for name in ("in", "out"):
+            Path(self._ipc_dir, f"{name}{self._generation}").unlink(missing_ok=True)
 
     # ---- requests ----------------------------------------------------------------------------
     @property
@@ -183,7 +225,7 @@ class EngineClient:
         """Submit a request and yield its outputs until it finishes. Leaving the loop early (client gone)
         aborts the request in the core."""
         if not self.is_alive:
-            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+            raise EngineDeadError(self.unavailable_reason)
         assert self.output_processor is not None
         if request_id in self.streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -232,7 +274,7 @@ class EngineClient:
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Embeddings from the served model (mean-pooled final hidden states), computed by the core."""
         if not self.is_alive:
-            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+            raise EngineDeadError(self.unavailable_reason)
         request_id = f"embd-{uuid.uuid4().hex}"
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
         self._embeddings[request_id] = future
@@ -259,9 +301,9 @@ class EngineClient:
                         future.set_result(message[2])
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug here must not leave handlers waiting forever
-            logger.exception("engine output reader failed")
-            self._mark_dead("the engine output reader failed")
+        except Exception:  # a bug here must not leave handlers waiting forever: start over
+            logger.exception("engine output reader failed; restarting the engine core")
+            self.kill()
 
     async def _on_outputs(self, outputs: list[CoreOutput], stats: dict[str, Any]) -> None:
         assert self.output_processor is not None
@@ -294,17 +336,68 @@ class EngineClient:
             stream.queue.put_nowait(RequestRejected(kind, message))
 
     async def _watchdog(self) -> None:
-        while True:
+        while self.dead_reason is None:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
-            if self.process is not None and self.process.poll() is not None:
-                self._mark_dead(f"the engine core process exited with code {self.process.returncode}")
+            if self._closing:
                 return
+            if self.process is not None and self.process.poll() is not None:
+                await self._recover(f"the engine core process exited with code {self.process.returncode}")
 
-    def _mark_dead(self, reason: str) -> None:
-        if self.dead_reason is None:
-            logger.error("%s", reason)
-            self.dead_reason = reason
+    async def _recover(self, reason: str) -> None:
+        """The core is gone: fail what it held at once, then start a new one with backoff, or give up."""
+        logger.error("%s", reason)
+        self.restarting = True
         self._fail_all(reason)
+        assert self.tokenizer is not None
+        self.output_processor = OutputProcessor(self.tokenizer)  # the failed requests' state goes with it
+        if self._reader is not None:
+            self._reader.cancel()
+        while True:
+            now = time.monotonic()
+            self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
+            recent = len(self._restart_times)
+            limit = self.config.server_config.max_engine_restarts
+            if recent >= limit:
+                self._give_up(f"{reason}; gave up after {recent} restarts within {RESTART_WINDOW_S:.0f} s")
+                return
+            await asyncio.sleep(RESTART_BACKOFF_S[min(recent, len(RESTART_BACKOFF_S) - 1)])
+            if self._closing:
+                return
+            self._restart_times.append(time.monotonic())
+            self.num_restarts += 1
+            logger.warning("restarting the engine core (%d of %d within %.0f s)", recent + 1, limit, RESTART_WINDOW_S)
+            self._replace_sockets()
+            try:
+                self.spawn()
+                await self._wait_ready(300.0)
+            except Exception as exc:
+                self.kill()
+                reason = f"the engine core failed to restart: {exc}"
+                logger.error("%s", reason)
+                continue
+            self.restarting = False
+            self._reader = asyncio.create_task(self._read_outputs())
+            if self.on_restart is not None:
+                self.on_restart()
+            logger.info("the engine core is back (pid %d)", self.process.pid if self.process else -1)
+            return
+
+    def _replace_sockets(self) -> None:
+        self._to_core.close(linger=0)
+        self._from_core.close(linger=0)
+        self._remove_ipc_files()
+        self._generation += 1
+        self._to_core = self._context.socket(zmq.PUSH)
+        self._from_core = self._context.socket(zmq.PULL)
+        self.process = None
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self.dead_reason = reason
+        self.restarting = False
+        self._fail_all(reason)
+        if self.on_gave_up is not None:
+            self.on_gave_up(reason)
 
     def _fail_all(self, reason: str) -> None:
         for future in self._embeddings.values():

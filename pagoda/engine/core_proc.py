@@ -9,7 +9,8 @@ pickled: the config travels as JSON on the command line). Messages in (PULL):
     ["embed", request_id, [[token ids], ...]]  mean-pooled hidden states (answered with "embedded")
     ["shutdown"]
 
-Messages out (PUSH): ["ready", info], ["failed", message], ["rejected", request_id, kind, message],
+Messages out (PUSH): ["ready", info], ["failed", kind, message], ["rejected", request_id, kind, message]
+(kind: "invalid" bad input, "queue_full" retry later, "internal" an engine fault),
 ["embedded", request_id, [[float, ...], ...]],
 ["outputs", [CoreOutput wire, ...], CoreStats dict] after every step and after every batch of input.
 """
@@ -54,6 +55,13 @@ def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**fields)
 
 
+def _request_id_of(message: list[Any]) -> str | None:
+    """The request an "add" or "embed" message names, if it is well formed enough to tell."""
+    if len(message) > 1 and message[0] in ("add", "embed") and isinstance(message[1], str):
+        return message[1]
+    return None
+
+
 class CoreLoop:
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
         self.context = zmq.Context()
@@ -68,7 +76,9 @@ class CoreLoop:
             self.core = EngineCore(config)
         except Exception as exc:
             logger.error("engine core failed to start: %s", traceback.format_exc())
-            self.outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
+            # A ValueError is the user's input (a malformed model file, a bad setting), anything else a fault.
+            kind = "invalid" if isinstance(exc, ValueError) else "internal"
+            self.outbox.send(pack(["failed", kind, f"{type(exc).__name__}: {exc}"]))
             raise
         self.outbox.send(
             pack(
@@ -100,8 +110,30 @@ class CoreLoop:
             if os.getppid() != self.parent_pid:
                 logger.warning("front end exited; engine core stops")
                 return
-            if self.running and self.core.has_unfinished_requests():
-                self._send_outputs(self.core.step())
+            if self.running and self.core.embedding_jobs:
+                self._embedding_chunk()
+            if self.running and self.core.has_sequences():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.core.step()
+        except Exception as exc:  # the step's own model failures are handled inside; this is the scheduler
+            logger.error("engine step failed: %s", traceback.format_exc())
+            # Whatever the scheduler's state, every sequence ends with the error and its blocks are freed.
+            # Should that fail too, the process exits and the front end restarts it.
+            outputs = self.core.fail_all_sequences(f"{type(exc).__name__}: {exc}")
+        self._send_outputs(outputs)
+
+    def _embedding_chunk(self) -> None:
+        job = self.core.embedding_chunk()
+        if job is None:
+            return
+        if job.error is None:
+            self.outbox.send(pack(["embedded", job.job_id, job.vectors]))
+        else:
+            kind = "queue_full" if isinstance(job.error, MemoryError) else "internal"
+            self.outbox.send(pack(["rejected", job.job_id, kind, str(job.error)]))
 
     def _drain_inbox(self) -> None:
         while self.running:
@@ -109,7 +141,20 @@ class CoreLoop:
                 frame = self.inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._handle(unpack(frame))
+            self._receive(frame)
+
+    def _receive(self, frame: bytes) -> None:
+        message: list[Any] = []
+        try:
+            message = unpack(frame)
+            self._handle(message)
+        except Exception as exc:  # one bad message fails only the request it names
+            logger.error("engine message failed: %s", traceback.format_exc())
+            rid = _request_id_of(message)
+            if rid is not None:
+                self.outbox.send(pack(["rejected", rid, "internal", f"{type(exc).__name__}: {exc}"]))
+                if message[0] == "add":
+                    self.core.abort_request([rid], report=False)
 
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
@@ -124,11 +169,9 @@ class CoreLoop:
         elif kind == "embed":
             _, rid, inputs = message
             try:
-                vectors = [self.core.embed(list(ids)) for ids in inputs]
+                self.core.add_embedding(rid, inputs)
             except (ValueError, TypeError) as exc:
                 self.outbox.send(pack(["rejected", rid, "invalid", str(exc)]))
-            else:
-                self.outbox.send(pack(["embedded", rid, vectors]))
         elif kind == "abort":
             self.core.abort_request(list(message[1]), report=False)
         elif kind == "finish":

@@ -155,8 +155,8 @@ class ModelRunner:
         return sampling, logits
 
     @torch.inference_mode()
-    def mean_hidden(self, scheduled: ScheduledRequest) -> torch.Tensor:
-        """Mean of the final (normed) hidden states over one whole prompt, fp32 [hidden]."""
+    def sum_hidden(self, scheduled: ScheduledRequest) -> torch.Tensor:
+        """Sum of the final (normed) hidden states over one prompt chunk, fp32 [hidden]."""
         inputs = self.prepare([scheduled])
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
-        return hidden.float().mean(dim=0)
+        return hidden.float().sum(dim=0)

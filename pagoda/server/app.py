@@ -89,6 +89,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     metrics = ServerMetrics(served)
     client = client or EngineClient(config)
     client.on_stats, client.on_output = metrics.update_stats, metrics.observe_output
+    client.on_restart = metrics.engine_restarted
     sc = config.server_config
     state = ServerState(config, client, metrics, [served], load_api_keys(sc))
     check_exposure(sc, bool(state.api_keys))
@@ -146,7 +147,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if state.draining:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": serving.RETRY_AFTER_S})
         if not client.is_alive:
-            raise APIError(503, f"the engine is not available: {client.dead_reason or 'not running'}",
+            raise APIError(503, f"the engine is not available: {client.unavailable_reason}",
                            headers={"Retry-After": serving.RETRY_AFTER_S})
         waiting = client.num_unfinished - client.stats.num_running
         try:
@@ -196,7 +197,9 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     @app.get("/health")
     async def health() -> JSONResponse:
         if not client.is_alive:
-            return JSONResponse({"status": "engine_dead", "detail": client.dead_reason}, status_code=503)
+            status = "engine_restarting" if client.restarting else "engine_dead"
+            return JSONResponse({"status": status, "detail": client.unavailable_reason,
+                                 "engine_restarts": client.num_restarts}, status_code=503)
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})

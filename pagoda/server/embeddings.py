@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
+from pagoda.server import serving
 from pagoda.server.errors import APIError
 from pagoda.server.protocol import EmbeddingRequest, prompt_items
 
@@ -128,9 +129,9 @@ class ServedModelEmbedder(_BaseEmbedder):
         try:
             return await self.client.embed(rows), sum(len(r) for r in rows)
         except RequestRejected as exc:
-            raise APIError(400, str(exc), "input") from None
+            raise serving.rejected_error(exc, "input") from None
         except EngineDeadError as exc:
-            raise APIError(503, f"the engine is not available: {exc}") from None
+            raise APIError(503, f"the engine is not available: {exc}", headers={"Retry-After": serving.RETRY_AFTER_S}) from None
 
 
 def load_embedder(client: EngineClient) -> Embedder:

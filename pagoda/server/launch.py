@@ -3,6 +3,8 @@
 On SIGTERM/SIGINT the server stops taking work (503, ``/health`` says draining),
 lets in-flight requests finish for up to ``shutdown_timeout`` seconds, then exits;
 the app's lifespan stops and reaps the engine process. A second signal exits at once.
+Exit codes: 0 after a normal shutdown, 1 when the server could not start or the engine
+core kept dying (a supervisor should restart it), 2 when the model or settings are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from pagoda.config import EngineConfig
-from pagoda.engine.core_client import EngineClient
+from pagoda.engine.core_client import EngineClient, EngineConfigError
 from pagoda.server.app import create_app
 
 logger = logging.getLogger("pagoda.serve")
@@ -28,6 +30,7 @@ class DrainingServer(uvicorn.Server):
         self.engine_config = engine_config
         self.pagoda_app = app
         self._drain_started = False
+        self.engine_gave_up = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: Any = None) -> None:
@@ -40,8 +43,14 @@ class DrainingServer(uvicorn.Server):
             sc = self.engine_config.server_config
             host = self.config.host
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else sc.port
+            self.pagoda_app.state.pagoda.client.on_gave_up = self._engine_gave_up
             print(f"Pagoda is serving {self.engine_config.model_config.model} at http://{host}:{port} "
                   f"(OpenAI API at http://{host}:{port}/v1, chat page at http://{host}:{port}/)", flush=True)
+
+    def _engine_gave_up(self, reason: str) -> None:
+        logger.error("exiting: %s", reason)
+        self.engine_gave_up = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._drain_started or self.loop is None:
@@ -74,6 +83,10 @@ def serve(config: EngineConfig, log_level: str = "info", client: EngineClient | 
     server = DrainingServer(uv_config, config, app)
     try:
         server.run()
+    except SystemExit:  # uvicorn's own exit when the app's startup failed; the codes are ours
+        pass
     finally:
         client.kill()
-    return 0 if server.started else 1
+    if not server.started and isinstance(client.start_error, EngineConfigError):
+        raise client.start_error  # the CLI prints it and exits 2
+    return 0 if server.started and not server.engine_gave_up else 1

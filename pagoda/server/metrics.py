@@ -38,6 +38,8 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("pagoda:request_queue_time_seconds", "Arrival to first scheduling",
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.restarts = Counter("pagoda:engine_restarts", "Times the engine core was restarted after dying",
+                                registry=r)
         self.info = Gauge("pagoda:model_info", "The served model", list(labels), registry=r)
         self.info.labels(**labels).set(1)
         self._last = CoreStats()
@@ -60,6 +62,12 @@ class ServerMetrics:
             if now > before:
                 counter.inc(now - before)
         self._last = stats
+
+    def engine_restarted(self) -> None:
+        self.restarts.inc()
+        self._last = CoreStats()  # the new core counts from zero
+        self._seen_first_token.clear()
+        self._last_token_time.clear()
 
     def observe_output(self, out: RequestOutput) -> None:
         times = out.metrics

@@ -157,11 +157,18 @@ async def run_one(client: EngineClient, request_id: str, prompt: Prompt, params:
         async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority, cache_salt):
             yield out
     except RequestRejected as exc:
-        if exc.kind == "queue_full":
-            raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-        raise APIError(400, str(exc), _param_named(exc)) from None
+        raise rejected_error(exc, _param_named(exc)) from None
     except EngineDeadError as exc:
         raise APIError(503, f"the engine is not available: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+def rejected_error(exc: RequestRejected, param: str | None) -> APIError:
+    """The HTTP answer to a request the engine refused (or failed alone)."""
+    if exc.kind == "queue_full":
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
+    if exc.kind == "internal":
+        return APIError(500, f"the engine failed this request: {exc}", code="engine_error")
+    return APIError(400, str(exc), param)
 
 
 async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -6,13 +6,15 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import start_server
+from tests.server.conftest import free_port, start_server
 
 STREAM = {"prompt": "Count slowly:", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
 
@@ -86,23 +88,77 @@ def test_sigterm_drains_in_flight_requests_and_exits(tmp_path: Path) -> None:
     assert not _pid_alive(engine)
 
 
-def test_dead_engine_makes_health_and_requests_503(tmp_path: Path) -> None:
+def _wait_for_health(url: str, wanted: str, timeout_s: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            body = httpx.get(f"{url}/health", timeout=5).json()
+        except httpx.TransportError:
+            body = {"status": "unreachable"}
+        if body["status"] == wanted or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_killed_engine_fails_in_flight_requests_at_once_then_comes_back(tmp_path: Path) -> None:
     live = start_server(tmp_path)
     try:
         engine = live.engine_pid()
         assert engine is not None
-        os.kill(engine, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while httpx.get(f"{live.url}/health").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = httpx.get(f"{live.url}/health")
-        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        streaming = asyncio.Event()
+
+        async def one(http: httpx.AsyncClient, stream: bool) -> str:
+            body = {"prompt": "Count slowly:", "max_tokens": 2000, "ignore_eos": True, "stream": stream}
+            if not stream:
+                r = await http.post("/v1/completions", json=body)
+                return f"http {r.status_code}"
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                last = ""
+                async for line in r.aiter_lines():
+                    streaming.set()
+                    if line.startswith("data: {"):
+                        last = line
+                return "error event" if '"error"' in last else f"ended: {last[:80]}"
+
+        async def scenario() -> list[str]:
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+                tasks = [asyncio.ensure_future(one(http, stream=i % 2 == 0)) for i in range(6)]
+                await asyncio.wait_for(streaming.wait(), 30)
+                await asyncio.sleep(0.3)
+                os.kill(engine, signal.SIGKILL)
+                # Every in-flight request ends promptly, none hangs until the client's timeout.
+                return await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+        results = asyncio.run(scenario())
+        assert results == ["error event", "http 503"] * 3
+        assert _wait_for_health(live.url, "ok", 120)["status"] == "ok"
+        assert live.engine_pid() not in (None, engine)
         r = httpx.post(f"{live.url}/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=10)
-        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert "pagoda:engine_restarts_total 1.0" in httpx.get(f"{live.url}/metrics").text
     finally:
         live.stop()
-    assert live.process.returncode is not None
+    assert live.process.returncode == 0
+
+
+def test_engine_that_keeps_dying_makes_the_server_exit_non_zero(tmp_path: Path) -> None:
+    live = start_server(tmp_path, "--max-engine-restarts", "1")
+    try:
+        first = live.engine_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        restarting = _wait_for_health(live.url, "engine_restarting", 10)
+        assert restarting["status"] == "engine_restarting"
+        r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] and "restarting" in r.json()["error"]["message"]
+        assert _wait_for_health(live.url, "ok", 120)["status"] == "ok"
+        second = live.engine_pid()
+        assert second not in (None, first)
+        os.kill(second, signal.SIGKILL)  # the second death within the window: give up
+        assert live.process.wait(30) == 1
+    finally:
+        live.stop()
 
 
 @pytest.mark.parametrize("flag", ["--api-key-file"])
@@ -117,3 +173,12 @@ def test_keys_file(tmp_path: Path, flag: str) -> None:
             assert r.status_code == status
     finally:
         live.stop()
+
+
+def test_a_malformed_model_file_exits_2_naming_it(tmp_path: Path, bundled_gguf: Path) -> None:
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(bundled_gguf.read_bytes()[:5000])
+    done = subprocess.run([sys.executable, "-m", "pagoda.cli", "serve", str(truncated), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "error: " in done.stderr and "truncated.gguf" in done.stderr and "GGUFError" in done.stderr
