@@ -19,6 +19,7 @@ from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
+    StreamOptions,
     UnsupportedParameter,
     prompt_items,
 )
@@ -277,16 +278,23 @@ class ChatJob:
     cache_salt: str | None
     include_usage: bool
     created: int
+    continuous_usage: bool = False  # usage on every chunk (vLLM's stream_options.continuous_usage_stats)
 
     @classmethod
     def new(cls, model: str, prompt: Prompt, params: SamplingParams, req: ChatCompletionRequest,
             cache_salt: str | None) -> ChatJob:
-        include = bool(req.stream_options and req.stream_options.include_usage)
+        include, continuous = usage_options(req.stream_options)
         return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, cache_salt, include,
-                   int(time.time()))
+                   int(time.time()), continuous)
 
     def stream(self, client: EngineClient) -> AsyncIterator[RequestOutput]:
         return run_one(client, self.request_id, self.prompt, self.params, self.priority, self.cache_salt)
+
+
+def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage on every chunk): the second only with the first, as in vLLM."""
+    include = bool(options and options.include_usage)
+    return include, include and bool(options and options.continuous_usage_stats)
 
 
 async def chat_full(client: EngineClient, job: ChatJob) -> dict[str, Any]:
@@ -325,14 +333,18 @@ async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> As
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra})
     last: RequestOutput | None = None
+    finish_sent: set[int] = set()  # exactly one finish chunk per choice, though later outputs repeat it
     try:
         async for out in outputs:
             last = out
             if out.error:
                 yield sse(error_body(500, f"the engine failed this request: {out.error}"))
                 break
+            if job.continuous_usage:
+                extra = {"usage": usage(len(job.prompt.token_ids), sum(len(o.token_ids) for o in out.outputs),
+                                        out.num_cached_tokens)}
             for o in out.outputs:
-                if not o.delta_text and not o.delta_token_ids and not o.finished:
+                if o.index in finish_sent or (not o.delta_text and not o.delta_token_ids and not o.finished):
                     continue
                 new = len(o.delta_token_ids)
                 lp = (chat_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top or 0)
@@ -341,6 +353,7 @@ async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> As
                     yield sse({**base, "choices": [{"index": o.index, "delta": {"content": o.delta_text},
                                                     "logprobs": lp, "finish_reason": None}], **extra})
                 if o.finished:
+                    finish_sent.add(o.index)
                     yield sse({**base, "choices": [{"index": o.index, "delta": {}, "logprobs": None,
                                                     "finish_reason": _finish(o)}], **extra})
     except APIError as exc:
@@ -379,13 +392,14 @@ class CompletionJob:
     echo: bool
     include_usage: bool
     created: int
+    continuous_usage: bool = False  # usage on every chunk (vLLM's stream_options.continuous_usage_stats)
 
     @classmethod
     def new(cls, model: str, prompts: list[Prompt], params: SamplingParams, req: CompletionRequest,
             cache_salt: str | None) -> CompletionJob:
-        include = bool(req.stream_options and req.stream_options.include_usage)
+        include, continuous = usage_options(req.stream_options)
         return cls(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, req.priority, cache_salt, req.echo, include,
-                   int(time.time()))
+                   int(time.time()), continuous)
 
     def streams(self, client: EngineClient) -> list[AsyncIterator[RequestOutput]]:
         return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority, self.cache_salt)
@@ -430,14 +444,21 @@ async def completion_stream(job: CompletionJob, stream: AsyncIterator[tuple[int,
     offsets: dict[int, int] = {}
     lasts: dict[int, RequestOutput] = {}
     echoed: set[int] = set()
+    finish_sent: set[int] = set()  # exactly one finish chunk per choice, though later outputs repeat it
+    prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
     try:
         async for i, out in stream:
             lasts[i] = out
             if out.error:
                 yield sse(error_body(500, f"the engine failed this request: {out.error}"))
                 break
+            if job.continuous_usage:
+                extra = {"usage": usage(prompt_tokens, sum(len(o.token_ids) for r in lasts.values() for o in r.outputs),
+                                        sum(r.num_cached_tokens for r in lasts.values()))}
             for o in out.outputs:
                 index = i * job.params.n + o.index
+                if index in finish_sent:
+                    continue
                 text = o.delta_text
                 if index not in echoed:
                     echoed.add(index)
@@ -448,13 +469,14 @@ async def completion_stream(job: CompletionJob, stream: AsyncIterator[tuple[int,
                     lp = completion_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top,
                                              offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+                if o.finished:
+                    finish_sent.add(index)
                 if text or new or o.finished:
                     yield sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                     "finish_reason": _finish(o) if o.finished else None}], **extra})
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
     if job.include_usage:
-        prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
         completion_tokens = sum(len(o.token_ids) for out in lasts.values() for o in out.outputs)
         cached = sum(out.num_cached_tokens for out in lasts.values())
         yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached)})

@@ -242,3 +242,43 @@ def test_a_stream_left_before_its_first_token_leaves_the_queue(tight: LiveServer
 
     saw_waiting, emptied = asyncio.run(scenario())
     assert saw_waiting and emptied
+
+
+def _sse_chunks(server: LiveServer, path: str, body: dict) -> list[dict]:
+    chunks = []
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+@pytest.mark.parametrize("path, body, choices", [
+    ("/v1/chat/completions", _chat("Name three colours.", n=2, temperature=1.0, max_tokens=12), 2),
+    ("/v1/completions", {"prompt": ["One", "Two"], "n": 3, "temperature": 1.0, "max_tokens": 10}, 6),
+])
+def test_streams_send_exactly_one_finish_per_choice(server: LiveServer, path: str, body: dict, choices: int) -> None:
+    chunks = _sse_chunks(server, path, body)
+    finishes = [c["index"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"] is not None]
+    assert sorted(finishes) == list(range(choices))
+    for index in range(choices):  # nothing of a choice after its finish
+        last = max(i for i, chunk in enumerate(chunks) for c in chunk["choices"] if c["index"] == index)
+        assert any(c["index"] == index and c["finish_reason"] for c in chunks[last]["choices"])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", _chat("Count to five.", max_tokens=8, temperature=0, ignore_eos=True)),
+    ("/v1/completions", {"prompt": "Count to five:", "max_tokens": 8, "temperature": 0, "ignore_eos": True}),
+])
+def test_continuous_usage_stats_put_usage_on_every_chunk(server: LiveServer, path: str, body: dict) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = _sse_chunks(server, path, {**body, "stream_options": options})
+    content = [c for c in chunks if c["choices"]][1:]  # after the role chunk (chat) or the first text
+    assert content and all(c["usage"] is not None for c in content)
+    generated = [c["usage"]["completion_tokens"] for c in content]
+    assert generated == sorted(generated) and generated[-1] == 8
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    plain = _sse_chunks(server, path, {**body, "stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in plain if c["choices"])
