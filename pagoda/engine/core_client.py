@@ -263,7 +263,7 @@ class EngineClient:
             stream.finished = True
         if self.output_processor is not None:
             self.output_processor.abort(request_id)
-            self.output_processor.collect()  # drop it
+            self._deliver(self.output_processor.collect())  # its end reaches the metrics as "abort"
         if self.is_alive:
             self._send_nowait(["abort", [request_id]])
 
@@ -311,13 +311,17 @@ class EngineClient:
         if self.on_stats is not None:
             self.on_stats(self.stats)
         ended = self.output_processor.process(outputs)
+        # Collected before any await: an abort in between collects too, and must not take these outputs.
+        self._deliver(self.output_processor.collect())
         if ended:
             await self._to_core.send(pack(["finish", ended]))
-        for out in self.output_processor.collect():
+
+    def _deliver(self, outputs: list[RequestOutput], rejected: str | None = None) -> None:
+        for out in outputs:
             stream = self.streams.get(out.request_id)
             if out.finished and stream is not None:
                 stream.finished = True
-            if self.on_output is not None:
+            if self.on_output is not None and out.request_id != rejected:
                 self.on_output(out)
             if stream is not None:
                 stream.queue.put_nowait(out)
@@ -328,12 +332,12 @@ class EngineClient:
         if future is not None and not future.done():
             future.set_exception(RequestRejected(kind, message))
             return
-        self.output_processor.abort(request_id)
-        self.output_processor.collect()
         stream = self.streams.get(request_id)
         if stream is not None:
             stream.finished = True
-            stream.queue.put_nowait(RequestRejected(kind, message))
+            stream.queue.put_nowait(RequestRejected(kind, message))  # ahead of its (unread) abort output
+        self.output_processor.abort(request_id)
+        self._deliver(self.output_processor.collect(), rejected=request_id)
 
     async def _watchdog(self) -> None:
         while self.dead_reason is None:
