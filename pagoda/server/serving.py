@@ -239,7 +239,10 @@ def completion_logprobs(positions: list[PositionLogprobs], tokens: list[int], to
         result["tokens"].append(text)
         result["token_logprobs"].append(chosen.logprob)
         ranked = sorted(pos.items(), key=lambda kv: kv[1].rank)
-        result["top_logprobs"].append({_token_text(lp): lp.logprob for _, lp in ranked[: max(top, 0)]} if top else None)
+        # As vLLM: the k most likely, and the sampled token always (so logprobs=0 gives just its entry).
+        entries = {_token_text(lp): lp.logprob for _, lp in ranked[: max(top, 0)]}
+        entries.setdefault(text, chosen.logprob)
+        result["top_logprobs"].append(entries)
         result["text_offset"].append(offset)
         offset += len(text)
     return result

@@ -95,6 +95,13 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert all(len(t) == 2 for t in lp.top_logprobs)
     assert "".join(lp.tokens) == comp.choices[0].text
+    zero = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=0)
+    lz = zero.choices[0].logprobs  # the sampled token's own entry at every position, as vLLM answers
+    assert [list(t.items()) for t in lz.top_logprobs] == [[(t, p)] for t, p in zip(lz.tokens, lz.token_logprobs)]
+    hot = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=2.0, seed=3,
+                                    logprobs=1)
+    lh = hot.choices[0].logprobs  # a sampled token outside the top 1 is listed beside it
+    assert all(t in top and 1 <= len(top) <= 2 for t, top in zip(lh.tokens, lh.top_logprobs))
 
 
 def _error(server: LiveServer, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
