@@ -263,7 +263,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
                 serving.check_length(p, params, client.info.max_model_len, "prompt")
             check_capacity(params.n * len(prompts))
             job = serving.CompletionJob.new(model, prompts, params, req, tenant_salt(key, req.cache_salt))
-            echo = [job.prefix(i) for i in range(len(prompts))]
+            assert client.tokenizer is not None
+            echo = await job.echo_texts(client.tokenizer)
             if not req.stream:
                 return await serving.completion_full(client, job, echo)
             stream = serving.merged(job.streams(client))

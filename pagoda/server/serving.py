@@ -408,11 +408,13 @@ class CompletionJob:
         return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority, self.cache_salt)
                 for i, p in enumerate(self.prompts)]
 
-    def prefix(self, prompt_index: int) -> str:
+    async def echo_texts(self, tokenizer: Tokenizer) -> list[str]:
+        """What ``echo`` puts before each prompt's completion: its text, decoded when given as token ids."""
         if not self.echo:
-            return ""
-        p = self.prompts[prompt_index]
-        return p.text if p.text is not None else ""
+            return [""] * len(self.prompts)
+        return [p.text if p.text is not None else
+                await asyncio.to_thread(tokenizer.decode, p.token_ids, skip_special_tokens=False)
+                for p in self.prompts]
 
 
 async def completion_full(client: EngineClient, job: CompletionJob, echo_text: list[str]) -> dict[str, Any]:

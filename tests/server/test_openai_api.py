@@ -80,6 +80,12 @@ def test_stop_strings_and_echo(client: openai.OpenAI) -> None:
     assert stopped.choices[0].text == free.choices[0].text.split(",")[0]
     echoed = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith("Hi")
+    ids = httpx.post(str(client.base_url).removesuffix("v1/") + "tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={"prompt": "Once upon a time", "add_special_tokens": False}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True)
+    assert by_ids.choices[0].text.startswith("Once upon a time")
+    streamed = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == by_ids.choices[0].text
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
