@@ -101,6 +101,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if client.info.model_name not in state.model_names:
             state.model_names.append(client.info.model_name)
         state.embedder = load_embedder(client)
+        cc = config.cache_config
+        metrics.set_cache_config(cc.block_size, client.info.num_blocks, cc.enable_prefix_caching, client.info.dtype)
         try:
             yield
         finally:
@@ -242,6 +244,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             assert client.info is not None
             serving.check_length(prompt, params, client.info.max_model_len, "messages")
             check_capacity(params.n)
+            metrics.observe_params(params.n, params.max_tokens or client.info.max_model_len - len(prompt.token_ids))
             job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt))
             if not req.stream:
                 return await serving.chat_full(client, job)
@@ -262,6 +265,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             for p in prompts:
                 serving.check_length(p, params, client.info.max_model_len, "prompt")
             check_capacity(params.n * len(prompts))
+            for p in prompts:
+                metrics.observe_params(params.n, params.max_tokens or client.info.max_model_len - len(p.token_ids))
             job = serving.CompletionJob.new(model, prompts, params, req, tenant_salt(key, req.cache_salt))
             assert client.tokenizer is not None
             echo = await job.echo_texts(client.tokenizer)

@@ -9,6 +9,8 @@ from pagoda.engine.request import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+_N_BUCKETS = (1, 2, 5, 10, 20)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
@@ -38,6 +40,25 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("pagoda:request_queue_time_seconds", "Arrival to first scheduling",
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("pagoda:iteration_tokens_total", "Tokens computed per engine step",
+                                          buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("pagoda:request_prompt_tokens", "Prompt tokens per finished request",
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("pagoda:request_generation_tokens",
+                                                   "Generated tokens per finished request (all choices)",
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
+        self.params_n = Histogram("pagoda:request_params_n", "The n of each request", buckets=_N_BUCKETS, registry=r)
+        self.params_max_tokens = Histogram("pagoda:request_params_max_tokens",
+                                           "The max_tokens of each request (the context left when unset)",
+                                           buckets=_TOKEN_BUCKETS, registry=r)
+        self.inference_time = Histogram("pagoda:request_inference_time_seconds", "First scheduling to last token",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("pagoda:request_prefill_time_seconds", "First scheduling to first token",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("pagoda:request_decode_time_seconds", "First token to last token",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_config = Gauge("pagoda:cache_config_info", "The KV cache's configuration",
+                                  ["block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"], registry=r)
         self.restarts = Counter("pagoda:engine_restarts", "Times the engine core was restarted after dying",
                                 registry=r)
         self.info = Gauge("pagoda:model_info", "The served model", list(labels), registry=r)
@@ -51,6 +72,9 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
         last = self._last
+        computed = stats.prompt_tokens + stats.generation_tokens - last.prompt_tokens - last.generation_tokens
+        if stats.num_steps > last.num_steps and computed > 0:
+            self.iteration_tokens.observe(computed / (stats.num_steps - last.num_steps))
         # The core reports running totals; counters take the increments.
         for counter, now, before in (
             (self.prefix_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
@@ -62,6 +86,14 @@ class ServerMetrics:
             if now > before:
                 counter.inc(now - before)
         self._last = stats
+
+    def observe_params(self, n: int, max_tokens: int) -> None:
+        self.params_n.observe(n)
+        self.params_max_tokens.observe(max_tokens)
+
+    def set_cache_config(self, block_size: int, num_blocks: int, prefix_caching: bool, dtype: str) -> None:
+        self.cache_config.labels(block_size=str(block_size), num_gpu_blocks=str(num_blocks),
+                                 enable_prefix_caching=str(prefix_caching), cache_dtype=dtype).set(1)
 
     def engine_restarted(self) -> None:
         self.restarts.inc()
@@ -87,8 +119,16 @@ class ServerMetrics:
         if out.finished:
             for o in out.outputs:
                 self.success.labels(finished_reason=o.finish_reason or "unknown").inc()
+            self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+            self.request_generation_tokens.observe(sum(len(o.token_ids) for o in out.outputs))
             if times.last_token is not None:
                 self.e2e.observe(max(0.0, times.last_token - times.arrival))
+                if times.first_scheduled is not None:
+                    self.inference_time.observe(max(0.0, times.last_token - times.first_scheduled))
+                if times.first_token is not None:
+                    self.decode_time.observe(max(0.0, times.last_token - times.first_token))
+            if times.first_token is not None and times.first_scheduled is not None:
+                self.prefill_time.observe(max(0.0, times.first_token - times.first_scheduled))
             self._seen_first_token.discard(rid)
             self._last_token_time.pop(rid, None)
 

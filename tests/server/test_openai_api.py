@@ -173,6 +173,32 @@ def test_metrics_are_exported(server: LiveServer, client: openai.OpenAI) -> None
                  "pagoda:e2e_request_latency_seconds_bucket", "pagoda:request_queue_time_seconds_bucket"]:
         assert name in text, name
     assert _metric(server, "pagoda:generation_tokens_total") >= 3
+    before = {name: _metric(server, name) for name in HISTOGRAM_COUNTS}
+    prompt_len = len(httpx.post(f"{server.url}/tokenize", headers=_auth(), json={"prompt": "Count: 1 2 3"}).json()["tokens"])
+    client.completions.create(model=MODEL, prompt="Count: 1 2 3", max_tokens=5, n=2, temperature=1.0,
+                              extra_body={"ignore_eos": True})
+    grown = {name: _metric(server, name) - before[name] for name in HISTOGRAM_COUNTS}
+    assert all(grown[name] == 1 for name in HISTOGRAM_COUNTS if "iteration" not in name), grown
+    assert grown["pagoda:iteration_tokens_total_count"] >= 5  # one per step: the prefill and each decode
+    sums = httpx.get(f"{server.url}/metrics").text
+    assert "pagoda:request_generation_tokens_sum" in sums and "pagoda:request_params_n_bucket" in sums
+    assert _bucket(server, "pagoda:request_params_max_tokens_bucket", "5.0") >= 1
+    assert _bucket(server, "pagoda:request_prompt_tokens_bucket", "+Inf") >= 1 and prompt_len > 0
+    info = [line for line in sums.splitlines() if line.startswith("pagoda:cache_config_info{")]
+    assert len(info) == 1 and 'block_size="16"' in info[0] and 'enable_prefix_caching="True"' in info[0]
+
+
+HISTOGRAM_COUNTS = [f"pagoda:{name}_count" for name in (
+    "iteration_tokens_total", "request_prompt_tokens", "request_generation_tokens", "request_params_n",
+    "request_params_max_tokens", "request_inference_time_seconds", "request_prefill_time_seconds",
+    "request_decode_time_seconds")]
+
+
+def _bucket(server: LiveServer, name: str, le: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(f'{name}{{le="{le}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} le={le} not exported")
 
 
 def test_disconnect_mid_stream_frees_blocks(server: LiveServer) -> None:
