@@ -15,6 +15,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 
@@ -29,23 +32,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def time_to_ready(serve_args: list[str], timeout_s: float) -> float:
+@dataclass
+class Launched:
+    process: subprocess.Popen[bytes]
+    url: str
+    ready_s: float
+
+
+@contextmanager
+def launched(serve_args: list[str], timeout_s: float) -> Iterator[Launched]:
+    """A `pagoda serve` on a free loopback port, ready; stopped with SIGTERM on leaving."""
     port = _free_port()
     cmd = [sys.executable, "-m", "pagoda.cli", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
     try:
-        while time.perf_counter() - start < timeout_s:
-            if process.poll() is not None:
-                raise RuntimeError(f"pagoda serve exited with {process.returncode}: "
-                                   f"{process.stderr.read().decode(errors='replace')[-2000:] if process.stderr else ''}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL_S)
-        raise RuntimeError(f"pagoda serve was not ready within {timeout_s} s")
+        yield Launched(process, url, _wait_ready(process, url, start, timeout_s))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -53,6 +56,25 @@ def time_to_ready(serve_args: list[str], timeout_s: float) -> float:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, start: float, timeout_s: float) -> float:
+    while time.perf_counter() - start < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"pagoda serve exited with {process.returncode}: "
+                               f"{process.stderr.read().decode(errors='replace')[-2000:] if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(POLL_S)
+    raise RuntimeError(f"pagoda serve was not ready within {timeout_s} s")
+
+
+def time_to_ready(serve_args: list[str], timeout_s: float) -> float:
+    with launched(serve_args, timeout_s) as server:
+        return server.ready_s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
