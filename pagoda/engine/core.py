@@ -267,7 +267,7 @@ class EngineCore:
             job.request = None
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents) or bool(self._reported) or bool(self.embedding_jobs)
+        return self.has_sequences() or bool(self.embedding_jobs)
 
     def has_sequences(self) -> bool:
         """Sequences (or ends to report) for ``step``; embedding jobs run apart from it."""

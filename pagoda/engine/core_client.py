@@ -38,6 +38,7 @@ from pagoda.model.tokenizer_source import TokenizerSource
 
 logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 0.2
+START_TIMEOUT_S = 300.0  # loading the model, on the first start and on each restart
 RESTART_WINDOW_S = 600.0
 RESTART_BACKOFF_S = (0.5, 2.0, 8.0)  # before the 1st, 2nd, 3rd+ restart within the window
 
@@ -132,7 +133,7 @@ class EngineClient:
             self.process.kill()
             self.process.wait()
 
-    async def start(self, timeout_s: float = 300.0) -> None:
+    async def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Start the core process (unless ``spawn`` did) and wait until it has loaded the model. Raises
         ``EngineConfigError`` when the core refuses the model or settings, ``EngineStartError`` otherwise."""
         self.spawn()
@@ -373,7 +374,7 @@ class EngineClient:
             self._replace_sockets()
             try:
                 self.spawn()
-                await self._wait_ready(300.0)
+                await self._wait_ready(START_TIMEOUT_S)
             except Exception as exc:
                 self.kill()
                 reason = f"the engine core failed to restart: {exc}"
