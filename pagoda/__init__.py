@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput",
+           "__version__"]
 
 _LAZY = {
     "LLM": "pagoda.engine.engine",
     "LLMEngine": "pagoda.engine.engine",
     "SamplingParams": "pagoda.engine.request",
     "RequestOutput": "pagoda.engine.request",
+    "RequestOutputKind": "pagoda.engine.request",
     "CompletionOutput": "pagoda.engine.request",
 }
 

@@ -41,8 +41,9 @@ def _stream_local(llm: Any, messages: list[dict[str, str]], args: argparse.Names
     ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     for out in llm.generate_stream({"prompt_token_ids": ids}, params):
-        if out.outputs[0].delta_text:
-            yield out.outputs[0].delta_text
+        for choice in out.outputs:  # empty when a step changed nothing visible
+            if choice.text:
+                yield choice.text
 
 
 def run_chat(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:

@@ -85,7 +85,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
         prompt = {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
     for output in llm.generate_stream(prompt, params):
-        sys.stdout.write(output.outputs[0].delta_text)
+        sys.stdout.write("".join(choice.text for choice in output.outputs))
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

@@ -113,6 +113,10 @@ class ServerConfig:
     # Times the engine core is restarted after dying within ten minutes before the server gives up and
     # exits non-zero (for its supervisor to restart it).
     max_engine_restarts: int = 3
+    # Outputs a streaming request may hold unread by its client. Past that the client is too slow (its
+    # socket buffers are already full): the request is aborted, its KV freed, and the stream ends with an
+    # error event.
+    max_stream_backlog: int = 256
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -123,6 +127,8 @@ class ServerConfig:
             raise ValueError(f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.max_engine_restarts < 0:
             raise ValueError(f"max_engine_restarts must be >= 0, got {self.max_engine_restarts}")
+        if self.max_stream_backlog < 1:
+            raise ValueError(f"max_stream_backlog must be >= 1, got {self.max_stream_backlog}")
 
 
 _SECTIONS: dict[str, type] = {

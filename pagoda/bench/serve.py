@@ -64,14 +64,18 @@ class Target:
     api_key: str | None
     ignore_eos: bool
     timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    temperature: float = 0.0
+    sampling_seed: int | None = None
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 def request_body(target: Target, req: workloads.BenchRequest) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"model": target.model, "max_tokens": req.max_tokens, "temperature": 0.0,
+    body: dict[str, Any] = {"model": target.model, "max_tokens": req.max_tokens, "temperature": target.temperature,
                             "stream": True, "stream_options": {"include_usage": True}}
+    if target.sampling_seed is not None:
+        body["seed"] = target.sampling_seed
     if target.ignore_eos:
         body["ignore_eos"] = True  # vLLM, llama-server and Pagoda accept it; OpenAI itself does not
     if req.messages is not None:
@@ -279,6 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let requests stop at EOS (default: ignore_eos so lengths are exact)")
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S)
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request")
+    parser.add_argument("--sampling-seed", type=int, default=None,
+                        help="send this seed with every request (Pagoda: seeded sampling reads no cached prefix)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--plot", default=None, help="write a PNG plot here (default: beside --out)")
@@ -292,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                       args.seed)
     requests = build_requests(args)
     model = args.model or resolve_model(url, args.api_key)
-    target = Target(url, model, args.api_key, args.ignore_eos, args.request_timeout)
+    target = Target(url, model, args.api_key, args.ignore_eos, args.request_timeout, args.temperature,
+                    args.sampling_seed)
     records, origin, duration = asyncio.run(run_load(target, requests, shape, args.progress))
     summary = summarize(records, duration)
     label = args.label or model

@@ -157,12 +157,17 @@ class EngineCore:
         check_queue_room(len(self.scheduler.waiting), params.n, self.config.scheduler_config.max_queued_requests)
         now = time.monotonic() if arrival_time is None else arrival_time
         ids = list(prompt_token_ids)
+        # A cached prefix was computed in other chunks than a full prefill, which changes the low bits of the
+        # logits; a seeded draw must not depend on it. Batch-invariant kernels make both the same.
+        reads_cache = (self.config.cache_config.enable_prefix_caching
+                       and (params.seed is None or params.greedy or self.config.model_config.batch_invariant))
         children: list[Request] = []
         for i, cid in enumerate(child_ids(request_id, params.n)):
             child_params = params
-            if params.n > 1:
+            if params.n > 1:  # the first child alone computes the prompt logprobs, its siblings reuse its blocks
                 seed = None if params.seed is None else params.seed + i
-                child_params = dataclasses.replace(params, n=1, seed=seed)
+                child_params = dataclasses.replace(params, n=1, seed=seed,
+                                                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             children.append(
                 Request(
                     cid,
@@ -172,6 +177,8 @@ class EngineCore:
                     arrival_time=now,
                     priority=priority,
                     cache_salt=cache_salt,
+                    # A cached position has no logits to give its prompt logprob from.
+                    reads_prefix_cache=reads_cache and child_params.prompt_logprobs is None,
                     # Siblings wait for the first child's prompt so they reuse its cached blocks.
                     wait_for=children[0] if i > 0 and self.config.cache_config.enable_prefix_caching else None,
                 )
@@ -301,9 +308,10 @@ class EngineCore:
             r = s.request
             self.stats.prompt_tokens += max(0, min(r.num_prompt_tokens - r.num_computed_tokens, s.num_new_tokens))
         try:
-            sampling, logits = self.runner.execute(out.scheduled)
-            requests = [s.request for s in sampling]
-            result = self.sampler(logits, requests) if requests else None
+            step = self.runner.execute(out.scheduled)
+            requests = [s.request for s in step.sampling]
+            result = self.sampler(step.logits, requests) if requests else None
+            prompt_logprobs = {p.scheduled.request.request_id: self.runner.prompt_logprobs(p) for p in step.prompt}
         except Exception as exc:  # fail this step's requests, keep the engine alive
             logger.error("model step failed: %s", traceback.format_exc())
             ended = []
@@ -319,12 +327,14 @@ class EngineCore:
         for s in out.scheduled:
             req = s.request
             token = sampled.get(req.request_id)
-            if token is None and not req.is_finished:
+            prompt_lp = prompt_logprobs.get(req.request_id)
+            if token is None and not req.is_finished and prompt_lp is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
             lp = logprobs.get(req.request_id)
             out_ = self._output(req, [] if token is None else [token])
             if lp is not None:
                 out_.new_logprobs = [lp]
+            out_.prompt_logprobs = prompt_lp
             outputs.append(out_)
         return outputs
 

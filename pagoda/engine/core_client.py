@@ -32,7 +32,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core_proc import pack, params_to_wire, unpack
 from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.request import RequestOutput, SamplingParams
+from pagoda.engine.request import RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.tokenizer_source import TokenizerSource
 
@@ -53,6 +53,10 @@ class EngineStartError(RuntimeError):
 
 class EngineConfigError(ValueError):
     """The engine core refused its model or settings (a malformed file, an impossible setting)."""
+
+
+class StreamBacklogError(RuntimeError):
+    """The client read its stream too slowly; the request was aborted and its KV freed."""
 
 
 class RequestRejected(ValueError):
@@ -222,9 +226,11 @@ class EngineClient:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes. Leaving the loop early (client gone)
-        aborts the request in the core."""
+        aborts the request in the core; so does falling ``max_stream_backlog`` outputs behind, which raises
+        ``StreamBacklogError`` once the reader gets there."""
         if not self.is_alive:
             raise EngineDeadError(self.unavailable_reason)
         assert self.output_processor is not None
@@ -242,7 +248,7 @@ class EngineClient:
                 raise RequestRejected("invalid", f"the request holds a value the engine cannot take: {exc}") from None
             self.streams[request_id] = stream
             self.output_processor.add(request_id, prompt, prompt_token_ids, params, child_ids(request_id, params.n),
-                                      arrival)
+                                      output_kind, arrival)
             await self._to_core.send(frame)
             while True:
                 item = await stream.queue.get()
@@ -318,14 +324,32 @@ class EngineClient:
             await self._to_core.send(pack(["finish", ended]))
 
     def _deliver(self, outputs: list[RequestOutput], rejected: str | None = None) -> None:
+        backlog = self.config.server_config.max_stream_backlog
+        too_slow = []
         for out in outputs:
             stream = self.streams.get(out.request_id)
             if out.finished and stream is not None:
                 stream.finished = True
             if self.on_output is not None and out.request_id != rejected:
                 self.on_output(out)
-            if stream is not None:
+            if stream is None:
+                continue
+            if stream.queue.qsize() >= backlog and not stream.finished:
+                too_slow.append(out.request_id)
+            else:
                 stream.queue.put_nowait(out)
+        for request_id in too_slow:
+            self._drop_slow_reader(request_id, backlog)
+
+    def _drop_slow_reader(self, request_id: str, backlog: int) -> None:
+        """Its unread outputs go (they are what grows); the reader finds the error next."""
+        queue = self.streams[request_id].queue
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(StreamBacklogError(f"the client read its stream too slowly ({backlog} outputs unread); "
+                                            "the request was aborted"))
+        logger.warning("aborted %s: its client fell %d outputs behind", request_id, backlog)
+        self.abort(request_id)
 
     def _on_rejected(self, request_id: str, kind: str, message: str) -> None:
         assert self.output_processor is not None

@@ -13,7 +13,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.messages import CoreStats
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.request import RequestOutput, SamplingParams
+from pagoda.engine.request import RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.runner import ModelRunner
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.tokenizer import Tokenizer
@@ -70,16 +70,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        stream: bool = True,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> None:
-        """``stream=False``: only the finished output will be read (its text is then decoded once, at the end)."""
         params = params or SamplingParams()
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         now = time.monotonic()
         children = self.core.add_request(request_id, ids, params, priority, cache_salt, arrival_time=now)
-        self.output_processor.add(request_id, text, list(ids), params, children, arrival_time=now, stream=stream)
+        self.output_processor.add(request_id, text, list(ids), params, children, output_kind, arrival_time=now)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -91,12 +90,12 @@ class LLMEngine:
         return bool(self.output_processor.parents)
 
     # ---- the loop ---------------------------------------------------------------------------
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One engine step; the outputs of the requests it changed (``finished_only``: that it finished)."""
+    def step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of the requests it changed (a FINAL_ONLY one once it has finished)."""
         ended = self.output_processor.process(self.core.step())
         if ended:  # stop strings and detokenizer failures: free those sequences before the next step
             self.core.finish_sequences(ended)
-        return self.output_processor.collect(finished_only)
+        return self.output_processor.collect()
 
 
 def _as_list(value: Any, count: int, name: str) -> list[Any]:
@@ -131,7 +130,7 @@ class LLM:
         ids = [uuid.uuid4().hex for _ in prompts]
         try:
             for rid, prompt, p, prio in zip(ids, prompts, params, priorities):
-                self.engine.add_request(rid, prompt, p, priority=prio, stream=False)
+                self.engine.add_request(rid, prompt, p, priority=prio, output_kind=RequestOutputKind.FINAL_ONLY)
         except Exception:
             self.engine.abort_request(ids)
             self.engine.output_processor.collect()  # forget them
@@ -142,7 +141,7 @@ class LLM:
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None, leave=False) as bar:
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step(finished_only=True):
+                for output in self.engine.step():
                     if output.finished:
                         finals[output.request_id] = output
                         bar.update(1)
@@ -163,10 +162,12 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield this prompt's output after every step that changed it (``delta_text`` holds the new text)."""
+    def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                        output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> Iterator[RequestOutput]:
+        """Yield this prompt's output after every step that changed it: by default only what is new (DELTA);
+        CUMULATIVE outputs hold everything so far."""
         rid = uuid.uuid4().hex
-        self.engine.add_request(rid, prompt, sampling_params)
+        self.engine.add_request(rid, prompt, sampling_params, output_kind=output_kind)
         try:
             done = False
             while not done:

@@ -23,23 +23,31 @@ class CoreOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None  # time.monotonic(), comparable across local processes
+    # Prompt logprobs this step computed: of the tokens after the chunk's positions (so never position 0).
+    prompt_logprobs: list[PositionLogprobs] | None = None
 
     def to_wire(self) -> list[Any]:
-        logprobs = (
-            None
-            if self.new_logprobs is None
-            else [[[tid, lp.logprob, lp.rank] for tid, lp in pos.items()] for pos in self.new_logprobs]
-        )
-        return [self.request_id, self.new_token_ids, logprobs, self.finish_reason, self.stop_reason, self.error,
-                self.num_cached_tokens, self.first_scheduled_time]
+        return [self.request_id, self.new_token_ids, _positions_to_wire(self.new_logprobs), self.finish_reason,
+                self.stop_reason, self.error, self.num_cached_tokens, self.first_scheduled_time,
+                _positions_to_wire(self.prompt_logprobs)]
 
     @classmethod
     def from_wire(cls, fields: list[Any]) -> CoreOutput:
-        rid, tokens, logprobs, finish, stop, error, cached, scheduled = fields
-        positions = None
-        if logprobs is not None:
-            positions = [{int(t): Logprob(float(v), int(r)) for t, v, r in pos} for pos in logprobs]
-        return cls(rid, list(tokens), positions, finish, stop, error, int(cached), scheduled)
+        rid, tokens, logprobs, finish, stop, error, cached, scheduled, prompt_logprobs = fields
+        return cls(rid, list(tokens), _positions_from_wire(logprobs), finish, stop, error, int(cached), scheduled,
+                   _positions_from_wire(prompt_logprobs))
+
+
+def _positions_to_wire(positions: list[PositionLogprobs] | None) -> list[Any] | None:
+    if positions is None:
+        return None
+    return [[[tid, lp.logprob, lp.rank] for tid, lp in pos.items()] for pos in positions]
+
+
+def _positions_from_wire(positions: list[Any] | None) -> list[PositionLogprobs] | None:
+    if positions is None:
+        return None
+    return [{int(t): Logprob(float(v), int(r)) for t, v, r in pos} for pos in positions]
 
 
 @dataclass

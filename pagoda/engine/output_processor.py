@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass, field
 
 from pagoda.engine.messages import CoreOutput
-from pagoda.engine.request import CompletionOutput, FinishReason, RequestOutput, RequestTimes, SamplingParams
+from pagoda.engine.request import (
+    CompletionOutput,
+    FinishReason,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    RequestOutputKind,
+    SamplingParams,
+)
 from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 logger = logging.getLogger(__name__)
@@ -21,14 +29,21 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Child:
     request_id: str
+    index: int
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
-    output: CompletionOutput
+    # Tokens and logprobs not yet handed out (DELTA) or all of them (CUMULATIVE, FINAL_ONLY).
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    finish_emitted: bool = False
     text: str = ""  # full detokenized text (visible text may lag behind it, see holdback)
     emitted_chars: int = 0
-    emitted_tokens: int = 0
     # Nobody reads this sequence's text before it ends and no stop string is searched in it: detokenize the
-    # whole output once at the end instead of twice per token (the offline ``generate`` path).
+    # whole output once at the end instead of twice per token (FINAL_ONLY, the offline ``generate`` path).
     deferred: bool = False
 
 
@@ -38,17 +53,33 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child]
+    kind: RequestOutputKind
     arrival_time: float
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    first_token_reported: bool = False
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # [None] + what the core sent so far
+    prompt_logprobs_emitted: bool = False
+    pending_inter_token_latencies: list[float] = field(default_factory=list)
     dirty: bool = False
     error: str | None = field(default=None)
 
     @property
     def finished(self) -> bool:
-        return all(c.output.finish_reason is not None for c in self.children)
+        return all(c.finish_reason is not None for c in self.children)
+
+    def take_metrics(self) -> RequestMetrics:
+        metrics = RequestMetrics(
+            self.arrival_time, self.first_scheduled_time, self.first_token_time, self.last_token_time,
+            num_generation_tokens=sum(c.num_tokens for c in self.children),
+            is_first_token=self.first_token_time is not None and not self.first_token_reported,
+            inter_token_latencies=self.pending_inter_token_latencies,
+        )
+        self.first_token_reported = self.first_token_time is not None
+        self.pending_inter_token_latencies = []
+        return metrics
 
 
 class OutputProcessor:
@@ -64,20 +95,18 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         child_request_ids: list[str],
+        kind: RequestOutputKind,
         arrival_time: float | None = None,
-        stream: bool = True,
     ) -> None:
-        """``stream=False``: the caller only reads finished outputs (see ``_Child.deferred``)."""
         kids = []
         for i, cid in enumerate(child_request_ids):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-            out = CompletionOutput(
-                index=i,
-                logprobs=[] if params.logprobs is not None else None,
-                cumulative_logprob=0.0 if params.logprobs is not None else None,
-            )
-            kids.append(_Child(cid, params, detok, out, deferred=not stream and not params.stop))
-        parent = _Parent(request_id, prompt, prompt_token_ids, kids, arrival_time or time.monotonic())
+            wants_logprobs = params.logprobs is not None
+            kids.append(_Child(cid, i, params, detok, logprobs=[] if wants_logprobs else None,
+                               cumulative_logprob=0.0 if wants_logprobs else None,
+                               deferred=kind is RequestOutputKind.FINAL_ONLY and not params.stop))
+        parent = _Parent(request_id, prompt, prompt_token_ids, kids, kind, arrival_time or time.monotonic(),
+                         prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self.parents[request_id] = parent
         for kid in kids:
             self.child_to_parent[kid.request_id] = (parent, kid)
@@ -96,40 +125,40 @@ class OutputProcessor:
             parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
             if parent.first_scheduled_time is None:
                 parent.first_scheduled_time = co.first_scheduled_time
-            out = child.output
-            if out.finish_reason is not None:
+            if co.prompt_logprobs and parent.prompt_logprobs is not None:
+                self._decode_logprob_tokens(co.prompt_logprobs)
+                parent.prompt_logprobs.extend(co.prompt_logprobs)
+            if child.finish_reason is not None:
                 continue  # ended here already; the core may report a step more
             if co.new_token_ids:
-                parent.first_token_time = parent.first_token_time or now
-                parent.last_token_time = now
+                _mark_token_step(parent, now)
                 try:
                     if self._take_tokens(child, co):
                         ended.append(child.request_id)
                         continue
                 except Exception as exc:  # e.g. a detokenizer failure fails one request only
                     logger.error("output processing failed for %s: %s", co.request_id, exc)
-                    out.finish_reason = FinishReason.ERROR.value
+                    child.finish_reason = FinishReason.ERROR.value
                     parent.error = parent.error or f"{type(exc).__name__}: {exc}"
                     ended.append(child.request_id)
                     continue
             if co.finish_reason is not None:
-                out.finish_reason = co.finish_reason
-                out.stop_reason = co.stop_reason
+                child.finish_reason = co.finish_reason
+                child.stop_reason = co.stop_reason
                 if co.error and parent.error is None:
                     parent.error = co.error
         return ended
 
     def _take_tokens(self, child: _Child, co: CoreOutput) -> bool:
         """Append new tokens; True when a stop string ended the sequence."""
-        out = child.output
         new_tokens = co.new_token_ids
-        if co.new_logprobs is not None and out.logprobs is not None:
+        if co.new_logprobs is not None and child.logprobs is not None:
+            self._decode_logprob_tokens(co.new_logprobs)
             for pos, tid in zip(co.new_logprobs, new_tokens):
-                for token, lp in pos.items():
-                    lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
-                out.logprobs.append(pos)
-                out.cumulative_logprob = (out.cumulative_logprob or 0.0) + pos[tid].logprob
-        out.token_ids.extend(new_tokens)
+                child.logprobs.append(pos)
+                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + pos[tid].logprob
+        child.token_ids.extend(new_tokens)
+        child.num_tokens += len(new_tokens)
         if child.deferred:
             return False
         delta = child.detokenizer.add(new_tokens)
@@ -141,15 +170,20 @@ class OutputProcessor:
                 stop, idx = hit
                 keep = idx + len(stop) if child.params.include_stop_str_in_output else idx
                 child.text = child.text[:keep]
-                out.finish_reason = FinishReason.STOP.value
-                out.stop_reason = stop
+                child.finish_reason = FinishReason.STOP.value
+                child.stop_reason = stop
                 return True
         return False
+
+    def _decode_logprob_tokens(self, positions: list[PositionLogprobs]) -> None:
+        for pos in positions:
+            for token, lp in pos.items():
+                lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _whole_text(self, child: _Child) -> str:
         """The text the incremental detokenizer would have built, in one decode: the same unless the output
         ends inside a multi-byte character, where the incremental path stops at the last complete one."""
-        tokens = child.output.token_ids
+        tokens = child.token_ids
         text = child.detokenizer.add(tokens)
         if text or not tokens:
             return text
@@ -163,48 +197,37 @@ class OutputProcessor:
             return []
         ended = []
         for child in parent.children:
-            if child.output.finish_reason is None:
-                child.output.finish_reason = reason.value
+            if child.finish_reason is None:
+                child.finish_reason = reason.value
                 ended.append(child.request_id)
         if error and parent.error is None:
             parent.error = error
         parent.dirty = True
         return ended
 
-    def collect(self, finished_only: bool = False) -> list[RequestOutput]:
-        """RequestOutputs for every parent touched since the last call; forgets finished parents.
-        ``finished_only``: skip the snapshots of unfinished ones (nobody streams them: offline ``generate``)."""
+    def collect(self) -> list[RequestOutput]:
+        """RequestOutputs for every parent touched since the last call (a FINAL_ONLY one only once it has
+        finished); forgets finished parents."""
         results = []
-        for parent in [p for p in self.parents.values() if p.dirty and (not finished_only or p.finished)]:
+        for parent in [p for p in self.parents.values()
+                       if p.dirty and (p.finished or p.kind is not RequestOutputKind.FINAL_ONLY)]:
             parent.dirty = False
-            outputs = []
-            for child in parent.children:
-                out = child.output
-                if child.deferred and out.finish_reason is not None:
-                    child.text, child.deferred = self._whole_text(child), False
-                stops = child.params.stop
-                holdback = 0 if out.finish_reason is not None or not stops else max(len(s) for s in stops) - 1
-                visible = child.text[: max(child.emitted_chars, len(child.text) - holdback)]
-                out.text = visible
-                out.delta_text = visible[child.emitted_chars :]
-                child.emitted_chars = len(visible)
-                out.delta_token_ids = out.token_ids[child.emitted_tokens :]
-                child.emitted_tokens = len(out.token_ids)
-                outputs.append(out)
             finished = parent.finished
+            if parent.kind is RequestOutputKind.DELTA:
+                outputs = [o for c in parent.children if (o := self._delta(c)) is not None]
+            else:
+                outputs = [self._whole(c, copy=parent.kind is RequestOutputKind.CUMULATIVE) for c in parent.children]
             results.append(
                 RequestOutput(
                     request_id=parent.request_id,
                     prompt=parent.prompt,
                     prompt_token_ids=parent.prompt_token_ids,
-                    outputs=[_snapshot(o) for o in outputs],
+                    outputs=outputs,
                     finished=finished,
                     num_cached_tokens=parent.num_cached_tokens,
                     error=parent.error,
-                    metrics=RequestTimes(
-                        parent.arrival_time, parent.first_scheduled_time, parent.first_token_time,
-                        parent.last_token_time,
-                    ),
+                    metrics=parent.take_metrics(),
+                    prompt_logprobs=_prompt_logprobs(parent, finished),
                 )
             )
             if finished:
@@ -213,17 +236,69 @@ class OutputProcessor:
                     self.child_to_parent.pop(child.request_id, None)
         return results
 
+    def _visible_end(self, child: _Child) -> int:
+        """How much of the text may be shown: all once ended, else all but what could still start a stop
+        string."""
+        if child.deferred and child.finish_reason is not None:
+            child.text, child.deferred = self._whole_text(child), False
+        stops = child.params.stop
+        holdback = 0 if child.finish_reason is not None or not stops else max(len(s) for s in stops) - 1
+        return max(child.emitted_chars, len(child.text) - holdback)
 
-def _snapshot(out: CompletionOutput) -> CompletionOutput:
-    """A copy the caller may keep while the engine goes on appending to the live one."""
-    return CompletionOutput(
-        index=out.index,
-        text=out.text,
-        token_ids=list(out.token_ids),
-        cumulative_logprob=out.cumulative_logprob,
-        logprobs=list(out.logprobs) if out.logprobs is not None else None,
-        finish_reason=out.finish_reason,
-        stop_reason=out.stop_reason,
-        delta_text=out.delta_text,
-        delta_token_ids=list(out.delta_token_ids),
-    )
+    def _whole(self, child: _Child, copy: bool) -> CompletionOutput:
+        """Everything so far; ``copy``: lists the caller may keep while this child grows (CUMULATIVE)."""
+        end = self._visible_end(child)
+        child.emitted_chars = end
+        logprobs = child.logprobs
+        return CompletionOutput(
+            index=child.index,
+            text=child.text[:end],
+            token_ids=list(child.token_ids) if copy else child.token_ids,
+            cumulative_logprob=child.cumulative_logprob,
+            logprobs=list(logprobs) if copy and logprobs is not None else logprobs,
+            finish_reason=child.finish_reason,
+            stop_reason=child.stop_reason,
+        )
+
+    def _delta(self, child: _Child) -> CompletionOutput | None:
+        """What is new since this child's previous output (None: nothing, not even its end)."""
+        end = self._visible_end(child)
+        text = child.text[child.emitted_chars : end]
+        child.emitted_chars = end
+        newly_finished = child.finish_reason is not None and not child.finish_emitted
+        if not text and not child.token_ids and not newly_finished:
+            return None
+        child.finish_emitted = child.finish_reason is not None
+        out = CompletionOutput(
+            index=child.index,
+            text=text,
+            token_ids=child.token_ids,
+            cumulative_logprob=child.cumulative_logprob,
+            logprobs=child.logprobs,
+            finish_reason=child.finish_reason,
+            stop_reason=child.stop_reason,
+        )
+        child.token_ids = []
+        child.logprobs = [] if child.logprobs is not None else None
+        return out
+
+
+def _prompt_logprobs(parent: _Parent, finished: bool) -> list[PositionLogprobs | None] | None:
+    """Once the prompt is done (its first token came, or the request ended): always, or once for DELTA."""
+    done = parent.first_token_time is not None or finished
+    if parent.prompt_logprobs is None or not done:
+        return None
+    if parent.kind is RequestOutputKind.DELTA:
+        if parent.prompt_logprobs_emitted:
+            return None
+        parent.prompt_logprobs_emitted = True
+    return list(parent.prompt_logprobs) if parent.kind is RequestOutputKind.CUMULATIVE else parent.prompt_logprobs
+
+
+def _mark_token_step(parent: _Parent, now: float) -> None:
+    """A step brought tokens: the first token's time, or one inter-token gap per step (not per child)."""
+    if parent.first_token_time is None:
+        parent.first_token_time = now
+    elif parent.last_token_time is not None and now > parent.last_token_time:
+        parent.pending_inter_token_latencies.append(now - parent.last_token_time)
+    parent.last_token_time = now

@@ -45,6 +45,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs besides the sampled token
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (no cached prefix)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +70,9 @@ class SamplingParams:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None:
             _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check(isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                   "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"may hold at most {MAX_STOP_SEQUENCES} strings, got {len(self.stop)}")
         for s in self.stop:
             _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_SEQUENCE_CHARS, "stop", f"entries must be non-empty strings of at most {MAX_STOP_SEQUENCE_CHARS} characters, got {s!r}")
@@ -97,6 +101,14 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds (vLLM's names)."""
+
+    CUMULATIVE = "cumulative"  # everything so far, copied: the caller may keep each one
+    DELTA = "delta"  # only what is new since the previous output: streaming, no copies
+    FINAL_ONLY = "final_only"  # one output, when the request has finished
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or max_model_len
@@ -115,6 +127,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0
     cache_salt: str | None = None
+    reads_prefix_cache: bool = True  # its blocks are published either way
     # A sibling (n > 1) that must finish its prompt first so this one reuses its cached blocks.
     wait_for: "Request | None" = None
     token_ids: list[int] = field(init=False)
@@ -175,9 +188,6 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # What this update added (for streaming); the cumulative fields above hold everything.
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -185,13 +195,17 @@ class CompletionOutput:
 
 
 @dataclass
-class RequestTimes:
-    """time.monotonic() marks of one request, for latency metrics."""
+class RequestMetrics:
+    """time.monotonic() marks of one request and what this output adds to the latency histograms, so that
+    no consumer keeps state per request."""
 
     arrival: float
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    num_generation_tokens: int = 0  # over all choices, so far (a DELTA output holds only the new ones)
+    is_first_token: bool = False  # the first output that follows the request's first token
+    inter_token_latencies: list[float] = field(default_factory=list)  # gaps between token steps since then
 
 
 @dataclass
@@ -201,6 +215,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # One entry per prompt token, None for the first; set once the prompt is done (a DELTA output: once).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
-    metrics: RequestTimes | None = None
+    metrics: RequestMetrics | None = None

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from pagoda.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from pagoda.engine.request import PositionLogprobs
+from pagoda.engine.sampler import position_logprobs
 from pagoda.engine.scheduler import ScheduledRequest
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.llama import LlamaForCausalLM
@@ -20,6 +22,36 @@ class ModelInputs:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # flat token index of the last token of each sampling request
     sampling: list[ScheduledRequest]
+    prompt_rows: list[tuple[ScheduledRequest, int, int]]  # (request, first flat row, rows) for prompt logprobs
+
+
+@dataclass
+class PromptHidden:
+    """Final hidden states of a chunk's positions that predict prompt tokens whose logprobs were asked."""
+
+    scheduled: ScheduledRequest
+    hidden: torch.Tensor  # [rows, hidden]
+    first_target: int  # the prompt position the first row predicts
+
+
+@dataclass
+class StepLogits:
+    sampling: list[ScheduledRequest]
+    logits: torch.Tensor  # [len(sampling), vocab]
+    prompt: list[PromptHidden]
+
+
+# Prompt positions turned into logits at once: a [rows, vocab] fp32 block stays tens of MB.
+PROMPT_LOGITS_ROWS = 128
+
+
+def prompt_positions(s: ScheduledRequest) -> int:
+    """How many of this chunk's positions predict a prompt token whose logprob was asked for."""
+    r = s.request
+    if r.sampling_params.prompt_logprobs is None:
+        return 0
+    start = r.num_computed_tokens
+    return max(0, min(start + s.num_new_tokens, r.num_prompt_tokens - 1) - start)
 
 
 def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
@@ -74,6 +106,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledRequest] = []
+        prompt_rows: list[tuple[ScheduledRequest, int, int]] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables = np.zeros((len(scheduled), max(len(s.request.block_ids) for s in scheduled)), dtype=np.int64)
@@ -83,6 +116,8 @@ class ModelRunner:
             start, n = r.num_computed_tokens, s.num_new_tokens
             end = start + n
             tables[row, : len(blocks)] = blocks
+            if count := prompt_positions(s):
+                prompt_rows.append((s, len(input_ids), count))
             if n == 1:  # a decode token
                 input_ids.append(r.token_ids[start])
                 positions.append(start)
@@ -114,19 +149,35 @@ class ModelRunner:
             metadata,
             torch.tensor(sample_rows, **on_device),
             sampling,
+            prompt_rows,
         )
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor]:
-        """Run the model; returns the requests that sample and their logits [n, vocab] (model dtype)."""
+    def execute(self, scheduled: list[ScheduledRequest]) -> StepLogits:
+        """Run the model: the requests that sample with their logits (model dtype), and the hidden states
+        of prompt positions whose logprobs were asked for (see ``prompt_logprobs``)."""
         if self.graphs is not None and self._graph_step(scheduled):
             return self._execute_graph(scheduled)
         inputs = self.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
+        prompt = [PromptHidden(s, hidden[first : first + count], s.request.num_computed_tokens + 1)
+                  for s, first, count in inputs.prompt_rows]
         if not inputs.sampling:
-            return [], hidden.new_empty(0, 0, dtype=torch.float32)
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return inputs.sampling, logits
+            return StepLogits([], hidden.new_empty(0, 0, dtype=torch.float32), prompt)
+        return StepLogits(inputs.sampling, self.model.compute_logits(hidden[inputs.sample_rows]), prompt)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, item: PromptHidden) -> list[PositionLogprobs]:
+        """Logprobs of the raw distribution for the prompt tokens ``item`` predicts, a block of rows at a time."""
+        k = item.scheduled.request.sampling_params.prompt_logprobs
+        assert k is not None
+        targets = item.scheduled.request.token_ids[item.first_target : item.first_target + len(item.hidden)]
+        entries: list[PositionLogprobs] = []
+        for c in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(item.hidden[c : c + PROMPT_LOGITS_ROWS]).float()
+            chunk = targets[c : c + PROMPT_LOGITS_ROWS]
+            entries += position_logprobs(torch.log_softmax(logits, dim=-1), chunk, [k] * len(chunk))
+        return entries
 
     def _graph_step(self, scheduled: list[ScheduledRequest]) -> bool:
         """A decode step: one new token per sequence, few enough sequences for a captured graph."""
@@ -134,9 +185,10 @@ class ModelRunner:
             len(scheduled) <= self.graphs.max_batch
             and all(s.num_new_tokens == 1 and len(s.request.block_ids) <= self.graphs.max_blocks for s in scheduled)
             and any(s.samples for s in scheduled)
+            and not any(prompt_positions(s) for s in scheduled)
         )
 
-    def _execute_graph(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor]:
+    def _execute_graph(self, scheduled: list[ScheduledRequest]) -> StepLogits:
         bs = self.block_size
         batch = DecodeBatch([], [], [], [], [])
         for s in scheduled:
@@ -152,7 +204,7 @@ class ModelRunner:
         sampling = [scheduled[i] for i in rows]
         if len(rows) < len(scheduled):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        return sampling, logits
+        return StepLogits(sampling, logits, [])
 
     @torch.inference_mode()
     def sum_hidden(self, scheduled: ScheduledRequest) -> torch.Tensor:

@@ -210,29 +210,38 @@ def _plain_greedy(r: Request) -> bool:
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[PositionLogprobs | None]:
-    """Each asking row's sampled token with its rank, plus its top ``logprobs`` tokens: batched over the
-    rows (a gather, a top-k, ranks in chunks of rows, three copies to the host), not one row at a time."""
+    """Each asking row's sampled token with its rank, plus its top ``logprobs`` tokens."""
     result: list[PositionLogprobs | None] = [None] * len(requests)
     rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
     if not rows:
         return result
+    asked = logprobs if len(rows) == len(requests) else logprobs[torch.tensor(rows, device=logprobs.device)]
+    entries = position_logprobs(asked, [tokens[i] for i in rows], [requests[i].sampling_params.logprobs for i in rows])
+    for i, entry in zip(rows, entries):
+        result[i] = entry
+    return result
+
+
+def position_logprobs(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[PositionLogprobs]:
+    """Per row of ``logprobs`` [rows, vocab]: the entry of ``tokens[row]`` with its rank, plus the top
+    ``ks[row]`` tokens. Batched over the rows (a gather, a top-k, ranks in chunks of rows, three copies to
+    the host), not one row at a time."""
     on = {"device": logprobs.device}
-    asked = logprobs if len(rows) == len(requests) else logprobs[torch.tensor(rows, **on)]
-    chosen = asked.gather(1, torch.tensor([tokens[i] for i in rows], **on)[:, None])
+    chosen = logprobs.gather(1, torch.tensor(tokens, **on)[:, None])
     # Counting over a whole [rows, vocab] comparison is ~3x slower on the CPU than chunk by chunk.
-    ranks = (torch.cat([(asked[c:c + RANK_CHUNK_ROWS] > chosen[c:c + RANK_CHUNK_ROWS]).sum(dim=-1)
-                        for c in range(0, len(rows), RANK_CHUNK_ROWS)]) + 1).tolist()
+    ranks = (torch.cat([(logprobs[c:c + RANK_CHUNK_ROWS] > chosen[c:c + RANK_CHUNK_ROWS]).sum(dim=-1)
+                        for c in range(0, len(tokens), RANK_CHUNK_ROWS)]) + 1).tolist()
     chosen_values = chosen.squeeze(1).tolist()
-    most = max(requests[i].sampling_params.logprobs for i in rows)
-    top_values: list[list[float]] = [[]] * len(rows)
-    top_ids: list[list[int]] = [[]] * len(rows)
+    most = max(ks)
+    top_values: list[list[float]] = [[]] * len(tokens)
+    top_ids: list[list[int]] = [[]] * len(tokens)
     if most:
-        values, ids = asked.topk(most, dim=-1)
+        values, ids = logprobs.topk(most, dim=-1)
         top_values, top_ids = values.tolist(), ids.tolist()
-    for j, i in enumerate(rows):
-        k = requests[i].sampling_params.logprobs
-        entry: PositionLogprobs = {tokens[i]: Logprob(chosen_values[j], ranks[j])}
+    result = []
+    for j, (token, k) in enumerate(zip(tokens, ks)):
+        entry: PositionLogprobs = {token: Logprob(chosen_values[j], ranks[j])}
         for rank, (tid, val) in enumerate(zip(top_ids[j][:k], top_values[j][:k]), start=1):
             entry.setdefault(tid, Logprob(val, rank))
-        result[i] = entry
+        result.append(entry)
     return result

@@ -152,11 +152,11 @@ class Scheduler:
             if sibling is not None and not sibling.is_finished and sibling.num_computed_tokens < sibling.num_prompt_tokens:
                 idx += 1  # let the sibling fill the shared prompt blocks first
                 continue
-            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            cached = self._reusable_blocks(req) if req.num_computed_tokens == 0 else []
             remaining = len(req.token_ids) - req.num_computed_tokens - len(cached) * self.kv.block_size
             num_new = min(remaining, budget)
             if not self.kv.allocate(req, num_new, cached):
-                if cached:  # undo the lookup's statistics: nothing was taken
+                if cached and req.reads_prefix_cache:  # undo the lookup's statistics: nothing was taken
                     self.kv.prefix_queries -= len(req.token_ids)
                     self.kv.prefix_hits -= len(cached) * self.kv.block_size
                 break
@@ -167,6 +167,16 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+
+    def _reusable_blocks(self, req: Request) -> list[int]:
+        """Computed blocks the request may start from: the prefix cache's, or for a request that reads none,
+        its first sibling's own full prompt blocks (what this request computed, not what the cache holds)."""
+        if req.reads_prefix_cache:
+            return self.kv.find_cached_prefix(req)
+        sibling = req.wait_for
+        if sibling is None or sibling.is_finished or sibling.num_computed_tokens < sibling.num_prompt_tokens:
+            return []
+        return sibling.block_ids[: (req.num_prompt_tokens - 1) // self.kv.block_size]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

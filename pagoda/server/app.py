@@ -26,6 +26,7 @@ from pagoda import __version__
 from pagoda.config import EngineConfig
 from pagoda.engine.core_client import EngineClient
 from pagoda.engine.scheduler import AdmissionError, QueueFullError, check_queue_room
+from pagoda.engine.request import RequestOutputKind
 from pagoda.engine.tokenizer import ChatTemplateError
 from pagoda.server import serving
 from pagoda.server.access import check_exposure, load_api_keys, tenant_salt
@@ -248,7 +249,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt))
             if not req.stream:
                 return await serving.chat_full(client, job)
-            stream = job.stream(client)
+            stream = job.stream(client, RequestOutputKind.DELTA)
             first = await serving.open_stream(stream)  # a rejection becomes a status, not a broken stream
             return StreamingResponse(serving.chat_stream(job, serving.prepend(first, stream)),
                                      media_type="text/event-stream")
@@ -272,9 +273,9 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             echo = await job.echo_texts(client.tokenizer)
             if not req.stream:
                 return await serving.completion_full(client, job, echo)
-            stream = serving.merged(job.streams(client))
+            stream = serving.merged(job.streams(client, RequestOutputKind.DELTA))
             first = await serving.open_stream(stream)
-            return StreamingResponse(serving.completion_stream(job, serving.prepend(first, stream), echo),
+            return StreamingResponse(serving.completion_stream(job, serving.prepend(first, stream), echo, client.tokenizer),
                                      media_type="text/event-stream")
 
         return await until_disconnect(request, work())

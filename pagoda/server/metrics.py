@@ -64,8 +64,6 @@ class ServerMetrics:
         self.info = Gauge("pagoda:model_info", "The served model", list(labels), registry=r)
         self.info.labels(**labels).set(1)
         self._last = CoreStats()
-        self._seen_first_token: set[str] = set()
-        self._last_token_time: dict[str, float] = {}
 
     def update_stats(self, stats: CoreStats) -> None:
         self.running.set(stats.num_running)
@@ -98,29 +96,24 @@ class ServerMetrics:
     def engine_restarted(self) -> None:
         self.restarts.inc()
         self._last = CoreStats()  # the new core counts from zero
-        self._seen_first_token.clear()
-        self._last_token_time.clear()
 
     def observe_output(self, out: RequestOutput) -> None:
+        """Each output brings its own latency observations, so nothing here is kept per request."""
         times = out.metrics
         if times is None:
             return
-        rid = out.request_id
-        if times.first_token is not None and rid not in self._seen_first_token:
-            self._seen_first_token.add(rid)
+        if times.is_first_token and times.first_token is not None:
             self.ttft.observe(max(0.0, times.first_token - times.arrival))
             if times.first_scheduled is not None:
                 self.queue_time.observe(max(0.0, times.first_scheduled - times.arrival))
-        if times.last_token is not None:
-            previous = self._last_token_time.get(rid)
-            if previous is not None and times.last_token > previous:
-                self.itl.observe(times.last_token - previous)
-            self._last_token_time[rid] = times.last_token
+        for gap in times.inter_token_latencies:
+            self.itl.observe(gap)
+        for o in out.outputs:  # the server's outputs (DELTA, FINAL_ONLY) carry each choice's end once
+            if o.finish_reason is not None:
+                self.success.labels(finished_reason=o.finish_reason).inc()
         if out.finished:
-            for o in out.outputs:
-                self.success.labels(finished_reason=o.finish_reason or "unknown").inc()
             self.request_prompt_tokens.observe(len(out.prompt_token_ids))
-            self.request_generation_tokens.observe(sum(len(o.token_ids) for o in out.outputs))
+            self.request_generation_tokens.observe(times.num_generation_tokens)
             if times.last_token is not None:
                 self.e2e.observe(max(0.0, times.last_token - times.arrival))
                 if times.first_scheduled is not None:
@@ -129,8 +122,6 @@ class ServerMetrics:
                     self.decode_time.observe(max(0.0, times.last_token - times.first_token))
             if times.first_token is not None and times.first_scheduled is not None:
                 self.prefill_time.observe(max(0.0, times.first_token - times.first_scheduled))
-            self._seen_first_token.discard(rid)
-            self._last_token_time.pop(rid, None)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

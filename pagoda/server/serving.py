@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
-from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, SamplingParams
+from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected, StreamBacklogError
+from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.protocol import (
@@ -37,7 +37,8 @@ class Prompt:
     token_ids: list[int]
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """OpenAI fields -> SamplingParams; every value error names its parameter (400)."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -68,6 +69,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as exc:
@@ -98,9 +100,8 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
         raise UnsupportedParameter("suffix", "suffix is not supported (this model has no fill-in-the-middle mode)")
     if req.best_of is not None and req.best_of != req.n:
         raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
-    if req.echo and req.logprobs is not None:
-        raise UnsupportedParameter("echo", "echo together with logprobs (prompt logprobs) is not supported yet")
-    return sampling_params(req, req.max_tokens, req.logprobs)
+    # As vLLM: echo with logprobs gives the prompt tokens' logprobs too (null for the first).
+    return sampling_params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
 
 
 def check_chars(count: int, max_model_len: int, param: str) -> None:
@@ -153,14 +154,17 @@ def check_length(prompt: Prompt, params: SamplingParams, max_model_len: int, wha
 
 # ---- running requests ----------------------------------------------------------------------------
 async def run_one(client: EngineClient, request_id: str, prompt: Prompt, params: SamplingParams, priority: int,
-                  cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+                  cache_salt: str | None, kind: RequestOutputKind) -> AsyncIterator[RequestOutput]:
     try:
-        async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority, cache_salt):
+        async for out in client.generate(request_id, prompt.text, prompt.token_ids, params, priority, cache_salt,
+                                         kind):
             yield out
     except RequestRejected as exc:
         raise rejected_error(exc, _param_named(exc)) from None
     except EngineDeadError as exc:
         raise APIError(503, f"the engine is not available: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+    except StreamBacklogError as exc:
+        raise APIError(408, str(exc), code="client_too_slow") from None
 
 
 def rejected_error(exc: RequestRejected, param: str | None) -> APIError:
@@ -178,7 +182,8 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+    # Bounded, so a slow reader backs up into each request's own stream, where the backlog limit sees it.
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -203,6 +208,11 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _generated(out: RequestOutput) -> int:
+    """Tokens generated so far over the request's choices (a DELTA output's token_ids hold only the new)."""
+    return out.metrics.num_generation_tokens if out.metrics is not None else 0
 
 
 def _check_error(out: RequestOutput) -> None:
@@ -248,6 +258,25 @@ def completion_logprobs(positions: list[PositionLogprobs], tokens: list[int], to
     return result
 
 
+def echo_logprobs(prompt: Prompt, positions: list[PositionLogprobs | None], top: int, tokenizer: Tokenizer
+                  ) -> dict[str, Any]:
+    """The prompt's part of an echoed choice's logprobs: the first token has none."""
+    first = tokenizer.decode(prompt.token_ids[:1], skip_special_tokens=False)
+    head: dict[str, list[Any]] = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None],
+                                  "text_offset": [0]}
+    rest = completion_logprobs([p for p in positions[1:] if p is not None], prompt.token_ids[1:], top, len(first))
+    return joined_logprobs(head, rest)
+
+
+def joined_logprobs(head: dict[str, list[Any]] | None, tail: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return tail if head is None else {key: head[key] + tail[key] for key in tail}
+
+
+def logprobs_text_end(lp: dict[str, list[Any]] | None) -> int:
+    """The text offset after the last token of ``lp``."""
+    return lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp and lp["tokens"] else 0
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -290,8 +319,8 @@ class ChatJob:
         return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, cache_salt, include,
                    int(time.time()), continuous)
 
-    def stream(self, client: EngineClient) -> AsyncIterator[RequestOutput]:
-        return run_one(client, self.request_id, self.prompt, self.params, self.priority, self.cache_salt)
+    def stream(self, client: EngineClient, kind: RequestOutputKind) -> AsyncIterator[RequestOutput]:
+        return run_one(client, self.request_id, self.prompt, self.params, self.priority, self.cache_salt, kind)
 
 
 def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
@@ -302,7 +331,7 @@ def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
 
 async def chat_full(client: EngineClient, job: ChatJob) -> dict[str, Any]:
     final: RequestOutput | None = None
-    async for out in job.stream(client):
+    async for out in job.stream(client, RequestOutputKind.FINAL_ONLY):
         final = out
     assert final is not None
     _check_error(final)
@@ -336,35 +365,27 @@ async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> As
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra})
     last: RequestOutput | None = None
-    finish_sent: set[int] = set()  # exactly one finish chunk per choice, though later outputs repeat it
     try:
-        async for out in outputs:
+        async for out in outputs:  # DELTA outputs: each choice appears when it changed, its end once
             last = out
             if out.error:
                 yield sse(error_body(500, f"the engine failed this request: {out.error}"))
                 break
             if job.continuous_usage:
-                extra = {"usage": usage(len(job.prompt.token_ids), sum(len(o.token_ids) for o in out.outputs),
-                                        out.num_cached_tokens)}
+                extra = {"usage": usage(len(job.prompt.token_ids), _generated(out), out.num_cached_tokens)}
             for o in out.outputs:
-                if o.index in finish_sent or (not o.delta_text and not o.delta_token_ids and not o.finished):
-                    continue
-                new = len(o.delta_token_ids)
-                lp = (chat_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top or 0)
-                      if top is not None else None)
-                if o.delta_text or lp:
-                    yield sse({**base, "choices": [{"index": o.index, "delta": {"content": o.delta_text},
+                lp = chat_logprobs(o.logprobs or [], o.token_ids, top or 0) if top is not None and o.token_ids else None
+                if o.text or lp:
+                    yield sse({**base, "choices": [{"index": o.index, "delta": {"content": o.text},
                                                     "logprobs": lp, "finish_reason": None}], **extra})
                 if o.finished:
-                    finish_sent.add(o.index)
                     yield sse({**base, "choices": [{"index": o.index, "delta": {}, "logprobs": None,
                                                     "finish_reason": _finish(o)}], **extra})
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
     if job.include_usage and last is not None:
-        completion_tokens = sum(len(o.token_ids) for o in last.outputs)
         yield sse({**base, "choices": [],
-                   "usage": usage(len(job.prompt.token_ids), completion_tokens, last.num_cached_tokens)})
+                   "usage": usage(len(job.prompt.token_ids), _generated(last), last.num_cached_tokens)})
     yield SSE_DONE
 
 
@@ -404,8 +425,8 @@ class CompletionJob:
         return cls(f"cmpl-{uuid.uuid4().hex}", model, prompts, params, req.priority, cache_salt, req.echo, include,
                    int(time.time()), continuous)
 
-    def streams(self, client: EngineClient) -> list[AsyncIterator[RequestOutput]]:
-        return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority, self.cache_salt)
+    def streams(self, client: EngineClient, kind: RequestOutputKind) -> list[AsyncIterator[RequestOutput]]:
+        return [run_one(client, f"{self.request_id}-{i}", p, self.params, self.priority, self.cache_salt, kind)
                 for i, p in enumerate(self.prompts)]
 
     async def echo_texts(self, tokenizer: Tokenizer) -> list[str]:
@@ -419,37 +440,40 @@ class CompletionJob:
 
 async def completion_full(client: EngineClient, job: CompletionJob, echo_text: list[str]) -> dict[str, Any]:
     finals: dict[int, RequestOutput] = {}
-    async for i, out in merged(job.streams(client)):
+    async for i, out in merged(job.streams(client, RequestOutputKind.FINAL_ONLY)):
         if out.finished:
             finals[i] = out
     choices, completion_tokens, cached = [], 0, 0
+    top = job.params.logprobs
+    assert client.tokenizer is not None
     for i in range(len(job.prompts)):
         final = finals[i]
         _check_error(final)
         cached += final.num_cached_tokens
+        head = (echo_logprobs(job.prompts[i], final.prompt_logprobs, top, client.tokenizer)
+                if top is not None and final.prompt_logprobs is not None else None)
         for o in final.outputs:
             completion_tokens += len(o.token_ids)
-            top = job.params.logprobs
-            choices.append({
-                "index": i * job.params.n + o.index,
-                "text": echo_text[i] + o.text,
-                "logprobs": completion_logprobs(o.logprobs or [], o.token_ids, top, 0) if top is not None else None,
-                "finish_reason": _finish(o),
-            })
+            lp = None
+            if top is not None:
+                lp = joined_logprobs(head, completion_logprobs(o.logprobs or [], o.token_ids, top,
+                                                               logprobs_text_end(head)))
+            choices.append({"index": i * job.params.n + o.index, "text": echo_text[i] + o.text, "logprobs": lp,
+                            "finish_reason": _finish(o)})
     prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
     return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached), "system_fingerprint": None}
 
 
 async def completion_stream(job: CompletionJob, stream: AsyncIterator[tuple[int, RequestOutput]],
-                            echo_text: list[str]) -> AsyncIterator[str]:
+                            echo_text: list[str], tokenizer: Tokenizer) -> AsyncIterator[str]:
     base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model}
     extra = {"usage": None} if job.include_usage else {}
     top = job.params.logprobs
     offsets: dict[int, int] = {}
     lasts: dict[int, RequestOutput] = {}
     echoed: set[int] = set()
-    finish_sent: set[int] = set()  # exactly one finish chunk per choice, though later outputs repeat it
+    prompt_parts: dict[int, dict[str, list[Any]]] = {}  # echo with logprobs: each prompt's own, sent once
     prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
     try:
         async for i, out in stream:
@@ -458,31 +482,31 @@ async def completion_stream(job: CompletionJob, stream: AsyncIterator[tuple[int,
                 yield sse(error_body(500, f"the engine failed this request: {out.error}"))
                 break
             if job.continuous_usage:
-                extra = {"usage": usage(prompt_tokens, sum(len(o.token_ids) for r in lasts.values() for o in r.outputs),
+                extra = {"usage": usage(prompt_tokens, sum(_generated(r) for r in lasts.values()),
                                         sum(r.num_cached_tokens for r in lasts.values()))}
-            for o in out.outputs:
+            if out.prompt_logprobs is not None and top is not None:
+                prompt_parts[i] = echo_logprobs(job.prompts[i], out.prompt_logprobs, top, tokenizer)
+            for o in out.outputs:  # DELTA outputs: each choice appears when it changed, its end once
                 index = i * job.params.n + o.index
-                if index in finish_sent:
-                    continue
-                text = o.delta_text
+                text = o.text
+                head = None
                 if index not in echoed:
                     echoed.add(index)
                     text = echo_text[i] + text
-                new = len(o.delta_token_ids)
+                    head = prompt_parts.get(i)
+                    offsets[index] = logprobs_text_end(head)
                 lp = None
                 if top is not None:
-                    lp = completion_logprobs((o.logprobs or [])[-new:] if new else [], o.delta_token_ids, top,
-                                             offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
-                if o.finished:
-                    finish_sent.add(index)
-                if text or new or o.finished:
+                    lp = joined_logprobs(head, completion_logprobs(o.logprobs or [], o.token_ids, top,
+                                                                   offsets[index]))
+                    offsets[index] = logprobs_text_end(lp) if lp["tokens"] else offsets[index]
+                if text or o.token_ids or o.finished:
                     yield sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                     "finish_reason": _finish(o) if o.finished else None}], **extra})
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
     if job.include_usage:
-        completion_tokens = sum(len(o.token_ids) for out in lasts.values() for o in out.outputs)
+        completion_tokens = sum(_generated(out) for out in lasts.values())
         cached = sum(out.num_cached_tokens for out in lasts.values())
         yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached)})
     yield SSE_DONE

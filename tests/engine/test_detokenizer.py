@@ -50,25 +50,29 @@ def test_find_stop_across_boundaries() -> None:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_text_decoded_once_at_the_end_equals_the_streamed_text(tokenizer: Tokenizer, text: str) -> None:
-    """Offline generate decodes a finished output once (stream=False); every cut point of the output,
-    mid-character ones included, must give the text the incremental (streaming) path builds."""
+def test_every_output_kind_gives_the_streamed_text(tokenizer: Tokenizer, text: str) -> None:
+    """Offline generate decodes a finished output once (FINAL_ONLY); every cut point of the output,
+    mid-character ones included, must give the text the incremental path builds (CUMULATIVE), and the
+    DELTA pieces must add up to it."""
     from pagoda.engine.messages import CoreOutput
     from pagoda.engine.output_processor import OutputProcessor
-    from pagoda.engine.request import SamplingParams
+    from pagoda.engine.request import RequestOutputKind, SamplingParams
 
     prompt = tokenizer.encode("Say:")
     ids = tokenizer.encode(text)
     for cut in range(1, len(ids) + 1):
         texts = []
-        for stream in (True, False):
+        for kind in RequestOutputKind:
             proc = OutputProcessor(tokenizer)
-            proc.add("r", None, prompt, SamplingParams(max_tokens=cut), ["r"], stream=stream)
+            proc.add("r", None, prompt, SamplingParams(max_tokens=cut), ["r"], kind)
+            outputs = []
             for i, t in enumerate(ids[:cut]):
                 proc.process([CoreOutput("r", [t], finish_reason="length" if i == cut - 1 else None)])
-                outputs = proc.collect(finished_only=not stream)
-            (final,) = outputs
-            assert final.finished
-            texts.append(final.outputs[0].text)
-        assert texts[0] == texts[1], f"cut at {cut} tokens"
-        assert "\ufffd" not in texts[1]
+                outputs += proc.collect()
+            assert outputs[-1].finished
+            if kind is RequestOutputKind.DELTA:
+                texts.append("".join(c.text for o in outputs for c in o.outputs))
+            else:
+                texts.append(outputs[-1].outputs[0].text)
+        assert texts[0] == texts[1] == texts[2], f"cut at {cut} tokens"
+        assert "\ufffd" not in texts[0]

@@ -73,3 +73,29 @@ def test_greedy_matches_transformers(hf_model) -> None:
             )[0, len(ids):].tolist()
         assert out.outputs[0].token_ids == ref, f"prompt {tok.decode(ids)[:60]!r}"
     assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.engine.num_blocks
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_match_transformers(hf_model) -> None:
+    """Prompt logprobs (None at position 0) equal HF's log-softmax over the prompt: prefilled in chunks
+    across steps, with the prefix already cached by an earlier request (it must be computed, not read), and
+    with n=2 (the first child computes them)."""
+    llm = LLM("smollm2-135m", dtype="float32", max_num_batched_tokens=64)
+    tok = llm.get_tokenizer()
+    prompt = SHARED_PREFIX + "Question: which city is the oldest?"
+    ids = tok.encode(prompt)
+    llm.generate([SHARED_PREFIX + "Question: which sea is the saltiest?"], SamplingParams(max_tokens=1), use_tqdm=False)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, n=2, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    positions = out.prompt_logprobs
+    assert positions is not None and len(positions) == len(ids) and positions[0] is None
+    for j in range(1, len(ids)):
+        entry = positions[j]
+        assert entry[ids[j]].logprob == pytest.approx(ref[j - 1, ids[j]].item(), abs=2e-3)
+        assert entry[ids[j]].rank == int((ref[j - 1] > ref[j - 1, ids[j]]).sum()) + 1
+        top = [t for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= 3]
+        assert top == ref[j - 1].topk(3).indices.tolist()
+    assert [len(o.token_ids) for o in out.outputs] == [2, 2]
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.engine.num_blocks

@@ -75,7 +75,7 @@ def test_stop_strings_and_stop_token_ids(llm: LLM) -> None:
 
 def test_stream_deltas_hold_back_partial_stop(llm: LLM) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=20, stop=[" 7,"])
-    deltas = [o.outputs[0].delta_text for o in llm.generate_stream("1, 2, 3, 4,", params)]
+    deltas = [c.text for o in llm.generate_stream("1, 2, 3, 4,", params) for c in o.outputs]
     final = llm.generate(["1, 2, 3, 4,"], params, use_tqdm=False)[0].outputs[0].text
     assert "".join(deltas) == final and " 7" not in "".join(deltas)
 

@@ -76,3 +76,25 @@ def test_logits_rows_are_bit_identical_across_batches(llm: LLM) -> None:
     assert len(captured["alone"]) == len(captured["mixed"]) == 6
     for a, b in zip(captured["alone"], captured["mixed"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_seeded_text_same_whether_its_prefix_was_cached_or_not() -> None:
+    """Without batch-invariant kernels a prefill that starts after a cached prefix rounds differently from
+    a full one, so a seeded request reads no cached prefix (its own blocks are still published); unseeded
+    and greedy requests keep their hits."""
+    llm = LLM("smollm2-135m")
+    prompt = ("The history of the lighthouse keepers on the northern coast is long and full of storms, "
+              "shipwrecks, rescues and lonely winters. Tell it: (01)")
+    for seed in range(4):  # with the cached prefix read, each of these drew other text on the repeat
+        seeded = SamplingParams(temperature=0.8, seed=seed, max_tokens=48, ignore_eos=True)
+        first, again = (llm.generate([prompt], seeded, use_tqdm=False)[0] for _ in range(2))
+        assert again.outputs[0].token_ids == first.outputs[0].token_ids, f"seed {seed}"
+        assert again.num_cached_tokens == 0
+    # n > 1: the siblings take the first child's own prompt blocks, not the cache's.
+    multi = SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=24, ignore_eos=True)
+    first, again = (llm.generate([prompt], multi, use_tqdm=False)[0] for _ in range(2))
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in first.outputs]
+    unseeded = llm.generate([prompt], SamplingParams(temperature=0.8, max_tokens=4), use_tqdm=False)[0]
+    greedy = llm.generate([prompt], SamplingParams(temperature=0.0, seed=11, max_tokens=4), use_tqdm=False)[0]
+    assert unseeded.num_cached_tokens > 0 and greedy.num_cached_tokens > 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import httpx
 from tests.server.conftest import API_KEY, LiveServer, start_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+ABORTED = 'pagoda:request_success_total{finished_reason="abort"}'
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -76,7 +79,7 @@ def test_abort_storm_leaks_nothing_and_ends_every_choice_once(server: LiveServer
     assert metrics["pagoda:kv_cache_usage_perc"] == 0.0  # no block leaked
     # Every choice of every request ended exactly once (cut ones as "abort").
     assert _finished_choices(metrics) - before == sum(n for _, n, *_ in plan)
-    assert metrics['pagoda:request_success_total{finished_reason="abort"}'] >= 1
+    assert metrics[ABORTED] >= 1
     after = httpx.post(f"{server.url}/v1/completions", headers=HEADERS, timeout=60,
                        json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert after.status_code == 200 and after.json()["choices"][0]["text"]
@@ -109,3 +112,37 @@ def _rss_kib(live: LiveServer) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_a_reader_too_far_behind_is_aborted_with_an_error_event(tmp_path: Path) -> None:
+    """A client that stops reading a stream: once its socket buffers are full and the backlog limit is
+    reached, the request is aborted (KV freed, counted as abort) and the stream ends with an error event."""
+    live = start_server(tmp_path, "--max-stream-backlog", "4")
+    try:
+        host, port = live.url.removeprefix("http://").split(":")
+        # ~50 KB of chunks per step fill the socket buffers (up to 4 MB on the sending side) within seconds.
+        body = json.dumps({"messages": [{"role": "user", "content": "Count:"}], "n": 32, "max_tokens": 1000,
+                           "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            metrics = _metrics(live.url)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not metrics.get(ABORTED):
+                time.sleep(0.2)
+                metrics = _metrics(live.url)
+            assert metrics.get(ABORTED) == 32  # each choice ends once, as an abort
+            metrics = _wait_idle(live.url)
+            assert metrics["pagoda:kv_cache_usage_perc"] == 0.0
+            sock.settimeout(30)
+            received = b""
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
+        assert b'"code": "client_too_slow"' in received and b"data: [DONE]" in received
+        assert b'"finish_reason": "length"' not in received
+        assert httpx.post(f"{live.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        live.stop()

@@ -110,6 +110,31 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert all(t in top and 1 <= len(top) <= 2 for t, top in zip(lh.tokens, lh.top_logprobs))
 
 
+def test_echo_with_logprobs_gives_prompt_logprobs(client: openai.OpenAI) -> None:
+    """As vLLM: the prompt's tokens come first, the first with null logprobs; streamed the same."""
+    prompt = "The sky is blue and the grass is"
+    ids = httpx.post(str(client.base_url).removesuffix("v1/") + "tokenize", headers=_auth(),
+                     json={"prompt": prompt, "add_special_tokens": False}).json()["tokens"]
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2, n=2)
+    whole = client.completions.create(**kwargs)
+    for choice in whole.choices:
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) + 3 and "".join(lp.tokens) == choice.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        assert all(t in top and len(top) in (2, 3) for t, top in zip(lp.tokens[1:], lp.top_logprobs[1:]))
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed: dict[int, list] = {0: [], 1: []}
+    offsets: dict[int, list] = {0: [], 1: []}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.logprobs.token_logprobs
+            offsets[c.index] += c.logprobs.text_offset
+    for choice in whole.choices:
+        assert streamed[choice.index] == choice.logprobs.token_logprobs  # batch-invariant server: same bits
+        assert offsets[choice.index] == choice.logprobs.text_offset
+
+
 def _error(server: LiveServer, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, headers=_auth() if headers is None else headers, timeout=30)
 
