@@ -10,6 +10,7 @@ Which kernel multiplies is a process-wide policy set by the engine:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,8 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 
 # Largest row count sent to the C++ kernel by default (measured crossover with oneDNN).
 SMALL_BATCH_ROWS = 4
+# Shapes oneDNN keeps compiled matmuls for (its default: 1024); ONEDNN_PRIMITIVE_CACHE_CAPACITY overrides.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 _rowwise: LinearFn | None = None
@@ -30,6 +33,11 @@ _batch_invariant = False
 def configure_linear(batch_invariant: bool, device: str = "cpu") -> None:
     """Set the process-wide kernel policy (see the module note). Off the CPU every product is torch's."""
     global _rowwise, _rowwise_fast, _batch_invariant
+    if device == "cpu":
+        # oneDNN keeps a matmul primitive per input shape, up to 1024 by default; with a new row count in
+        # most steps a long-running engine fills it and holds tens of MB more (BENCHMARKS.md, soak). Read
+        # when oneDNN creates its cache, so this works until the process's first large matmul.
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
     ops = load_cpu_kernels() if device == "cpu" else None
     if batch_invariant and ops is None:
         raise ValueError("batch_invariant=True needs Pagoda's C++ CPU kernels, which failed to build")
