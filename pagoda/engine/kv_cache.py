@@ -95,12 +95,6 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block_id] = None
 
-    def reset_prefix_cache(self) -> None:
-        for key, block_id in list(self.cached.items()):
-            block = self.blocks[block_id]
-            block.block_hash = block.token_ids = None
-        self.cached.clear()
-
 
 class KVCacheManager:
     """Per-request block tables on top of a BlockPool."""
@@ -115,10 +109,6 @@ class KVCacheManager:
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

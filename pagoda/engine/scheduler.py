@@ -232,12 +232,3 @@ class Scheduler:
         req.error = error
         self.requests.pop(req.request_id, None)
 
-    def abort(self, request_id: str) -> Request | None:
-        req = self.requests.get(request_id)
-        if req is not None:
-            self.finish(req, FinishReason.ABORT)
-        return req
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)

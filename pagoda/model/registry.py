@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pagoda.model.llama import LlamaForCausalLM
-from pagoda.model.qwen2 import Qwen2ForCausalLM
 from pagoda.model.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,  # its Q/K/V biases come from the config (attention_bias)
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
