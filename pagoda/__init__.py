@@ -11,10 +11,10 @@ __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "RequestOutput
 _LAZY = {
     "LLM": "pagoda.engine.engine",
     "LLMEngine": "pagoda.engine.engine",
-    "SamplingParams": "pagoda.engine.request",
-    "RequestOutput": "pagoda.engine.request",
-    "RequestOutputKind": "pagoda.engine.request",
-    "CompletionOutput": "pagoda.engine.request",
+    "SamplingParams": "pagoda.api.params",
+    "RequestOutput": "pagoda.api.outputs",
+    "RequestOutputKind": "pagoda.api.outputs",
+    "CompletionOutput": "pagoda.api.outputs",
 }
 
 

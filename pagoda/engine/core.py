@@ -18,9 +18,11 @@ import traceback
 
 import torch
 
+from pagoda.api.limits import check_queue_room
+from pagoda.api.messages import CoreOutput, CoreStats, child_ids
+from pagoda.api.outputs import FinishReason
+from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
-from pagoda.engine.request import FinishReason, Request, SamplingParams
 from pagoda.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.memory import (
     GIB,
@@ -31,10 +33,10 @@ from pagoda.engine.memory import (
     profile_gpu_memory,
     profile_step,
 )
+from pagoda.engine.request import Request
 from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from pagoda.engine.sampler import Sampler
-from pagoda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, check_queue_room
-from pagoda.engine.tokenizer import Tokenizer
+from pagoda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
@@ -76,9 +78,8 @@ class EngineCore:
         self.model = loaded.model.eval()
         self.arch = loaded.arch
         self.model_name = loaded.name
-        self.tokenizer_source = loaded.tokenizer
-        self.tokenizer = Tokenizer(loaded.tokenizer)
-        self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(self.arch.eos_token_ids)
+        self.tokenizer_source = loaded.tokenizer  # for the front end; the core itself never tokenizes
+        self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
         attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
                                 self.arch.num_attention_heads // self.arch.num_key_value_heads, self.dtype)

@@ -28,11 +28,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from pagoda.api.messages import CoreOutput, CoreStats, child_ids, pack, params_to_wire, unpack
+from pagoda.api.outputs import RequestOutput, RequestOutputKind
+from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.core_proc import pack, params_to_wire, unpack
-from pagoda.engine.messages import CoreOutput, CoreStats, child_ids
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.request import RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.tokenizer_source import TokenizerSource
 

@@ -27,32 +27,14 @@ import sys
 import traceback
 from typing import Any
 
-import msgpack
 import zmq
 
+from pagoda.api.limits import QueueFullError
+from pagoda.api.messages import pack, params_from_wire, unpack
 from pagoda.config import EngineConfig
-from pagoda.engine.request import SamplingParams
-from pagoda.engine.scheduler import QueueFullError
 
 logger = logging.getLogger("pagoda.engine_core")
 IDLE_POLL_MS = 500
-
-
-def pack(message: list[Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def unpack(frame: bytes) -> list[Any]:
-    # Token ids are map keys in logit_bias: allow integer keys.
-    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
-
-
-def params_to_wire(params: SamplingParams) -> dict[str, Any]:
-    return dataclasses.asdict(params)
-
-
-def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(**fields)
 
 
 def _request_id_of(message: list[Any]) -> str | None:

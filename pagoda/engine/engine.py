@@ -9,11 +9,12 @@ from typing import Any, Union
 
 from tqdm import tqdm
 
+from pagoda.api.messages import CoreStats
+from pagoda.api.outputs import RequestOutput, RequestOutputKind
+from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
-from pagoda.engine.messages import CoreStats
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.request import RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.runner import ModelRunner
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.tokenizer import Tokenizer
@@ -27,7 +28,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = self.core.tokenizer
+        self.tokenizer = Tokenizer(self.core.tokenizer_source)
+        self.tokenizer.eos_token_ids = self.core.eos_token_ids
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # The core's parts, for tests and benchmarks.

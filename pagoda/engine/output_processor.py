@@ -11,16 +11,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pagoda.engine.messages import CoreOutput
-from pagoda.engine.request import (
+from pagoda.api.messages import CoreOutput
+from pagoda.api.outputs import (
     CompletionOutput,
     FinishReason,
     PositionLogprobs,
     RequestMetrics,
     RequestOutput,
     RequestOutputKind,
-    SamplingParams,
 )
+from pagoda.api.params import SamplingParams
 from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagoda.api.outputs import PositionLogprobs
 from pagoda.engine.cuda_graphs import DecodeBatch, DecodeGraphs
-from pagoda.engine.request import PositionLogprobs
 from pagoda.engine.sampler import position_logprobs
 from pagoda.engine.scheduler import ScheduledRequest
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagoda.engine.request import Logprob, PositionLogprobs, Request
+from pagoda.api.outputs import Logprob, PositionLogprobs
+
+from pagoda.engine.request import Request
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 

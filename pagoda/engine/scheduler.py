@@ -14,26 +14,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from pagoda.api.limits import AdmissionError, check_context
+from pagoda.api.outputs import FinishReason
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.engine.kv_cache import KVCacheManager
-from pagoda.engine.request import FinishReason, Request, RequestStatus
-
-
-class AdmissionError(ValueError):
-    """The request can never be served (too long for the model or the cache)."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at ``max_queued_requests``; retry later."""
-
-
-def check_queue_room(num_waiting: int, num_new: int, limit: int) -> None:
-    """The one waiting-queue check (the server before tokenizing the rest, the core on arrival)."""
-    if num_new > limit:
-        raise AdmissionError(f"this request holds {num_new} sequences (n x prompts), more than the waiting queue "
-                             f"ever admits at once (max_queued_requests={limit}); send fewer")
-    if num_waiting + num_new > limit:
-        raise QueueFullError(f"waiting queue is full ({limit} requests); retry later")
+from pagoda.engine.request import Request, RequestStatus
 
 
 @dataclass
@@ -82,19 +67,8 @@ class Scheduler:
         return limit if mt is None else min(mt, limit)
 
     def check_admissible(self, prompt_len: int, max_tokens: int | None) -> None:
-        if prompt_len < 1:
-            raise AdmissionError("prompt must contain at least one token")
-        if prompt_len >= self.max_model_len:
-            raise AdmissionError(
-                f"prompt is {prompt_len} tokens; max_model_len is {self.max_model_len}, "
-                "which must also leave room for at least one generated token"
-            )
+        check_context(prompt_len, max_tokens, self.max_model_len)
         total = prompt_len + (max_tokens or 1)
-        if max_tokens is not None and total > self.max_model_len:
-            raise AdmissionError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-                f"max_model_len ({self.max_model_len})"
-            )
         if self.kv.blocks_needed(total) > self.kv.num_blocks:
             raise AdmissionError(
                 f"prompt + max_tokens = {total} tokens needs {self.kv.blocks_needed(total)} KV blocks "
@@ -104,11 +78,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        if len(self.waiting) >= self.config.max_queued_requests:
-            raise QueueFullError(
-                f"waiting queue is full ({self.config.max_queued_requests} requests); retry later"
-            )
-        self.check_admissible(request.num_prompt_tokens, request.sampling_params.max_tokens)
         self.requests[request.request_id] = request
         self._enqueue(request)
 

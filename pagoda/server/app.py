@@ -23,10 +23,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pagoda import __version__
+from pagoda.api.limits import AdmissionError, QueueFullError, check_queue_room
+from pagoda.api.outputs import RequestOutputKind
 from pagoda.config import EngineConfig
 from pagoda.engine.core_client import EngineClient
-from pagoda.engine.scheduler import AdmissionError, QueueFullError, check_queue_room
-from pagoda.engine.request import RequestOutputKind
 from pagoda.engine.tokenizer import ChatTemplateError
 from pagoda.server import serving
 from pagoda.server.access import check_exposure, load_api_keys, tenant_salt

@@ -11,8 +11,15 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pagoda.engine.request import (MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCE_CHARS,
-                                  MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS)
+from pagoda.api.params import (
+    DEFAULT_MAX_TOKENS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_SEQUENCE_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+)
 
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions or /v1/embeddings call
 MAX_SEED = 2**63 - 1
@@ -128,7 +135,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Count | None = 16
+    max_tokens: Count | None = DEFAULT_MAX_TOKENS
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)

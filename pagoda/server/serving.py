@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pagoda.api.limits import AdmissionError, ContextLengthError, check_context
+from pagoda.api.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
+from pagoda.api.params import SamplingParams
 from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected, StreamBacklogError
-from pagoda.engine.request import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.protocol import (
@@ -50,16 +52,15 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             raise APIError(400, f"logit_bias keys must be token ids (non-negative integers as strings); "
                                 f"invalid keys: {shown}", "logit_bias")
         bias = {int(k): v for k, v in req.logit_bias.items()}
+    # Fields a client may send as null take SamplingParams' own defaults (defined there only).
+    unset_is_default = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+                        "repetition_penalty": req.repetition_penalty}
     try:
         return SamplingParams(
+            **{name: value for name, value in unset_is_default.items() if value is not None},
             n=req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty or 1.0,
             logit_bias=bias,
             seed=req.seed,
             stop=req.stop,
@@ -137,19 +138,12 @@ async def completion_prompts(req: CompletionRequest, client: EngineClient) -> li
 
 
 def check_length(prompt: Prompt, params: SamplingParams, max_model_len: int, what: str) -> None:
-    count = len(prompt.token_ids)
-    if count == 0:
-        raise APIError(400, f"the {what} is empty after tokenization", "prompt" if what == "prompt" else "messages")
-    wanted = params.max_tokens or 0
-    if count + wanted > max_model_len or count >= max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{count + wanted} tokens ({count} in the {what}, {wanted} in the completion). Please reduce the "
-            f"length of the {what} or the completion.",
-            "messages" if what == "messages" else "prompt",
-            "context_length_exceeded",
-        )
+    try:
+        check_context(len(prompt.token_ids), params.max_tokens, max_model_len, what)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), "messages" if what == "messages" else "prompt", "context_length_exceeded") from None
+    except AdmissionError as exc:
+        raise APIError(400, str(exc), "messages" if what == "messages" else "prompt") from None
 
 
 # ---- running requests ----------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import pytest
 import torch
 import zmq
 
+from pagoda.api.messages import pack, params_to_wire, unpack, CoreOutput
+from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.core_proc import CoreLoop, pack, params_to_wire, unpack
-from pagoda.engine.messages import CoreOutput
-from pagoda.engine.request import SamplingParams
+from pagoda.engine.core_proc import CoreLoop
 
 BUDGET = 16
 

@@ -54,9 +54,10 @@ def test_every_output_kind_gives_the_streamed_text(tokenizer: Tokenizer, text: s
     """Offline generate decodes a finished output once (FINAL_ONLY); every cut point of the output,
     mid-character ones included, must give the text the incremental path builds (CUMULATIVE), and the
     DELTA pieces must add up to it."""
-    from pagoda.engine.messages import CoreOutput
+    from pagoda.api.messages import CoreOutput
     from pagoda.engine.output_processor import OutputProcessor
-    from pagoda.engine.request import RequestOutputKind, SamplingParams
+    from pagoda.api.outputs import RequestOutputKind
+    from pagoda.api.params import SamplingParams
 
     prompt = tokenizer.encode("Say:")
     ids = tokenizer.encode(text)

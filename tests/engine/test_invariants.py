@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.engine.request import FinishReason
+from pagoda.api.outputs import FinishReason
 
 
 @pytest.fixture()

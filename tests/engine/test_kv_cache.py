@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from pagoda.api.params import SamplingParams
 from pagoda.engine.kv_cache import BlockPool, KVCacheManager, block_hash
-from pagoda.engine.request import Request, SamplingParams
+from pagoda.engine.request import Request
 
 
 def _req(tokens: list[int], rid: str = "r", salt: str | None = None) -> Request:

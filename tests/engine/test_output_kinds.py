@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.engine.messages import CoreOutput
+from pagoda.api.messages import CoreOutput
+from pagoda.api.outputs import Logprob, RequestOutput, RequestOutputKind
+from pagoda.api.params import SamplingParams
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.request import Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.model.gguf_file import GGUFFile
 from pagoda.model.tokenizer_source import tokenizer_from_gguf

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.engine.request import Request, SamplingParams
+from pagoda.api.params import SamplingParams
+
+from pagoda.engine.request import Request
 from pagoda.engine.sampler import Sampler, _sample_rows_torch
 from pagoda.model.cpu_kernels import load_cpu_kernels
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.engine.scheduler import AdmissionError
+from pagoda.api.limits import AdmissionError
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -56,9 +56,9 @@ def small_llm(make_tiny_model) -> LLM:
 
 
 def test_prompt_too_long(small_llm: LLM) -> None:
-    with pytest.raises(AdmissionError, match="max_model_len"):
+    with pytest.raises(AdmissionError, match="maximum context length is 64 tokens"):
         small_llm.generate([{"prompt_token_ids": [5] * 80}], use_tqdm=False)
-    with pytest.raises(AdmissionError, match="max_tokens"):
+    with pytest.raises(AdmissionError, match=r"requested 80 tokens \(20 in the prompt, 60 in the completion\)"):
         small_llm.generate([{"prompt_token_ids": [5] * 20}], SamplingParams(max_tokens=60), use_tqdm=False)
     # Fits max_model_len but can never fit the 8-block (32-token) cache.
     with pytest.raises(AdmissionError, match="KV blocks"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pagoda import LLM
-from pagoda.engine.request import Request, SamplingParams
+from pagoda.api.params import SamplingParams
+from pagoda.engine.request import Request
 from pagoda.engine.scheduler import ScheduledRequest
 
 ARCH_CASES = {

@@ -1,14 +1,34 @@
-"""Records exchanged between the engine core and its front end (in-process or over ZeroMQ as msgpack).
-
-Kept free of torch so the server process stays light.
+"""Records exchanged between the engine core and its front end, and their msgpack codec (ZeroMQ frames;
+nothing is pickled). Kept free of torch so the server process stays light.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagoda.engine.request import Logprob, PositionLogprobs
+import msgpack
+
+from pagoda.api.outputs import Logprob, PositionLogprobs
+from pagoda.api.params import SamplingParams
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list[Any]:
+    # Token ids are map keys in logit_bias: allow integer keys.
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**fields)
 
 
 @dataclass

@@ -1,0 +1,16 @@
+"""The HTTP server and the engine's front end import no torch (the engine process alone does)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+FRONT = ["pagoda.server.app", "pagoda.server.launch", "pagoda.api.params", "pagoda.api.outputs",
+         "pagoda.api.messages", "pagoda.engine.core_client", "pagoda.engine.output_processor", "pagoda.cli"]
+
+
+def test_server_and_front_end_load_no_torch() -> None:
+    imports = "".join(f"import {m}\n" for m in FRONT)
+    code = f"import sys\n{imports}print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
