@@ -13,6 +13,8 @@ from pagoda.api.params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from pagoda.engine.sampler import PenaltyState
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -47,6 +49,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
+    penalty_state: PenaltyState | None = None  # built by the sampler on the first penalized step
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

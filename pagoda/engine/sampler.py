@@ -9,7 +9,6 @@ that its draws do not depend on what else is in the batch.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -76,9 +75,8 @@ class Sampler:
         if not needs:
             return logits
         logits = logits.clone()
-        bias, banned, seen, counted = _Edits(), _Edits(), _Edits(), _Edits()
-        presence: list[float] = []
-        frequency: list[float] = []
+        bias, banned = _Edits(), _Edits()
+        penalized: list[int] = []
         for i in needs:
             r = requests[i]
             p = r.sampling_params
@@ -86,31 +84,30 @@ class Sampler:
                 bias.add(i, p.logit_bias.keys(), p.logit_bias.values())
             if r.num_output_tokens < p.min_tokens:
                 banned.add(i, sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))))
-            if p.repetition_penalty != 1.0:
-                ids = sorted(set(r.token_ids))
-                seen.add(i, ids, [p.repetition_penalty] * len(ids))
-            if p.presence_penalty or p.frequency_penalty:
-                counts = Counter(r.output_token_ids)
-                counted.add(i, counts.keys(), counts.values())
-                presence += [p.presence_penalty] * len(counts)
-                frequency += [p.frequency_penalty] * len(counts)
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                penalized.append(i)
         device, dtype = logits.device, logits.dtype
         if bias.rows:
             rows, ids = bias.index(device)
             logits.index_put_((rows, ids), bias.tensor(dtype, device), accumulate=True)
         if banned.rows:
             logits[banned.index(device)] = float("-inf")
-        if seen.rows:
-            where = seen.index(device)
-            vals, penalty = logits[where], seen.tensor(dtype, device)
-            logits[where] = torch.where(vals > 0, vals / penalty, vals * penalty)
-        if counted.rows:
-            where = counted.index(device)
-            counts = counted.tensor(dtype, device)
-            cut = (torch.tensor(frequency, dtype=dtype, device=device) * counts
-                   + torch.tensor(presence, dtype=dtype, device=device) * (counts > 0).to(dtype))
-            logits[where] = logits[where] - cut
+        if penalized:
+            self._penalize(logits, penalized, [requests[i] for i in penalized])
         return logits
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+        """Repetition, then presence/frequency penalties (vLLM's order), row by row in place from each
+        request's state over the vocabulary: a few passes over one row, whatever the output's length."""
+        for row, r in zip(rows, requests):
+            state = PenaltyState.updated(r, logits.shape[-1], logits.device)
+            x = logits[row]
+            penalty = r.sampling_params.repetition_penalty
+            if penalty != 1.0:
+                x.copy_(torch.where(state.seen & (x > 0), x / penalty, torch.where(state.seen, x * penalty, x)))
+            if r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty:
+                x.sub_(state.cut)
 
     def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
         """Draw for ``rows`` of ``logits``: one uniform number per row, from the request's own generator
@@ -168,6 +165,36 @@ def _sample_rows_torch(
     # Rounding can leave a target at the top of the mass: take the last token with probability.
     last_kept = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(picked, last_kept)
+
+
+@dataclass
+class PenaltyState:
+    """One request's penalties over the vocabulary, brought up to date with the tokens added since the
+    last step (never rebuilt from the whole history): tokens seen in the prompt or the output, output
+    counts, and what presence and frequency take off each logit (0 for tokens not yet generated)."""
+
+    seen: torch.Tensor  # [vocab] bool
+    counts: torch.Tensor  # [vocab] fp32
+    cut: torch.Tensor  # [vocab] fp32: frequency * count + presence, where count > 0
+    num_counted: int = 0  # output tokens already in ``counts``
+
+    @classmethod
+    def updated(cls, r: Request, vocab: int, device: torch.device) -> PenaltyState:
+        state = r.penalty_state
+        if state is None:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(r.prompt_token_ids, device=device)] = True
+            zeros = {"dtype": torch.float32, "device": device}
+            state = r.penalty_state = cls(seen, torch.zeros(vocab, **zeros), torch.zeros(vocab, **zeros))
+        new = r.token_ids[r.num_prompt_tokens + state.num_counted :]
+        if new:
+            p = r.sampling_params
+            ids = torch.tensor(new, device=device)
+            state.counts.index_put_((ids,), torch.ones(len(new), dtype=torch.float32, device=device), accumulate=True)
+            state.seen[ids] = True
+            state.cut[ids] = p.frequency_penalty * state.counts[ids] + p.presence_penalty
+            state.num_counted += len(new)
+        return state
 
 
 @dataclass
