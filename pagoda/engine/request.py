@@ -49,6 +49,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
+    num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported (kept across preemption)
     penalty_state: PenaltyState | None = None  # built by the sampler on the first penalized step
 
     def __post_init__(self) -> None:

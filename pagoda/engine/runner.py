@@ -22,7 +22,8 @@ class ModelInputs:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # flat token index of the last token of each sampling request
     sampling: list[ScheduledRequest]
-    prompt_rows: list[tuple[ScheduledRequest, int, int]]  # (request, first flat row, rows) for prompt logprobs
+    # (request, first flat row, rows, the prompt position the first row predicts) for prompt logprobs
+    prompt_rows: list[tuple[ScheduledRequest, int, int, int]]
 
 
 @dataclass
@@ -45,13 +46,15 @@ class StepLogits:
 PROMPT_LOGITS_ROWS = 128
 
 
-def prompt_positions(s: ScheduledRequest) -> int:
-    """How many of this chunk's positions predict a prompt token whose logprob was asked for."""
+def prompt_positions(s: ScheduledRequest) -> tuple[int, int]:
+    """(offset in the chunk, count) of its positions that predict a prompt token whose logprob was asked for
+    and not yet given: a prompt recomputed after preemption is not reported twice."""
     r = s.request
     if r.sampling_params.prompt_logprobs is None:
-        return 0
-    start = r.num_computed_tokens
-    return max(0, min(start + s.num_new_tokens, r.num_prompt_tokens - 1) - start)
+        return 0, 0
+    first = max(r.num_computed_tokens, r.num_prompt_logprobs)
+    end = min(r.num_computed_tokens + s.num_new_tokens, r.num_prompt_tokens - 1)
+    return first - r.num_computed_tokens, max(0, end - first)
 
 
 def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
@@ -106,7 +109,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledRequest] = []
-        prompt_rows: list[tuple[ScheduledRequest, int, int]] = []
+        prompt_rows: list[tuple[ScheduledRequest, int, int, int]] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables = np.zeros((len(scheduled), max(len(s.request.block_ids) for s in scheduled)), dtype=np.int64)
@@ -116,8 +119,9 @@ class ModelRunner:
             start, n = r.num_computed_tokens, s.num_new_tokens
             end = start + n
             tables[row, : len(blocks)] = blocks
-            if count := prompt_positions(s):
-                prompt_rows.append((s, len(input_ids), count))
+            offset, count = prompt_positions(s)
+            if count:
+                prompt_rows.append((s, len(input_ids) + offset, count, start + offset + 1))
             if n == 1:  # a decode token
                 input_ids.append(r.token_ids[start])
                 positions.append(start)
@@ -160,8 +164,8 @@ class ModelRunner:
             return self._execute_graph(scheduled)
         inputs = self.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attention, inputs.metadata)
-        prompt = [PromptHidden(s, hidden[first : first + count], s.request.num_computed_tokens + 1)
-                  for s, first, count in inputs.prompt_rows]
+        prompt = [PromptHidden(s, hidden[row : row + count], first_target)
+                  for s, row, count, first_target in inputs.prompt_rows]
         if not inputs.sampling:
             return StepLogits([], hidden.new_empty(0, 0, dtype=torch.float32), prompt)
         return StepLogits(inputs.sampling, self.model.compute_logits(hidden[inputs.sample_rows]), prompt)
@@ -177,6 +181,7 @@ class ModelRunner:
             logits = self.model.compute_logits(item.hidden[c : c + PROMPT_LOGITS_ROWS]).float()
             chunk = targets[c : c + PROMPT_LOGITS_ROWS]
             entries += position_logprobs(torch.log_softmax(logits, dim=-1), chunk, [k] * len(chunk))
+        item.scheduled.request.num_prompt_logprobs = item.first_target - 1 + len(entries)
         return entries
 
     def _graph_step(self, scheduled: list[ScheduledRequest]) -> bool:
@@ -185,7 +190,7 @@ class ModelRunner:
             len(scheduled) <= self.graphs.max_batch
             and all(s.num_new_tokens == 1 and len(s.request.block_ids) <= self.graphs.max_blocks for s in scheduled)
             and any(s.samples for s in scheduled)
-            and not any(prompt_positions(s) for s in scheduled)
+            and not any(prompt_positions(s)[1] for s in scheduled)
         )
 
     def _execute_graph(self, scheduled: list[ScheduledRequest]) -> StepLogits:

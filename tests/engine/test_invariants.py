@@ -118,3 +118,20 @@ def test_n_children_share_the_prompt_blocks(make_tiny_model) -> None:
     # only the last prompt token.
     assert llm.engine.stats.prompt_tokens == 41 + 3 * 1
     assert _all_free(llm)
+
+
+def test_a_recomputed_prompt_reports_its_logprobs_once() -> None:
+    """After preemption the prompt is prefilled again; only positions not yet reported give logprobs."""
+    from pagoda.api.params import SamplingParams as Params
+    from pagoda.engine.request import Request
+    from pagoda.engine.runner import prompt_positions
+    from pagoda.engine.scheduler import ScheduledRequest
+
+    req = Request("r", list(range(30)), Params(prompt_logprobs=1), frozenset())
+    assert prompt_positions(ScheduledRequest(req, 16)) == (0, 16)
+    req.num_prompt_logprobs = 16  # reported, then preempted: num_computed_tokens is back to 0
+    assert prompt_positions(ScheduledRequest(req, 16)) == (16, 0)
+    req.num_computed_tokens = 16
+    assert prompt_positions(ScheduledRequest(req, 14)) == (0, 13)  # the last prompt position predicts output
+    req.num_prompt_logprobs, req.num_computed_tokens = 20, 16
+    assert prompt_positions(ScheduledRequest(req, 14)) == (4, 9)
