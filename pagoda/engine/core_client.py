@@ -169,8 +169,7 @@ class EngineClient:
     def _on_ready(self, info: dict[str, Any]) -> None:
         source = TokenizerSource.from_wire(info.pop("tokenizer"))
         self.info = EngineInfo(**info)
-        self.tokenizer = Tokenizer(source)
-        self.tokenizer.eos_token_ids = frozenset(self.info.eos_token_ids)
+        self.tokenizer = Tokenizer(source, frozenset(self.info.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = CoreStats(num_blocks=self.info.num_blocks, num_free_blocks=self.info.num_blocks)
 

@@ -28,8 +28,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = Tokenizer(self.core.tokenizer_source)
-        self.tokenizer.eos_token_ids = self.core.eos_token_ids
+        self.tokenizer = Tokenizer(self.core.tokenizer_source, self.core.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # The core's parts, for tests and benchmarks.

@@ -25,12 +25,13 @@ def _raise_exception(message: str) -> None:
 
 
 class Tokenizer:
-    def __init__(self, source: TokenizerSource) -> None:
+    def __init__(self, source: TokenizerSource, eos_token_ids: frozenset[int] | None = None) -> None:
+        """``eos_token_ids``: the engine's set (the tokenizer's and the model config's), when known."""
         self._tok = source.tokenizer
         self.chat_template = source.chat_template
         self.bos_token = source.bos_token
         self.eos_token = source.eos_token
-        self.eos_token_ids = frozenset(source.eos_token_ids)
+        self.eos_token_ids = frozenset(source.eos_token_ids) if eos_token_ids is None else eos_token_ids
 
     @property
     def vocab_size(self) -> int:
