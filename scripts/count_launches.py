@@ -51,7 +51,7 @@ class LaunchCounter(TorchDispatchMode):
 
 def count(model: str, fused: bool) -> dict[str, Any]:
     from pagoda import LLM
-    from pagoda.engine.cuda_graphs import DecodeGraphs
+    from pagoda.worker.cuda_graphs import DecodeGraphs
     from pagoda.model import fused_ops
     from pagoda.model.layers import triton_elementwise
 
@@ -64,8 +64,8 @@ def count(model: str, fused: bool) -> dict[str, Any]:
         path.write_text(json.dumps(config))
         llm = LLM(str(path), load_format="dummy", dtype="bfloat16", attention_backend="triton", num_kv_blocks=8,
                   max_num_seqs=1, max_model_len=64, enforce_eager=True)
-    core = llm.engine.core
-    graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, core.config.cache_config.block_size,
+    runner = llm.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attention, runner.block_size,
                           1, 64, use_cuda_graphs=False)
     counter = LaunchCounter()
     run = InterpretedFunction.run

@@ -16,14 +16,15 @@ import time
 import torch
 
 from pagoda.api.params import SamplingParams
-from pagoda.engine.request import Request
+from pagoda.engine.step import NewRequestData
+from pagoda.worker.input_batch import CachedRequestState
 
 VOCAB, ROWS, PROMPT, STEPS = 49152, 64, 128, 20
 
 
 def load_sampler(path: str | None) -> type:
     if path is None:
-        from pagoda.engine.sampler import Sampler
+        from pagoda.worker.sampler import Sampler
 
         return Sampler
     spec = importlib.util.spec_from_file_location("sampler_under_test", path)
@@ -34,12 +35,13 @@ def load_sampler(path: str | None) -> type:
     return module.Sampler
 
 
-def requests(history: int, rng: random.Random) -> list[Request]:
+def requests(history: int, rng: random.Random) -> list[CachedRequestState]:
     params = SamplingParams(temperature=1.0, repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
     out = []
     for i in range(ROWS):
-        r = Request(f"r{i}", [rng.randrange(VOCAB) for _ in range(PROMPT)], params, frozenset({0}))
-        r.token_ids.extend(rng.randrange(VOCAB) for _ in range(history))
+        prompt = [rng.randrange(VOCAB) for _ in range(PROMPT)]
+        r = CachedRequestState.from_new(NewRequestData(f"r{i}", prompt, params, frozenset({0}), [], 0))
+        r.output_token_ids.extend(rng.randrange(VOCAB) for _ in range(history))
         out.append(r)
     return out
 
@@ -57,7 +59,7 @@ def main() -> None:
         times = []
         for _ in range(STEPS):
             for r in batch:
-                r.token_ids.append(rng.randrange(VOCAB))
+                r.output_token_ids.append(rng.randrange(VOCAB))
             start = time.perf_counter()
             sampler._process(logits, batch)
             times.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""The HTTP server and the engine's front end import no torch (the engine process alone does)."""
+"""The HTTP server, the engine's front end and its core import no torch (the worker alone does)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 FRONT = ["pagoda.server.app", "pagoda.server.launch", "pagoda.api.params", "pagoda.api.outputs",
-         "pagoda.api.messages", "pagoda.engine.core_client", "pagoda.engine.output_processor", "pagoda.cli"]
+         "pagoda.api.messages", "pagoda.engine.core_client", "pagoda.engine.output_processor", "pagoda.cli",
+         # The core and its scheduler hold no tensors either: torch comes with the worker.
+         "pagoda.engine.core", "pagoda.engine.scheduler", "pagoda.engine.step", "pagoda.engine.executor"]
 
 
 def test_server_and_front_end_load_no_torch() -> None:

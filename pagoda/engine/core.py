@@ -11,35 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import deque
-from dataclasses import dataclass, field
+import math
 import time
 import traceback
-
-import torch
+from collections import deque
+from dataclasses import dataclass, field
 
 from pagoda.api.limits import check_queue_room
 from pagoda.api.messages import CoreOutput, CoreStats, child_ids
 from pagoda.api.outputs import FinishReason
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.cuda_graphs import DecodeGraphs, capture_sizes
-from pagoda.engine.memory import (
-    GIB,
-    check_kv_fits,
-    check_weights_fit,
-    describe_gpu_budget,
-    gpu_kv_blocks,
-    profile_gpu_memory,
-    profile_step,
-)
+from pagoda.engine.executor import Executor, ModelInfo
 from pagoda.engine.request import Request
-from pagoda.engine.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
-from pagoda.engine.sampler import Sampler
-from pagoda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from pagoda.model.attention import AttentionBackend, get_backend
-from pagoda.model.layers.linear import configure_linear
-from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
+from pagoda.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -52,82 +37,28 @@ class EmbeddingJob:
     inputs: list[list[int]]
     vectors: list[list[float]] = field(default_factory=list)
     request: Request | None = None  # the input in progress, holding borrowed KV blocks
-    hidden_sum: torch.Tensor | None = None
+    hidden_sum: list[float] | None = None
     error: Exception | None = None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        mc, cc = config.model_config, config.cache_config
-        self.device = resolve_device(mc.device)
-        if mc.batch_invariant and self.device != "cpu":
-            raise ValueError("batch_invariant=True is implemented on the CPU only; use device='cpu'")
-        torch.manual_seed(mc.seed)
-        self.dtype = DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
-        configure_linear(mc.batch_invariant, self.device)
-        baseline_used = 0
-        if self.device == "cuda":
-            free, total = torch.cuda.mem_get_info()
-            baseline_used = total - free
-            check_weights_fit(weight_bytes(load_arch(mc.model), self.dtype), total, cc.gpu_memory_utilization)
-        loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device)
-        self.model = loaded.model.eval()
-        self.arch = loaded.arch
-        self.model_name = loaded.name
-        self.tokenizer_source = loaded.tokenizer  # for the front end; the core itself never tokenizes
-        self.eos_token_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(self.arch.eos_token_ids)
-        self.max_model_len = resolve_max_model_len(config, self.arch.max_position_embeddings, self.arch.sliding_window)
-        attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
-                                self.arch.num_attention_heads // self.arch.num_key_value_heads, self.dtype)
-        use_graphs = self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable
-        self.num_blocks = num_blocks = self._plan_kv_blocks(attention, baseline_used, use_graphs)
-        kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
-        graphs = None
-        if use_graphs:
-            started = time.monotonic()
-            graphs = DecodeGraphs(self.model, kv_caches, attention, cc.block_size,
-                                  config.scheduler_config.max_num_seqs, self.max_model_len, use_cuda_graphs=True)
-            logger.info("captured CUDA graphs for decode batches %s in %.1f s", graphs.sizes, time.monotonic() - started)
-        self.scheduler = Scheduler(config.scheduler_config, cc, num_blocks, self.max_model_len)
-        self.runner = ModelRunner(self.model, kv_caches, cc.block_size, attention, self.device, graphs)
-        self.sampler = Sampler(mc.seed, self.device)
-        self.stats = CoreStats(num_blocks=num_blocks)
+        if executor is None:
+            from pagoda.worker.worker import Worker  # the model's process: torch comes with it
+
+            executor = Worker(config)
+        self.executor = executor
+        self.info: ModelInfo = executor.info
+        self.max_model_len = self.info.max_model_len
+        self.num_blocks = self.info.num_blocks
+        self.eos_token_ids = self.info.eos_token_ids
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks, self.max_model_len)
+        self.stats = CoreStats(num_blocks=self.num_blocks)
         self.parents: dict[str, list[Request]] = {}
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
         self.embedding_jobs: deque[EmbeddingJob] = deque()
-
-    def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
-        """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
-        (see engine/memory.py), refusing to start when one max_model_len sequence would not fit."""
-        cc, sc = self.config.cache_config, self.config.scheduler_config
-        if cc.num_kv_blocks:
-            return cc.num_kv_blocks
-        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
-        if self.device == "cuda":
-            device = torch.device(self.device)
-            largest_graph = capture_sizes(sc.max_num_seqs)[-1]
-            profile = profile_gpu_memory(
-                lambda: profile_step(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
-                                     sc.max_num_seqs, self.max_model_len, device),
-                device, baseline_used,
-                # The largest captured decode step: that many one-token sequences, each sampling.
-                (lambda: profile_step(self.model, attention, cc.block_size, largest_graph, largest_graph, 1, device))
-                if use_graphs else None)
-            num_blocks = gpu_kv_blocks(profile, cc.gpu_memory_utilization, bytes_per_block)
-            hint = describe_gpu_budget(profile, cc.gpu_memory_utilization, sc.max_num_batched_tokens)
-            logger.info("GPU memory: %s; KV cache %d blocks (%.2f GiB)", profile, num_blocks,
-                        num_blocks * bytes_per_block / GIB)
-        else:
-            num_blocks = int(cc.kv_cache_gib * GIB // bytes_per_block)
-            needed = -(-self.max_model_len // cc.block_size) * bytes_per_block / GIB
-            hint = f"raise kv_cache_gib (now {cc.kv_cache_gib:g}) to at least {needed:.4g}"
-        check_kv_fits(num_blocks, cc.block_size, self.max_model_len, hint)
-        return num_blocks
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -142,7 +73,7 @@ class EngineCore:
         """Queue a request (n sequences); returns the child ids. Raises ValueError / QueueFullError."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        params.validate_for_vocab(self.arch.vocab_size)
+        params.validate_for_vocab(self.info.vocab_size)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if request_id in self.parents:
@@ -151,9 +82,9 @@ class EngineCore:
             isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids
         ):
             raise ValueError("prompt_token_ids must be a list of integers")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.info.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {self.info.vocab_size}): {bad[:5]}")
         self.scheduler.check_admissible(len(prompt_token_ids), params.max_tokens)
         check_queue_room(len(self.scheduler.waiting), params.n, self.config.scheduler_config.max_queued_requests)
         now = time.monotonic() if arrival_time is None else arrival_time
@@ -231,9 +162,9 @@ class EngineCore:
             if not ids or len(ids) > self.max_model_len:
                 raise ValueError(f"input[{index}]: an embedding input must hold 1 to {self.max_model_len} tokens, "
                                  f"got {len(ids)}")
-            bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+            bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
             if bad:
-                raise ValueError(f"input[{index}] holds ids outside the vocabulary [0, {self.arch.vocab_size}): {bad[:5]}")
+                raise ValueError(f"input[{index}] holds ids outside the vocabulary [0, {self.info.vocab_size}): {bad[:5]}")
         self.embedding_jobs.append(EmbeddingJob(job_id, [list(ids) for ids in inputs]))
 
     def embedding_chunk(self) -> EmbeddingJob | None:
@@ -251,12 +182,11 @@ class EngineCore:
                 job.request, job.hidden_sum = req, None
             req = job.request
             chunk = min(req.num_prompt_tokens - req.num_computed_tokens, self.config.scheduler_config.max_num_batched_tokens)
-            part = self.runner.sum_hidden(ScheduledRequest(req, chunk))
-            job.hidden_sum = part if job.hidden_sum is None else job.hidden_sum + part
+            part = self.executor.sum_hidden(req.token_ids, req.num_computed_tokens, chunk, req.block_ids)
+            job.hidden_sum = part if job.hidden_sum is None else [a + b for a, b in zip(job.hidden_sum, part)]
             req.num_computed_tokens += chunk
             if req.num_computed_tokens == req.num_prompt_tokens:
-                mean = job.hidden_sum / req.num_prompt_tokens
-                job.vectors.append(torch.nn.functional.normalize(mean, dim=0).tolist())
+                job.vectors.append(_normalized_mean(job.hidden_sum, req.num_prompt_tokens))
                 self._release_embedding(job)
         except Exception as exc:  # this job fails; the engine and the other requests go on
             if not isinstance(exc, MemoryError):
@@ -297,46 +227,29 @@ class EngineCore:
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
         outputs, self._reported = self._reported, []
-        out = self.scheduler.schedule()
-        if out.scheduled:
-            outputs.extend(self._run(out))
+        outputs.extend(self._run())
         self._forget_finished([o.request_id for o in outputs if o.finish_reason is not None])
         return outputs
 
-    def _run(self, out: SchedulerOutput) -> list[CoreOutput]:
+    def _run(self) -> list[CoreOutput]:
+        out = self.scheduler.schedule()
+        if not out.req_ids:
+            return []
         self.stats.num_steps += 1
-        for s in out.scheduled:
-            r = s.request
-            self.stats.prompt_tokens += max(0, min(r.num_prompt_tokens - r.num_computed_tokens, s.num_new_tokens))
+        self.stats.prompt_tokens += out.num_prompt_tokens
         try:
-            step = self.runner.execute(out.scheduled)
-            requests = [s.request for s in step.sampling]
-            result = self.sampler(step.logits, requests) if requests else None
-            prompt_logprobs = {p.scheduled.request.request_id: self.runner.prompt_logprobs(p) for p in step.prompt}
+            result = self.executor.execute_model(out)
         except Exception as exc:  # fail this step's requests, keep the engine alive
             logger.error("model step failed: %s", traceback.format_exc())
             ended = []
-            for s in out.scheduled:
-                self.scheduler.finish(s.request, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
-                ended.append(self._output(s.request, []))
+            for rid in out.req_ids:
+                req = self.scheduler.requests.get(rid)
+                if req is not None:
+                    self.scheduler.finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                    ended.append(self._output(req, []))
             return ended
-        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)} if result else {}
-        self.stats.generation_tokens += len(sampled)
-        self.scheduler.update(out, sampled)
-        outputs = []
-        logprobs = dict(zip((r.request_id for r in requests), result.logprobs)) if result else {}
-        for s in out.scheduled:
-            req = s.request
-            token = sampled.get(req.request_id)
-            prompt_lp = prompt_logprobs.get(req.request_id)
-            if token is None and not req.is_finished and prompt_lp is None:
-                continue  # a prefill chunk that did not reach the end of the prompt
-            lp = logprobs.get(req.request_id)
-            out_ = self._output(req, [] if token is None else [token])
-            if lp is not None:
-                out_.new_logprobs = [lp]
-            out_.prompt_logprobs = prompt_lp
-            outputs.append(out_)
+        outputs = self.scheduler.update(out, result)
+        self.stats.generation_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs
 
     def _output(self, req: Request, tokens: list[int]) -> CoreOutput:
@@ -364,23 +277,7 @@ class EngineCore:
         return dataclasses.replace(self.stats)
 
 
-def resolve_device(name: str) -> str:
-    """``auto``: the CUDA device when torch sees one, else the CPU."""
-    cuda = torch.cuda.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "cpu"
-    if name == "cuda" and not cuda:
-        raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    return name
-
-
-def resolve_max_model_len(config: EngineConfig, model_limit: int, sliding_window: int | None) -> int:
-    limit = model_limit
-    if sliding_window:  # without sliding-window attention, stay inside the window
-        limit = min(limit, sliding_window)
-    wanted = config.model_config.max_model_len
-    if wanted is None:
-        return limit
-    if wanted > limit:
-        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
-    return wanted
+def _normalized_mean(total: list[float], count: int) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in total)) / count
+    scale = 1.0 / (count * max(norm, 1e-12))  # as torch.nn.functional.normalize: eps keeps a zero vector zero
+    return [x * scale for x in total]

@@ -62,19 +62,20 @@ class CoreLoop:
             kind = "invalid" if isinstance(exc, ValueError) else "internal"
             self.outbox.send(pack(["failed", kind, f"{type(exc).__name__}: {exc}"]))
             raise
+        info = self.core.info
         self.outbox.send(
             pack(
                 [
                     "ready",
                     {
-                        "model_name": self.core.model_name,
-                        "max_model_len": self.core.max_model_len,
-                        "vocab_size": self.core.arch.vocab_size,
-                        "hidden_size": self.core.arch.hidden_size,
-                        "num_blocks": self.core.num_blocks,
-                        "eos_token_ids": sorted(self.core.eos_token_ids),
-                        "tokenizer": self.core.tokenizer_source.to_wire(),
-                        "dtype": str(self.core.dtype).removeprefix("torch."),
+                        "model_name": info.name,
+                        "max_model_len": info.max_model_len,
+                        "vocab_size": info.vocab_size,
+                        "hidden_size": info.hidden_size,
+                        "num_blocks": info.num_blocks,
+                        "eos_token_ids": sorted(info.eos_token_ids),
+                        "tokenizer": info.tokenizer.to_wire(),
+                        "dtype": info.dtype,
                         "pid": os.getpid(),
                     },
                 ]

@@ -15,7 +15,8 @@ from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.runner import ModelRunner
+from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.worker import Worker
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.tokenizer import Tokenizer
 
@@ -27,8 +28,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.core = EngineCore(config)
-        self.tokenizer = Tokenizer(self.core.tokenizer_source, self.core.eos_token_ids)
+        self.worker = Worker(config)
+        self.core = EngineCore(config, self.worker)
+        self.tokenizer = Tokenizer(self.core.info.tokenizer, self.core.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # The core's parts, for tests and benchmarks.
@@ -38,7 +40,7 @@ class LLMEngine:
 
     @property
     def runner(self) -> ModelRunner:
-        return self.core.runner
+        return self.worker.runner
 
     @property
     def stats(self) -> CoreStats:

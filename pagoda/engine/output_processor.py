@@ -26,6 +26,10 @@ from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 logger = logging.getLogger(__name__)
 
 
+# A character is at most 4 bytes, so its unfinished tail spans at most 3 tokens; a little more covers
+# byte-level tokenizers that merge.
+_UTF8_TAIL_TOKENS = 8
+
 @dataclass
 class _Child:
     request_id: str
@@ -182,12 +186,18 @@ class OutputProcessor:
 
     def _whole_text(self, child: _Child) -> str:
         """The text the incremental detokenizer would have built, in one decode: the same unless the output
-        ends inside a multi-byte character, where the incremental path stops at the last complete one."""
+        ends inside a multi-byte character, where the incremental path stops at the last complete one (found
+        by dropping a few trailing tokens, else by replaying token by token)."""
         tokens = child.token_ids
         text = child.detokenizer.add(tokens)
         if text or not tokens:
             return text
-        detok = IncrementalDetokenizer(self.tokenizer, child.detokenizer.prompt_token_ids, child.params.skip_special_tokens)
+        prompt, skip = child.detokenizer.prompt_token_ids, child.params.skip_special_tokens
+        for end in range(len(tokens) - 1, max(0, len(tokens) - _UTF8_TAIL_TOKENS) - 1, -1):
+            text = IncrementalDetokenizer(self.tokenizer, prompt, skip).add(tokens[:end])
+            if text:
+                return text
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, skip)
         return "".join(detok.add([t]) for t in tokens)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> list[str]:

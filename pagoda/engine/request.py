@@ -1,19 +1,14 @@
-"""The engine's state of one sequence (engine process only)."""
+"""The scheduler's state of one sequence (engine process only; the worker keeps its own, see
+worker/input_batch.py)."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pagoda.api.outputs import FinishReason
 from pagoda.api.params import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
-
-    from pagoda.engine.sampler import PenaltyState
 
 
 class RequestStatus(enum.Enum):
@@ -37,6 +32,7 @@ class Request:
     # A sibling (n > 1) that must finish its prompt first so this one reuses its cached blocks.
     wait_for: "Request | None" = None
     token_ids: list[int] = field(init=False)
+    num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     status: RequestStatus = RequestStatus.WAITING
@@ -48,20 +44,20 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
-    generator: torch.Generator | None = None
-    num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported (kept across preemption)
-    penalty_state: PenaltyState | None = None  # built by the sampler on the first penalized step
+    # Set when the scheduler takes it: prompt + max_tokens within max_model_len, and the tokens that may
+    # stop it (min_tokens aside), so most steps check neither.
+    max_length: int = 0
+    stop_token_set: frozenset[int] = frozenset()
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
+    # What the worker holds of it: whether it was sent, how many of its blocks, and whether it comes
+    # back from preemption (its table then replaced).
+    sent_to_worker: bool = False
+    num_sent_blocks: int = 0
+    resumed: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.sampling_params.seed is not None:
-            import torch  # only the engine core builds Requests; the server process never imports torch
-
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,10 +1,12 @@
 """Iteration-level continuous batching with one token budget per step.
 
-Each step first gives every running request its next tokens (one decode token,
-or the next prefill chunk), then admits waiting requests in (priority, arrival)
+Each step first gives every running request its next tokens (one decode token
+and any draft tokens, or the next prefill chunk), then admits waiting requests in (priority, arrival)
 order while budget, ``max_num_seqs`` and KV blocks last. When blocks run out the
 lowest-priority, newest running request is preempted: its blocks are freed and
-it is recomputed later (its prefix is usually still cached).
+it is recomputed later (its prefix is usually still cached). What the worker
+needs to know of it goes out as a data-only ``SchedulerOutput`` (engine/step.py);
+``update`` takes back a list of tokens per request.
 """
 
 from __future__ import annotations
@@ -12,35 +14,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from dataclasses import dataclass, field
 
 from pagoda.api.limits import AdmissionError, check_context
+from pagoda.api.messages import CoreOutput
 from pagoda.api.outputs import FinishReason
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.engine.kv_cache import KVCacheManager
 from pagoda.engine.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's known tokens (so one is sampled)."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == len(r.token_ids)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+from pagoda.engine.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 class Scheduler:
@@ -59,12 +40,12 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._seq = itertools.count()
         self.num_preemptions = 0
+        self._finished: list[str] = []  # ended since the last step, for the worker to forget
 
     # ---- admission -------------------------------------------------------------------------
-    def max_tokens_for(self, request: Request) -> int:
-        limit = self.max_model_len - request.num_prompt_tokens
-        mt = request.sampling_params.max_tokens
-        return limit if mt is None else min(mt, limit)
+    def max_tokens_for(self, prompt_len: int, max_tokens: int | None) -> int:
+        limit = self.max_model_len - prompt_len
+        return limit if max_tokens is None else min(max_tokens, limit)
 
     def check_admissible(self, prompt_len: int, max_tokens: int | None) -> None:
         check_context(prompt_len, max_tokens, self.max_model_len)
@@ -78,6 +59,10 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        params = request.sampling_params
+        request.max_length = request.num_prompt_tokens + self.max_tokens_for(request.num_prompt_tokens, params.max_tokens)
+        request.stop_token_set = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                                     else request.eos_token_ids)
         self.requests[request.request_id] = request
         self._enqueue(request)
 
@@ -87,34 +72,58 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_req_ids=self._finished)
+        self._finished = []
         budget = self.config.max_num_batched_tokens
+        bs = self.kv.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(len(req.token_ids) - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req, num_new):
-                victim = max(self.running[i:], key=lambda r: (r.priority, r.arrival_time))
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
+            known = len(req.token_ids) - req.num_computed_tokens
+            num_new = min(known + len(req.spec_token_ids), budget)
+            # The common decode step has room in its last block: no call into the KV manager.
+            if req.num_computed_tokens + num_new > len(req.block_ids) * bs:
+                while not self.kv.allocate(req, num_new):
+                    victim = max(self.running[i:], key=lambda r: (r.priority, r.arrival_time))
+                    self._preempt(victim)
+                    out.preempted_req_ids.append(victim.request_id)
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
                     break
-            if req.status is not RequestStatus.RUNNING:
-                break
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            self._add_scheduled(out, req, num_new, known)
             budget -= num_new
             i += 1
 
-        if not out.preempted:
+        if not out.preempted_req_ids:
             self._admit_waiting(out, budget)
-        now = time.monotonic()
-        for s in out.scheduled:
-            if s.request.first_scheduled_time is None:
-                s.request.first_scheduled_time = now
         return out
+
+    def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int, known: int) -> None:
+        """Put one request's step into ``out``: its whole payload the first time, else what changed."""
+        rid = req.request_id
+        out.req_ids.append(rid)
+        out.num_scheduled_tokens.append(num_new)
+        out.num_computed_tokens.append(req.num_computed_tokens)
+        if num_new > known:  # the budget may cut into the drafts: verify what fits
+            out.spec_token_ids[rid] = req.spec_token_ids[: num_new - known]
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            out.num_prompt_tokens += min(req.num_prompt_tokens - req.num_computed_tokens, num_new)
+        if not req.sent_to_worker:
+            out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
+                                                   list(req.block_ids), req.num_computed_tokens))
+            req.sent_to_worker = True
+        elif req.resumed:
+            out.cached.resumed_req_ids.append(rid)
+            out.cached.new_block_ids[rid] = list(req.block_ids)
+            req.resumed = False
+        elif len(req.block_ids) > req.num_sent_blocks:
+            out.cached.new_block_ids[rid] = req.block_ids[req.num_sent_blocks :]
+        req.num_sent_blocks = len(req.block_ids)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         idx = 0
+        now = time.monotonic()
         while idx < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[idx][3]
             sibling = req.wait_for
@@ -131,10 +140,12 @@ class Scheduler:
                 break
             if req.num_preemptions == 0:
                 req.num_cached_tokens = len(cached) * self.kv.block_size
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
             self.waiting.pop(idx)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            self._add_scheduled(out, req, num_new, num_new)
             budget -= num_new
 
     def _reusable_blocks(self, req: Request) -> list[int]:
@@ -151,40 +162,68 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.resumed = request.sent_to_worker
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(request)
 
     # ---- after the model ran ---------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests. Returns the finished."""
-        finished: list[Request] = []
-        for s in out.scheduled:
-            req = s.request
-            if req.is_finished:  # aborted or failed during the step
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[CoreOutput]:
+        """Advance computed counts by what was accepted, append the new tokens up to a stop, finish
+        requests. Returns what each request gained (or how it ended)."""
+        outputs: list[CoreOutput] = []
+        requests, spec = self.requests, out.spec_token_ids
+        caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
+        logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
+        for i, (rid, num_new, tokens) in enumerate(zip(out.req_ids, out.num_scheduled_tokens, result.sampled_token_ids)):
+            req = requests.get(rid)
+            if req is None:  # aborted or failed during the step
                 continue
-            req.num_computed_tokens += s.num_new_tokens
-            self.kv.publish_full_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.token_ids.append(token)
-                self._check_stop(req, token)
-            if req.is_finished:
-                finished.append(req)
-        return finished
+            drafts = spec.get(rid) if spec else None
+            if drafts:  # rejected drafts hold no valid KV: their slots are overwritten by later tokens
+                num_new -= len(drafts) + 1 - len(tokens)
+                req.spec_token_ids = []
+            req.num_computed_tokens += num_new
+            token_ids = req.token_ids
+            base = len(token_ids)
+            token_ids.extend(tokens)  # accepted drafts first: they are the newly computed positions' tokens
+            if caching and req.num_computed_tokens >= (req.num_published_blocks + 1) * bs:
+                self.kv.publish_full_blocks(req)
+            taken = len(tokens)
+            for j, token in enumerate(tokens):
+                if (token in req.stop_token_set or base + j + 1 >= req.max_length) and self._check_stop(
+                        req, token, base + j + 1):
+                    taken = j + 1
+                    break
+            if taken < len(tokens):
+                del token_ids[base + taken :]
+            prompt_lp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            finished = req.status is RequestStatus.FINISHED
+            if not taken and not finished and prompt_lp is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            emitted = tokens if taken == len(tokens) else tokens[:taken]
+            row_logprobs = logprobs[i] if logprobs is not None else None
+            outputs.append(CoreOutput(
+                rid, emitted, row_logprobs[:taken] if row_logprobs else None,
+                req.finish_reason.value if finished else None,
+                req.stop_reason, req.error, req.num_cached_tokens, req.first_scheduled_time, prompt_lp))
+        return outputs
 
-    def _check_stop(self, req: Request, token: int) -> None:
+    def _check_stop(self, req: Request, token: int, length: int) -> bool:
+        """Finish the request if ``token``, making it ``length`` tokens long, ends it; returns whether it did."""
         params = req.sampling_params
-        n_out = req.num_output_tokens
+        n_out = length - req.num_prompt_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 self.finish(req, FinishReason.STOP)
-                return
+                return True
             if token in params.stop_token_ids:
                 self.finish(req, FinishReason.STOP, stop_reason=token)
-                return
-        if n_out >= self.max_tokens_for(req) or len(req.token_ids) >= self.max_model_len:
+                return True
+        if length >= req.max_length:
             self.finish(req, FinishReason.LENGTH)
+            return True
+        return False
 
     def finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None = None, error: str | None = None) -> None:
         """Finish a request in any state and give back its blocks. Idempotent."""
@@ -200,4 +239,6 @@ class Scheduler:
         req.stop_reason = stop_reason
         req.error = error
         self.requests.pop(req.request_id, None)
+        if req.sent_to_worker:
+            self._finished.append(req.request_id)
 

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.engine.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
+from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
 from pagoda.model.attention import get_backend  # noqa: E402
 
 
@@ -40,19 +40,19 @@ def test_padded_graph_decode_matches_the_eager_step(make_tiny_model) -> None:
     expected = [o.outputs[0].token_ids for o in _llm(str(folder)).generate(prompts, params, use_tqdm=False)]
 
     llm = _llm(str(folder))
-    core = llm.engine.core
-    graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8, core.max_model_len,
+    core, runner = llm.engine.core, llm.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attention, 16, 8, core.max_model_len,
                           use_cuda_graphs=False)
     assert graphs.sizes == [1, 2, 4, 8]
     replayed: list[tuple[int, int]] = []
     run = graphs.run
 
-    def counting_run(batch):  # type: ignore[no-untyped-def]
-        replayed.append((len(batch.input_ids), graphs.padded_size(len(batch.input_ids))))
-        return run(batch)
+    def counting_run(input_ids, *rest):  # type: ignore[no-untyped-def]
+        replayed.append((len(input_ids), graphs.padded_size(len(input_ids))))
+        return run(input_ids, *rest)
 
     graphs.run = counting_run  # type: ignore[method-assign]
-    core.runner.graphs = graphs
+    runner.graphs = graphs
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
     assert {(5, 8), (4, 4), (3, 4), (2, 2), (1, 1)} <= set(replayed)
@@ -65,9 +65,9 @@ def test_sampled_decode_with_seeds_matches_the_eager_step(make_tiny_model) -> No
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=6, ignore_eos=True, logprobs=2)
     eager = _llm(str(folder)).generate(prompts, params, use_tqdm=False)
     llm = _llm(str(folder))
-    core = llm.engine.core
-    core.runner.graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8,
-                                      core.max_model_len, use_cuda_graphs=False)
+    core, runner = llm.engine.core, llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attention, 16, 8,
+                                 core.max_model_len, use_cuda_graphs=False)
     graphed = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(eager, graphed):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -79,9 +79,9 @@ def test_sampled_decode_with_seeds_matches_the_eager_step(make_tiny_model) -> No
 
 def test_only_a_capturable_backend_is_accepted(make_tiny_model) -> None:
     folder, _ = make_tiny_model("llama", seed=5)
-    core = _llm(str(folder)).engine.core
+    runner = _llm(str(folder)).engine.runner
     with pytest.raises(ValueError, match="cannot be captured"):
-        DecodeGraphs(core.model, core.runner.kv_caches, get_backend("torch", "cpu"), 16, 8, 64, use_cuda_graphs=False)
+        DecodeGraphs(runner.model, runner.kv_caches, get_backend("torch", "cpu"), 16, 8, 64, use_cuda_graphs=False)
 
 
 def test_the_whole_gpu_path_emulated_matches_the_cpu_engine(make_tiny_model, monkeypatch) -> None:
@@ -100,10 +100,10 @@ def test_the_whole_gpu_path_emulated_matches_the_cpu_engine(make_tiny_model, mon
     monkeypatch.setattr(fused_ops, "for_tensor",
                         lambda x: triton_elementwise if x.dtype in fused_ops.FUSED_DTYPES else None)
     llm = _llm(str(folder))
-    core = llm.engine.core
-    assert core.runner.attention.prefill_block_q < 70  # the long prompt spans several prefill programs
-    core.runner.graphs = DecodeGraphs(core.model, core.runner.kv_caches, core.runner.attention, 16, 8,
-                                      core.max_model_len, use_cuda_graphs=False)
+    core, runner = llm.engine.core, llm.engine.runner
+    assert runner.attention.prefill_block_q < 70  # the long prompt spans several prefill programs
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attention, 16, 8,
+                                 core.max_model_len, use_cuda_graphs=False)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
     assert llm.engine.scheduler.kv.pool.num_free_blocks == core.num_blocks

@@ -28,15 +28,15 @@ def test_finish_abort_preempt_error_leave_no_blocks(tiny_llm: LLM, monkeypatch) 
     engine.add_request("n2", [5] * 10, SamplingParams(n=2, temperature=1.0, max_tokens=12, ignore_eos=True))
     finished: dict[str, str | None] = {}
     calls = {"n": 0}
-    real_execute = engine.runner.execute
+    real_execute = engine.core.executor.execute_model
 
-    def flaky_execute(scheduled):
+    def flaky_execute(scheduler_output):
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("injected failure")
-        return real_execute(scheduled)
+        return real_execute(scheduler_output)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky_execute)
+    monkeypatch.setattr(engine.core.executor, "execute_model", flaky_execute)
     step = 0
     while engine.has_unfinished_requests():
         step += 1
@@ -123,15 +123,14 @@ def test_n_children_share_the_prompt_blocks(make_tiny_model) -> None:
 def test_a_recomputed_prompt_reports_its_logprobs_once() -> None:
     """After preemption the prompt is prefilled again; only positions not yet reported give logprobs."""
     from pagoda.api.params import SamplingParams as Params
-    from pagoda.engine.request import Request
-    from pagoda.engine.runner import prompt_positions
-    from pagoda.engine.scheduler import ScheduledRequest
+    from pagoda.engine.step import NewRequestData
+    from pagoda.worker.input_batch import CachedRequestState
+    from pagoda.worker.model_runner import prompt_positions
 
-    req = Request("r", list(range(30)), Params(prompt_logprobs=1), frozenset())
-    assert prompt_positions(ScheduledRequest(req, 16)) == (0, 16)
-    req.num_prompt_logprobs = 16  # reported, then preempted: num_computed_tokens is back to 0
-    assert prompt_positions(ScheduledRequest(req, 16)) == (16, 0)
-    req.num_computed_tokens = 16
-    assert prompt_positions(ScheduledRequest(req, 14)) == (0, 13)  # the last prompt position predicts output
-    req.num_prompt_logprobs, req.num_computed_tokens = 20, 16
-    assert prompt_positions(ScheduledRequest(req, 14)) == (4, 9)
+    req = CachedRequestState.from_new(NewRequestData("r", list(range(30)), Params(prompt_logprobs=1), frozenset(), [], 0))
+    assert prompt_positions(req, 0, 16) == (0, 16)
+    req.num_prompt_logprobs = 16  # reported, then preempted: the prompt is computed again from 0
+    assert prompt_positions(req, 0, 16) == (16, 0)
+    assert prompt_positions(req, 16, 14) == (0, 13)  # the last prompt position predicts output
+    req.num_prompt_logprobs = 20
+    assert prompt_positions(req, 16, 14) == (4, 9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagoda import LLM
-from pagoda.engine.memory import (
+from pagoda.worker.memory import (
     GIB,
     GpuMemoryProfile,
     check_kv_fits,

@@ -7,14 +7,15 @@ import torch
 
 from pagoda.api.params import SamplingParams
 
-from pagoda.engine.request import Request
-from pagoda.engine.sampler import Sampler, _sample_rows_torch
+from pagoda.engine.step import NewRequestData
 from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.worker.input_batch import CachedRequestState
+from pagoda.worker.sampler import Sampler, _sample_rows_torch
 
 
-def _request(prompt: list[int], output: list[int], **params) -> Request:
-    req = Request("r", prompt, SamplingParams(**params), frozenset({0}))
-    req.token_ids.extend(output)
+def _request(prompt: list[int], output: list[int], **params) -> CachedRequestState:
+    req = CachedRequestState.from_new(NewRequestData("r", prompt, SamplingParams(**params), frozenset({0}), [], 0))
+    req.output_token_ids.extend(output)
     return req
 
 

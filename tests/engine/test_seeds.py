@@ -52,15 +52,15 @@ def test_logits_rows_are_bit_identical_across_batches(llm: LLM) -> None:
     """The mechanism under the guarantee: a request's logits do not move by one bit."""
     engine = llm.engine
     captured: dict[str, list] = {}
-    real = engine.core.sampler.__call__
+    real = engine.runner.sampler.__call__
 
     def spy(logits, requests):
         for row, req in zip(logits, requests):
-            captured.setdefault(req.request_id, []).append(row.clone())
+            captured.setdefault(req.req_id, []).append(row.clone())
         return real(logits, requests)
 
-    sampler = engine.core.sampler
-    engine.core.sampler = type("Spy", (), {"__call__": staticmethod(spy)})()
+    sampler = engine.runner.sampler
+    engine.runner.sampler = type("Spy", (), {"__call__": staticmethod(spy)})()
     try:
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
         engine.add_request("alone", "The history of the printing press begins", params)
@@ -72,7 +72,7 @@ def test_logits_rows_are_bit_identical_across_batches(llm: LLM) -> None:
         while engine.has_unfinished_requests():
             engine.step()
     finally:
-        engine.core.sampler = sampler
+        engine.runner.sampler = sampler
     assert len(captured["alone"]) == len(captured["mixed"]) == 6
     for a, b in zip(captured["alone"], captured["mixed"]):
         assert torch.equal(a, b)

@@ -8,7 +8,6 @@ import torch
 from pagoda import LLM
 from pagoda.api.params import SamplingParams
 from pagoda.engine.request import Request
-from pagoda.engine.scheduler import ScheduledRequest
 
 ARCH_CASES = {
     "llama": {},
@@ -32,12 +31,10 @@ def _arch(case: str) -> str:
 def _all_logits(llm: LLM, request: Request, num_new: int) -> torch.Tensor:
     """Logits of every token this step computes (the runner itself keeps only the last row)."""
     engine = llm.engine
-    sched = ScheduledRequest(request, num_new)
     assert engine.scheduler.kv.allocate(request, num_new)
     runner = engine.runner
-    inputs = runner.prepare([sched])
+    hidden = runner.hidden_states(request.token_ids, request.num_computed_tokens, num_new, request.block_ids)
     with torch.inference_mode():
-        hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, runner.attention, inputs.metadata)
         logits = runner.model.compute_logits(hidden)
     request.num_computed_tokens += num_new
     return logits

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64 on the model's device: block_id * block_size + offset
-    query_lens: list[int]  # new tokens per sequence
-    seq_lens: list[int]  # KV length per sequence after this step
+    query_lens: np.ndarray  # int64 [num_seqs]: new tokens per sequence (a list is accepted too)
+    seq_lens: np.ndarray  # int64 [num_seqs]: KV length per sequence after this step
     # [num_seqs, max_blocks] int64, padded with 0. On the host: backends derive their own indices from it
     # and move what they use to ``device`` once per step, not once per layer.
     block_tables: torch.Tensor
@@ -52,8 +53,8 @@ class AttentionBackend(Protocol):
 def per_token_context(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """For every query token of the step: its sequence (row of ``block_tables``) and how many keys it
     attends to, i.e. itself and everything before it (int64, on the CPU)."""
-    q_lens = torch.tensor(metadata.query_lens, dtype=torch.int64)
-    s_lens = torch.tensor(metadata.seq_lens, dtype=torch.int64)
+    q_lens = torch.from_numpy(np.asarray(metadata.query_lens, dtype=np.int64))
+    s_lens = torch.from_numpy(np.asarray(metadata.seq_lens, dtype=np.int64))
     token_seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
     first = torch.cumsum(q_lens, 0) - q_lens  # flat index of each sequence's first query token
     offset = torch.arange(int(q_lens.sum())) - first[token_seq]

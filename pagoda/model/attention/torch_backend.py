@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -78,27 +79,27 @@ class TorchAttentionBackend:
             self._prepare_per_token(metadata)
             return
         bs = metadata.block_size
-        decode_rows: list[int] = []
-        decode_tokens: list[int] = []
+        q_lens = np.asarray(metadata.query_lens, dtype=np.int64)
+        s_lens = np.asarray(metadata.seq_lens, dtype=np.int64)
+        starts = np.cumsum(q_lens) - q_lens
+        is_decode = (q_lens == 1) & (s_lens > 1)
+        decode_rows = np.flatnonzero(is_decode)
         prefills: list[_PrefillSeq] = []
-        start = 0
-        for i, (q_len, s_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens)):
-            if q_len == 1 and s_len > 1:
-                decode_rows.append(i)
-                decode_tokens.append(start)
-            elif q_len == s_len:
+        for i in np.flatnonzero(~is_decode).tolist():  # few per step: the rest is vectorized
+            q_len, s_len, start = int(q_lens[i]), int(s_lens[i]), int(starts[i])
+            if q_len == s_len:
                 prefills.append(_PrefillSeq(start, q_len, None, None))
             else:
                 slots = _context_slots(metadata.block_tables[i], s_len, bs)
                 q_pos = torch.arange(s_len - q_len, s_len)[:, None]
                 mask = torch.arange(s_len)[None, :] <= q_pos
                 prefills.append(_PrefillSeq(start, q_len, slots, mask))
-            start += q_len
-        rows = torch.tensor(decode_rows, dtype=torch.int64)
-        lens = torch.tensor([metadata.seq_lens[i] for i in decode_rows], dtype=torch.int64)
-        tables = metadata.block_tables[rows]
+        rows = torch.from_numpy(decode_rows)
+        lens = torch.from_numpy(s_lens[decode_rows])
+        decode_tokens = starts[decode_rows]
+        tables = metadata.block_tables if len(decode_rows) == len(q_lens) else metadata.block_tables[rows]
         slots = mask = None
-        if decode_rows and (self.kernels is None or metadata.device.type != "cpu"):
+        if len(decode_rows) and (self.kernels is None or metadata.device.type != "cpu"):
             max_len = int(lens.max())
             pos = torch.arange(max_len)
             block_idx = (pos // bs).clamp(max=tables.shape[1] - 1)
@@ -107,7 +108,7 @@ class TorchAttentionBackend:
             # Padding reads the cache's zeroed spare block (the last one), never stale data.
             slots = torch.where(valid, slots, torch.full_like(slots, metadata.pad_slot))
             mask = valid[:, None, None, :]
-        state = _StepState(torch.tensor(decode_tokens, dtype=torch.int64), tables, lens, slots, mask, prefills)
+        state = _StepState(torch.from_numpy(decode_tokens), tables, lens, slots, mask, prefills)
         metadata.backend_state = _on_device(state, metadata.device)
 
     def _prepare_per_token(self, metadata: AttentionMetadata) -> None:

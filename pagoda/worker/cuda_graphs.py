@@ -13,8 +13,6 @@ the captured function directly: that checks everything but the graph itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -32,17 +30,6 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] != limit:
         sizes.append(limit)
     return sizes
-
-
-@dataclass
-class DecodeBatch:
-    """One decode step on the host: one new token per sequence."""
-
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    seq_lens: list[int]  # KV length per sequence after this step
-    block_tables: list[list[int]]
 
 
 class DecodeGraphs:
@@ -85,8 +72,8 @@ class DecodeGraphs:
         """The decode forward of ``batch`` rows over the fixed buffers: logits [batch, vocab]."""
         metadata = AttentionMetadata(
             slot_mapping=self.slots[:batch],
-            query_lens=[1] * batch,
-            seq_lens=[],  # the kernels read the buffer; host lengths change every step
+            query_lens=np.ones(batch, dtype=np.int64),
+            seq_lens=np.zeros(0, dtype=np.int64),  # the kernels read the buffer; host lengths change every step
             block_tables=self.block_tables[:batch],
             block_size=self.block_size,
             pad_slot=self.pad_slot,
@@ -123,21 +110,18 @@ class DecodeGraphs:
         return None
 
     @torch.inference_mode()
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of one decode step."""
-        n = len(batch.input_ids)
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+            block_tables: torch.Tensor) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of one decode step (one token per sequence; tables [num_seqs, width])."""
+        n = len(input_ids)
         size = self.padded_size(n)
         if size is None:
             raise ValueError(f"a decode step of {n} sequences exceeds the largest captured batch ({self.max_batch})")
-        width = max(len(t) for t in batch.block_tables)
-        host_tables = np.zeros((n, width), dtype=np.int32)
-        for row, table in enumerate(batch.block_tables):
-            host_tables[row, : len(table)] = table
-        self.input_ids[:n].copy_(torch.tensor(batch.input_ids, dtype=torch.int64), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(batch.positions, dtype=torch.int64), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(batch.slots, dtype=torch.int64), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.tensor(batch.seq_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.from_numpy(host_tables), non_blocking=True)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         # Padding rows: write K/V into the spare block and attend to one key there.
         self.slots[n:size].fill_(self.pad_slot)
         self.seq_lens[n:size].fill_(1)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.api.outputs import Logprob, PositionLogprobs
-
-from pagoda.engine.request import Request
+from pagoda.api.params import SamplingParams
 from pagoda.model.cpu_kernels import load_cpu_kernels
+
+if TYPE_CHECKING:
+    from pagoda.worker.input_batch import CachedRequestState
 
 
 # Rows whose logprob ranks are counted in one comparison (see _gather_logprobs).
@@ -42,11 +45,11 @@ class Sampler:
         )
         self.sample_rows: Callable[..., torch.Tensor] = ops.sample_rows if ops is not None else _sample_rows_torch
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, requests: list[CachedRequestState]) -> SampleResult:
         """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed)."""
         if logits.dtype not in (torch.float32, torch.bfloat16):  # what the kernels read
             logits = logits.float()
-        if all(_plain_greedy(r) for r in requests):  # the common offline case: no copy, one pass
+        if all(r.plain_greedy for r in requests):  # the common offline case: no copy, one pass
             return SampleResult(self.argmax(logits).tolist(), [None] * len(requests))
         wants_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
         if wants_logprobs or _needs_processing(requests):
@@ -68,7 +71,7 @@ class Sampler:
             logprobs = _gather_logprobs(raw_logprobs, requests, token_list)
         return SampleResult(token_list, logprobs)
 
-    def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, requests: list[CachedRequestState]) -> torch.Tensor:
         """Logit bias, min_tokens masking, repetition then presence/frequency penalties, each applied to all
         the rows that need it in one indexed operation (the index lists built on the host)."""
         needs = [i for i, r in enumerate(requests) if _row_needs_processing(r)]
@@ -97,7 +100,7 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _penalize(logits: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+    def _penalize(logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState]) -> None:
         """Repetition, then presence/frequency penalties (vLLM's order), row by row in place from each
         request's state over the vocabulary: a few passes over one row, whatever the output's length."""
         for row, r in zip(rows, requests):
@@ -109,7 +112,7 @@ class Sampler:
             if r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty:
                 x.sub_(state.cut)
 
-    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState]) -> torch.Tensor:
         """Draw for ``rows`` of ``logits``: one uniform number per row, from the request's own generator
         when it has a seed, so its draws do not depend on what else is in the batch."""
         params = [r.sampling_params for r in requests]
@@ -179,14 +182,14 @@ class PenaltyState:
     num_counted: int = 0  # output tokens already in ``counts``
 
     @classmethod
-    def updated(cls, r: Request, vocab: int, device: torch.device) -> PenaltyState:
+    def updated(cls, r: CachedRequestState, vocab: int, device: torch.device) -> PenaltyState:
         state = r.penalty_state
         if state is None:
             seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             seen[torch.tensor(r.prompt_token_ids, device=device)] = True
             zeros = {"dtype": torch.float32, "device": device}
             state = r.penalty_state = cls(seen, torch.zeros(vocab, **zeros), torch.zeros(vocab, **zeros))
-        new = r.token_ids[r.num_prompt_tokens + state.num_counted :]
+        new = r.output_token_ids[state.num_counted :]
         if new:
             p = r.sampling_params
             ids = torch.tensor(new, device=device)
@@ -219,7 +222,7 @@ class _Edits:
         return torch.tensor(self.values, dtype=dtype, device=device)
 
 
-def _row_needs_processing(r: Request) -> bool:
+def _row_needs_processing(r: CachedRequestState) -> bool:
     p = r.sampling_params
     return bool(
         p.logit_bias
@@ -230,15 +233,17 @@ def _row_needs_processing(r: Request) -> bool:
     )
 
 
-def _needs_processing(requests: list[Request]) -> bool:
+def _needs_processing(requests: list[CachedRequestState]) -> bool:
     return any(_row_needs_processing(r) for r in requests)
 
 
-def _plain_greedy(r: Request) -> bool:
-    return r.sampling_params.greedy and r.sampling_params.logprobs is None and not _row_needs_processing(r)
+def is_plain_greedy(p: SamplingParams) -> bool:
+    """Whether every step of a request with these parameters is the argmax of the raw logits."""
+    return bool(p.greedy and p.logprobs is None and not p.logit_bias and p.min_tokens == 0
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 
 
-def _gather_logprobs(logprobs: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[PositionLogprobs | None]:
+def _gather_logprobs(logprobs: torch.Tensor, requests: list[CachedRequestState], tokens: list[int]) -> list[PositionLogprobs | None]:
     """Each asking row's sampled token with its rank, plus its top ``logprobs`` tokens."""
     result: list[PositionLogprobs | None] = [None] * len(requests)
     rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]

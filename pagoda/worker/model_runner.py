@@ -1,0 +1,219 @@
+"""One step on the worker: apply the scheduler's changes, gather flat inputs from the persistent batch,
+run the model, sample, and answer with tokens per request (engine/step.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagoda.api.outputs import PositionLogprobs
+from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
+from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.llama import LlamaForCausalLM
+from pagoda.worker.cuda_graphs import DecodeGraphs
+from pagoda.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
+from pagoda.worker.sampler import Sampler, position_logprobs
+
+# Prompt positions turned into logits at once: a [rows, vocab] fp32 block stays tens of MB.
+PROMPT_LOGITS_ROWS = 128
+
+
+def prompt_positions(state: CachedRequestState, start: int, num_new: int) -> tuple[int, int]:
+    """(offset in the chunk, count) of the positions of a chunk from ``start`` that predict a prompt token
+    whose logprob was asked for and not yet given: a prompt recomputed after preemption is not reported
+    twice."""
+    if state.sampling_params.prompt_logprobs is None:
+        return 0, 0
+    first = max(start, state.num_prompt_logprobs)
+    end = min(start + num_new, state.num_prompt_tokens - 1)
+    return first - start, max(0, end - first)
+
+
+@dataclass
+class PromptHidden:
+    """Final hidden states of a chunk's positions that predict prompt tokens whose logprobs were asked."""
+
+    state: CachedRequestState
+    hidden: torch.Tensor  # [rows, hidden]
+    first_target: int  # the prompt position the first row predicts
+
+
+class HostStaging:
+    """Host arrays to the model's device. On CUDA through pinned buffers reused every step, so the copies
+    are asynchronous (each step ends by reading its tokens back, after which the buffers are free again);
+    on the CPU the arrays are used as they are."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return host
+        buffer = self.pinned.get(name)
+        if buffer is None or buffer.numel() < host.numel() or buffer.dtype != host.dtype:
+            size = max(host.numel(), 2 * (buffer.numel() if buffer is not None else 0))
+            buffer = self.pinned[name] = torch.empty(size, dtype=host.dtype, pin_memory=True)
+        staged = buffer[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
+
+def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
+    """Per-layer [2, num_blocks + 1, block_size, kv_heads, head_dim] tensors.
+
+    Left uninitialized (zeroing gigabytes costs most of a second at start-up): a slot is read only
+    after it is written. The one exception is the extra last block, never handed out and zeroed,
+    which padded gathers point at so that masked-out positions hold finite values (0 * NaN = NaN).
+    """
+    cfg = model.config
+    cache = torch.empty(
+        cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim,
+        dtype=model.dtype, device=device,
+    )
+    cache[:, :, num_blocks].zero_()
+    return list(cache.unbind(0))
+
+
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+    cfg = model.config
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        attention: AttentionBackend,
+        sampler: Sampler,
+        batch: InputBatch,
+        device: str = "cpu",
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.attention = attention
+        self.sampler = sampler
+        self.batch = batch
+        self.device = torch.device(device)
+        self.graphs = graphs
+        self.staging = HostStaging(self.device)
+        self.pad_slot = (kv_caches[0].shape[1] - 1) * block_size
+
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if out.spec_token_ids or out.grammar_bitmask is not None:
+            raise NotImplementedError("this model runner verifies no draft tokens and applies no grammar bitmask")
+        self.batch.update(out)
+        requests = self.batch.requests
+        states = [requests[rid] for rid in out.req_ids]
+        if not states:
+            return ModelRunnerOutput([], [])
+        rows = np.fromiter((s.slot for s in states), dtype=np.int64, count=len(states))
+        arrays = self.batch.gather(out, rows)
+        prompt_rows = self._prompt_rows(states, arrays)
+        if not prompt_rows and self._graph_step(arrays):
+            logits = self.graphs.run(*(self.staging(name, a) for name, a in (
+                ("input_ids", arrays.input_ids), ("positions", arrays.positions), ("slots", arrays.slot_mapping),
+                ("seq_lens", arrays.seq_lens), ("tables", arrays.block_tables))))
+            if len(arrays.sampling) < len(states):
+                logits = logits[self.staging("sampling", arrays.sampling)]
+            prompt: list[PromptHidden] = []
+        else:
+            hidden = self._forward(arrays)
+            prompt = [PromptHidden(states[i], hidden[row : row + count], first) for i, row, count, first in prompt_rows]
+            logits = self.model.compute_logits(hidden[self.staging("sample_rows", arrays.sample_rows)]) \
+                if len(arrays.sampling) else None
+        prompt_logprobs = {p.state.req_id: self._prompt_logprobs(p) for p in prompt}
+        everyone = len(arrays.sampling) == len(states)
+        sampling = states if everyone else [states[i] for i in arrays.sampling]
+        logprobs: list[list[PositionLogprobs]] | None = None
+        if not sampling:
+            sampled: list[list[int]] = [[] for _ in states]
+        else:
+            result = self.sampler(logits, sampling)
+            self.batch.append_tokens(sampling, rows if everyone else rows[arrays.sampling], result.token_ids)
+            if everyone:
+                sampled = [[token] for token in result.token_ids]
+            else:
+                sampled = [[] for _ in states]
+                for i, token in zip(arrays.sampling.tolist(), result.token_ids):
+                    sampled[i].append(token)
+            if any(lp is not None for lp in result.logprobs):
+                logprobs = [[] for _ in states]
+                for i, lp in zip(arrays.sampling.tolist(), result.logprobs):
+                    if lp is not None:
+                        logprobs[i].append(lp)
+        return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs)
+
+    def _prompt_rows(self, states: list[CachedRequestState], arrays: StepArrays) -> list[tuple[int, int, int, int]]:
+        """(request index, first flat row, rows, the prompt position the first row predicts) for each
+        request whose chunk predicts prompt tokens whose logprobs were asked."""
+        if not self.batch.wants_prompt_logprobs:
+            return []
+        rows = []
+        firsts = np.cumsum(arrays.query_lens) - arrays.query_lens
+        starts = arrays.seq_lens - arrays.query_lens
+        for i, state in enumerate(states):
+            if state.req_id not in self.batch.prompt_logprob_ids:
+                continue
+            start = int(starts[i])
+            offset, count = prompt_positions(state, start, int(arrays.query_lens[i]))
+            if count:
+                rows.append((i, int(firsts[i]) + offset, count, start + offset + 1))
+        return rows
+
+    def _forward(self, arrays: StepArrays) -> torch.Tensor:
+        """Final hidden states of every token of the step."""
+        metadata = AttentionMetadata(
+            slot_mapping=self.staging("slots", arrays.slot_mapping),
+            query_lens=arrays.query_lens,
+            seq_lens=arrays.seq_lens,
+            block_tables=torch.from_numpy(arrays.block_tables),
+            block_size=self.block_size,
+            pad_slot=self.pad_slot,
+            device=self.device,
+        )
+        self.attention.prepare(metadata)
+        return self.model(self.staging("input_ids", arrays.input_ids), self.staging("positions", arrays.positions),
+                          self.kv_caches, self.attention, metadata)
+
+    def _prompt_logprobs(self, item: PromptHidden) -> list[PositionLogprobs]:
+        """Logprobs of the raw distribution for the prompt tokens ``item`` predicts, a block of rows at a time."""
+        k = item.state.sampling_params.prompt_logprobs
+        assert k is not None
+        targets = item.state.prompt_token_ids[item.first_target : item.first_target + len(item.hidden)]
+        entries: list[PositionLogprobs] = []
+        for c in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(item.hidden[c : c + PROMPT_LOGITS_ROWS]).float()
+            chunk = targets[c : c + PROMPT_LOGITS_ROWS]
+            entries += position_logprobs(torch.log_softmax(logits, dim=-1), chunk, [k] * len(chunk))
+        item.state.num_prompt_logprobs = item.first_target - 1 + len(entries)
+        return entries
+
+    def _graph_step(self, arrays: StepArrays) -> bool:
+        """A decode step: one new token per sequence, few enough sequences for a captured graph."""
+        graphs = self.graphs
+        return (
+            graphs is not None
+            and len(arrays.query_lens) <= graphs.max_batch
+            and len(arrays.input_ids) == len(arrays.query_lens)
+            and arrays.block_tables.shape[1] <= graphs.max_blocks
+            and len(arrays.sampling) > 0
+        )
+
+    @torch.inference_mode()
+    def hidden_states(self, token_ids: list[int], start: int, count: int, block_ids: list[int]) -> torch.Tensor:
+        """Final (normed) hidden states [count, hidden] of one sequence's tokens ``start:start + count``, its
+        KV written to ``block_ids`` (embeddings, tests)."""
+        one = np.zeros(1, dtype=np.int64)
+        arrays = step_arrays(np.asarray([token_ids], dtype=np.int64), np.asarray([block_ids], dtype=np.int64),
+                             one + len(block_ids), one, one + start, one + count, one + start + count, self.block_size)
+        return self._forward(arrays)

@@ -1,0 +1,133 @@
+"""The in-process executor: loads the model, sizes and allocates the KV cache, captures CUDA graphs, and
+runs the core's steps through its model runner."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pagoda.config import EngineConfig
+from pagoda.engine.executor import ModelInfo
+from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
+from pagoda.model.attention import AttentionBackend, get_backend
+from pagoda.model.layers.linear import configure_linear
+from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
+from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from pagoda.worker.input_batch import InputBatch
+from pagoda.worker.memory import (
+    GIB,
+    check_kv_fits,
+    check_weights_fit,
+    describe_gpu_budget,
+    gpu_kv_blocks,
+    profile_gpu_memory,
+    profile_step,
+)
+from pagoda.worker.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from pagoda.worker.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc, cc, sc = config.model_config, config.cache_config, config.scheduler_config
+        self.device = resolve_device(mc.device)
+        if mc.batch_invariant and self.device != "cpu":
+            raise ValueError("batch_invariant=True is implemented on the CPU only; use device='cpu'")
+        torch.manual_seed(mc.seed)
+        self.dtype = DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
+        configure_linear(mc.batch_invariant, self.device)
+        baseline_used = 0
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            baseline_used = total - free
+            check_weights_fit(weight_bytes(load_arch(mc.model), self.dtype), total, cc.gpu_memory_utilization)
+        loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device)
+        self.model = loaded.model.eval()
+        arch = loaded.arch
+        self.max_model_len = resolve_max_model_len(config, arch.max_position_embeddings, arch.sliding_window)
+        attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
+                                arch.num_attention_heads // arch.num_key_value_heads, self.dtype)
+        use_graphs = self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable
+        num_blocks = self._plan_kv_blocks(attention, baseline_used, use_graphs)
+        kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
+        graphs = None
+        if use_graphs:
+            started = time.monotonic()
+            graphs = DecodeGraphs(self.model, kv_caches, attention, cc.block_size, sc.max_num_seqs,
+                                  self.max_model_len, use_cuda_graphs=True)
+            logger.info("captured CUDA graphs for decode batches %s in %.1f s", graphs.sizes, time.monotonic() - started)
+        self.runner = ModelRunner(self.model, kv_caches, cc.block_size, attention, Sampler(mc.seed, self.device),
+                                  InputBatch(sc.max_num_seqs, self.max_model_len, cc.block_size), self.device, graphs)
+        self.info = ModelInfo(
+            name=loaded.name,
+            max_model_len=self.max_model_len,
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            eos_token_ids=frozenset(loaded.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids),
+            tokenizer=loaded.tokenizer,
+            dtype=str(self.dtype).removeprefix("torch."),
+            num_blocks=num_blocks,
+        )
+
+    def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
+        """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
+        (see worker/memory.py), refusing to start when one max_model_len sequence would not fit."""
+        cc, sc = self.config.cache_config, self.config.scheduler_config
+        if cc.num_kv_blocks:
+            return cc.num_kv_blocks
+        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
+        if self.device == "cuda":
+            device = torch.device(self.device)
+            largest_graph = capture_sizes(sc.max_num_seqs)[-1]
+            profile = profile_gpu_memory(
+                lambda: profile_step(self.model, attention, cc.block_size, sc.max_num_batched_tokens,
+                                     sc.max_num_seqs, self.max_model_len, device),
+                device, baseline_used,
+                # The largest captured decode step: that many one-token sequences, each sampling.
+                (lambda: profile_step(self.model, attention, cc.block_size, largest_graph, largest_graph, 1, device))
+                if use_graphs else None)
+            num_blocks = gpu_kv_blocks(profile, cc.gpu_memory_utilization, bytes_per_block)
+            hint = describe_gpu_budget(profile, cc.gpu_memory_utilization, sc.max_num_batched_tokens)
+            logger.info("GPU memory: %s; KV cache %d blocks (%.2f GiB)", profile, num_blocks,
+                        num_blocks * bytes_per_block / GIB)
+        else:
+            num_blocks = int(cc.kv_cache_gib * GIB // bytes_per_block)
+            needed = -(-self.max_model_len // cc.block_size) * bytes_per_block / GIB
+            hint = f"raise kv_cache_gib (now {cc.kv_cache_gib:g}) to at least {needed:.4g}"
+        check_kv_fits(num_blocks, cc.block_size, self.max_model_len, hint)
+        return num_blocks
+
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(out)
+
+    def sum_hidden(self, token_ids: list[int], start: int, count: int, block_ids: list[int]) -> list[float]:
+        return self.runner.hidden_states(token_ids, start, count, block_ids).float().sum(dim=0).tolist()
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the CUDA device when torch sees one, else the CPU."""
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    if name == "cuda" and not cuda:
+        raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return name
+
+
+def resolve_max_model_len(config: EngineConfig, model_limit: int, sliding_window: int | None) -> int:
+    limit = model_limit
+    if sliding_window:  # without sliding-window attention, stay inside the window
+        limit = min(limit, sliding_window)
+    wanted = config.model_config.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
+    return wanted
