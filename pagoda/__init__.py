@@ -9,8 +9,8 @@ __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "RequestOutput
            "__version__"]
 
 _LAZY = {
-    "LLM": "pagoda.engine.engine",
-    "LLMEngine": "pagoda.engine.engine",
+    "LLM": "pagoda.engine.llm",
+    "LLMEngine": "pagoda.engine.llm",
     "SamplingParams": "pagoda.api.params",
     "RequestOutput": "pagoda.api.outputs",
     "RequestOutputKind": "pagoda.api.outputs",

@@ -53,7 +53,7 @@ def engine_kwargs(args: argparse.Namespace, server: bool = False) -> dict[str, A
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pagoda.config import EngineConfig
-    from pagoda.engine.core_client import EngineClient
+    from pagoda.engine.frontend.core_client import EngineClient
 
     from pagoda.server.access import check_exposure, load_api_keys
 

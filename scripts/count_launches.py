@@ -51,7 +51,7 @@ class LaunchCounter(TorchDispatchMode):
 
 def count(model: str, fused: bool) -> dict[str, Any]:
     from pagoda import LLM
-    from pagoda.worker.cuda_graphs import DecodeGraphs
+    from pagoda.engine.worker.cuda_graphs import DecodeGraphs
     from pagoda.model import fused_ops
     from pagoda.model.layers import triton_elementwise
 

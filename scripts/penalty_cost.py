@@ -2,7 +2,7 @@
 after 128 and after 1024 output tokens (the cost should not grow with the output).
 
     python scripts/penalty_cost.py
-    git show <commit>:pagoda/engine/sampler.py > /tmp/old_sampler.py && python scripts/penalty_cost.py --sampler-file /tmp/old_sampler.py
+    git show <commit>:pagoda/engine/worker/sampler.py > /tmp/old_sampler.py && python scripts/penalty_cost.py --sampler-file /tmp/old_sampler.py
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 
 from pagoda.api.params import SamplingParams
 from pagoda.engine.step import NewRequestData
-from pagoda.worker.input_batch import CachedRequestState
+from pagoda.engine.worker.input_batch import CachedRequestState
 
 VOCAB, ROWS, PROMPT, STEPS = 49152, 64, 128, 20
 
 
 def load_sampler(path: str | None) -> type:
     if path is None:
-        from pagoda.worker.sampler import Sampler
+        from pagoda.engine.worker.sampler import Sampler
 
         return Sampler
     spec = importlib.util.spec_from_file_location("sampler_under_test", path)

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 FRONT = ["pagoda.server.app", "pagoda.server.launch", "pagoda.api.params", "pagoda.api.outputs",
-         "pagoda.api.messages", "pagoda.engine.core_client", "pagoda.engine.output_processor", "pagoda.cli",
+         "pagoda.api.messages", "pagoda.engine.frontend.core_client", "pagoda.engine.frontend.output_processor", "pagoda.cli",
          # The core and its scheduler hold no tensors either: torch comes with the worker.
-         "pagoda.engine.core", "pagoda.engine.scheduler", "pagoda.engine.step", "pagoda.engine.executor"]
+         "pagoda.engine.core.engine_core", "pagoda.engine.core.scheduler", "pagoda.engine.step", "pagoda.engine.worker.executor"]
 
 
 def test_server_and_front_end_load_no_torch() -> None:

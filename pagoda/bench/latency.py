@@ -70,7 +70,7 @@ def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], i
 
     from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint, measure_copy_bandwidth
     from pagoda.config import ModelConfig
-    from pagoda.worker.worker import resolve_device
+    from pagoda.engine.worker.worker import resolve_device
     from pagoda.model.loader import default_dtype, load_arch
 
     device = resolve_device(engine_args.get("device", ModelConfig().device))

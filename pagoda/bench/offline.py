@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pagoda.cli import engine_kwargs
-    from pagoda.worker.worker import resolve_device
+    from pagoda.engine.worker.worker import resolve_device
 
     workload = WORKLOADS[args.workload]
     engine_args = engine_kwargs(args)

@@ -26,8 +26,8 @@ from pagoda import __version__
 from pagoda.api.limits import AdmissionError, QueueFullError, check_queue_room
 from pagoda.api.outputs import RequestOutputKind
 from pagoda.config import EngineConfig
-from pagoda.engine.core_client import EngineClient
-from pagoda.engine.tokenizer import ChatTemplateError
+from pagoda.engine.frontend.core_client import EngineClient
+from pagoda.engine.frontend.tokenizer import ChatTemplateError
 from pagoda.server import serving
 from pagoda.server.access import check_exposure, load_api_keys, tenant_salt
 from pagoda.server.embeddings import Embedder, load_embedder

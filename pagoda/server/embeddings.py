@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any, Protocol
 
-from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected
+from pagoda.engine.frontend.core_client import EngineClient, EngineDeadError, RequestRejected
 from pagoda.server import serving
 from pagoda.server.errors import APIError
 from pagoda.server.protocol import EmbeddingRequest, prompt_items

@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from pagoda.config import EngineConfig
-from pagoda.engine.core_client import EngineClient, EngineConfigError
+from pagoda.engine.frontend.core_client import EngineClient, EngineConfigError
 from pagoda.server.app import create_app
 
 logger = logging.getLogger("pagoda.serve")

@@ -2,7 +2,7 @@
 
 Unknown fields are refused (``extra="forbid"``) so no parameter is ever silently
 ignored; fields we know but do not implement yet are refused in ``to_sampling``.
-Bounds come from ``engine/request.py`` so the server and the engine agree.
+Bounds come from ``api/params.py`` so the server and the engine agree.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from pagoda.api.limits import AdmissionError, ContextLengthError, check_context
 from pagoda.api.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
-from pagoda.engine.core_client import EngineClient, EngineDeadError, RequestRejected, StreamBacklogError
-from pagoda.engine.tokenizer import Tokenizer
+from pagoda.engine.frontend.core_client import EngineClient, EngineDeadError, RequestRejected, StreamBacklogError
+from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.protocol import (
     MAX_INT32,

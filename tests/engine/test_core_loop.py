@@ -14,7 +14,7 @@ import zmq
 from pagoda.api.messages import pack, params_to_wire, unpack, CoreOutput
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.core_proc import CoreLoop
+from pagoda.engine.core.process import CoreLoop
 
 BUDGET = 16
 

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
+from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
 from pagoda.model.attention import get_backend  # noqa: E402
 
 

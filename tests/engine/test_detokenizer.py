@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+from pagoda.engine.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 from pagoda.model.gguf_file import GGUFFile
 from pagoda.model.tokenizer_source import tokenizer_from_gguf
 
@@ -55,7 +55,7 @@ def test_every_output_kind_gives_the_streamed_text(tokenizer: Tokenizer, text: s
     mid-character ones included, must give the text the incremental path builds (CUMULATIVE), and the
     DELTA pieces must add up to it."""
     from pagoda.api.messages import CoreOutput
-    from pagoda.engine.output_processor import OutputProcessor
+    from pagoda.engine.frontend.output_processor import OutputProcessor
     from pagoda.api.outputs import RequestOutputKind
     from pagoda.api.params import SamplingParams
 

@@ -124,8 +124,8 @@ def test_a_recomputed_prompt_reports_its_logprobs_once() -> None:
     """After preemption the prompt is prefilled again; only positions not yet reported give logprobs."""
     from pagoda.api.params import SamplingParams as Params
     from pagoda.engine.step import NewRequestData
-    from pagoda.worker.input_batch import CachedRequestState
-    from pagoda.worker.model_runner import prompt_positions
+    from pagoda.engine.worker.input_batch import CachedRequestState
+    from pagoda.engine.worker.model_runner import prompt_positions
 
     req = CachedRequestState.from_new(NewRequestData("r", list(range(30)), Params(prompt_logprobs=1), frozenset(), [], 0))
     assert prompt_positions(req, 0, 16) == (0, 16)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pagoda.api.params import SamplingParams
-from pagoda.engine.kv_cache import BlockPool, KVCacheManager, block_hash
-from pagoda.engine.request import Request
+from pagoda.engine.core.kv_cache import BlockPool, KVCacheManager, block_hash
+from pagoda.engine.core.request import Request
 
 
 def _req(tokens: list[int], rid: str = "r", salt: str | None = None) -> Request:

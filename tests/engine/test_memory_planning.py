@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagoda import LLM
-from pagoda.worker.memory import (
+from pagoda.engine.worker.memory import (
     GIB,
     GpuMemoryProfile,
     check_kv_fits,

@@ -8,8 +8,8 @@ import pytest
 from pagoda.api.messages import CoreOutput
 from pagoda.api.outputs import Logprob, RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
-from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.tokenizer import Tokenizer
+from pagoda.engine.frontend.output_processor import OutputProcessor
+from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.model.gguf_file import GGUFFile
 from pagoda.model.tokenizer_source import tokenizer_from_gguf
 

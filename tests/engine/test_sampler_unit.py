@@ -9,8 +9,8 @@ from pagoda.api.params import SamplingParams
 
 from pagoda.engine.step import NewRequestData
 from pagoda.model.cpu_kernels import load_cpu_kernels
-from pagoda.worker.input_batch import CachedRequestState
-from pagoda.worker.sampler import Sampler, _sample_rows_torch
+from pagoda.engine.worker.input_batch import CachedRequestState
+from pagoda.engine.worker.sampler import Sampler, _sample_rows_torch
 
 
 def _request(prompt: list[int], output: list[int], **params) -> CachedRequestState:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pagoda.api.outputs import FinishReason
 from pagoda.api.params import SamplingParams
 from pagoda.config import CacheConfig, SchedulerConfig
-from pagoda.engine.request import Request
-from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.core.request import Request
+from pagoda.engine.core.scheduler import Scheduler
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 
 EOS = 2

@@ -7,7 +7,7 @@ import torch
 
 from pagoda import LLM
 from pagoda.api.params import SamplingParams
-from pagoda.engine.request import Request
+from pagoda.engine.core.request import Request
 
 ARCH_CASES = {
     "llama": {},

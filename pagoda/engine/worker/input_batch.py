@@ -15,7 +15,7 @@ import torch
 
 from pagoda.api.params import SamplingParams
 from pagoda.engine.step import NewRequestData, SchedulerOutput
-from pagoda.worker.sampler import PenaltyState, is_plain_greedy
+from pagoda.engine.worker.sampler import PenaltyState, is_plain_greedy
 
 
 @dataclass(eq=False)

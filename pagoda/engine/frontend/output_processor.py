@@ -21,7 +21,7 @@ from pagoda.api.outputs import (
     RequestOutputKind,
 )
 from pagoda.api.params import SamplingParams
-from pagoda.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+from pagoda.engine.frontend.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 logger = logging.getLogger(__name__)
 

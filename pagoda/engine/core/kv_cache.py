@@ -1,7 +1,7 @@
 """Paged KV-cache bookkeeping: a pool of fixed-size blocks with ref counts and a prefix cache.
 
 A full block's key is a SHA-256 chained over the previous block's key, the
-request's extra keys (tenant salt, adapter id) and the block's token ids. A hit
+request's cache salt (its tenant; an adapter id joins it with multi-LoRA) and the block's token ids. A hit
 is also checked against the token ids stored with the block. Free blocks sit in
 an LRU queue; a cached free block keeps its KV until it is reused, so a later
 request can revive it. Requests free their blocks tail-first, which puts a
@@ -15,7 +15,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pagoda.engine.request import Request
+from pagoda.engine.core.request import Request
 
 
 @dataclass

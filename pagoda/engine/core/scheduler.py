@@ -19,8 +19,8 @@ from pagoda.api.limits import AdmissionError, check_context
 from pagoda.api.messages import CoreOutput
 from pagoda.api.outputs import FinishReason
 from pagoda.config import CacheConfig, SchedulerConfig
-from pagoda.engine.kv_cache import KVCacheManager
-from pagoda.engine.request import Request, RequestStatus
+from pagoda.engine.core.kv_cache import KVCacheManager
+from pagoda.engine.core.request import Request, RequestStatus
 from pagoda.engine.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 

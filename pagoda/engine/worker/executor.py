@@ -1,7 +1,7 @@
 """What the engine core asks of whatever runs the model: one data-only step at a time.
 
 The core never touches a tensor. An executor owns the model, its KV cache and the workers that run them;
-today one worker in the core's own process (``pagoda.worker.worker.Worker``), later several processes for
+today one worker in the core's own process (``pagoda.engine.worker.worker.Worker``), later several processes for
 tensor parallelism, behind the same three calls.
 """
 

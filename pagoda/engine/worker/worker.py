@@ -9,14 +9,14 @@ import time
 import torch
 
 from pagoda.config import EngineConfig
-from pagoda.engine.executor import ModelInfo
+from pagoda.engine.worker.executor import ModelInfo
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
-from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
-from pagoda.worker.input_batch import InputBatch
-from pagoda.worker.memory import (
+from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from pagoda.engine.worker.input_batch import InputBatch
+from pagoda.engine.worker.memory import (
     GIB,
     check_kv_fits,
     check_weights_fit,
@@ -25,8 +25,8 @@ from pagoda.worker.memory import (
     profile_gpu_memory,
     profile_step,
 )
-from pagoda.worker.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
-from pagoda.worker.sampler import Sampler
+from pagoda.engine.worker.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from pagoda.engine.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
 """EngineCore: token ids in, new token ids out, one ``step()`` at a time. No text.
 
-The core owns the model, the KV cache, the scheduler and the sampler. Text work
+The core owns the scheduler and the KV cache's bookkeeping; its executor (engine/worker/) owns the
+model, the cache's tensors and the sampler, and runs one data-only step at a time (engine/step.py). Text work
 (tokenizing, detokenizing, stop strings) happens in front of it: in-process for
 the offline ``LLM``, in the server process when the core runs in its own process
-(``engine/core_proc.py``). What it reports are plain ``CoreOutput`` records
-(``engine/messages.py``) that cross a socket as msgpack.
+(``engine/core/process.py``). What it reports are plain ``CoreOutput`` records
+(``api/messages.py``) that cross a socket as msgpack.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pagoda.api.messages import CoreOutput, CoreStats, child_ids
 from pagoda.api.outputs import FinishReason
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.executor import Executor, ModelInfo
-from pagoda.engine.request import Request
-from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.worker.executor import Executor, ModelInfo
+from pagoda.engine.core.request import Request
+from pagoda.engine.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         if executor is None:
-            from pagoda.worker.worker import Worker  # the model's process: torch comes with it
+            from pagoda.engine.worker.worker import Worker  # the model's process: torch comes with it
 
             executor = Worker(config)
         self.executor = executor

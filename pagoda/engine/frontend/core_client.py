@@ -32,8 +32,8 @@ from pagoda.api.messages import CoreOutput, CoreStats, child_ids, pack, params_t
 from pagoda.api.outputs import RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.tokenizer import Tokenizer
+from pagoda.engine.frontend.output_processor import OutputProcessor
+from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.model.tokenizer_source import TokenizerSource
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class EngineClient:
         to_core, from_core = (f"ipc://{self._ipc_dir}/{name}{self._generation}" for name in ("in", "out"))
         self._to_core.bind(to_core)
         self._from_core.bind(from_core)
-        cmd = [sys.executable, "-m", "pagoda.engine.core_proc", "--config-json",
+        cmd = [sys.executable, "-m", "pagoda.engine.core.process", "--config-json",
                json.dumps(self.config.to_kwargs(include_server=False)), "--input", to_core, "--output", from_core]
         self.process = subprocess.Popen(cmd, env=dict(os.environ))
 

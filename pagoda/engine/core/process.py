@@ -1,6 +1,6 @@
 """The engine core in its own process, fed and drained over ZeroMQ with msgpack frames.
 
-Started by ``EngineClient`` as ``python -m pagoda.engine.core_proc`` (nothing is
+Started by ``EngineClient`` as ``python -m pagoda.engine.core.process`` (nothing is
 pickled: the config travels as JSON on the command line). Messages in (PULL):
 
     ["add", request_id, prompt_token_ids, sampling_params dict, priority, cache_salt, arrival_time]
@@ -53,7 +53,7 @@ class CoreLoop:
         self.outbox.connect(output_addr)
         self.parent_pid = os.getppid()
         try:
-            from pagoda.engine.core import EngineCore
+            from pagoda.engine.core.engine_core import EngineCore
 
             self.core = EngineCore(config)
         except Exception as exc:

@@ -13,12 +13,12 @@ from pagoda.api.messages import CoreStats
 from pagoda.api.outputs import RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.core import EngineCore
-from pagoda.engine.output_processor import OutputProcessor
-from pagoda.worker.model_runner import ModelRunner
-from pagoda.worker.worker import Worker
-from pagoda.engine.scheduler import Scheduler
-from pagoda.engine.tokenizer import Tokenizer
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.frontend.output_processor import OutputProcessor
+from pagoda.engine.worker.model_runner import ModelRunner
+from pagoda.engine.worker.worker import Worker
+from pagoda.engine.core.scheduler import Scheduler
+from pagoda.engine.frontend.tokenizer import Tokenizer
 
 PromptType = Union[str, list[int], dict[str, Any]]
 

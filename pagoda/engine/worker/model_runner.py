@@ -12,9 +12,9 @@ from pagoda.api.outputs import PositionLogprobs
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.llama import LlamaForCausalLM
-from pagoda.worker.cuda_graphs import DecodeGraphs
-from pagoda.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
-from pagoda.worker.sampler import Sampler, position_logprobs
+from pagoda.engine.worker.cuda_graphs import DecodeGraphs
+from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
+from pagoda.engine.worker.sampler import Sampler, position_logprobs
 
 # Prompt positions turned into logits at once: a [rows, vocab] fp32 block stays tens of MB.
 PROMPT_LOGITS_ROWS = 128

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.worker.model_runner import allocate_kv_cache
+from pagoda.engine.worker.model_runner import allocate_kv_cache
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.llama import LlamaForCausalLM
 

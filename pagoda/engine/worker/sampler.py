@@ -20,7 +20,7 @@ from pagoda.api.params import SamplingParams
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 if TYPE_CHECKING:
-    from pagoda.worker.input_batch import CachedRequestState
+    from pagoda.engine.worker.input_batch import CachedRequestState
 
 
 # Rows whose logprob ranks are counted in one comparison (see _gather_logprobs).
