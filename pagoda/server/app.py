@@ -28,7 +28,7 @@ from pagoda.api.outputs import RequestOutputKind
 from pagoda.config import EngineConfig
 from pagoda.engine.frontend.core_client import EngineClient
 from pagoda.engine.frontend.tokenizer import ChatTemplateError
-from pagoda.server import serving
+from pagoda.server import request_inputs, serving
 from pagoda.server.access import check_exposure, load_api_keys, tenant_salt
 from pagoda.server.embeddings import Embedder, load_embedder
 from pagoda.server.errors import APIError, error_response, install_error_handlers
@@ -179,10 +179,10 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)
 
-    async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> serving.Prompt:
+    async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> request_inputs.Prompt:
         assert client.tokenizer is not None and client.info is not None
-        serving.check_chars(sum(len(m.text()) + len(m.name or "") for m in messages), client.info.max_model_len,
-                            "messages")
+        request_inputs.check_chars(sum(len(m.text()) + len(m.name or "") for m in messages),
+                                   client.info.max_model_len, "messages")
         try:
             text = client.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages],
@@ -190,7 +190,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             )
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return serving.Prompt(text, await serving.encode(client.tokenizer, text, add_special_tokens=False))
+        ids = await request_inputs.encode(client.tokenizer, text, add_special_tokens=False)
+        return request_inputs.Prompt(text, ids)
 
     # ---- pages and probes --------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -240,10 +241,10 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     async def chat(req: ChatCompletionRequest, request: Request, key: bytes | None = Depends(authorize)) -> Any:
         async def work() -> Any:
             model = check_model(req.model)
-            params = serving.chat_params(req)
+            params = request_inputs.chat_params(req)
             prompt = await render_chat(req.messages, req.add_generation_prompt)
             assert client.info is not None
-            serving.check_length(prompt, params, client.info.max_model_len, "messages")
+            request_inputs.check_length(prompt, params, client.info.max_model_len, "messages")
             check_capacity(params.n)
             metrics.observe_params(params.n, params.max_tokens or client.info.max_model_len - len(prompt.token_ids))
             job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt))
@@ -260,11 +261,11 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     async def completions(req: CompletionRequest, request: Request, key: bytes | None = Depends(authorize)) -> Any:
         async def work() -> Any:
             model = check_model(req.model)
-            params = serving.completion_params(req)
-            prompts = await serving.completion_prompts(req, client)
+            params = request_inputs.completion_params(req)
+            prompts = await request_inputs.completion_prompts(req, client)
             assert client.info is not None
             for p in prompts:
-                serving.check_length(p, params, client.info.max_model_len, "prompt")
+                request_inputs.check_length(p, params, client.info.max_model_len, "prompt")
             check_capacity(params.n * len(prompts))
             for p in prompts:
                 metrics.observe_params(params.n, params.max_tokens or client.info.max_model_len - len(p.token_ids))
@@ -298,8 +299,8 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
             ids = (await render_chat(req.messages, req.add_generation_prompt)).token_ids
         else:
             prompt = req.prompt or ""
-            serving.check_chars(len(prompt), client.info.max_model_len, "prompt")
-            ids = await serving.encode(client.tokenizer, prompt, add_special_tokens=req.add_special_tokens)
+            request_inputs.check_chars(len(prompt), client.info.max_model_len, "prompt")
+            ids = await request_inputs.encode(client.tokenizer, prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": client.info.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
