@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
-from pagoda.model.layers.linear import Linear, linear
+from pagoda.model.layers.linear import Linear, default_weight_loader, linear
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.activation import silu_and_mul
 from pagoda.model.layers.rotary import RotaryAngles, RotaryEmbedding, apply_rotary_, inverse_frequencies
@@ -33,12 +33,12 @@ class DecoderLayer(nn.Module):
         self.scale = self.head_dim**-0.5
         hidden = cfg.hidden_size
         self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
-        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype)
+        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype)
         self.o_proj = Linear(self.q_size, hidden, False, dtype)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
-        self.gate_up_proj = Linear(hidden, 2 * cfg.intermediate_size, False, dtype)
+        self.gate_up_proj = Linear(hidden, [cfg.intermediate_size] * 2, False, dtype)
         self.down_proj = Linear(cfg.intermediate_size, hidden, False, dtype)
 
     def forward(
@@ -132,48 +132,37 @@ class LlamaForCausalLM(nn.Module):
         return linear(hidden, weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into place; every parameter must be written exactly once."""
+        """Hand HF-named tensors to their parameters' weight loaders (which check the shapes); every
+        parameter, and every shard of a fused one, must be written exactly once."""
         params = dict(self.named_parameters())
-        shard_sizes = {
-            "qkv_proj": [self.layers[0].q_size, self.layers[0].kv_size, self.layers[0].kv_size]
-            if len(self.layers)
-            else [],
-            "gate_up_proj": [self.config.intermediate_size] * 2,
-        }
         written: set[str] = set()
         for name, tensor in weights:
-            target, offset, size = self._locate(name, shard_sizes)
+            target, shard = self._locate(name)
             if target is None:
                 continue
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
-            dest = param.data if offset is None else param.data.narrow(0, offset, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            written.add(target if offset is None else f"{target}#{offset}")
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard, name)
+            written.add(target if shard is None else f"{target}#{shard}")
         expected = set()
-        for pname in params:
-            kind = pname.split(".")[-2] if "." in pname else ""
-            sizes = shard_sizes.get(kind)
-            if sizes:
-                expected.update(f"{pname}#{sum(sizes[:j])}" for j in range(len(sizes)))
-            else:
-                expected.add(pname)
+        for pname, param in params.items():
+            shards = getattr(param, "num_shards", 1)
+            expected.update([pname] if shards == 1 else (f"{pname}#{i}" for i in range(shards)))
         missing = sorted(expected - written)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _locate(self, name: str, shard_sizes: dict[str, list[int]]) -> tuple[str | None, int | None, int]:
+    def _locate(self, name: str) -> tuple[str | None, int | None]:
+        """Our parameter for an HF tensor name, and which shard of it (None: all of it)."""
         if name == "model.embed_tokens.weight":
-            return "embed_tokens", None, 0
+            return "embed_tokens", None
         if name == "model.norm.weight":
-            return "norm.weight", None, 0
+            return "norm.weight", None
         if name == "lm_head.weight":
-            return (None if self.lm_head is None else "lm_head"), None, 0
+            return (None if self.lm_head is None else "lm_head"), None
         if name.endswith("rotary_emb.inv_freq"):
-            return None, None, 0
+            return None, None
         m = _LAYER_NAME.fullmatch(name)
         if not m:
             raise ValueError(f"unexpected checkpoint tensor {name!r}")
@@ -181,10 +170,9 @@ class LlamaForCausalLM(nn.Module):
         module, _, leaf = rest.rpartition(".")
         if module in _STACKED:
             target, shard = _STACKED[module]
-            sizes = shard_sizes[target]
-            return f"layers.{layer}.{target}.{leaf}", sum(sizes[:shard]), sizes[shard]
+            return f"layers.{layer}.{target}.{leaf}", shard
         if module in _RENAMED:
-            return f"layers.{layer}.{_RENAMED[module]}.{leaf}", None, 0
+            return f"layers.{layer}.{_RENAMED[module]}.{leaf}", None
         raise ValueError(f"unexpected checkpoint tensor {name!r}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:

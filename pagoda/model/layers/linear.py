@@ -1,6 +1,9 @@
-"""Dense linear layer whose parameters are allocated but never initialized (weights are loaded).
+"""Linear layers: each holds a ``LinearMethod`` that creates its parameters and multiplies, so a quantized
+method (packed weights, scales) can replace the dense one layer by layer; each parameter carries the
+``weight_loader`` that checks and copies a checkpoint tensor (or one shard of a fused one) into it.
+Parameters are allocated but never initialized (weights are loaded).
 
-Which kernel multiplies is a process-wide policy set by the engine:
+Which kernel the dense method multiplies with is set once by the engine for its device:
 * default: oneDNN, except products of <= 4 bf16 rows (decode of a few sequences), which are
   bound by reading the weights and run 2-3x faster in Pagoda's row-independent C++ kernel;
 * batch-invariant: every product goes through the row-independent kernel. oneDNN chooses its
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -55,13 +59,72 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None", str], None]
+
+
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str) -> None:
+    """Copy a checkpoint tensor of exactly the parameter's shape."""
+    _copy_checked(param.data, tensor, name)
+
+
+def sharded_weight_loader(output_sizes: list[int]) -> WeightLoader:
+    """For a parameter fused along its output rows from ``len(output_sizes)`` checkpoint tensors
+    (q/k/v, gate/up): shard ``i`` fills rows ``sum(output_sizes[:i])`` on."""
+
+    def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str) -> None:
+        if shard is None:
+            _copy_checked(param.data, tensor, name)
+        else:
+            _copy_checked(param.data.narrow(0, sum(output_sizes[:shard]), output_sizes[shard]), tensor, name)
+
+    return load
+
+
+def _copy_checked(dest: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if dest.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+    dest.copy_(tensor)
+
+
+class LinearMethod(Protocol):
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
+                       dtype: torch.dtype) -> None:
+        """Register the layer's parameters, each with its ``weight_loader`` and ``num_shards``."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` for [tokens, in_features] ``x``."""
+
+
+class UnquantizedLinearMethod:
+    """Dense [out, in] weights in the model dtype, multiplied by the kernel the module note describes."""
+
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
+                       dtype: torch.dtype) -> None:
+        out = sum(output_sizes)
+        layer.weight = _parameter(torch.empty(out, in_features, dtype=dtype), output_sizes)
+        layer.bias = _parameter(torch.empty(out, dtype=dtype), output_sizes) if bias else None
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, layer.weight, layer.bias)
+
+
+def _parameter(data: torch.Tensor, output_sizes: list[int]) -> nn.Parameter:
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = sharded_weight_loader(output_sizes)  # type: ignore[attr-defined]
+    param.num_shards = len(output_sizes)  # type: ignore[attr-defined]
+    return param
+
+
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    """``output_sizes``: one size, or the sizes of the checkpoint tensors fused along the output rows."""
+
+    def __init__(self, in_features: int, output_sizes: int | list[int], bias: bool, dtype: torch.dtype,
+                 method: LinearMethod | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        )
+        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.method = method or UnquantizedLinearMethod()
+        self.bias: nn.Parameter | None = None
+        self.method.create_weights(self, in_features, self.output_sizes, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
