@@ -11,7 +11,8 @@ import struct
 from pathlib import Path
 from typing import Any, Protocol
 
-from pagoda.engine.frontend.core_client import EngineClient, EngineDeadError, RequestRejected
+from pagoda.engine.frontend.core_client import EngineClient
+from pagoda.engine.frontend.errors import EngineDeadError, RequestRejected
 from pagoda.server import serving
 from pagoda.server.errors import APIError
 from pagoda.server.protocol import EmbeddingRequest, prompt_items

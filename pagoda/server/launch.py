@@ -17,7 +17,8 @@ from typing import Any
 import uvicorn
 
 from pagoda.config import EngineConfig
-from pagoda.engine.frontend.core_client import EngineClient, EngineConfigError
+from pagoda.engine.frontend.core_client import EngineClient
+from pagoda.engine.frontend.errors import EngineConfigError
 from pagoda.server.app import create_app
 
 logger = logging.getLogger("pagoda.serve")

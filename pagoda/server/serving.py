@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 from pagoda.api.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
-from pagoda.engine.frontend.core_client import EngineClient, EngineDeadError, RequestRejected, StreamBacklogError
+from pagoda.engine.frontend.core_client import EngineClient
+from pagoda.engine.frontend.errors import EngineDeadError, RequestRejected, StreamBacklogError
 from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.request_inputs import Prompt, param_named

@@ -32,6 +32,13 @@ from pagoda.api.messages import CoreOutput, CoreStats, child_ids, pack, params_t
 from pagoda.api.outputs import RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
+from pagoda.engine.frontend.errors import (
+    EngineConfigError,
+    EngineDeadError,
+    EngineStartError,
+    RequestRejected,
+    StreamBacklogError,
+)
 from pagoda.engine.frontend.output_processor import OutputProcessor
 from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.model.tokenizer_source import TokenizerSource
@@ -41,31 +48,6 @@ WATCHDOG_INTERVAL_S = 0.2
 START_TIMEOUT_S = 300.0  # loading the model, on the first start and on each restart
 RESTART_WINDOW_S = 600.0
 RESTART_BACKOFF_S = (0.5, 2.0, 8.0)  # before the 1st, 2nd, 3rd+ restart within the window
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone; no request can be served."""
-
-
-class EngineStartError(RuntimeError):
-    """The engine core did not come up."""
-
-
-class EngineConfigError(ValueError):
-    """The engine core refused its model or settings (a malformed file, an impossible setting)."""
-
-
-class StreamBacklogError(RuntimeError):
-    """The client read its stream too slowly; the request was aborted and its KV freed."""
-
-
-class RequestRejected(ValueError):
-    """The core refused a request: ``kind`` is "invalid" (bad input), "queue_full" (retry later) or
-    "internal" (an engine fault that failed only this request)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
