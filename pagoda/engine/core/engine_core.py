@@ -157,38 +157,32 @@ class EngineCore:
                     self._parent_of.pop(k.request_id, None)
 
     def add_embedding(self, job_id: str, inputs: list[list[int]]) -> None:
-        """Queue embedding inputs (mean-pooled, L2-normalised final hidden states: embeddings without an
-        embedding model). Raises ValueError naming a bad input; ``embedding_chunk`` computes them."""
+        """Queue embedding inputs for the executor's sentence encoder, or without one the served model's
+        mean-pooled, L2-normalised final hidden states. Raises ValueError naming a bad input;
+        ``embedding_chunk`` computes them."""
+        encoder = self.info.encoder
+        max_tokens = encoder.max_tokens if encoder is not None else self.max_model_len
+        vocab_size = encoder.vocab_size if encoder is not None else self.info.vocab_size
+        model = encoder.name if encoder is not None else self.info.name
         for index, ids in enumerate(inputs):
-            if not ids or len(ids) > self.max_model_len:
-                raise ValueError(f"input[{index}]: an embedding input must hold 1 to {self.max_model_len} tokens, "
-                                 f"got {len(ids)}")
-            bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+            if not ids or len(ids) > max_tokens:
+                raise ValueError(f"input[{index}] has {len(ids)} tokens; {model} takes 1 to {max_tokens}")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(f"input[{index}] holds ids outside the vocabulary [0, {self.info.vocab_size}): {bad[:5]}")
+                raise ValueError(f"input[{index}] holds token ids outside {model}'s vocabulary [0, {vocab_size}): "
+                                 f"{bad[:5]}")
         self.embedding_jobs.append(EmbeddingJob(job_id, [list(ids) for ids in inputs]))
 
     def embedding_chunk(self) -> EmbeddingJob | None:
-        """Run at most one scheduler token budget of the oldest embedding job's prefill, so a long input never
-        stalls the running sequences for more than one step's worth of work. Returns the job once it is done
+        """Run at most one scheduler token budget of the oldest embedding job, so a long job never stalls the
+        running sequences for more than one step's worth of work. Returns the job once it is done
         (``vectors`` filled) or failed (``error`` set)."""
         job = self.embedding_jobs[0]
-        kv = self.scheduler.kv
         try:
-            if job.request is None:
-                ids = job.inputs[len(job.vectors)]
-                req = Request(f"{job.job_id}-{len(job.vectors)}", ids, SamplingParams(max_tokens=1), self.eos_token_ids)
-                if not kv.allocate(req, len(ids)):
-                    raise MemoryError("not enough free KV blocks for this embedding input right now; retry later")
-                job.request, job.hidden_sum = req, None
-            req = job.request
-            chunk = min(req.num_prompt_tokens - req.num_computed_tokens, self.config.scheduler_config.max_num_batched_tokens)
-            part = self.executor.sum_hidden(req.token_ids, req.num_computed_tokens, chunk, req.block_ids)
-            job.hidden_sum = part if job.hidden_sum is None else [a + b for a, b in zip(job.hidden_sum, part)]
-            req.num_computed_tokens += chunk
-            if req.num_computed_tokens == req.num_prompt_tokens:
-                job.vectors.append(_normalized_mean(job.hidden_sum, req.num_prompt_tokens))
-                self._release_embedding(job)
+            if self.info.encoder is not None:
+                self._encode_chunk(job)
+            else:
+                self._hidden_state_chunk(job)
         except Exception as exc:  # this job fails; the engine and the other requests go on
             if not isinstance(exc, MemoryError):
                 logger.error("embedding failed: %s", traceback.format_exc())
@@ -198,6 +192,33 @@ class EngineCore:
             return None
         self.embedding_jobs.popleft()
         return job
+
+    def _encode_chunk(self, job: EmbeddingJob) -> None:
+        """The next inputs whose tokens fit the budget together (at least one), as one encoder batch."""
+        budget = self.config.scheduler_config.max_num_batched_tokens
+        end, tokens = len(job.vectors), 0
+        while end < len(job.inputs) and (end == len(job.vectors) or tokens + len(job.inputs[end]) <= budget):
+            tokens += len(job.inputs[end])
+            end += 1
+        job.vectors.extend(self.executor.encode(job.inputs[len(job.vectors):end]))
+
+    def _hidden_state_chunk(self, job: EmbeddingJob) -> None:
+        """One budget of the current input's prefill through the served model, over borrowed KV blocks."""
+        kv = self.scheduler.kv
+        if job.request is None:
+            ids = job.inputs[len(job.vectors)]
+            req = Request(f"{job.job_id}-{len(job.vectors)}", ids, SamplingParams(max_tokens=1), self.eos_token_ids)
+            if not kv.allocate(req, len(ids)):
+                raise MemoryError("not enough free KV blocks for this embedding input right now; retry later")
+            job.request, job.hidden_sum = req, None
+        req = job.request
+        chunk = min(req.num_prompt_tokens - req.num_computed_tokens, self.config.scheduler_config.max_num_batched_tokens)
+        part = self.executor.sum_hidden(req.token_ids, req.num_computed_tokens, chunk, req.block_ids)
+        job.hidden_sum = part if job.hidden_sum is None else [a + b for a, b in zip(job.hidden_sum, part)]
+        req.num_computed_tokens += chunk
+        if req.num_computed_tokens == req.num_prompt_tokens:
+            job.vectors.append(_normalized_mean(job.hidden_sum, req.num_prompt_tokens))
+            self._release_embedding(job)
 
     def _release_embedding(self, job: EmbeddingJob) -> None:
         # Borrowed blocks, never published to the prefix cache.

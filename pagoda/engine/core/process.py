@@ -6,7 +6,7 @@ pickled: the config travels as JSON on the command line). Messages in (PULL):
     ["add", request_id, prompt_token_ids, sampling_params dict, priority, cache_salt, arrival_time]
     ["abort", [request_id, ...]]           end whole requests (client gone)
     ["finish", [child_request_id, ...]]    sequences the front end ended (stop strings)
-    ["embed", request_id, [[token ids], ...]]  mean-pooled hidden states (answered with "embedded")
+    ["embed", request_id, [[token ids], ...]]  embeddings (answered with "embedded")
     ["shutdown"]
 
 Messages out (PUSH): ["ready", info], ["failed", kind, message], ["rejected", request_id, kind, message]
@@ -75,6 +75,7 @@ class CoreLoop:
                         "num_blocks": info.num_blocks,
                         "eos_token_ids": sorted(info.eos_token_ids),
                         "tokenizer": info.tokenizer.to_wire(),
+                        "encoder": None if info.encoder is None else dataclasses.asdict(info.encoder),
                         "dtype": info.dtype,
                         "pid": os.getpid(),
                     },

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from pagoda.api.messages import CoreOutput, CoreStats, child_ids, pack, params_to_wire, unpack
+from pagoda.api.messages import CoreOutput, CoreStats, EncoderInfo, child_ids, pack, params_to_wire, unpack
 from pagoda.api.outputs import RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
@@ -62,6 +62,7 @@ class EngineInfo:
     eos_token_ids: list[int]
     dtype: str
     pid: int
+    encoder: EncoderInfo | None
 
 
 @dataclass
@@ -150,7 +151,8 @@ class EngineClient:
 
     def _on_ready(self, info: dict[str, Any]) -> None:
         source = TokenizerSource.from_wire(info.pop("tokenizer"))
-        self.info = EngineInfo(**info)
+        encoder = info.pop("encoder")
+        self.info = EngineInfo(**info, encoder=None if encoder is None else EncoderInfo(**encoder))
         self.tokenizer = Tokenizer(source, frozenset(self.info.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = CoreStats(num_blocks=self.info.num_blocks, num_free_blocks=self.info.num_blocks)
@@ -260,7 +262,7 @@ class EngineClient:
         self._to_core.send(pack(message))
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """Embeddings from the served model (mean-pooled final hidden states), computed by the core."""
+        """Embeddings of token-id rows, computed by the core (its sentence encoder, else the served model)."""
         if not self.is_alive:
             raise EngineDeadError(self.unavailable_reason)
         request_id = f"embd-{uuid.uuid4().hex}"

@@ -2,7 +2,7 @@
 
 The core never touches a tensor. An executor owns the model, its KV cache and the workers that run them;
 today one worker in the core's own process (``pagoda.engine.worker.worker.Worker``), later several processes for
-tensor parallelism, behind the same three calls.
+tensor parallelism, behind the same calls.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from pagoda.api.messages import EncoderInfo
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 from pagoda.model.tokenizer_source import TokenizerSource
 
@@ -26,6 +27,7 @@ class ModelInfo:
     tokenizer: TokenizerSource
     dtype: str
     num_blocks: int  # the KV cache's size, planned by the executor from its device's memory
+    encoder: EncoderInfo | None  # None: embeddings are the served model's mean-pooled hidden states
 
 
 class Executor(Protocol):
@@ -37,3 +39,6 @@ class Executor(Protocol):
     def sum_hidden(self, token_ids: list[int], start: int, count: int, block_ids: list[int]) -> list[float]:
         """Sum over tokens ``start:start + count`` of one sequence of the final hidden states (fp32), its KV
         written to ``block_ids`` (borrowed blocks, for embeddings)."""
+
+    def encode(self, rows: list[list[int]]) -> list[list[float]]:
+        """Unit vectors from the sentence encoder (``info.encoder``), one per row of its token ids."""

@@ -9,9 +9,11 @@ import time
 import torch
 
 from pagoda.config import EngineConfig
+from pagoda.api.messages import EncoderInfo
 from pagoda.engine.worker.executor import ModelInfo
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionBackend, get_backend
+from pagoda.model.bert import BertEncoder, find_encoder
 from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -50,6 +52,7 @@ class Worker:
             check_weights_fit(weight_bytes(load_arch(mc.model), self.dtype), total, cc.gpu_memory_utilization)
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device)
         self.model = loaded.model.eval()
+        self.encoder = self._load_encoder()  # before the KV plan, which measures what is left on a GPU
         arch = loaded.arch
         self.max_model_len = resolve_max_model_len(config, arch.max_position_embeddings, arch.sliding_window)
         attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
@@ -74,7 +77,19 @@ class Worker:
             tokenizer=loaded.tokenizer,
             dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=num_blocks,
+            encoder=None if self.encoder is None else EncoderInfo(
+                self.encoder.name, self.encoder.config.hidden_size, self.encoder.max_tokens,
+                self.encoder.config.vocab_size, self.encoder.tokenizer_json),
         )
+
+    def _load_encoder(self) -> BertEncoder | None:
+        folder = find_encoder(self.config.model_config.embedding_model)
+        if folder is None:
+            return None
+        encoder = BertEncoder(folder, device=self.device)
+        logger.info("embeddings: %s (%d-d, up to %d tokens per input)", encoder.name,
+                    encoder.config.hidden_size, encoder.max_tokens)
+        return encoder
 
     def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
         """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
@@ -109,6 +124,10 @@ class Worker:
 
     def sum_hidden(self, token_ids: list[int], start: int, count: int, block_ids: list[int]) -> list[float]:
         return self.runner.hidden_states(token_ids, start, count, block_ids).float().sum(dim=0).tolist()
+
+    def encode(self, rows: list[list[int]]) -> list[list[float]]:
+        assert self.encoder is not None, "encode() without an encoder (ModelInfo.encoder is None)"
+        return self.encoder.encode(rows)
 
 
 def resolve_device(name: str) -> str:
