@@ -146,6 +146,14 @@ def build_parser(with_bench_options: bool = True) -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256)
     add_engine_args(chat, positional_model=False)
     chat.set_defaults(func=_cmd_chat)
+    from pagoda.gateway.cli import add_gateway_arguments, add_up_arguments, run_gateway, run_up
+
+    gw = sub.add_parser("gateway", help="one OpenAI endpoint over many upstreams (balancing, affinity, failover)")
+    add_gateway_arguments(gw)
+    gw.set_defaults(func=run_gateway)
+    up = sub.add_parser("up", help="start N local `pagoda serve` replicas and a gateway in front of them")
+    add_up_arguments(up)
+    up.set_defaults(func=run_up)
     _add_bench(sub, with_bench_options)
     return parser
 

@@ -16,3 +16,12 @@ def test_server_and_front_end_load_no_torch() -> None:
     code = f"import sys\n{imports}print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gateway_talks_http_only() -> None:
+    """The gateway imports nothing of the engine, the model or the server, and no torch."""
+    code = ("import sys\nimport pagoda.gateway.app, pagoda.gateway.cli\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'"
+            " or m.startswith(('pagoda.engine', 'pagoda.model', 'pagoda.server'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,1 @@
+"""`pagoda gateway`: one OpenAI endpoint over many upstreams (docs/gateway.md)."""

@@ -1,0 +1,37 @@
+"""The gateway's Prometheus metrics, per upstream (labels bounded by the configured upstreams)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagoda.gateway.upstream import Upstream
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.responses = Counter("pagoda_gateway_upstream_responses", "Upstream answers by status class",
+                                 ["upstream", "status"], registry=r)
+        self.errors = Gauge("pagoda_gateway_upstream_errors", "Upstream errors by class since start",
+                            ["upstream", "kind"], registry=r)
+        self.retries = Counter("pagoda_gateway_retries", "Requests retried on this upstream", ["upstream"], registry=r)
+        self.latency = Histogram("pagoda_gateway_upstream_latency_seconds", "Time from send to the end of the answer",
+                                 ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("pagoda_gateway_upstream_in_flight", "Requests in flight", ["upstream"], registry=r)
+        self.breaker = Gauge("pagoda_gateway_upstream_breaker_state", "0 closed, 1 open, 2 half-open",
+                             ["upstream"], registry=r)
+        self.healthy = Gauge("pagoda_gateway_upstream_healthy", "1 when the last probes passed", ["upstream"],
+                             registry=r)
+        self.requests = Counter("pagoda_gateway_requests", "Requests by route and status", ["route", "status"],
+                                registry=r)
+
+    def render(self, upstreams: list[Upstream]) -> bytes:
+        for u in upstreams:
+            self.in_flight.labels(u.url).set(u.in_flight)
+            self.breaker.labels(u.url).set(u.breaker.state.value)
+            self.healthy.labels(u.url).set(1 if u.healthy else 0)
+            for kind, count in u.errors.items():
+                self.errors.labels(u.url, kind).set(count)
+        return generate_latest(self.registry)

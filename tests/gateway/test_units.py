@@ -1,0 +1,142 @@
+"""The gateway's parts without sockets: config validation, the breaker, the policies, the retry budget."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from pagoda.gateway.config import BreakerConfig, GatewayConfigError, PrefixConfig, SessionConfig, parse_config
+from pagoda.gateway.policies import (
+    PowerOfTwo,
+    PrefixAware,
+    RouteContext,
+    SessionAffinity,
+    Weighted,
+    prefix_hashes,
+)
+from pagoda.gateway.proxy import prompt_text
+from pagoda.gateway.router import RoutingTable
+from pagoda.gateway.upstream import BreakerState, CircuitBreaker, Upstream
+
+
+def _config(**extra):
+    return parse_config({"models": [
+        {"name": "m", "version": "v1", "upstreams": [{"url": "http://127.0.0.1:9001"}]},
+        {"name": "m", "version": "v2", "aliases": ["gpt-x"], "fallbacks": ["other"],
+         "upstreams": [{"url": "http://127.0.0.1:9002", "model": "m-real", "weight": 3}]},
+        {"name": "other", "upstreams": [{"url": "http://127.0.0.1:9003"}]}], **extra})
+
+
+@pytest.mark.parametrize(("raw", "named"), [
+    ({}, "no upstreams"),
+    ({"models": [{"name": "m", "upstreams": []}]}, "models.0.upstreams"),
+    ({"models": [{"name": "m", "upstreams": [{"url": "not a url"}]}]}, "models.0.upstreams.0.url"),
+    ({"models": [{"name": "m", "policy": "random", "upstreams": [{"url": "http://a"}]}]}, "models.0.policy"),
+    ({"models": [{"name": "m", "upstreams": [{"url": "http://a", "weight": 0}]}]}, "models.0.upstreams.0.weight"),
+    ({"models": [{"name": "m", "upstreams": [{"url": "http://a", "api_key_env": "PAGODA_UNSET_KEY"}]}]},
+     "PAGODA_UNSET_KEY"),
+    ({"models": [{"name": "m", "fallbacks": ["nope"], "upstreams": [{"url": "http://a"}]}]}, "unknown model nope"),
+    ({"port": 70000, "discover": [{"url": "http://a"}]}, "port"),
+    ({"discover": [{"url": "http://a"}], "typo": 1}, "typo"),
+    ({"health": {"interval_s": -1}, "discover": [{"url": "http://a"}]}, "health.interval_s"),
+])
+def test_config_errors_name_the_field(raw, named) -> None:
+    with pytest.raises(GatewayConfigError, match=named):
+        parse_config(raw)
+
+
+def test_names_resolve_to_the_current_version_aliases_and_explicit_versions() -> None:
+    table = RoutingTable(_config(), _config().models)
+    assert table.resolve("m").key == "m@v2" and table.resolve("m@v1").key == "m@v1"
+    assert table.resolve("gpt-x").key == "m@v2" and table.resolve("nope") is None
+    assert [g.key for g in table.route_chain(table.resolve("m"))] == ["m@v2", "other"]
+    assert table.resolve("m").upstreams[0].model == "m-real"
+    # A reload keeps the live state of the upstreams it still lists.
+    table.resolve("m").upstreams[0].in_flight = 3
+    again = RoutingTable(_config(), _config().models, table)
+    assert again.resolve("m").upstreams[0].in_flight == 3
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(BreakerConfig(consecutive_failures=2, open_s=5, half_open_requests=1), lambda: now[0])
+    breaker.on_failure()
+    assert breaker.allows()
+    breaker.on_failure()
+    assert breaker.state is BreakerState.OPEN and not breaker.allows()
+    now[0] = 5.0
+    assert breaker.allows() and breaker.state is BreakerState.HALF_OPEN
+    breaker.on_send()
+    assert not breaker.allows()  # one trial at a time
+    breaker.on_failure()
+    assert breaker.state is BreakerState.OPEN and not breaker.allows()
+    now[0] = 10.0
+    assert breaker.allows()
+    breaker.on_send()
+    breaker.on_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allows()
+
+
+def _upstreams(n: int, weights=None) -> list[Upstream]:
+    table = RoutingTable(parse_config({"models": [{"name": "m", "upstreams": [
+        {"url": f"http://127.0.0.1:{9000 + i}", "weight": (weights or [1] * n)[i]} for i in range(n)]}]}),
+        parse_config({"models": [{"name": "m", "upstreams": [
+            {"url": f"http://127.0.0.1:{9000 + i}", "weight": (weights or [1] * n)[i]} for i in range(n)]}]}).models)
+    return table.resolve("m").upstreams
+
+
+def test_weighted_round_robin_gives_each_its_share_interleaved() -> None:
+    ups = _upstreams(3, [1, 2, 5])
+    policy = Weighted()
+    picks = [policy.order(ups, RouteContext())[0].url[-1] for _ in range(80)]
+    assert collections.Counter(picks) == {"0": 10, "1": 20, "2": 50}
+    assert "2222222" not in "".join(picks[:8])  # smooth: never a long run on the heaviest
+
+
+def test_power_of_two_never_picks_the_most_loaded() -> None:
+    ups = _upstreams(3)
+    ups[0].in_flight, ups[1].in_flight, ups[2].in_flight = 9, 1, 5
+    policy = PowerOfTwo(random.Random(0))
+    assert all(policy.order(ups, RouteContext())[0] is not ups[0] for _ in range(50))
+
+
+def test_session_affinity_is_sticky_bounded_and_moves_few_keys() -> None:
+    ups = _upstreams(4)
+    policy = SessionAffinity(SessionConfig())
+    keys = [f"user-{i}" for i in range(400)]
+    first = {k: policy.order(ups, RouteContext(session_key=k))[0].url for k in keys}
+    assert first == {k: policy.order(ups, RouteContext(session_key=k))[0].url for k in keys}
+    assert len(set(first.values())) == 4
+    # One upstream gone: only its sessions move.
+    moved = {k: policy.order(ups[:3], RouteContext(session_key=k))[0].url for k in keys}
+    assert all(moved[k] == first[k] for k in keys if first[k] != ups[3].url)
+    # Over the load bound the session's upstream is skipped.
+    home = next(u for u in ups if u.url == first["user-0"])
+    home.in_flight = 50
+    assert policy.order(ups, RouteContext(session_key="user-0"))[0] is not home
+
+
+def test_prefix_aware_follows_the_prefix_unless_overloaded() -> None:
+    ups = _upstreams(3)
+    config = PrefixConfig(block_chars=16)
+    policy = PrefixAware(config)
+    system = "You are a careful assistant. " * 4
+    ctx = RouteContext(prefix_hashes=prefix_hashes(system + "question one", config))
+    ups[0].in_flight, ups[1].in_flight = 2, 1
+    chosen = policy.order(ups, ctx)[0]
+    assert chosen is ups[2]  # the least loaded; nothing known yet
+    policy.routed(chosen, ctx)
+    other = RouteContext(prefix_hashes=prefix_hashes(system + "another question entirely", config))
+    ups[2].in_flight = 3
+    assert policy.order(ups, other)[0] is ups[2]  # same system prompt: same replica, within the bound
+    ups[2].in_flight = 30
+    assert policy.order(ups, other)[0] is ups[1]  # over the bound: the least loaded
+
+
+def test_prompt_text_follows_messages_and_prompts() -> None:
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "U"}]}]}
+    assert prompt_text(chat) == "system\x1fS\x1euser\x1fU\x1e"
+    assert prompt_text({"prompt": ["a", "b"]}) == "a" and prompt_text({"prompt": [1, 2]}) == "1,2"
+    assert prompt_text({}) == ""
