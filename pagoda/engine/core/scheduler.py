@@ -76,22 +76,33 @@ class Scheduler:
         self._finished = []
         budget = self.config.max_num_batched_tokens
         bs = self.kv.block_size
+        running = self.running
+        req_ids, num_scheduled, num_computed = out.req_ids, out.num_scheduled_tokens, out.num_computed_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            known = len(req.token_ids) - req.num_computed_tokens
-            num_new = min(known + len(req.spec_token_ids), budget)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed_tokens
+            known = len(req.token_ids) - computed
+            num_new = known + len(req.spec_token_ids) if req.spec_token_ids else known
+            if num_new > budget:
+                num_new = budget
             # The common decode step has room in its last block: no call into the KV manager.
-            if req.num_computed_tokens + num_new > len(req.block_ids) * bs:
+            if computed + num_new > len(req.block_ids) * bs:
                 while not self.kv.allocate(req, num_new):
-                    victim = max(self.running[i:], key=lambda r: (r.priority, r.arrival_time))
+                    victim = max(running[i:], key=lambda r: (r.priority, r.arrival_time))
                     self._preempt(victim)
                     out.preempted_req_ids.append(victim.request_id)
                     if victim is req:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     break
-            self._add_scheduled(out, req, num_new, known)
+            if (num_new <= known and computed >= req.num_prompt_tokens and req.num_sent_blocks == len(req.block_ids)
+                    and req.sent_to_worker and not req.resumed):
+                req_ids.append(req.request_id)  # a plain decode step: nothing changed for the worker
+                num_scheduled.append(num_new)
+                num_computed.append(computed)
+            else:
+                self._add_scheduled(out, req, num_new, known)
             budget -= num_new
             i += 1
 
@@ -175,10 +186,14 @@ class Scheduler:
         requests, spec = self.requests, out.spec_token_ids
         caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
         logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
-        for i, (rid, num_new, tokens) in enumerate(zip(out.req_ids, out.num_scheduled_tokens, result.sampled_token_ids)):
+        num_scheduled, sampled = out.num_scheduled_tokens, result.sampled_token_ids
+        finished_status = RequestStatus.FINISHED
+        for i, rid in enumerate(out.req_ids):
             req = requests.get(rid)
             if req is None:  # aborted or failed during the step
                 continue
+            tokens = sampled[i]
+            num_new = num_scheduled[i]
             drafts = spec.get(rid) if spec else None
             if drafts:  # rejected drafts hold no valid KV: their slots are overwritten by later tokens
                 num_new -= len(drafts) + 1 - len(tokens)
@@ -190,21 +205,21 @@ class Scheduler:
             if caching and req.num_computed_tokens >= (req.num_published_blocks + 1) * bs:
                 self.kv.publish_full_blocks(req)
             taken = len(tokens)
+            stops, max_length = req.stop_token_set, req.max_length
             for j, token in enumerate(tokens):
-                if (token in req.stop_token_set or base + j + 1 >= req.max_length) and self._check_stop(
-                        req, token, base + j + 1):
+                if (token in stops or base + j + 1 >= max_length) and self._check_stop(req, token, base + j + 1):
                     taken = j + 1
                     break
             if taken < len(tokens):
                 del token_ids[base + taken :]
+                tokens = tokens[:taken]
             prompt_lp = prompt_logprobs.get(rid) if prompt_logprobs else None
-            finished = req.status is RequestStatus.FINISHED
+            finished = req.status is finished_status
             if not taken and not finished and prompt_lp is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            emitted = tokens if taken == len(tokens) else tokens[:taken]
             row_logprobs = logprobs[i] if logprobs is not None else None
             outputs.append(CoreOutput(
-                rid, emitted, row_logprobs[:taken] if row_logprobs else None,
+                rid, tokens, row_logprobs[:taken] if row_logprobs else None,
                 req.finish_reason.value if finished else None,
                 req.stop_reason, req.error, req.num_cached_tokens, req.first_scheduled_time, prompt_lp))
         return outputs

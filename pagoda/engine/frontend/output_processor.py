@@ -67,7 +67,6 @@ class _Parent:
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # [None] + what the core sent so far
     prompt_logprobs_emitted: bool = False
     pending_inter_token_latencies: list[float] = field(default_factory=list)
-    dirty: bool = False
     error: str | None = field(default=None)
 
     @property
@@ -91,6 +90,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
+        # Parents touched since the last collect (a FINAL_ONLY one only once a child has ended), in order.
+        self._touched: dict[str, _Parent] = {}
 
     def add(
         self,
@@ -125,7 +126,8 @@ class OutputProcessor:
             if found is None:
                 continue
             parent, child = found
-            parent.dirty = True
+            if parent.kind is not RequestOutputKind.FINAL_ONLY or co.finish_reason is not None:
+                self._touched[parent.request_id] = parent
             parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
             if parent.first_scheduled_time is None:
                 parent.first_scheduled_time = co.first_scheduled_time
@@ -138,12 +140,14 @@ class OutputProcessor:
                 _mark_token_step(parent, now)
                 try:
                     if self._take_tokens(child, co):
+                        self._touched[parent.request_id] = parent
                         ended.append(child.request_id)
                         continue
                 except Exception as exc:  # e.g. a detokenizer failure fails one request only
                     logger.error("output processing failed for %s: %s", co.request_id, exc)
                     child.finish_reason = FinishReason.ERROR.value
                     parent.error = parent.error or f"{type(exc).__name__}: {exc}"
+                    self._touched[parent.request_id] = parent
                     ended.append(child.request_id)
                     continue
             if co.finish_reason is not None:
@@ -212,17 +216,18 @@ class OutputProcessor:
                 ended.append(child.request_id)
         if error and parent.error is None:
             parent.error = error
-        parent.dirty = True
+        self._touched[request_id] = parent
         return ended
 
     def collect(self) -> list[RequestOutput]:
         """RequestOutputs for every parent touched since the last call (a FINAL_ONLY one only once it has
         finished); forgets finished parents."""
         results = []
-        for parent in [p for p in self.parents.values()
-                       if p.dirty and (p.finished or p.kind is not RequestOutputKind.FINAL_ONLY)]:
-            parent.dirty = False
+        touched, self._touched = self._touched, {}
+        for parent in touched.values():
             finished = parent.finished
+            if parent.kind is RequestOutputKind.FINAL_ONLY and not finished:
+                continue  # one child ended, its siblings go on
             if parent.kind is RequestOutputKind.DELTA:
                 outputs = [o for c in parent.children if (o := self._delta(c)) is not None]
             else:
