@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
+MATMUL_TRIAL_S = 0.5  # the longest one matmul of the FLOP/s test may take at the next size
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,25 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
     tflops: dict[str, float] = {}
     for name in tqdm(dtypes, desc="matmul", leave=False):
         dtype = getattr(torch, name)
-        a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
-        b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
-        seconds = _best_time(lambda: torch.mm(a, b), device, repeats)
+        size, seconds = _sized_matmul(dtype, device, matmul_size, repeats)
         # Significant digits, not decimals: a slow machine or a tiny test size must not round to 0.
-        tflops[name] = float(f"{2 * matmul_size**3 / seconds / 1e12:.3g}")
+        tflops[name] = float(f"{2 * size**3 / seconds / 1e12:.3g}")
     return MachineLimits(str(device), round(n * 4 / read_s / 1e9, 2), copy_gbs, tflops)
+
+
+def _sized_matmul(dtype: torch.dtype, device: torch.device, max_size: int, repeats: int) -> tuple[int, float]:
+    """(size, best seconds) of square matmuls, doubling from 256 up to ``max_size`` while one takes under
+    MATMUL_TRIAL_S: a CPU without native bf16 (AVX2 only) runs it ~1000x slower and must not take minutes."""
+    import torch
+
+    size = min(256, max_size)
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        seconds = _best_time(lambda: torch.mm(a, b), device, repeats)
+        if size * 2 > max_size or seconds * 8 > MATMUL_TRIAL_S:
+            return size, seconds
+        size *= 2
 
 
 def decode_bounds(footprint: ModelFootprint, limits: MachineLimits, dtype: str, context_len: int,
@@ -152,7 +166,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=ModelConfig().model, help="model name, path or config.json")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="serving dtype")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPE_BYTES)], default="auto",
+                        help="serving dtype (auto: the one `pagoda serve` picks on this device)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     parser.add_argument("--context-len", type=int, default=512, help="tokens held per sequence while decoding")
     parser.add_argument("--buffer-mib", type=int, default=512, help="bandwidth test buffer")
@@ -163,13 +178,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pagoda.model.loader import load_arch
+    from pagoda.model.loader import default_dtype, load_arch
 
     if args.context_len < 1:
         raise ValueError(f"--context-len must be >= 1, got {args.context_len}")
     arch = load_arch(args.model)
-    dtypes = tuple(dict.fromkeys([args.dtype, "bfloat16", "float32"]))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.dtype == "auto":
+        args.dtype = str(default_dtype(device)).removeprefix("torch.")
+    dtypes = tuple(dict.fromkeys([args.dtype, "bfloat16", "float32"]))
     limits = measure_machine(torch.device(device), args.buffer_mib, args.matmul_size, dtypes=dtypes)
     report = roofline(arch, limits, args.dtype, args.context_len)
     print(format_report(report))
