@@ -82,6 +82,26 @@ class EncoderInfo:
 
 
 @dataclass
+class EngineInfo:
+    """What the core reports once ready (the "ready" message, less the tokenizer)."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    num_blocks: int
+    eos_token_ids: list[int]
+    dtype: str
+    pid: int
+    encoder: EncoderInfo | None
+
+    @classmethod
+    def from_wire(cls, fields: dict[str, Any]) -> EngineInfo:
+        encoder = fields.get("encoder")
+        return cls(**{**fields, "encoder": None if encoder is None else EncoderInfo(**encoder)})
+
+
+@dataclass
 class CoreStats:
     """Gauges and running totals of the core, for metrics."""
 

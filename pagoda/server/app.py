@@ -203,7 +203,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if not client.is_alive:
             status = "engine_restarting" if client.restarting else "engine_dead"
             return JSONResponse({"status": status, "detail": client.unavailable_reason,
-                                 "engine_restarts": client.num_restarts}, status_code=503)
+                                 "engine_restarts": client.restarts.total}, status_code=503)
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from pagoda.api.messages import CoreOutput, CoreStats, EncoderInfo, child_ids, pack, params_to_wire, unpack
+from pagoda.api.messages import CoreOutput, CoreStats, EngineInfo, child_ids, pack, params_to_wire, unpack
 from pagoda.api.outputs import RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
@@ -40,29 +40,13 @@ from pagoda.engine.frontend.errors import (
     StreamBacklogError,
 )
 from pagoda.engine.frontend.output_processor import OutputProcessor
+from pagoda.engine.frontend.restarts import RESTART_WINDOW_S, RestartBudget
 from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.model.tokenizer_source import TokenizerSource
 
 logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 0.2
 START_TIMEOUT_S = 300.0  # loading the model, on the first start and on each restart
-RESTART_WINDOW_S = 600.0
-RESTART_BACKOFF_S = (0.5, 2.0, 8.0)  # before the 1st, 2nd, 3rd+ restart within the window
-
-
-@dataclass
-class EngineInfo:
-    """What the core reports once ready."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    hidden_size: int
-    num_blocks: int
-    eos_token_ids: list[int]
-    dtype: str
-    pid: int
-    encoder: EncoderInfo | None
 
 
 @dataclass
@@ -87,7 +71,7 @@ class EngineClient:
         self.process: subprocess.Popen[bytes] | None = None
         self.dead_reason: str | None = None  # set once the client has given up on the core
         self.restarting = False
-        self.num_restarts = 0
+        self.restarts = RestartBudget(config.server_config.max_engine_restarts)
         self.start_error: Exception | None = None
         self.streams: dict[str, _Stream] = {}
         self._ipc_dir = tempfile.mkdtemp(prefix="pagoda-ipc-")
@@ -98,7 +82,6 @@ class EngineClient:
         self._reader: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._closing = False
-        self._restart_times: list[float] = []
         self._embeddings: dict[str, asyncio.Future[list[list[float]]]] = {}
 
     # ---- life cycle --------------------------------------------------------------------------
@@ -151,8 +134,7 @@ class EngineClient:
 
     def _on_ready(self, info: dict[str, Any]) -> None:
         source = TokenizerSource.from_wire(info.pop("tokenizer"))
-        encoder = info.pop("encoder")
-        self.info = EngineInfo(**info, encoder=None if encoder is None else EncoderInfo(**encoder))
+        self.info = EngineInfo.from_wire(info)
         self.tokenizer = Tokenizer(source, frozenset(self.info.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = CoreStats(num_blocks=self.info.num_blocks, num_free_blocks=self.info.num_blocks)
@@ -364,20 +346,18 @@ class EngineClient:
         self.output_processor = OutputProcessor(self.tokenizer)  # the failed requests' state goes with it
         if self._reader is not None:
             self._reader.cancel()
+        restarts = self.restarts
         while True:
-            now = time.monotonic()
-            self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
-            recent = len(self._restart_times)
-            limit = self.config.server_config.max_engine_restarts
-            if recent >= limit:
+            recent = restarts.recent()
+            if recent >= restarts.limit:
                 self._give_up(f"{reason}; gave up after {recent} restarts within {RESTART_WINDOW_S:.0f} s")
                 return
-            await asyncio.sleep(RESTART_BACKOFF_S[min(recent, len(RESTART_BACKOFF_S) - 1)])
+            await asyncio.sleep(restarts.backoff_s())
             if self._closing:
                 return
-            self._restart_times.append(time.monotonic())
-            self.num_restarts += 1
-            logger.warning("restarting the engine core (%d of %d within %.0f s)", recent + 1, limit, RESTART_WINDOW_S)
+            restarts.record()
+            logger.warning("restarting the engine core (%d of %d within %.0f s)", recent + 1, restarts.limit,
+                           RESTART_WINDOW_S)
             self._replace_sockets()
             try:
                 self.spawn()
