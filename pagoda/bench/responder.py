@@ -1,7 +1,7 @@
 """A minimal OpenAI-compatible upstream that answers at once, for measuring what a gateway adds (and for
 the gateway's fault tests: a fixed error status, a slow stream). Not a model server.
 
-    python -m pagoda.bench.responder --port 9000 [--status 503] [--stream-chunks 8 --chunk-delay-ms 50]
+    python -m pagoda.bench.responder --port 9000 [--status 503] [--api-key K] [--stream-chunks 8 --chunk-delay-ms 50]
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
         seen["requests"] += 1
         body = orjson.loads(await request.read())
         echo = {"X-Request-Id": request.headers.get("X-Request-Id", ""), "X-Responder": args.name}
-        if args.status != 200:
-            error = {"error": {"message": f"responder answers {args.status}", "type": "api_error",
+        status = args.status
+        if args.api_key is not None and request.headers.get("Authorization") != f"Bearer {args.api_key}":
+            status = 401
+        if status != 200:
+            error = {"error": {"message": f"responder answers {status}", "type": "api_error",
                                "param": None, "code": None}}
-            return web.Response(status=args.status, body=orjson.dumps(error), content_type="application/json",
+            return web.Response(status=status, body=orjson.dumps(error), content_type="application/json",
                                 headers=echo)
         chat = request.path.endswith("/chat/completions")
         if not body.get("stream"):
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None, help="model ids it lists (default: responder)")
     parser.add_argument("--name", default="responder", help="echoed in the X-Responder header")
     parser.add_argument("--status", type=int, default=200, help="answer every completion with this status")
+    parser.add_argument("--api-key", default=None, help="answer 401 unless the request carries this bearer key")
     parser.add_argument("--stream-chunks", type=int, default=4)
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
     args = parser.parse_args()

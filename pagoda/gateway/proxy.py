@@ -119,7 +119,14 @@ class Proxy:
                 passed = {k: v for k, v in answer.headers.items() if k.lower() not in OWN_HEADERS}
                 passed["X-Request-Id"] = request_id
                 if answer.status in RETRYABLE_STATUS or not stream or answer.status != 200:
-                    content = await answer.read()
+                    try:
+                        content = await answer.read()
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                        # Cut before its whole answer: nothing reached the client, so another upstream may try.
+                        upstream.count_error("cut")
+                        verdict = False
+                        logger.warning("upstream %s: answer cut (%s)", upstream.url, type(exc).__name__)
+                        return _Retryable("cut")
                     reply = web.Response(status=answer.status, body=content, headers=passed)
                     return _Retryable(str(answer.status), reply) if answer.status in RETRYABLE_STATUS else reply
                 reply, verdict = await self._relay_stream(request, answer, passed, upstream, timeouts.first_byte_s)

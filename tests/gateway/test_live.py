@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,55 +12,14 @@ import httpx
 import openai
 import pytest
 
+from tests.gateway.conftest import Gateway, responder, spawn, wait_ready
 from tests.server.conftest import LiveServer, free_port, start_server
-
-ADMIN = "admin-key-1"
-
-
-def _spawn(log: Path, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def _wait(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, timeout=1).status_code in (200, 503):
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} not ready: {log.read_text()[-3000:]}")
-
-
-def _responder(tmp: Path, name: str, *args: str) -> tuple[str, subprocess.Popen[bytes]]:
-    port = free_port()
-    log = tmp / f"{name}.log"
-    process = _spawn(log, "-m", "pagoda.bench.responder", "--port", str(port), "--name", name, *args)
-    url = f"http://127.0.0.1:{port}"
-    _wait(f"{url}/health", process, log)
-    return url, process
-
-
-class Gateway:
-    def __init__(self, tmp: Path, config: dict) -> None:
-        self.port = free_port()
-        self.path = tmp / "gateway.yaml"
-        self.path.write_text(json.dumps({"port": self.port, "admin_key": ADMIN, **config}))
-        self.log = tmp / "gateway.log"
-        self.process = _spawn(self.log, "-m", "pagoda.cli", "gateway", "--config", str(self.path))
-        self.url = f"http://127.0.0.1:{self.port}"
-        _wait(f"{self.url}/health", self.process, self.log)
-
-    def admin(self, method: str, path: str, **kw) -> httpx.Response:
-        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10, **kw)
-
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, LiveServer, dict[str, str]]]:
     tmp = tmp_path_factory.mktemp("gateway")
     replica = start_server(tmp, "--max-model-len", "1024", "--kv-cache-gib", "0.25")
-    responders = {name: _responder(tmp, name, *args) for name, args in {
+    responders = {name: responder(tmp, name, *args) for name, args in {
         "ok": (), "busy": ("--status", "503"), "broken": ("--status", "500"),
         "slow": ("--stream-chunks", "5", "--chunk-delay-ms", "300")}.items()}
     urls = {name: url for name, (url, _) in responders.items()}
@@ -81,8 +38,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Li
             {"name": "gone", "fallbacks": ["retry"], "upstreams": [{"url": dead}]},
         ]})
     yield gateway, replica, urls
-    gateway.process.terminate()
-    gateway.process.wait(30)
+    gateway.stop()
     replica.stop()
     for _, process in responders.values():
         process.terminate()
@@ -197,10 +153,10 @@ def test_admin_routes_reload_drain_and_roll_back(live) -> None:
 def test_pagoda_up_runs_replicas_behind_a_gateway_and_cleans_up(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "up.log"
-    process = _spawn(log, "-m", "pagoda.cli", "up", "--replicas", "2", "--port", str(port), "--kv-cache-gib", "0.1",
+    process = spawn(log, "-m", "pagoda.cli", "up", "--replicas", "2", "--port", str(port), "--kv-cache-gib", "0.1",
                      "--", "--max-model-len", "512")
     try:
-        _wait(f"http://127.0.0.1:{port}/health", process, log, timeout_s=240)
+        wait_ready(f"http://127.0.0.1:{port}/health", process, log, timeout_s=240)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2})
         assert r.status_code == 200, r.text

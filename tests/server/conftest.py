@@ -45,8 +45,8 @@ class LiveServer:
                 self.process.wait()
 
 
-def start_server(tmp: Path, *args: str, timeout_s: float = 120.0) -> LiveServer:
-    port = free_port()
+def start_server(tmp: Path, *args: str, timeout_s: float = 120.0, port: int | None = None) -> LiveServer:
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "pagoda.cli", "serve", "--port", str(port), "--log-level", "warning", *args]
     process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
