@@ -98,6 +98,7 @@ BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(pa
     "backends": ("pagoda.bench.backends", "greedy tokens of the attention backends side by side"),
     "roofline": ("pagoda.bench.roofline", "this machine's bandwidth and FLOP/s and the limits they imply"),
     "startup": ("pagoda.bench.startup", "seconds from launching pagoda serve to a ready /health"),
+    "gateway": ("pagoda.bench.gateway", "latency a gateway adds (Pagoda's, LiteLLM's) over an instant upstream"),
     "soak": ("pagoda.bench.soak", "many short requests (some cut) with the server's memory sampled; fails on growth"),
 }
 

@@ -118,7 +118,7 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics) -> web
         return _json({"upstreams": [
             {"model": u.group_key, "url": u.url, "healthy": u.healthy, "draining": u.draining,
              "in_flight": u.in_flight, "breaker": u.breaker.state.name.lower(), "requests": u.requests,
-             "errors": u.errors, "queue_depth": u.queue_depth, "kv_usage": u.kv_usage}
+             "errors": u.errors, "external_load": u.external_load, "kv_usage": u.kv_usage}
             for u in state.table.all_upstreams()]})
 
     async def add_upstream(request: web.Request) -> web.Response:

@@ -110,10 +110,12 @@ class PrefixConfig(_Strict):
     # The prompt's leading characters are hashed in blocks; the longest known run of blocks picks the upstream.
     block_chars: int = Field(256, ge=16)
     max_blocks: int = Field(16, ge=1)
-    # An upstream whose load (in-flight at the gateway + its queue, per unit of weight) is this many times
+    # An upstream whose load (in-flight at the gateway + other clients' requests, per unit of weight) is this many times
     # the least loaded one's plus slack is skipped for the prefix match.
     load_factor: float = Field(2.0, ge=1)
     load_slack: int = Field(4, ge=0)
+    # An upstream whose scraped KV usage is over this is skipped too: a full cache queues or preempts.
+    max_kv_usage: float = Field(0.9, gt=0, le=1)
     # Remembered prefix blocks (least recently used ones are forgotten).
     table_size: int = Field(65536, ge=16)
 

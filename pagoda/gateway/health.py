@@ -1,5 +1,5 @@
 """Active health checks: every interval each upstream's ``/health`` is probed and its ``/metrics`` scraped
-for the load the prefix-aware policy weighs (queue depth, KV usage; pagoda's and vLLM's metric names)."""
+for the load the policies weigh (the replica's requests and KV usage; pagoda's and vLLM's metric names)."""
 
 from __future__ import annotations
 
@@ -13,28 +13,30 @@ from pagoda.gateway.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-QUEUE_METRICS = ("pagoda:num_requests_waiting", "vllm:num_requests_waiting")
+# A replica's requests (running and waiting) and its KV usage: pagoda's and vLLM's metric names.
+REQUEST_METRICS = ("pagoda:num_requests_running", "pagoda:num_requests_waiting",
+                   "vllm:num_requests_running", "vllm:num_requests_waiting")
 KV_METRICS = ("pagoda:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 def scrape_load(text: str) -> tuple[float | None, float | None]:
-    """(queue depth, KV usage) from a Prometheus text page; None where the page has neither name."""
-    queue = kv = None
+    """(requests running + waiting, KV usage 0-1) from a Prometheus text page; None where it has neither."""
+    requests = kv = None
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         name, _, rest = line.partition(" ")
         name = name.split("{", 1)[0]
-        if name in QUEUE_METRICS or name in KV_METRICS:
+        if name in REQUEST_METRICS or name in KV_METRICS:
             try:
                 value = float(rest.split()[0])
             except (ValueError, IndexError):
                 continue
-            if name in QUEUE_METRICS:
-                queue = (queue or 0.0) + value
+            if name in REQUEST_METRICS:
+                requests = (requests or 0.0) + value
             else:
                 kv = max(kv or 0.0, value)
-    return queue, kv
+    return requests, kv
 
 
 async def probe(session: aiohttp.ClientSession, upstream: Upstream, config: HealthConfig) -> None:
@@ -52,9 +54,8 @@ async def probe(session: aiohttp.ClientSession, upstream: Upstream, config: Heal
         if ok:
             async with session.get(f"{upstream.url}/metrics", headers=headers, timeout=timeout) as page:
                 if page.status == 200:
-                    queue, kv = scrape_load(await page.text())
-                    upstream.queue_depth = queue or 0.0
-                    upstream.kv_usage = kv or 0.0
+                    requests, kv = scrape_load(await page.text())
+                    upstream.observe_replica(requests or 0.0, kv or 0.0)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         ok = False
     if ok:

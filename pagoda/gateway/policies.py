@@ -125,8 +125,8 @@ class SessionAffinity(_Memoryless):
 
 class PrefixAware:
     """Send a prompt to the upstream that last served its longest known leading run of blocks (its KV is
-    probably still in that replica's prefix cache), unless that upstream's load is over the bound; else
-    the least loaded. Remembers what it routed in an LRU table of block hashes."""
+    probably still in that replica's prefix cache), unless that upstream's load is over the bound or its KV
+    cache nearly full; else the least loaded. Remembers what it routed in an LRU table of block hashes."""
 
     def __init__(self, config: PrefixConfig) -> None:
         self.config = config
@@ -139,7 +139,8 @@ class PrefixAware:
             url = self._owner.get(h)
             if url is not None and url in by_url:
                 owner = by_url[url]
-                if owner.load() <= self.config.load_factor * ranked[0].load() + self.config.load_slack:
+                if (owner.load() <= self.config.load_factor * ranked[0].load() + self.config.load_slack
+                        and owner.kv_usage <= self.config.max_kv_usage):
                     return [owner] + [u for u in ranked if u is not owner]
                 break
         return ranked

@@ -68,8 +68,9 @@ class Upstream:
     in_flight: int = 0
     probe_failures: int = 0
     probe_successes: int = 0
-    # Scraped from the replica's /metrics (a pagoda serve or vLLM); zero for servers that export neither.
-    queue_depth: float = 0.0
+    # From the replica's /metrics (a pagoda serve or vLLM; zero for servers that export neither): the
+    # requests it held beyond this gateway's own at the last scrape (other clients' work), and its KV usage.
+    external_load: float = 0.0
     kv_usage: float = 0.0
     requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -88,8 +89,14 @@ class Upstream:
                 and self.breaker.allows())
 
     def load(self) -> float:
-        """Outstanding work per unit of weight: in flight at this gateway plus the replica's own queue."""
-        return (self.in_flight + self.queue_depth) / self.weight
+        """Outstanding requests per unit of weight: in flight at this gateway (live) plus other clients' (scraped).
+        A scrape also counts this gateway's own requests; adding it whole would count them twice, and for a
+        whole probe interval, so that every request herds to whichever replica looked idlest at the scrape."""
+        return (self.in_flight + self.external_load) / self.weight
+
+    def observe_replica(self, requests: float, kv_usage: float) -> None:
+        self.external_load = max(0.0, requests - self.in_flight)
+        self.kv_usage = kv_usage
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

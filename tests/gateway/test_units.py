@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pagoda.gateway.config import BreakerConfig, GatewayConfigError, PrefixConfig, SessionConfig, parse_config
+from pagoda.gateway.config import BreakerConfig, GatewayConfig, GatewayConfigError, PrefixConfig, SessionConfig, parse_config
 from pagoda.gateway.policies import (
     PowerOfTwo,
     PrefixAware,
@@ -16,6 +16,7 @@ from pagoda.gateway.policies import (
     Weighted,
     prefix_hashes,
 )
+from pagoda.gateway.health import scrape_load
 from pagoda.gateway.proxy import prompt_text
 from pagoda.gateway.router import RoutingTable
 from pagoda.gateway.upstream import BreakerState, CircuitBreaker, Upstream
@@ -27,6 +28,10 @@ def _config(**extra):
         {"name": "m", "version": "v2", "aliases": ["gpt-x"], "fallbacks": ["other"],
          "upstreams": [{"url": "http://127.0.0.1:9002", "model": "m-real", "weight": 3}]},
         {"name": "other", "upstreams": [{"url": "http://127.0.0.1:9003"}]}], **extra})
+
+
+def _table(config: GatewayConfig) -> RoutingTable:
+    return RoutingTable(config, config.models)
 
 
 @pytest.mark.parametrize(("raw", "named"), [
@@ -140,3 +145,57 @@ def test_prompt_text_follows_messages_and_prompts() -> None:
     assert prompt_text(chat) == "system\x1fS\x1euser\x1fU\x1e"
     assert prompt_text({"prompt": ["a", "b"]}) == "a" and prompt_text({"prompt": [1, 2]}) == "1,2"
     assert prompt_text({}) == ""
+
+
+def test_a_full_draining_down_or_open_upstream_is_not_a_candidate() -> None:
+    table = _table(parse_config({"models": [{"name": "m", "upstreams": [
+        {"url": "http://127.0.0.1:9001", "max_concurrency": 1}, {"url": "http://127.0.0.1:9002"}]}]}))
+    group = table.resolve("m")
+    first, second = group.upstreams
+    assert {u.url for u in group.candidates(RouteContext())} == {first.url, second.url}
+    first.in_flight = 1  # at its limit
+    assert group.candidates(RouteContext()) == [second]
+    first.in_flight = 0
+    for make_unavailable, undo in ((lambda: setattr(second, "draining", True), lambda: setattr(second, "draining", False)),
+                                   (lambda: setattr(second, "healthy", False), lambda: setattr(second, "healthy", True))):
+        make_unavailable()
+        assert group.candidates(RouteContext()) == [first]
+        undo()
+    for _ in range(table.config.breaker.consecutive_failures):
+        second.breaker.on_failure()
+    assert group.candidates(RouteContext()) == [first]
+
+
+def test_the_retry_budget_is_a_share_of_recent_requests_plus_a_floor() -> None:
+    table = _table(_config(retries={"budget_ratio": 0.5, "min_retries_per_s": 0.1}))
+    budget = table.retry_budget
+    # The floor: 0.1 retries/s over the 10 s window is one retry with no requests at all.
+    assert budget.try_spend() and not budget.try_spend()
+    for _ in range(10):
+        budget.on_request()
+    assert sum(budget.try_spend() for _ in range(20)) == 5  # half of 10 requests, plus the floor, minus the one spent
+
+
+def test_scraped_load_counts_other_clients_requests_and_kv_usage_once() -> None:
+    page = "\n".join(["# HELP pagoda:num_requests_running x", 'pagoda:num_requests_running{model_name="m"} 3.0',
+                      'pagoda:num_requests_waiting{model_name="m"} 2.0', 'pagoda:kv_cache_usage_perc{model_name="m"} 0.5',
+                      "other_metric 9"])
+    assert scrape_load(page) == (5.0, 0.5) and scrape_load("nothing 1") == (None, None)
+    upstream = Upstream(parse_config({"discover": [{"url": "http://a"}]}).discover[0],
+                        CircuitBreaker(BreakerConfig()), "m", "m")
+    upstream.in_flight = 4  # four of the replica's five are this gateway's own
+    upstream.observe_replica(5.0, 0.5)
+    assert upstream.load() == 5.0 and upstream.kv_usage == 0.5
+    upstream.in_flight = 1
+    assert upstream.load() == 2.0  # live: the other client's one plus ours
+
+
+def test_prefix_owner_with_a_nearly_full_kv_cache_is_skipped() -> None:
+    policy = PrefixAware(PrefixConfig(max_kv_usage=0.9))
+    config = parse_config({"discover": [{"url": "http://a"}, {"url": "http://b"}]})
+    a, b = (Upstream(u, CircuitBreaker(BreakerConfig()), "m", "m") for u in config.discover)
+    ctx = RouteContext(prefix_hashes=prefix_hashes("x" * 1024, PrefixConfig()))
+    policy.routed(b, ctx)
+    assert policy.order([a, b], ctx)[0] is b
+    b.observe_replica(0.0, 0.95)
+    assert policy.order([a, b], ctx)[0] is a
