@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagoda.bench import workloads
+from pagoda.model.loader import default_dtype
 from tests.server.conftest import API_KEY, LiveServer
 
 
@@ -66,23 +68,25 @@ def test_bench_serve_rate_jsonl_chat_and_errors(server: LiveServer, tmp_path: Pa
 
 
 def test_bench_offline_latency_and_startup(tmp_path: Path) -> None:
-    done = _bench("offline", "--workload", "smoke", "--kv-cache-gib", "0.25", "--out", str(tmp_path / "o.json"))
+    done = _bench("offline", "--workload", "smoke", "--kv-cache-gib", "0.5", "--out", str(tmp_path / "o.json"))
     assert done.returncode == 0, done.stderr
     offline = json.loads((tmp_path / "o.json").read_text())["pagoda"]
     workload = workloads.WORKLOADS["smoke"]
     assert offline["output_tokens"] == sum(workload.build()[1]) and offline["output_tok_per_s"] > 0
     done = _bench("latency", "--input-len", "16", "--output-len", "8", "--repeats", "2", "--mbu", "--copy-mib", "64",
-                  "--kv-cache-gib", "0.25", "--out", str(tmp_path / "l.json"))
+                  "--kv-cache-gib", "0.5", "--out", str(tmp_path / "l.json"))
     assert done.returncode == 0, done.stderr
     latency = json.loads((tmp_path / "l.json").read_text())
     assert latency["ttft_ms_median"] > 0 and latency["decode_tok_per_s_median"] > 0
-    assert latency["engine_args"] == {"kv_cache_gib": 0.25}
+    assert latency["engine_args"] == {"kv_cache_gib": 0.5}
     bandwidth = latency["bandwidth"]
-    # The bundled model in bf16 reads ~0.27 GB per decode step (weights incl. the tied output projection).
-    assert 0.25e9 < bandwidth["bytes_per_step"] < 0.3e9 and bandwidth["copy_gbs"] > 0
+    # The bundled model reads ~0.27 GB per decode step in bf16 (weights incl. the tied output projection), twice
+    # that in float32 (a CPU without native bf16).
+    scale = 2 if default_dtype("cpu") == torch.float32 else 1
+    assert 0.25e9 * scale < bandwidth["bytes_per_step"] < 0.3e9 * scale and bandwidth["copy_gbs"] > 0
     achieved = bandwidth["bytes_per_step"] * latency["decode_tok_per_s_median"] / 1e9  # the report rounds each
     assert bandwidth["mbu"] == pytest.approx(achieved / bandwidth["copy_gbs"], rel=2e-2)
-    done = _bench("startup", "--repeats", "1", "--out", str(tmp_path / "s.json"), "--", "--kv-cache-gib", "0.25")
+    done = _bench("startup", "--repeats", "1", "--out", str(tmp_path / "s.json"), "--", "--kv-cache-gib", "0.5")
     assert done.returncode == 0, done.stderr
     startup = json.loads((tmp_path / "s.json").read_text())
-    assert startup["serve_args"] == ["--kv-cache-gib", "0.25"] and startup["median_s"] > 0
+    assert startup["serve_args"] == ["--kv-cache-gib", "0.5"] and startup["median_s"] > 0

@@ -37,7 +37,7 @@ def test_chat_against_a_server_keeps_history(server: LiveServer) -> None:
 
 
 def test_chat_in_process_answers_each_turn() -> None:
-    done = _chat("--kv-cache-gib", "0.25")
+    done = _chat("--kv-cache-gib", "0.5")
     assert done.returncode == 0, done.stderr
     answers = done.stdout.split("> ")
     assert answers[0] == "" and answers[-1] == ""
