@@ -5,7 +5,9 @@ Torch-free: the HTTP server, the engine's front end and the engine core all use 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 # Bounds on user-controlled sizes; the server reuses them so both paths reject the same input.
 MAX_N = 128
@@ -14,12 +16,68 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_STOP_TOKEN_IDS = 256
+# Logits are divided by the repetition penalty: below this a large logit overflows float32 to inf.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 2.0
 DEFAULT_MAX_TOKENS = 16  # vLLM's and OpenAI's completions default
+MAX_GRAMMAR_CHARS = 64 * 1024  # a JSON schema, regex or EBNF grammar, as text
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 def _check(condition: bool, parameter: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{parameter} {message}")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names): exactly one of a JSON schema, a regex, a choice of strings, an EBNF
+    grammar, or any JSON object. ``json`` is held as the schema's text, so it crosses the wire as it came."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        _check(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_KINDS)}, got "
+               f"{', '.join(given) or 'none'}")
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json)
+        if self.json is not None:
+            _check(isinstance(self.json, str), "structured_outputs.json", "must be a JSON schema (object or text)")
+            try:
+                schema = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+            _check(isinstance(schema, (dict, bool)), "structured_outputs.json", "must be a JSON schema object")
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(isinstance(value, str) and 0 < len(value) <= MAX_GRAMMAR_CHARS, f"structured_outputs.{name}",
+                       f"must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None:
+            _check(isinstance(self.choice, list) and 0 < len(self.choice) <= MAX_CHOICES, "structured_outputs.choice",
+                   f"must be a list of 1 to {MAX_CHOICES} strings")
+            for c in self.choice:
+                _check(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS, "structured_outputs.choice",
+                       f"entries must be non-empty strings of at most {MAX_CHOICE_CHARS} characters, got {c!r}")
+        if self.json_object is not None:
+            _check(self.json_object is True, "structured_outputs.json_object", "must be true when given")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar (with the tokenizer, which one engine has one of)."""
+        value = getattr(self, self.kind)
+        return self.kind, value if isinstance(value, str) else json.dumps(value)
 
 
 @dataclass
@@ -45,6 +103,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs besides the sampled token
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (no cached prefix)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,7 +119,8 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+        _check(MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+               f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         if self.max_tokens is not None:
             _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", f"must be an integer >= 0, got {self.min_tokens}")
@@ -82,6 +142,18 @@ class SamplingParams:
                 _check(-100.0 <= v <= 100.0, "logit_bias", f"values must be in [-100, 100], got {v} for token {k}")
         if self.seed is not None:
             _check(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        if isinstance(self.structured_outputs, dict):  # from the wire or a plain caller
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "must be a StructuredOutputsParams or a dict of its fields")
+        if self.structured_outputs is not None:
+            # Fail-closed: an output that ends as "stop" must be complete, so nothing else may stop it early,
+            # and the grammar must be free to end it.
+            _check(not self.stop and not self.stop_token_ids, "stop",
+                   "cannot be combined with structured outputs (a stop string could cut the output short)")
+            _check(self.min_tokens == 0, "min_tokens", "cannot be combined with structured outputs")
+            _check(not self.ignore_eos, "ignore_eos", "cannot be combined with structured outputs (the grammar "
+                   "ends the output with end of sequence)")
 
     @property
     def greedy(self) -> bool:

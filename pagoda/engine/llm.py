@@ -10,7 +10,7 @@ from typing import Any, Union
 from tqdm import tqdm
 
 from pagoda.api.messages import CoreStats
-from pagoda.api.outputs import RequestOutput, RequestOutputKind
+from pagoda.api.outputs import FinishReason, RequestOutput, RequestOutputKind
 from pagoda.api.params import SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
@@ -96,6 +96,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; the outputs of the requests it changed (a FINAL_ONLY one once it has finished)."""
         ended = self.output_processor.process(self.core.step())
+        for rid, reason in self.core.take_rejected():  # refused once queued (a grammar that did not compile)
+            self.output_processor.abort(rid, FinishReason.ERROR, error=reason)
         if ended:  # stop strings and detokenizer failures: free those sequences before the next step
             self.core.finish_sequences(ended)
         return self.output_processor.collect()

@@ -40,6 +40,15 @@ class CachedRequestData:
 
 
 @dataclass
+class GrammarBitmask:
+    """The tokens each grammar-constrained request may sample this step: row i for ``req_ids[i]``, bit t of
+    word t // 32 set when token t is allowed (xgrammar's layout)."""
+
+    req_ids: list[str]
+    bits: Any  # numpy int32 [len(req_ids), ceil(vocab / 32)]
+
+
+@dataclass
 class SchedulerOutput:
     # The scheduled requests in batch order, and the tokens each computes this step (its next tokens,
     # or a prefill chunk, plus any draft tokens in ``spec_token_ids``).
@@ -50,8 +59,8 @@ class SchedulerOutput:
     cached: CachedRequestData = field(default_factory=CachedRequestData)
     # Draft tokens to verify this step, per request; they follow its known tokens.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    # One packed allowed-token row per grammar-constrained request (structured outputs), or None.
-    grammar_bitmask: Any = None
+    # The allowed tokens of the grammar-constrained requests that sample this step (structured outputs).
+    grammar_bitmask: GrammarBitmask | None = None
     preempted_req_ids: list[str] = field(default_factory=list)  # blocks freed; the worker keeps their state
     finished_req_ids: list[str] = field(default_factory=list)  # ended since the last step: the worker forgets them
     num_prompt_tokens: int = 0  # of the scheduled tokens, how many are prompt tokens (for statistics)

@@ -17,8 +17,10 @@ from pagoda.api.params import (
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_SEQUENCE_CHARS,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_SEQUENCES,
     MAX_STOP_TOKEN_IDS,
+    MIN_REPETITION_PENALTY,
 )
 
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions or /v1/embeddings call
@@ -87,7 +89,7 @@ class SamplingFields(_Strict):
     # vLLM extras
     top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(default=0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
@@ -96,6 +98,10 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     # vLLM's per-request prefix-cache salt; combined with the caller's API key (tenants never share blocks).
     cache_salt: Name | None = None
+    # Constrained output: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice,
+    # grammar, json_object); pagoda/server/structured.py checks them.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class ContentPart(_Strict):
@@ -125,7 +131,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     # Known OpenAI fields we refuse with a clear message until they are implemented.
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -11,6 +11,7 @@ from pagoda.api.params import SamplingParams
 from pagoda.engine.frontend.core_client import EngineClient
 from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.server.errors import APIError
+from pagoda.server.structured import structured_outputs_of
 from pagoda.server.protocol import (
     MAX_INT32,
     ChatCompletionRequest,
@@ -64,6 +65,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            structured_outputs=structured_outputs_of(req),
         )
     except ValueError as exc:
         raise APIError(400, str(exc), param_named(exc)) from None
@@ -76,11 +78,9 @@ def param_named(exc: Exception) -> str | None:
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:
-    for name in ("response_format", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
-        value = getattr(req, name)
-        if value is not None and not (name == "response_format" and value.get("type") == "text"):
-            raise UnsupportedParameter(name, f"{name} is not supported yet (structured output and tool calls "
-                                             "are planned)")
+    for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+        if getattr(req, name) is not None:
+            raise UnsupportedParameter(name, f"{name} is not supported yet (tool calls are planned)")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

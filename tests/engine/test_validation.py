@@ -21,6 +21,7 @@ from pagoda.api.limits import AdmissionError
     ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"frequency_penalty": -3.0}, "frequency_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by the fuzz: logits / it overflow to inf
     ({"stop": ["x"] * 17}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),

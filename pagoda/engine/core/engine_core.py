@@ -26,6 +26,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.worker.executor import Executor, ModelInfo
 from pagoda.engine.core.request import Request
 from pagoda.engine.core.scheduler import Scheduler
+from pagoda.engine.core.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class EngineCore:
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
         self.embedding_jobs: deque[EmbeddingJob] = deque()
+        self.structured = StructuredOutputManager(self.info.tokenizer, self.info.vocab_size)
+        # Requests refused after they were queued (a grammar that does not compile): (parent id, reason).
+        self.rejected: list[tuple[str, str]] = []
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
@@ -117,6 +121,8 @@ class EngineCore:
                 )
             )
         for child in children:
+            if params.structured_outputs is not None:
+                self.structured.submit(child)
             self.scheduler.add_request(child)
         self.parents[request_id] = children
         for c in children:
@@ -155,6 +161,7 @@ class EngineCore:
                 del self.parents[rid]
                 for k in kids:
                     self._parent_of.pop(k.request_id, None)
+                    self.structured.forget(k.request_id)
 
     def add_embedding(self, job_id: str, inputs: list[list[int]]) -> None:
         """Queue embedding inputs for the executor's sentence encoder, or without one the served model's
@@ -242,6 +249,8 @@ class EngineCore:
                 if not req.is_finished:
                     self.scheduler.finish(req, FinishReason.ERROR, error=error)
                     outputs.append(self._output(req, []))
+        for cid in self._parent_of:
+            self.structured.forget(cid)
         self.parents.clear()
         self._parent_of.clear()
         return outputs
@@ -254,9 +263,14 @@ class EngineCore:
         return outputs
 
     def _run(self) -> list[CoreOutput]:
+        self._reject_failed_compiles(wait=False)
         out = self.scheduler.schedule()
         if not out.req_ids:
+            self._reject_failed_compiles(wait=True)  # only compiling requests: wait for one, not spin
             return []
+        requests = self.scheduler.requests
+        out.grammar_bitmask = self.structured.bitmask([requests[rid] for rid in out.req_ids]) \
+            if self.structured.active else None
         self.stats.num_steps += 1
         self.stats.prompt_tokens += out.num_prompt_tokens
         try:
@@ -273,6 +287,17 @@ class EngineCore:
         outputs = self.scheduler.update(out, result)
         self.stats.generation_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs
+
+    def _reject_failed_compiles(self, wait: bool) -> None:
+        for req, reason in self.structured.collect_compiled(wait):
+            parent = self._parent_of.get(req.request_id)
+            if parent is not None and parent in self.parents:
+                self.abort_request([parent], report=False)
+                self.rejected.append((parent, reason))
+
+    def take_rejected(self) -> list[tuple[str, str]]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
 
     def _output(self, req: Request, tokens: list[int]) -> CoreOutput:
         return CoreOutput(

@@ -107,6 +107,8 @@ class CoreLoop:
             # Whatever the scheduler's state, every sequence ends with the error and its blocks are freed.
             # Should that fail too, the process exits and the front end restarts it.
             outputs = self.core.fail_all_sequences(f"{type(exc).__name__}: {exc}")
+        for rid, reason in self.core.take_rejected():  # e.g. a grammar that did not compile: a 400
+            self.outbox.send(pack(["rejected", rid, "invalid", reason]))
         self._send_outputs(outputs)
 
     def _embedding_chunk(self) -> None:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.api.outputs import FinishReason
 from pagoda.api.params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.core.structured_output import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +53,7 @@ class Request:
     max_length: int = 0
     stop_token_set: frozenset[int] = frozenset()
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
+    grammar: RequestGrammar | None = None  # structured outputs: its compile, then its matcher
     # What the worker holds of it: whether it was sent, how many of its blocks, and whether it comes
     # back from preemption (its table then replaced).
     sent_to_worker: bool = False

@@ -137,6 +137,9 @@ class Scheduler:
         now = time.monotonic()
         while idx < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[idx][3]
+            if req.grammar is not None and req.grammar.matcher is None:
+                idx += 1  # its grammar is still compiling
+                continue
             sibling = req.wait_for
             if sibling is not None and not sibling.is_finished and sibling.num_computed_tokens < sibling.num_prompt_tokens:
                 idx += 1  # let the sibling fill the shared prompt blocks first
@@ -205,11 +208,18 @@ class Scheduler:
             if caching and req.num_computed_tokens >= (req.num_published_blocks + 1) * bs:
                 self.kv.publish_full_blocks(req)
             taken = len(tokens)
+            grammar = req.grammar
+            if grammar is not None:  # the mask allowed only these; a miss would be a fault, never silent
+                taken = grammar.accept(tokens)
+                if taken < len(tokens):
+                    self.finish(req, FinishReason.ERROR, error="the output left its grammar (structured_outputs)")
             stops, max_length = req.stop_token_set, req.max_length
-            for j, token in enumerate(tokens):
+            for j, token in enumerate(tokens[:taken]):
                 if (token in stops or base + j + 1 >= max_length) and self._check_stop(req, token, base + j + 1):
                     taken = j + 1
                     break
+            if grammar is not None and not req.is_finished and grammar.terminated:
+                self.finish(req, FinishReason.STOP)  # the grammar is complete
             if taken < len(tokens):
                 del token_ids[base + taken :]
                 tokens = tokens[:taken]

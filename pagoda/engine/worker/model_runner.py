@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pagoda.api.outputs import PositionLogprobs
-from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
@@ -62,6 +62,20 @@ class HostStaging:
         return staged.to(self.device, non_blocking=True)
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, mask: GrammarBitmask, req_ids: list[str]) -> torch.Tensor:
+    """-inf for every token the grammar forbids, in the constrained rows (one batched update)."""
+    where = {rid: i for i, rid in enumerate(mask.req_ids)}
+    pairs = [(row, where[rid]) for row, rid in enumerate(req_ids) if rid in where]
+    if not pairs:
+        return logits
+    rows = torch.tensor([r for r, _ in pairs], device=logits.device)
+    words = torch.from_numpy(mask.bits[[m for _, m in pairs]]).to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
 def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
     """Per-layer [2, num_blocks + 1, block_size, kv_heads, head_dim] tensors.
 
@@ -109,8 +123,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        if out.spec_token_ids or out.grammar_bitmask is not None:
-            raise NotImplementedError("this model runner verifies no draft tokens and applies no grammar bitmask")
+        if out.spec_token_ids:
+            raise NotImplementedError("this model runner verifies no draft tokens")
         self.batch.update(out)
         requests = self.batch.requests
         states = [requests[rid] for rid in out.req_ids]
@@ -138,6 +152,8 @@ class ModelRunner:
         if not sampling:
             sampled: list[list[int]] = [[] for _ in states]
         else:
+            if out.grammar_bitmask is not None:
+                logits = apply_grammar_bitmask(logits, out.grammar_bitmask, [s.req_id for s in sampling])
             result = self.sampler(logits, sampling)
             self.batch.append_tokens(sampling, rows if everyone else rows[arrays.sampling], result.token_ids)
             if everyone:

@@ -1,0 +1,97 @@
+"""Structured outputs in the engine (offline API, the bundled model): every output that ends as "stop" matches
+its constraint, a grammar that does not compile fails only its own request, "length" stays "length"."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import jsonschema
+import pytest
+
+from pagoda import LLM, SamplingParams
+from pagoda.api.params import StructuredOutputsParams
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLM]:
+    yield LLM("smollm2-135m", max_model_len=1024, kv_cache_gib=0.2)
+
+
+def _chat(llm: LLM, text: str) -> str:
+    return llm.get_tokenizer().apply_chat_template([{"role": "user", "content": text}])
+
+
+def _params(seed: int, **structured: object) -> SamplingParams:
+    return SamplingParams(temperature=0.9, seed=seed, max_tokens=96, structured_outputs=StructuredOutputsParams(**structured))
+
+
+def test_every_kind_of_constraint_holds_over_seeded_samples(llm: LLM) -> None:
+    prompt = _chat(llm, "Describe a person in JSON.")
+    grammar = 'root ::= "color: " ("red" | "green" | "blue") "."'
+    kinds = [({"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON)),
+             ({"json_object": True}, lambda t: isinstance(json.loads(t), dict) or pytest.fail(t)),
+             ({"regex": r"[0-9]{3}-[a-z]{2,4}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t) or pytest.fail(t)),
+             ({"choice": ["yes", "no", "it \"depends\""]}, lambda t: t in ("yes", "no", 'it "depends"') or pytest.fail(t)),
+             ({"grammar": grammar}, lambda t: re.fullmatch(r"color: (red|green|blue)\.", t) or pytest.fail(t))]
+    requests = [(spec, check, seed) for spec, check in kinds for seed in range(4)]
+    outs = llm.generate([prompt] * len(requests), [_params(seed, **spec) for spec, _, seed in requests], use_tqdm=False)
+    stops = 0
+    for (spec, check, _), out in zip(requests, outs):
+        choice = out.outputs[0]
+        if choice.finish_reason == "stop":
+            stops += 1
+            check(choice.text)
+        else:
+            assert choice.finish_reason == "length", (spec, choice)
+    assert stops >= len(requests) - 4  # most end inside 96 tokens; those that do not say "length"
+
+
+def test_too_few_tokens_is_length_never_a_cut_stop(llm: LLM) -> None:
+    out = llm.generate(_chat(llm, "A person as JSON."), SamplingParams(
+        temperature=0, max_tokens=3, structured_outputs=StructuredOutputsParams(json=PERSON)), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_a_grammar_that_does_not_compile_fails_alone(llm: LLM) -> None:
+    prompt = _chat(llm, "Hi")
+    outs = llm.generate([prompt, prompt], [
+        SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(grammar="root ::= ")),
+        SamplingParams(temperature=0, max_tokens=4)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and "structured_outputs.grammar" in outs[0].error
+    assert "grammar_parser" not in outs[0].error  # xgrammar's source location is cut off
+    assert outs[1].outputs[0].finish_reason == "length" and outs[1].outputs[0].text
+    assert llm.engine.core.scheduler.kv.pool.num_free_blocks == llm.engine.num_blocks  # nothing held
+
+
+def test_n_children_each_follow_the_grammar_and_compiles_are_cached(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=["alpha", "beta", "gamma"]))
+    out = llm.generate(_chat(llm, "Pick one."), params, use_tqdm=False)[0]
+    assert {c.text for c in out.outputs} <= {"alpha", "beta", "gamma"} and len(out.outputs) == 3
+    manager = llm.engine.core.structured
+    cached = len(manager._cache)
+    llm.generate(_chat(llm, "Again."), params, use_tqdm=False)
+    assert len(manager._cache) == cached and not manager.active and not manager.pending
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"), ({"json": "{nope"}, "structured_outputs.json"),
+    ({"choice": ["x"] * 300}, "structured_outputs.choice"), ({"regex": ""}, "structured_outputs.regex"),
+])
+def test_bad_structured_params_name_the_field(fields: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(named)):
+        StructuredOutputsParams(**fields)
+
+
+def test_structured_outputs_refuse_stops_that_would_cut_them() -> None:
+    spec = StructuredOutputsParams(json_object=True)
+    with pytest.raises(ValueError, match="^stop"):
+        SamplingParams(stop=["}"], structured_outputs=spec)
+    with pytest.raises(ValueError, match="^min_tokens"):
+        SamplingParams(min_tokens=2, structured_outputs=spec)
