@@ -91,18 +91,17 @@ class StructuredOutputManager:
         if wait:
             concurrent.futures.wait([r.grammar.compiled for r in self.pending.values()], MAX_WAIT_S,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        import xgrammar as xgr
-
         failed = []
-        for rid, request in list(self.pending.items()):
+        for request in [r for r in self.pending.values() if r.grammar.compiled.done()]:
             grammar = request.grammar
-            if not grammar.compiled.done():
-                continue
-            del self.pending[rid]
+            del self.pending[request.request_id]
             error = grammar.compiled.exception()
             if error is not None:
                 failed.append((request, str(error)))
                 continue
+            # A compile succeeded, so the compile thread has imported xgrammar: this import cannot stall the loop.
+            import xgrammar as xgr
+
             grammar.matcher = xgr.GrammarMatcher(grammar.compiled.result())
         return failed
 
@@ -123,7 +122,11 @@ class StructuredOutputManager:
         return GrammarBitmask([r.request_id for r in constrained], mask.numpy())
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise GrammarCompileError("structured_outputs need xgrammar in the engine's environment "
+                                      "(pip install xgrammar, after torch)") from None
 
         with self._lock:
             if self._compiler is None:
