@@ -16,7 +16,8 @@ from contextlib import ExitStack
 
 from fastapi import FastAPI, Request, Response  # at module level: FastAPI resolves the routes' annotations here
 
-from pagoda.bench.gateway import Target, _free_port, _service, measure
+from pagoda.bench.gateway import Target, _service, measure
+from pagoda.bench.startup import _free_port
 
 STACKS = ("aiohttp+aiohttp", "uvicorn+httpx", "uvicorn+aiohttp", "fastapi+httpx")
 

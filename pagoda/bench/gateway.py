@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from pagoda.bench import write_json
+from pagoda.bench.startup import _free_port
 
 LITELLM_SPEC = "litellm[proxy]==1.108.0"
 DEFAULT_LITELLM_VENV = Path.home() / ".cache" / "pagoda" / "litellm-1.108.0"
@@ -58,14 +59,6 @@ class RateResult:
     send_lag_p99_ms: float
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -29,7 +29,8 @@ import httpx
 from tqdm import tqdm
 
 from pagoda.bench import write_json
-from pagoda.bench.gateway import _free_port, _service
+from pagoda.bench.gateway import _percentile, _service
+from pagoda.bench.startup import _free_port
 
 WORDS = ("river", "stone", "garden", "market", "engine", "window", "paper", "silver", "forest", "harbor", "signal",
          "winter", "letter", "bridge", "orange", "planet", "circle", "doctor", "island", "mirror", "number", "pocket",
@@ -105,11 +106,6 @@ async def _drive(url: str, conversations: list[list[dict[str, str]]], max_tokens
     async with httpx.AsyncClient(timeout=300) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     return ttfts, tokens, errors, time.perf_counter() - started
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def run_routing(args: argparse.Namespace) -> int:
