@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+# The grammar engine for structured outputs; auto: xgrammar, and llguidance for what xgrammar cannot enforce.
+StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance"]
 
 
 @dataclass
@@ -86,6 +88,17 @@ class SchedulerConfig:
 
 
 @dataclass
+class DecodingConfig:
+    structured_outputs_backend: StructuredOutputsBackend = "auto"
+
+    def validate(self) -> None:
+        allowed = typing.get_args(StructuredOutputsBackend)
+        if self.structured_outputs_backend not in allowed:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(allowed)}, "
+                             f"got {self.structured_outputs_backend!r}")
+
+
+@dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
 
@@ -142,6 +155,7 @@ _SECTIONS: dict[str, type] = {
     "cache_config": CacheConfig,
     "scheduler_config": SchedulerConfig,
     "parallel_config": ParallelConfig,
+    "decoding_config": DecodingConfig,
     "server_config": ServerConfig,
 }
 
@@ -152,6 +166,7 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    decoding_config: DecodingConfig = field(default_factory=DecodingConfig)
     server_config: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod

@@ -22,8 +22,11 @@ MAX_REPETITION_PENALTY = 2.0
 DEFAULT_MAX_TOKENS = 16  # vLLM's and OpenAI's completions default
 MAX_GRAMMAR_CHARS = 64 * 1024  # a JSON schema, regex or EBNF grammar, as text
 MAX_CHOICES = 256
+# Nested objects and arrays in a schema's JSON: xgrammar's compile time grows steeply with depth (a schema
+# 400 levels deep took 7 s, 100 levels 0.16 s), so depth is bounded before anything compiles.
+MAX_GRAMMAR_NESTING = 128
 MAX_CHOICE_CHARS = 1024
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def _check(condition: bool, parameter: str, message: str) -> None:
@@ -31,31 +34,58 @@ def _check(condition: bool, parameter: str, message: str) -> None:
         raise ValueError(f"{parameter} {message}")
 
 
+def _json_text(value: Any, parameter: str, types: tuple[type, ...], what: str) -> str:
+    """A JSON value given as text or parsed, checked (its type, its nesting) and returned as text."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{parameter} is not valid JSON: {exc}") from None
+    else:
+        parsed = value
+    _check(isinstance(parsed, types), parameter, f"must be {what} (as an object or its JSON text)")
+    _check(_nesting(parsed) <= MAX_GRAMMAR_NESTING, parameter,
+           f"nests objects and arrays more than {MAX_GRAMMAR_NESTING} levels deep")
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _nesting(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (iteratively: the input is untrusted)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_GRAMMAR_NESTING:
+                break
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 @dataclass
 class StructuredOutputsParams:
     """Constrain the output (vLLM's names): exactly one of a JSON schema, a regex, a choice of strings, an EBNF
-    grammar, or any JSON object. ``json`` is held as the schema's text, so it crosses the wire as it came."""
+    grammar, any JSON object, or a structural tag (xgrammar's format: free text with tagged, schema-checked
+    parts; what tool calling builds). ``json`` and ``structural_tag`` are held as text, so they cross the wire
+    as they came."""
 
     json: str | dict[str, Any] | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
         _check(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_KINDS)}, got "
                f"{', '.join(given) or 'none'}")
-        if isinstance(self.json, dict):
-            self.json = json.dumps(self.json)
         if self.json is not None:
-            _check(isinstance(self.json, str), "structured_outputs.json", "must be a JSON schema (object or text)")
-            try:
-                schema = json.loads(self.json)
-            except ValueError as exc:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
-            _check(isinstance(schema, (dict, bool)), "structured_outputs.json", "must be a JSON schema object")
-        for name in ("json", "regex", "grammar"):
+            self.json = _json_text(self.json, "structured_outputs.json", (dict, bool), "a JSON schema object")
+        if self.structural_tag is not None:
+            self.structural_tag = _json_text(self.structural_tag, "structured_outputs.structural_tag", (dict,),
+                                             "a JSON object")
+        for name in ("json", "regex", "grammar", "structural_tag"):
             value = getattr(self, name)
             if value is not None:
                 _check(isinstance(value, str) and 0 < len(value) <= MAX_GRAMMAR_CHARS, f"structured_outputs.{name}",
@@ -148,8 +178,9 @@ class SamplingParams:
                "structured_outputs", "must be a StructuredOutputsParams or a dict of its fields")
         if self.structured_outputs is not None:
             # Fail-closed: an output that ends as "stop" must be complete, so nothing else may stop it early,
-            # and the grammar must be free to end it.
-            _check(not self.stop and not self.stop_token_ids, "stop",
+            # and the grammar must be free to end it. A structural tag is free text around its tags: a stop string
+            # may end it (a tag it cuts is not parsed as one).
+            _check(self.structured_outputs.kind == "structural_tag" or not (self.stop or self.stop_token_ids), "stop",
                    "cannot be combined with structured outputs (a stop string could cut the output short)")
             _check(self.min_tokens == 0, "min_tokens", "cannot be combined with structured outputs")
             _check(not self.ignore_eos, "ignore_eos", "cannot be combined with structured outputs (the grammar "

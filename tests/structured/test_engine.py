@@ -18,9 +18,9 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
 
 
-@pytest.fixture(scope="module")
-def llm() -> Iterator[LLM]:
-    yield LLM("smollm2-135m", max_model_len=1024, kv_cache_gib=0.2)
+@pytest.fixture(scope="module", params=["xgrammar", "guidance"])
+def llm(request: pytest.FixtureRequest) -> Iterator[LLM]:
+    yield LLM("smollm2-135m", max_model_len=1024, kv_cache_gib=0.2, structured_outputs_backend=request.param)
 
 
 def _chat(llm: LLM, text: str) -> str:
@@ -61,10 +61,10 @@ def test_too_few_tokens_is_length_never_a_cut_stop(llm: LLM) -> None:
 def test_a_grammar_that_does_not_compile_fails_alone(llm: LLM) -> None:
     prompt = _chat(llm, "Hi")
     outs = llm.generate([prompt, prompt], [
-        SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(grammar="root ::= ")),
+        SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(grammar="root ::= (\"a\"")),
         SamplingParams(temperature=0, max_tokens=4)], use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == "error" and "structured_outputs.grammar" in outs[0].error
-    assert "grammar_parser" not in outs[0].error  # xgrammar's source location is cut off
+    assert "grammar_parser" not in outs[0].error and ".cc:" not in outs[0].error  # no source location
     assert outs[1].outputs[0].finish_reason == "length" and outs[1].outputs[0].text
     assert llm.engine.core.scheduler.kv.pool.num_free_blocks == llm.engine.num_blocks  # nothing held
 
@@ -95,3 +95,78 @@ def test_structured_outputs_refuse_stops_that_would_cut_them() -> None:
         SamplingParams(stop=["}"], structured_outputs=spec)
     with pytest.raises(ValueError, match="^min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs=spec)
+
+
+@pytest.mark.parametrize(("backend", "schema", "named"), [
+    ("xgrammar", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems (at /)"),
+    ("xgrammar", {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not (at /properties/a)"),
+    ("xgrammar", {"allOf": [{"type": "integer"}, {"minimum": 3}]}, "allOf (at /)"),
+    ("guidance", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ("guidance", {"type": "object", "propertyNames": {"pattern": "^a"}}, "propertyNames"),
+])
+def test_a_schema_feature_the_backend_would_drop_is_refused_by_name(backend: str, schema: dict, named: str) -> None:
+    from pagoda.engine.core.structured_output import StructuredOutputManager
+    from pagoda.engine.core.grammar_backends import GrammarCompileError
+
+    manager = StructuredOutputManager(_tokenizer(), 49152, backend)  # type: ignore[arg-type]
+    with pytest.raises(GrammarCompileError, match=re.escape(named)):
+        manager._compile(StructuredOutputsParams(json=schema))
+
+
+def test_auto_compiles_with_guidance_what_xgrammar_would_drop() -> None:
+    from pagoda.engine.core.structured_output import StructuredOutputManager
+
+    manager = StructuredOutputManager(_tokenizer(), 49152, "auto")
+    compiled = manager._compile(StructuredOutputsParams(json={"allOf": [{"type": "integer"}, {"minimum": 3}]}))
+    assert compiled.backend.name == "guidance"
+    assert manager._compile(StructuredOutputsParams(json=PERSON)).backend.name == "xgrammar"
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_matcher_rolls_back_to_an_earlier_state(backend: str) -> None:
+    from pagoda.engine.core.structured_output import RequestGrammar, StructuredOutputManager
+    import concurrent.futures
+
+    manager = StructuredOutputManager(_tokenizer(), 49152, backend)  # type: ignore[arg-type]
+    compiled = manager._compile(StructuredOutputsParams(choice=["alpha beta", "alpha gamma"]))
+    tok = _tokenizer().tokenizer
+    grammar = RequestGrammar(concurrent.futures.Future(), matcher=compiled.backend.matcher(compiled.grammar))
+    beta, gamma = (tok.encode(t, add_special_tokens=False).ids for t in ("alpha beta", "alpha gamma"))
+    common = next(i for i, (a, b) in enumerate(zip(beta, gamma)) if a != b)
+    assert grammar.accept(beta) == len(beta)
+    grammar.rollback(len(beta) - common)
+    assert grammar.accept(gamma[common:]) == len(gamma) - common  # the other branch is open again
+    with pytest.raises(ValueError, match="roll back"):
+        grammar.rollback(len(gamma) + 1)
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from pagoda.model.gguf_file import GGUFFile
+    from pagoda.model.loader import resolve_model
+    from pagoda.model.tokenizer_source import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(GGUFFile(resolve_model("smollm2-135m").path).metadata)
+
+
+def test_a_compile_over_its_time_limit_fails_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagoda.engine.core import structured_output
+
+    monkeypatch.setattr(structured_output, "COMPILE_TIMEOUT_S", 0.0)  # the real limit is too long for a test
+    deep: dict = {"type": "integer"}
+    for _ in range(60):  # ~0.1 s to compile: over a limit of 0
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    prompt = _chat(llm, "Hi")
+    outs = llm.generate([prompt, prompt], [
+        SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(json=deep)),
+        SamplingParams(temperature=0, max_tokens=4)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and "took longer than 0 s" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "length" and outs[1].outputs[0].text
+    assert llm.engine.core.scheduler.kv.pool.num_free_blocks == llm.engine.num_blocks
+
+
+def test_a_schema_nested_too_deep_is_refused_before_compiling() -> None:
+    deep: dict = {"type": "integer"}
+    for _ in range(100):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(ValueError, match="structured_outputs.json nests objects and arrays more than 128"):
+        StructuredOutputsParams(json=deep)

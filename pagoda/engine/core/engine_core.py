@@ -61,7 +61,8 @@ class EngineCore:
         self._parent_of: dict[str, str] = {}  # child id -> parent id
         self._reported: list[CoreOutput] = []  # ends decided between steps (abort), reported by the next step
         self.embedding_jobs: deque[EmbeddingJob] = deque()
-        self.structured = StructuredOutputManager(self.info.tokenizer, self.info.vocab_size)
+        self.structured = StructuredOutputManager(self.info.tokenizer, self.info.vocab_size,
+                                                  config.decoding_config.structured_outputs_backend)
         # Requests refused after they were queued (a grammar that does not compile): (parent id, reason).
         self.rejected: list[tuple[str, str]] = []
 

@@ -1,24 +1,27 @@
-"""Structured outputs in the engine core (xgrammar): grammars compiled off the step loop, one matcher per
-request, and each step the allowed-token bitmask of the constrained rows.
+"""Structured outputs in the engine core: grammars compiled off the step loop, one matcher per request, and
+each step the allowed-token bitmask of the constrained rows.
 
 A request whose grammar is still compiling waits (the scheduler skips it) while the others run. Compiled
-grammars are cached by (kind, text): the engine has one tokenizer. xgrammar (which imports transformers,
-~2 s) is loaded by the compile thread on the first structured request, so an engine that never gets one
-never pays for it. JSON is generated without free whitespace (", " and ": " between items): a small model
-given the choice fills its budget with newlines.
+grammars are cached by (kind, text): the engine has one tokenizer. The backend (grammar_backends.py) is
+loaded by the compile thread on the first structured request, so an engine that never gets one never pays
+for it. ``auto`` compiles with xgrammar and, where it cannot (a schema feature it does not enforce), with
+llguidance. A compile that takes longer than COMPILE_TIMEOUT_S rejects its request; it cannot be
+interrupted, so the pool has a second thread for everyone else meanwhile.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import re
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagoda.api.params import StructuredOutputsParams
+from pagoda.config import StructuredOutputsBackend
+from pagoda.engine.core.grammar_backends import GrammarCompileError, GuidanceBackend, XGrammarBackend
 from pagoda.engine.step import GrammarBitmask
 from pagoda.model.tokenizer_source import TokenizerSource
 
@@ -28,38 +31,57 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256  # compiled grammars kept
 MAX_WAIT_S = 0.01  # how long an idle step waits for a compile before looking again
+COMPILE_TIMEOUT_S = 10.0
+COMPILE_THREADS = 2
+_BACKEND_ORDER = {"auto": ("xgrammar", "guidance"), "xgrammar": ("xgrammar",), "guidance": ("guidance",)}
+_BACKENDS = {"xgrammar": XGrammarBackend, "guidance": GuidanceBackend}
+_BACKEND_PACKAGES = {"xgrammar": "xgrammar", "guidance": "llguidance"}
 
 
-class GrammarCompileError(ValueError):
-    """The grammar, schema or regex could not be compiled; the message names what."""
+@dataclass
+class Compiled:
+    backend: Any  # the backend that compiled it, which makes its matchers
+    grammar: Any
 
 
 @dataclass(eq=False)
 class RequestGrammar:
     """One request's constraint: the compile it waits for, then its matcher."""
 
-    compiled: concurrent.futures.Future[Any]
-    matcher: Any = None  # xgrammar.GrammarMatcher once compiled
+    compiled: concurrent.futures.Future[Compiled]
+    submitted: float = field(default_factory=time.monotonic)
+    matcher: Any = None  # a backend's matcher once compiled
+    accepted: int = 0  # tokens the matcher holds (what rollback can undo)
 
     def accept(self, tokens: list[int]) -> int:
         """Advance over ``tokens``; how many it accepted (all, unless the model left the grammar)."""
         for i, token in enumerate(tokens):
-            if not self.matcher.accept_token(token):
+            if not self.matcher.accept(token):
+                self.accepted += i
                 return i
+        self.accepted += len(tokens)
         return len(tokens)
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` accepted (speculative tokens the target model rejected)."""
+        if not 0 <= num_tokens <= self.accepted:
+            raise ValueError(f"cannot roll back {num_tokens} tokens; the matcher holds {self.accepted}")
+        self.matcher.rollback(num_tokens)
+        self.accepted -= num_tokens
 
     @property
     def terminated(self) -> bool:
-        return bool(self.matcher.is_terminated())
+        return bool(self.matcher.terminated)
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: TokenizerSource, vocab_size: int) -> None:
+    def __init__(self, tokenizer: TokenizerSource, vocab_size: int, backend: StructuredOutputsBackend) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        self._lock = threading.Lock()  # the compiler is built once, by the first compile
-        self._compiler: Any = None
+        self.backend_names = _BACKEND_ORDER[backend]
+        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        self._lock = threading.Lock()  # each backend is built once, by the first compile that needs it
+        self._backends: dict[str, Any] = {}
         self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future[Any]] = OrderedDict()
         self.pending: dict[str, Request] = {}  # requests waiting for their compile, by id
         self._live: set[str] = set()  # constrained requests the engine holds
@@ -92,17 +114,22 @@ class StructuredOutputManager:
             concurrent.futures.wait([r.grammar.compiled for r in self.pending.values()], MAX_WAIT_S,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         failed = []
-        for request in [r for r in self.pending.values() if r.grammar.compiled.done()]:
+        now = time.monotonic()
+        for request in list(self.pending.values()):
             grammar = request.grammar
+            if not grammar.compiled.done():
+                if now - grammar.submitted > COMPILE_TIMEOUT_S:
+                    del self.pending[request.request_id]
+                    failed.append((request, f"structured_outputs.{request.sampling_params.structured_outputs.kind} "
+                                            f"took longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it"))
+                continue
             del self.pending[request.request_id]
             error = grammar.compiled.exception()
             if error is not None:
                 failed.append((request, str(error)))
                 continue
-            # A compile succeeded, so the compile thread has imported xgrammar: this import cannot stall the loop.
-            import xgrammar as xgr
-
-            grammar.matcher = xgr.GrammarMatcher(grammar.compiled.result())
+            compiled = grammar.compiled.result()
+            grammar.matcher = compiled.backend.matcher(compiled.grammar)
         return failed
 
     def forget(self, request_id: str) -> None:
@@ -118,52 +145,27 @@ class StructuredOutputManager:
 
         mask = torch.full((len(constrained), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         for i, request in enumerate(constrained):
-            request.grammar.matcher.fill_next_token_bitmask(mask, i)
+            request.grammar.matcher.fill(mask, i)
         return GrammarBitmask([r.request_id for r in constrained], mask.numpy())
 
-    def _compile(self, params: StructuredOutputsParams) -> Any:
-        try:
-            import xgrammar as xgr
-        except ImportError:
-            raise GrammarCompileError("structured_outputs need xgrammar in the engine's environment "
-                                      "(pip install xgrammar, after torch)") from None
+    def _compile(self, params: StructuredOutputsParams) -> Compiled:
+        errors = []
+        for name in self.backend_names:
+            try:
+                backend = self._backend(name)
+                return Compiled(backend, backend.compile(params))
+            except GrammarCompileError as exc:
+                errors.append(str(exc))
+        raise GrammarCompileError(errors[0] if len(errors) == 1 else
+                                  "; ".join(f"{n}: {e}" for n, e in zip(self.backend_names, errors)))
 
+    def _backend(self, name: str) -> Any:
         with self._lock:
-            if self._compiler is None:
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(xgr), max_threads=1)
-        compiler = self._compiler
-        kind = params.kind
-        try:
-            if kind == "json":
-                return compiler.compile_json_schema(params.json, strict_mode=True, any_whitespace=False)
-            if kind == "json_object":  # an object, as OpenAI's json_object promises (the builtin takes any value)
-                return compiler.compile_json_schema('{"type": "object"}', strict_mode=False, any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(params.regex)
-            if kind == "choice":
-                return compiler.compile_grammar(_choice_ebnf(params.choice or []))
-            return compiler.compile_grammar(params.grammar)
-        except Exception as exc:  # xgrammar reports a bad grammar as RuntimeError or ValueError
-            text = str(exc).strip()
-            # xgrammar prefixes "[hh:mm:ss] /path/file.cc:line: ": the user needs only what follows.
-            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text.splitlines()[0]) if text else type(exc).__name__
-            raise GrammarCompileError(f"structured_outputs.{kind} could not be compiled: {message}") from None
-
-    def _tokenizer_info(self, xgr: Any) -> Any:
-        vocab = self.tokenizer.tokenizer.get_vocab(with_added_tokens=True)
-        encoded = [""] * max(max(vocab.values()) + 1, 0)
-        for text, token_id in vocab.items():
-            encoded[token_id] = text
-        return xgr.TokenizerInfo(encoded, vocab_type=xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
-                                 stop_token_ids=list(self.tokenizer.eos_token_ids), add_prefix_space=False)
-
-
-def _choice_ebnf(choices: list[str]) -> str:
-    """An EBNF grammar matching exactly one of ``choices`` (each as a quoted literal)."""
-    def literal(text: str) -> str:
-        return '"' + "".join(_EBNF_ESCAPES.get(c, c) for c in text) + '"'
-
-    return "root ::= " + " | ".join(literal(c) for c in choices)
-
-
-_EBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+            if name not in self._backends:
+                try:
+                    self._backends[name] = _BACKENDS[name](self.tokenizer, self.vocab_size)
+                except ImportError:
+                    raise GrammarCompileError(f"structured_outputs need {_BACKEND_PACKAGES[name]} in the engine's "
+                                              f"environment (pip install {_BACKEND_PACKAGES[name]}, after torch)"
+                                              ) from None
+            return self._backends[name]
