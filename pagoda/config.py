@@ -15,6 +15,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 # The grammar engine for structured outputs; auto: xgrammar, and llguidance for what xgrammar cannot enforce.
 StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance"]
+# How the model writes tool calls (pagoda/server/tool_parsers.py): Hermes <tool_call> blocks (Qwen 2/2.5/3,
+# and the format tools are rendered in for templates without tool support), or Llama 3.x JSON.
+ToolCallParser = Literal["hermes", "llama3_json"]
 
 
 @dataclass
@@ -136,6 +139,7 @@ class ServerConfig:
     # socket buffers are already full): the request is aborted, its KV freed, and the stream ends with an
     # error event.
     max_stream_backlog: int = 256
+    tool_call_parser: ToolCallParser = "hermes"
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -34,6 +34,8 @@ from pagoda.server.embeddings import Embedder
 from pagoda.server.errors import APIError, error_response, install_error_handlers
 from pagoda.server.guards import BodyLimitMiddleware, HostCheckMiddleware, allowed_host_names
 from pagoda.server.metrics import ServerMetrics
+from pagoda.server.tool_parsers import TOOL_FORMATS
+from pagoda.server.tools import ToolUse, render_messages, template_knows_tools, tool_use_of
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -179,15 +181,18 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)
 
-    async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool) -> request_inputs.Prompt:
+    tool_format = TOOL_FORMATS[sc.tool_call_parser]
+
+    async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, tools: ToolUse | None
+                          ) -> request_inputs.Prompt:
         assert client.tokenizer is not None and client.info is not None
-        request_inputs.check_chars(sum(len(m.text()) + len(m.name or "") for m in messages),
+        request_inputs.check_chars(sum(len(m.text()) + len(m.name or "") + sum(
+            len(c.function.arguments) for c in m.tool_calls or []) for m in messages),
                                    client.info.max_model_len, "messages")
+        rendered, extra = render_messages(messages, tools, tool_format,
+                                          template_knows_tools(client.tokenizer.chat_template))
         try:
-            text = client.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages],
-                add_generation_prompt,
-            )
+            text = client.tokenizer.apply_chat_template(rendered, add_generation_prompt, **extra)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), "messages") from None
         ids = await request_inputs.encode(client.tokenizer, text, add_special_tokens=False)
@@ -241,13 +246,14 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
     async def chat(req: ChatCompletionRequest, request: Request, key: bytes | None = Depends(authorize)) -> Any:
         async def work() -> Any:
             model = check_model(req.model)
-            params = request_inputs.chat_params(req)
-            prompt = await render_chat(req.messages, req.add_generation_prompt)
+            tools = tool_use_of(req, tool_format)
+            params = request_inputs.chat_params(req, tools)
+            prompt = await render_chat(req.messages, req.add_generation_prompt, tools)
             assert client.info is not None
             request_inputs.check_length(prompt, params, client.info.max_model_len, "messages")
             check_capacity(params.n)
             metrics.observe_params(params.n, params.max_tokens or client.info.max_model_len - len(prompt.token_ids))
-            job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt))
+            job = serving.ChatJob.new(model, prompt, params, req, tenant_salt(key, req.cache_salt), tools)
             if not req.stream:
                 return await serving.chat_full(client, job)
             stream = job.stream(client, RequestOutputKind.DELTA)
@@ -296,7 +302,7 @@ def create_app(config: EngineConfig, client: EngineClient | None = None) -> Fast
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            ids = (await render_chat(req.messages, req.add_generation_prompt)).token_ids
+            ids = (await render_chat(req.messages, req.add_generation_prompt, None)).token_ids
         else:
             prompt = req.prompt or ""
             request_inputs.check_chars(len(prompt), client.info.max_model_len, "prompt")

@@ -28,6 +28,8 @@ MAX_SEED = 2**63 - 1
 # Every integer that reaches the engine fits an int32: the wire codec and the tensors take no bigger ones.
 MAX_INT32 = 2**31 - 1
 MAX_NAME_CHARS = 256
+MAX_TOOLS = 128
+MAX_TOOL_CALLS_PER_MESSAGE = 128
 
 
 class UnsupportedParameter(ValueError):
@@ -109,12 +111,54 @@ class ContentPart(_Strict):
     text: Text
 
 
+# OpenAI's function names: letters, digits, underscores and dashes, at most 64.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class ToolFunction(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none means no arguments
+    strict: bool | None = None  # arguments always follow the schema here when a call is constrained
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class ToolChoiceFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: FunctionName
+    arguments: Text  # JSON text, as the API returned it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: Name
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients echo back fields like refusal / annotations
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Name | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS_PER_MESSAGE)] | None = None
+    tool_call_id: Name | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -130,10 +174,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    # Known OpenAI fields we refuse with a clear message until they are implemented.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The deprecated forms of tools, refused with a pointer to them.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
 

@@ -7,11 +7,12 @@ import asyncio
 from dataclasses import dataclass
 
 from pagoda.api.limits import AdmissionError, ContextLengthError, check_context
-from pagoda.api.params import SamplingParams
+from pagoda.api.params import SamplingParams, StructuredOutputsParams
 from pagoda.engine.frontend.core_client import EngineClient
 from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.server.errors import APIError
 from pagoda.server.structured import structured_outputs_of
+from pagoda.server.tools import ToolUse
 from pagoda.server.protocol import (
     MAX_INT32,
     ChatCompletionRequest,
@@ -33,7 +34,8 @@ class Prompt:
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, structured: StructuredOutputsParams | None = None
+                    ) -> SamplingParams:
     """OpenAI fields -> SamplingParams; every value error names its parameter (400)."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -65,7 +67,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
-            structured_outputs=structured_outputs_of(req),
+            structured_outputs=structured or structured_outputs_of(req),
         )
     except ValueError as exc:
         raise APIError(400, str(exc), param_named(exc)) from None
@@ -77,15 +79,15 @@ def param_named(exc: Exception) -> str | None:
     return head if head.isidentifier() else None
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
-    for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+def chat_params(req: ChatCompletionRequest, tools: ToolUse | None) -> SamplingParams:
+    for name in ("functions", "function_call"):
         if getattr(req, name) is not None:
-            raise UnsupportedParameter(name, f"{name} is not supported yet (tool calls are planned)")
+            raise UnsupportedParameter(name, f"{name} is deprecated and not supported; use tools and tool_choice")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return sampling_params(req, max_tokens, logprobs)
+    return sampling_params(req, max_tokens, logprobs, structured=tools.constraint() if tools else None)
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:

@@ -18,6 +18,8 @@ from pagoda.engine.frontend.tokenizer import Tokenizer
 from pagoda.server.errors import APIError, error_body
 from pagoda.server.request_inputs import Prompt, param_named
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
+from pagoda.server.tool_parsers import ToolCallParser
+from pagoda.server.tools import ToolUse
 
 RETRY_AFTER_S = "1"
 T = TypeVar("T")
@@ -164,10 +166,24 @@ def sse(payload: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def _finish(o: CompletionOutput) -> str | None:
+def _finish(o: CompletionOutput, called: bool = False) -> str | None:
+    if o.finish_reason == "stop" and called:
+        return "tool_calls"
     if o.finish_reason in ("stop", "length"):
         return o.finish_reason
     return o.finish_reason and "stop"
+
+
+def chat_message(o: CompletionOutput, parser: ToolCallParser | None) -> tuple[dict[str, Any], bool]:
+    """A choice's message, its tool calls parsed out when the request has tools; whether it called any."""
+    if parser is None:
+        return {"role": "assistant", "content": o.text}, False
+    parser.feed(o.text, final=True)
+    content, calls = parser.result()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, parser.complete > 0
 
 
 # ---- chat ----------------------------------------------------------------------------------------
@@ -182,13 +198,17 @@ class ChatJob:
     include_usage: bool
     created: int
     continuous_usage: bool = False  # usage on every chunk (vLLM's stream_options.continuous_usage_stats)
+    tools: ToolUse | None = None
 
     @classmethod
     def new(cls, model: str, prompt: Prompt, params: SamplingParams, req: ChatCompletionRequest,
-            cache_salt: str | None) -> ChatJob:
+            cache_salt: str | None, tools: ToolUse | None = None) -> ChatJob:
         include, continuous = usage_options(req.stream_options)
         return cls(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, req.priority, cache_salt, include,
-                   int(time.time()), continuous)
+                   int(time.time()), continuous, tools)
+
+    def tool_parser(self) -> ToolCallParser | None:
+        return ToolCallParser(self.tools.format) if self.tools is not None and self.tools.parses else None
 
     def stream(self, client: EngineClient, kind: RequestOutputKind) -> AsyncIterator[RequestOutput]:
         return run_one(client, self.request_id, self.prompt, self.params, self.priority, self.cache_salt, kind)
@@ -207,15 +227,15 @@ async def chat_full(client: EngineClient, job: ChatJob) -> dict[str, Any]:
     assert final is not None
     _check_error(final)
     top = job.params.logprobs
-    choices = [
-        {
+    choices = []
+    for o in final.outputs:
+        message, called = chat_message(o, job.tool_parser())
+        choices.append({
             "index": o.index,
-            "message": {"role": "assistant", "content": o.text},
+            "message": message,
             "logprobs": chat_logprobs(o.logprobs or [], o.token_ids, top or 0) if top is not None else None,
-            "finish_reason": _finish(o),
-        }
-        for o in final.outputs
-    ]
+            "finish_reason": _finish(o, called),
+        })
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     return {
         "id": job.request_id,
@@ -236,6 +256,7 @@ async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> As
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra})
     last: RequestOutput | None = None
+    parsers = [job.tool_parser() for _ in range(job.params.n)]
     try:
         async for out in outputs:  # DELTA outputs: each choice appears when it changed, its end once
             last = out
@@ -246,12 +267,18 @@ async def chat_stream(job: ChatJob, outputs: AsyncIterator[RequestOutput]) -> As
                 extra = {"usage": usage(len(job.prompt.token_ids), _generated(out), out.num_cached_tokens)}
             for o in out.outputs:
                 lp = chat_logprobs(o.logprobs or [], o.token_ids, top or 0) if top is not None and o.token_ids else None
-                if o.text or lp:
-                    yield sse({**base, "choices": [{"index": o.index, "delta": {"content": o.text},
+                parser = parsers[o.index]
+                content, calls = parser.feed(o.text, final=o.finished) if parser is not None else (o.text, [])
+                if content or lp:
+                    yield sse({**base, "choices": [{"index": o.index, "delta": {"content": content},
                                                     "logprobs": lp, "finish_reason": None}], **extra})
+                for call in calls:
+                    yield sse({**base, "choices": [{"index": o.index, "delta": {"tool_calls": [call]},
+                                                    "logprobs": None, "finish_reason": None}], **extra})
                 if o.finished:
+                    called = parser is not None and parser.complete > 0
                     yield sse({**base, "choices": [{"index": o.index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": _finish(o)}], **extra})
+                                                    "finish_reason": _finish(o, called)}], **extra})
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
     if job.include_usage and last is not None:

@@ -26,7 +26,7 @@ def structured_outputs_of(req: SamplingFields) -> StructuredOutputsParams | None
         if unknown:
             raise APIError(400, f"structured_outputs has unknown fields: {', '.join(unknown)}", "structured_outputs")
         if isinstance(extra.get("json"), dict):
-            _check_schema(extra["json"], "structured_outputs.json")
+            check_schema(extra["json"], "structured_outputs.json")
         return _params(extra, "structured_outputs")
     return from_format
 
@@ -42,13 +42,13 @@ def _from_response_format(value: dict[str, Any]) -> StructuredOutputsParams | No
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
                            "response_format.json_schema.schema")
-        _check_schema(spec["schema"], "response_format.json_schema.schema")
+        check_schema(spec["schema"], "response_format.json_schema.schema")
         return _params({"json": spec["schema"]}, "response_format")
     raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
                    "response_format.type")
 
 
-def _check_schema(schema: dict[str, Any], param: str) -> None:
+def check_schema(schema: dict[str, Any], param: str) -> None:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -147,7 +147,7 @@ def _error(server: LiveServer, path: str, body: dict, headers: dict | None = Non
         ({"max_tokens": -1}, "max_tokens"),
         ({"n": 1000}, "n"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
          "response_format.json_schema.schema"),

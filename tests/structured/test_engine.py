@@ -170,3 +170,26 @@ def test_a_schema_nested_too_deep_is_refused_before_compiling() -> None:
         deep = {"type": "object", "properties": {"a": deep}}
     with pytest.raises(ValueError, match="structured_outputs.json nests objects and arrays more than 128"):
         StructuredOutputsParams(json=deep)
+
+
+def test_tool_call_structural_tags_hold_on_each_backend(llm: LLM) -> None:
+    from pagoda.server.protocol import Tool
+    from pagoda.server.tool_parsers import TOOL_FORMATS, ToolCallParser
+    from pagoda.server.tools import ToolUse
+
+    tool = Tool.model_validate({"type": "function", "function": {"name": "person", "parameters": PERSON}})
+    stops = 0
+    for fmt in TOOL_FORMATS.values():
+        spec = ToolUse([tool], "required", False, fmt).constraint()
+        outs = llm.generate([_chat(llm, "Call the person tool.")] * 3, [SamplingParams(
+            temperature=1.0, seed=s, max_tokens=96, structured_outputs=spec) for s in range(3)], use_tqdm=False)
+        for out in outs:
+            choice = out.outputs[0]
+            parser = ToolCallParser(fmt)
+            parser.feed(choice.text, final=True)
+            if choice.finish_reason == "stop":
+                stops += 1
+                (call,) = parser.result()[1]
+                assert call["function"]["name"] == "person" and parser.complete == 1
+                jsonschema.validate(json.loads(call["function"]["arguments"]), PERSON)
+    assert stops >= 3, stops
