@@ -193,3 +193,26 @@ def test_tool_call_structural_tags_hold_on_each_backend(llm: LLM) -> None:
                 assert call["function"]["name"] == "person" and parser.complete == 1
                 jsonschema.validate(json.loads(call["function"]["arguments"]), PERSON)
     assert stops >= 3, stops
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_mask_kernel_matches_the_torch_path(dtype: str) -> None:
+    import numpy as np
+    import torch
+
+    from pagoda.engine.step import GrammarBitmask
+    from pagoda.engine.worker.model_runner import apply_grammar_bitmask, mask_logits_torch
+    from pagoda.model.cpu_kernels import load_cpu_kernels
+
+    if load_cpu_kernels() is None:
+        pytest.skip("the C++ kernels are not built here")
+    rng = np.random.default_rng(0)
+    vocab, words = 1000, (1000 + 31) // 32
+    bits = rng.integers(-2**31, 2**31, (3, words), dtype=np.int64).astype(np.int32)
+    bits[0, :5], bits[1, 5:9], bits[2, -1] = 0, -1, 0x5  # all forbidden, all allowed, and a last partial word
+    logits = torch.randn(5, vocab).to(getattr(torch, dtype))
+    mask = GrammarBitmask(["a", "b", "c"], bits)
+    expected = mask_logits_torch(logits.clone(), bits[[2, 0, 1]], [0, 2, 4])
+    got = apply_grammar_bitmask(logits.clone(), mask, ["c", "x", "a", "y", "b"])
+    assert torch.equal(got, expected)
+    assert torch.isinf(got[0, 992:994]).tolist() == [False, True]  # 0x5 allows the word's tokens 0 and 2

@@ -214,7 +214,7 @@ class Scheduler:
                 if taken < len(tokens):
                     self.finish(req, FinishReason.ERROR, error="the output left its grammar (structured_outputs)")
             stops, max_length = req.stop_token_set, req.max_length
-            for j, token in enumerate(tokens[:taken]):
+            for j, token in enumerate(tokens if taken == len(tokens) else tokens[:taken]):
                 if (token in stops or base + j + 1 >= max_length) and self._check_stop(req, token, base + j + 1):
                     taken = j + 1
                     break

@@ -11,6 +11,7 @@ import torch
 from pagoda.api.outputs import PositionLogprobs
 from pagoda.engine.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
@@ -63,16 +64,29 @@ class HostStaging:
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, mask: GrammarBitmask, req_ids: list[str]) -> torch.Tensor:
-    """-inf for every token the grammar forbids, in the constrained rows (one batched update)."""
+    """-inf for every token the grammar forbids, in the constrained rows (one batched update): the C++ kernel
+    on the CPU (a word-at-a-time scan), unpacked bits and one masked update elsewhere."""
     where = {rid: i for i, rid in enumerate(mask.req_ids)}
     pairs = [(row, where[rid]) for row, rid in enumerate(req_ids) if rid in where]
     if not pairs:
         return logits
-    rows = torch.tensor([r for r, _ in pairs], device=logits.device)
-    words = torch.from_numpy(mask.bits[[m for _, m in pairs]]).to(logits.device)
+    bits = mask.bits if len(pairs) == len(mask.req_ids) and all(m == i for i, (_, m) in enumerate(pairs)) \
+        else mask.bits[[m for _, m in pairs]]
+    rows = [r for r, _ in pairs]
+    ops = load_cpu_kernels() if logits.device.type == "cpu" and logits.is_contiguous() and \
+        logits.dtype in (torch.float32, torch.bfloat16) else None
+    if ops is not None:
+        ops.apply_token_bitmask(logits, torch.from_numpy(np.ascontiguousarray(bits)), torch.tensor(rows))
+        return logits
+    return mask_logits_torch(logits, bits, rows)
+
+
+def mask_logits_torch(logits: torch.Tensor, bits: np.ndarray, rows: list[int]) -> torch.Tensor:
+    where = torch.tensor(rows, device=logits.device)
+    words = torch.from_numpy(bits).to(logits.device)
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    logits[where] = logits[where].masked_fill(~allowed, float("-inf"))
     return logits
 
 
