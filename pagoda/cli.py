@@ -99,6 +99,8 @@ BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(pa
     "roofline": ("pagoda.bench.roofline", "this machine's bandwidth and FLOP/s and the limits they imply"),
     "startup": ("pagoda.bench.startup", "seconds from launching pagoda serve to a ready /health"),
     "gateway": ("pagoda.bench.gateway", "latency a gateway adds (Pagoda's, LiteLLM's) over an instant upstream"),
+    "structured": ("pagoda.bench.structured", "structured outputs: constrained vs unconstrained tok/s, mask cost, "
+                                              "compile times, TTFT with a cold and a cached grammar"),
     "soak": ("pagoda.bench.soak", "many short requests (some cut) with the server's memory sampled; fails on growth"),
 }
 
