@@ -24,8 +24,11 @@ source.tokenizer.save(".gpu/tokenizer/tokenizer.json")
 config = {"chat_template": source.chat_template, "eos_token": source.eos_token, "bos_token": source.bos_token}
 open(".gpu/tokenizer/tokenizer_config.json", "w").write(json.dumps(config))
 PY
-  gguf_version=$(python3 -c "import importlib.metadata as m; print(m.version('gguf'))")
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "gguf==$gguf_version"
+  # The GPU image lacks gguf and pydantic (the CLI's gateway options import it): carry them, at the
+  # versions installed here.
+  pins=$(python3 -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in ('gguf', 'pydantic', 'pydantic_core', 'annotated-types', 'typing-inspection')))")
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl $pins
   du -sh .gpu
   exit 0
 fi
@@ -33,11 +36,12 @@ fi
 [ -d .gpu/tokenizer ] || { echo "run 'bash scripts/bench_gpu.sh --prepare' first (on a networked machine)" >&2; exit 2; }
 out=${OUT:-bench_out/gpu}
 mkdir -p "$out"
-if ! python3 -c "import gguf" 2>/dev/null; then
+if ! python3 -c "import gguf, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pagoda-site .gpu/whl/*.whl
   export PYTHONPATH="/tmp/pagoda-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The C++ kernels are for CPU runs; a GPU run never needs their (minute-long) build.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PAGODA_DISABLE_CPU_KERNELS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
