@@ -13,6 +13,8 @@ torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tenso
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rotary_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 void apply_token_bitmask(torch::Tensor logits, torch::Tensor bits, torch::Tensor logit_rows);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -24,5 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x in place, then RMSNorm of residual");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [rows, 2n] gate_up");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding in place");
+  m.def("gguf_linear", &gguf_linear, "x @ W.T + b for W in GGUF Q4_0/Q4_1/Q8_0 blocks, int8 activations (VNNI)");
+  m.def("gguf_dequantize", &gguf_dequantize, "GGUF Q4_0/Q4_1/Q8_0 rows -> fp32/bf16");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in place for each token a grammar bitmask forbids");
 }

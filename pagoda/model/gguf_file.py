@@ -256,6 +256,12 @@ class GGUFFile:
         info = self.tensors[name]
         return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
 
+    def raw_rows(self, name: str, row_order: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's bytes as [rows, bytes per row] (blocks never span rows), rows reordered by ``row_order``."""
+        info = self.tensors[name]
+        rows = self.raw(name).view(info.shape[0], -1)
+        return rows if row_order is None else rows[row_order]
+
     def load(self, name: str, dtype: torch.dtype = torch.float32, row_order: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantized tensor ``name`` in PyTorch shape order, cast to ``dtype``.
 

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
-from pagoda.model.layers.linear import Linear, default_weight_loader, linear
+from pagoda.model.layers.linear import Linear, LinearMethod, default_weight_loader
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.activation import silu_and_mul
 from pagoda.model.layers.rotary import RotaryAngles, RotaryEmbedding, apply_rotary_, inverse_frequencies
 
 
+class QuantConfig(Protocol):
+    def linear_method(self, checkpoint_names: list[str]) -> LinearMethod | None:
+        """The method for the layer made of these HF-named checkpoint weights (None: dense)."""
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool) -> None:
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool, quant: QuantConfig | None,
+                 prefix: str) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -33,13 +39,18 @@ class DecoderLayer(nn.Module):
         self.scale = self.head_dim**-0.5
         hidden = cfg.hidden_size
         self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
-        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype)
-        self.o_proj = Linear(self.q_size, hidden, False, dtype)
+
+        def method(*parts: str) -> LinearMethod | None:
+            return quant.linear_method([f"{prefix}.{p}" for p in parts]) if quant else None
+
+        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype,
+                               method("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+        self.o_proj = Linear(self.q_size, hidden, False, dtype, method("self_attn.o_proj"))
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
-        self.gate_up_proj = Linear(hidden, [cfg.intermediate_size] * 2, False, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, hidden, False, dtype)
+        self.gate_up_proj = Linear(hidden, [cfg.intermediate_size] * 2, False, dtype, method("mlp.gate_proj", "mlp.up_proj"))
+        self.down_proj = Linear(cfg.intermediate_size, hidden, False, dtype, method("mlp.down_proj"))
 
     def forward(
         self,
@@ -93,20 +104,24 @@ _RENAMED = {
 class LlamaForCausalLM(nn.Module):
     qk_norm = False
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.dtype = dtype
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, self.qk_norm) for _ in range(cfg.num_hidden_layers))
+        # The embedding table as a linear layer [vocab, hidden]: a tied lm_head multiplies by it.
+        self.embed_tokens = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype,
+                                   quant.linear_method(["model.embed_tokens"]) if quant else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, self.qk_norm, quant, f"model.layers.{i}")
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+            else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype,
+                        quant.linear_method(["lm_head"]) if quant else None)
         )
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.rotary = RotaryEmbedding(inv_freq.to(self.embed_tokens.device))
+        self.rotary = RotaryEmbedding(inv_freq.to(self.embed_tokens.weight.device))
 
     def forward(
         self,
@@ -117,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden] (normed) for a flat batch."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.embed_tokens.embed(input_ids)
         angles = self.rotary.angles(positions)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -128,8 +143,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype (the sampler upcasts only when it needs to)."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return linear(hidden, weight)
+        return (self.embed_tokens if self.lm_head is None else self.lm_head)(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hand HF-named tensors to their parameters' weight loaders (which check the shapes); every
@@ -156,11 +170,11 @@ class LlamaForCausalLM(nn.Module):
     def _locate(self, name: str) -> tuple[str | None, int | None]:
         """Our parameter for an HF tensor name, and which shard of it (None: all of it)."""
         if name == "model.embed_tokens.weight":
-            return "embed_tokens", None
+            return "embed_tokens.weight", None
         if name == "model.norm.weight":
             return "norm.weight", None
         if name == "lm_head.weight":
-            return (None if self.lm_head is None else "lm_head"), None
+            return (None if self.lm_head is None else "lm_head.weight"), None
         if name.endswith("rotary_emb.inv_freq"):
             return None, None
         m = _LAYER_NAME.fullmatch(name)
@@ -177,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         # Drawn where the weights live: an 8B model's worth of host-side randn would take minutes.
-        device = self.embed_tokens.device
+        device = self.embed_tokens.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
         for name, param in self.named_parameters():
             if "norm" in name:

@@ -18,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from pagoda.model.arch_config import ArchConfig
-from pagoda.model.gguf_file import GGUFFile
+from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model.gguf_file import GGUFFile, GGUFTensorInfo
 from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.layers.quantization.gguf import GGUFQuantConfig
 from pagoda.model.registry import model_class
 from pagoda.model.tokenizer_source import TokenizerSource, tokenizer_from_folder, tokenizer_from_gguf
 
@@ -151,7 +153,7 @@ def unpermute_qk_rows(rows: int, n_heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
-def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> None:
+def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype, quant: GGUFQuantConfig | None) -> None:
     """The file's tensor names and shapes against ``arch``, on a module sized on the meta device, before
     anything is allocated: metadata that promises more than the tensors hold (a corrupt block count or
     width) is a ValueError here, not a huge allocation or a failed reshape later."""
@@ -161,19 +163,27 @@ def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) ->
             f"{gguf.path}: the metadata says {arch.num_hidden_layers} layers, but the tensors are for "
             f"{len(layers)} blocks numbered {min(layers, default=0)}..{max(layers, default=0)}"
         )
-    model = _build(arch, dtype, "meta")
+    model = _build(arch, dtype, "meta", quant)
     rope = gguf.tensors.get("rope_freqs.weight")
     expected = tuple(model.rotary.inv_freq.shape)
     if rope is not None and rope.shape != expected:
         raise ValueError(f"{gguf.path}: tensor 'rope_freqs.weight' has shape {rope.shape}, expected {expected}")
+    native = quant.native if quant else set()
+
+    def meta(name: str, info: GGUFTensorInfo) -> torch.Tensor:
+        if gguf_to_hf_name(name) in native:  # raw rows of blocks
+            return torch.empty(info.shape[0], info.nbytes // max(info.shape[0], 1), dtype=torch.uint8, device="meta")
+        return torch.empty(info.shape, device="meta")
+
     model.load_weights(
-        (gguf_to_hf_name(name), torch.empty(info.shape, device="meta"))
-        for name, info in gguf.tensors.items()
-        if name != "rope_freqs.weight"
+        (gguf_to_hf_name(name), meta(name, info)) for name, info in gguf.tensors.items() if name != "rope_freqs.weight"
     )
 
 
-def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype,
+                  quant: GGUFQuantConfig | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors: dequantized to ``dtype``, or for the weights ``quant`` keeps native, the raw rows."""
+    native = quant.native if quant else set()
     permute = gguf.metadata["general.architecture"] in ("llama", "mistral")
     names = [n for n in gguf.tensors if n != "rope_freqs.weight"]
     for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=None):
@@ -182,7 +192,7 @@ def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype) -> Itera
         if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = arch.num_attention_heads if "q_proj" in hf_name else arch.num_key_value_heads
             order = unpermute_qk_rows(gguf.tensors[name].shape[0], heads)
-        yield hf_name, gguf.load(name, dtype, row_order=order)
+        yield hf_name, gguf.raw_rows(name, order) if hf_name in native else gguf.load(name, dtype, row_order=order)
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -233,11 +243,12 @@ def _safetensors_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str
                 yield name, f.get_tensor(name).to(dtype)
 
 
-def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
+def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu",
+           quant: GGUFQuantConfig | None = None) -> LlamaForCausalLM:
     """The module with its parameters allocated (uninitialized) directly on ``device``: weights are then
     copied in tensor by tensor, never staged as a whole model in host memory."""
     with torch.device(device):
-        return model_class(arch.architecture)(arch, dtype)
+        return model_class(arch.architecture)(arch, dtype, quant)
 
 
 def weight_bytes(arch: ArchConfig, dtype: torch.dtype) -> int:
@@ -268,9 +279,11 @@ def load_model(
     tokenizer: str | None = None,
     seed: int = 0,
     device: str = "cpu",
+    keep_gguf_quants: bool = False,
 ) -> LoadedModel:
     """Load weights (onto ``device``) and tokenizer. ``load_format='dummy'`` fills random weights of the
-    same shapes."""
+    same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type (Q4_0/Q4_1/Q8_0/K-quants) run on their blocks as stored
+    (CPU kernels), the rest is dequantized to ``dtype``."""
     source = resolve_model(name)
     if source.kind == "config":
         if load_format != "dummy":
@@ -284,21 +297,23 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
+        ops = load_cpu_kernels() if keep_gguf_quants and device == "cpu" and load_format != "dummy" else None
+        quant = GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None else None
         if load_format != "dummy":
-            _check_gguf_tensors(gguf, arch, dtype)
+            _check_gguf_tensors(gguf, arch, dtype, quant)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tok_future = pool.submit(
                 (lambda: _load_tokenizer_override(tokenizer, arch)) if tokenizer else (lambda: tokenizer_from_gguf(gguf.metadata))
             )
-            model = _build(arch, dtype, device)
+            model = _build(arch, dtype, device, quant)
             if load_format == "dummy":
                 model.init_dummy_weights(seed)
             else:
                 if "rope_freqs.weight" in gguf.tensors:  # llama3 rope scaling baked into the file
                     factors = gguf.load("rope_freqs.weight").to(model.rotary.inv_freq.device)
                     model.rotary.inv_freq = model.rotary.inv_freq / factors
-                model.load_weights(_gguf_weights(gguf, arch, dtype))
+                model.load_weights(_gguf_weights(gguf, arch, dtype, quant))
             tok = tok_future.result()
         return LoadedModel(model, arch, tok, source.name)
     folder = source.path
@@ -306,7 +321,7 @@ def load_model(
     if not config_path.exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device)
+            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device, keep_gguf_quants)
         raise FileNotFoundError(f"{folder} has no config.json")
     arch = ArchConfig.from_hf(json.loads(config_path.read_text()))
     model = _build(arch, dtype, device)

@@ -50,6 +50,11 @@ def configure_linear(batch_invariant: bool, device: str = "cpu") -> None:
     _batch_invariant = batch_invariant
 
 
+def batch_invariant() -> bool:
+    """Whether every product must be row-independent (the module note); quantized methods follow it too."""
+    return _batch_invariant
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if _rowwise is not None and x.device.type == "cpu" and x.dim() == 2:
         if _batch_invariant:
@@ -94,6 +99,9 @@ class LinearMethod(Protocol):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for [tokens, in_features] ``x``."""
 
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of W in the layer's dtype (a token embedding table, which a tied lm_head multiplies)."""
+
 
 class UnquantizedLinearMethod:
     """Dense [out, in] weights in the model dtype, multiplied by the kernel the module note describes."""
@@ -106,6 +114,9 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x, layer.weight, layer.bias)
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
 
 
 def _parameter(data: torch.Tensor, output_sizes: list[int]) -> nn.Parameter:
@@ -122,9 +133,14 @@ class Linear(nn.Module):
                  method: LinearMethod | None = None) -> None:
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.in_features = in_features
+        self.dtype = dtype
         self.method = method or UnquantizedLinearMethod()
         self.bias: nn.Parameter | None = None
         self.method.create_weights(self, in_features, self.output_sizes, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(self, ids)

@@ -1,0 +1,554 @@
+// Linear layers on GGUF block-quantized weights: out[r, n] = x[r] . W[n] without a dequantized copy of W.
+// Batch-1 decode is bound by reading the weights, so reading 4.5-8.5 bits a weight instead of bf16's 16 is
+// the point. Types: Q4_0, Q4_1, Q8_0 (blocks of 32 weights with an fp16 scale, Q4_1 an fp16 offset too) and
+// the K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256 weights: 6-bit scales and mins per 32 for Q4_K/Q5_K,
+// int8 scales per 16 for Q6_K, fp16 super-scales).
+//
+// Layout: each row keeps its GGUF bytes. Q4_0/Q4_1/Q8_0 rows are regrouped at load
+// (pagoda/model/layers/quantization/gguf.py) from an array of blocks into [all quants | all scales | all
+// offsets], so that one 64-byte load holds the quants of four Q4 blocks (two Q8_0 blocks) and one load their
+// four scales. K-quant rows stay as stored: a super-block's quants are already 128 contiguous bytes.
+//
+// Each row of x is quantized on the fly to int8 blocks of 32 with an fp32 scale (as llama.cpp's Q8
+// activations), and the products run as AVX-512 VNNI dot products (vpdpbusd: unsigned x signed bytes, four
+// pairs summed into each int32 lane), scaled per block in fp32. Without VNNI a scalar path dequantizes each
+// weight row and takes fp32 dot products. Large row counts (prefill) dequantize tiles of W to bf16 instead
+// (gguf_dequantize) and use the dense matmul.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PAGODA_VNNI 1
+#endif
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kGroup = 4;  // blocks per step of the vector loop (128 weights)
+constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)
+
+// GGML's type ids, as GGUF files store them.
+enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+constexpr int64_t kSuperBlock = 256;  // weights per K-quant super-block
+
+inline bool is_k_quant(int64_t qtype) { return qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K; }
+inline int64_t block_size(int64_t qtype) { return is_k_quant(qtype) ? kSuperBlock : kBlock; }
+
+#if defined(__F16C__)
+inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
+#else
+inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
+#endif
+
+int64_t block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return 18;  // fp16 d, 16 bytes of nibbles: w = d * (q - 8)
+    case kQ4_1: return 20;  // fp16 d, fp16 m, 16 bytes of nibbles: w = d * q + m
+    case kQ8_0: return 34;  // fp16 d, 32 int8: w = d * q
+    case kQ4_K: return 144;  // fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 of nibbles: w = d sc q - dmin m
+    case kQ5_K: return 176;  // as Q4_K, with 32 bytes of fifth bits before the nibbles
+    case kQ6_K: return 210;  // 128 bytes low nibbles, 64 of high 2 bits, 16 int8 scales, fp16 d: w = d sc (q - 32)
+  }
+  TORCH_CHECK(false, "gguf kernels: GGML type ", qtype,
+              " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14)");
+  return 0;
+}
+
+// One regrouped weight row: quants first (Q4: block b's element j < 16 is the low nibble of byte 16b + j,
+// element j >= 16 the high nibble of byte 16b + j - 16, as in GGUF), then the scales, then Q4_1's offsets.
+struct RowView {
+  const uint8_t* qs;
+  const uint16_t* d;
+  const uint16_t* m;
+};
+
+inline RowView row_view(const uint8_t* row, int64_t qtype, int64_t k) {
+  const int64_t quant_bytes = qtype == kQ8_0 ? k : k / 2;
+  const auto* d = reinterpret_cast<const uint16_t*>(row + quant_bytes);
+  return {row, d, qtype == kQ4_1 ? d + k / kBlock : nullptr};
+}
+
+template <typename T>
+void dequantize_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
+  const RowView v = row_view(row, qtype, k);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float d = half_to_float(v.d[b]);
+    T* o = out + b * kBlock;
+    if (qtype == kQ8_0) {
+      const auto* q = reinterpret_cast<const int8_t*>(v.qs) + b * kBlock;
+      for (int j = 0; j < 32; ++j) o[j] = static_cast<T>(d * q[j]);
+      continue;
+    }
+    const float m = qtype == kQ4_0 ? -8.f * d : half_to_float(v.m[b]);  // Q4_0's offset is -8 d
+    const uint8_t* qs = v.qs + b * 16;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = static_cast<T>(d * (qs[j] & 0x0F) + m);
+      o[j + 16] = static_cast<T>(d * (qs[j] >> 4) + m);
+    }
+  }
+}
+
+inline float load_half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return half_to_float(bits);
+}
+
+// Q4_K/Q5_K's eight 6-bit sub-block scales and mins, packed in 12 bytes: bytes 0-3 hold scales 0-3 and the
+// top bits of scales 4-7, bytes 4-7 mins 0-3 and the top bits of mins 4-7, bytes 8-11 the low nibbles of
+// scales 4-7 (low) and mins 4-7 (high). Unpacked four at a time in 32-bit words: out[0..7] the scales,
+// out[8..15] the mins.
+inline void unpack_scales_k4(const uint8_t* q, uint8_t* out) {
+  constexpr uint32_t six_bits = 0x3f3f3f3f, low_nibbles = 0x0f0f0f0f, two_bits = 0x03030303;
+  uint32_t w[3];
+  std::memcpy(w, q, 12);
+  const uint32_t words[4] = {
+      w[0] & six_bits,
+      (w[2] & low_nibbles) | (((w[0] >> 6) & two_bits) << 4),
+      w[1] & six_bits,
+      ((w[2] >> 4) & low_nibbles) | (((w[1] >> 6) & two_bits) << 4),
+  };
+  std::memcpy(out, words, 16);
+}
+
+inline void unpack_scales_k4(const uint8_t* q, float* sc, float* m) {
+  uint8_t packed[16];
+  unpack_scales_k4(q, packed);
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = packed[j];
+    m[j] = packed[8 + j];
+  }
+}
+
+// Where a K-quant super-block's parts start.
+struct KBlockView {
+  const uint8_t* qs;  // Q4_K/Q5_K: 128 bytes, chunk c's low nibbles are sub-block 2c, its high ones 2c + 1;
+                      // Q6_K: 128 bytes of low nibbles (ql)
+  const uint8_t* qh;  // Q5_K: bit 2c / 2c + 1 of byte l is element l's fifth bit in sub-block 2c / 2c + 1;
+                      // Q6_K: 64 bytes of two-bit pairs
+  const uint8_t* scales;
+  float d, dmin;
+};
+
+inline KBlockView k_block_view(const uint8_t* blk, int64_t qtype) {
+  if (qtype == kQ6_K) return {blk, blk + 128, blk + 192, load_half(blk + 208), 0.f};
+  return {blk + (qtype == kQ5_K ? 48 : 16), blk + 16, blk + 4, load_half(blk), load_half(blk + 2)};
+}
+
+template <typename T>
+void dequantize_row_k(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
+  const int64_t bytes = block_bytes(qtype);
+  for (int64_t s = 0; s < k / kSuperBlock; ++s) {
+    const KBlockView v = k_block_view(row + s * bytes, qtype);
+    T* y = out + s * kSuperBlock;
+    if (qtype == kQ6_K) {
+      const auto* sc = reinterpret_cast<const int8_t*>(v.scales);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = v.qs + 64 * h;
+        const uint8_t* qh = v.qh + 32 * h;
+        const int8_t* hs = sc + 8 * h;
+        T* yh = y + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          const int is = l / 16;
+          yh[l] = static_cast<T>(v.d * hs[is] * (((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32));
+          yh[l + 32] = static_cast<T>(v.d * hs[is + 2] * (((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32));
+          yh[l + 64] = static_cast<T>(v.d * hs[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32));
+          yh[l + 96] = static_cast<T>(v.d * hs[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32));
+        }
+      }
+      continue;
+    }
+    float sc[8], m[8];
+    unpack_scales_k4(v.scales, sc, m);
+    for (int c = 0; c < 4; ++c) {
+      const float d_lo = v.d * sc[2 * c], m_lo = v.dmin * m[2 * c];
+      const float d_hi = v.d * sc[2 * c + 1], m_hi = v.dmin * m[2 * c + 1];
+      for (int l = 0; l < 32; ++l) {
+        int lo = v.qs[32 * c + l] & 0x0F, hi = v.qs[32 * c + l] >> 4;
+        if (qtype == kQ5_K) {
+          lo += (v.qh[l] >> (2 * c)) & 1 ? 16 : 0;
+          hi += (v.qh[l] >> (2 * c + 1)) & 1 ? 16 : 0;
+        }
+        y[64 * c + l] = static_cast<T>(d_lo * lo - m_lo);
+        y[64 * c + 32 + l] = static_cast<T>(d_hi * hi - m_hi);
+      }
+    }
+  }
+}
+
+template <typename T>
+void dequantize_any_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
+  if (is_k_quant(qtype)) dequantize_row_k(row, qtype, k, out);
+  else dequantize_row(row, qtype, k, out);
+}
+
+#if defined(PAGODA_VNNI)
+// Rows of x quantized to int8 blocks: q, each block's scale d, and d * sum(q) (what the weights' offsets
+// multiply), padded with zeros to whole groups of four blocks. Each group's 128 values are stored so that a
+// 64-byte load lines up with what one weight load unpacks (XOrder).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, dsum;
+  int64_t padded_k, padded_blocks;
+};
+
+enum class XOrder {
+  kNatural,  // Q8_0, Q6_K: in order
+  kNibbles,  // Q4_0/Q4_1: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with the
+             // low and the high nibbles of four blocks' 64 quant bytes
+  kPairs,    // Q4_K/Q5_K: [b0 b2 | b1 b3], lining up with the low and the high nibbles of two 32-byte chunks
+};
+
+inline XOrder x_order(int64_t qtype) {
+  if (qtype == kQ4_0 || qtype == kQ4_1) return XOrder::kNibbles;
+  if (qtype == kQ4_K || qtype == kQ5_K) return XOrder::kPairs;
+  return XOrder::kNatural;
+}
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
+  const int64_t blocks = k / kBlock, padded_blocks = (blocks + kGroup - 1) / kGroup * kGroup;
+  const int64_t padded_k = padded_blocks * kBlock;
+  QuantizedRows out{std::vector<int8_t>(rows * padded_k, 0), std::vector<float>(rows * padded_blocks, 0.f),
+                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* xb = x + r * k + b * kBlock;
+      float amax = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(static_cast<float>(xb[j])));
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* group = out.q.data() + r * padded_k + b / kGroup * kGroup * kBlock;
+      const int64_t i = b % kGroup;
+      int sum = 0;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int v = static_cast<int>(std::nearbyint(static_cast<float>(xb[j]) * inv));
+        sum += v;
+        int64_t at = kBlock * i + j;
+        if (order == XOrder::kNibbles) at = j < 16 ? 16 * i + j : 64 + 16 * i + j - 16;
+        else if (order == XOrder::kPairs) at = kBlock * (i == 1 ? 2 : i == 2 ? 1 : i) + j;
+        group[at] = static_cast<int8_t>(v);
+      }
+      out.d[r * padded_blocks + b] = d;
+      out.dsum[r * padded_blocks + b] = d * static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+// The first `count` bytes at p, zeros after. Only a partial group takes the masked load: on Zen a masked
+// load is several times slower than a plain one when it splits a page, which rows of 612 bytes often do.
+inline __m512i load_bytes(const void* p, int64_t count) {
+  if (count >= 64) return _mm512_loadu_si512(p);
+  if (count <= 0) return _mm512_setzero_si512();
+  return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, p);
+}
+
+// `count` (1-4) fp16 values at p as fp32, zeros after.
+inline __m128 load_halves(const uint16_t* p, int64_t count) {
+  if (count >= 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << count) - 1), p));
+}
+
+inline float hsum128(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+// One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
+// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads.
+template <int64_t QType, int R>
+void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
+  const int8_t* xrow[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  __m512 acc[R];
+  __m128 offset[R];  // per block lane: the weights' offsets times the block's sum of x
+  for (int r = 0; r < R; ++r) {
+    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
+    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
+    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+    acc[r] = _mm512_setzero_ps();
+    offset[r] = _mm_setzero_ps();
+  }
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  // Lane l of a dot product belongs to block l / 4 of the group (Q4), to block l / 8 of its half (Q8_0).
+  const __m512i q4_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i q8_lanes_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i q8_lanes_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  for (int64_t b = 0; b < blocks; b += kGroup) {
+    const int64_t present = std::min(kGroup, blocks - b);
+    const __m128 dw = load_halves(w.d + b, present);
+    if constexpr (QType == kQ8_0) {
+      const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs) + b * kBlock;
+      const __m512i w_lo = load_bytes(qs, 32 * present);
+      const __m512i w_hi = load_bytes(qs + 64, 32 * (present - 2));
+      // vpdpbusd wants one unsigned operand: x + 128 as bytes, then take away 128 * sum(w).
+      const __m512i sum_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w_lo);
+      const __m512i sum_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w_hi);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xg = xrow[r] + b * kBlock;
+        const __m512i dot_lo = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(xg), bias128), w_lo), sum_lo);
+        const __m512i dot_hi = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(xg + 64), bias128), w_hi), sum_hi);
+        const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(q8_lanes_lo, scale), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(q8_lanes_hi, scale), acc[r]);
+      }
+    } else {
+      const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
+      const __m512i lo = _mm512_and_si512(packed, low_nibbles);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+      // Q4_0's offset is -8 d (applied once at the end); Q4_1 stores its own.
+      const __m128 mw = QType == kQ4_1 ? load_halves(w.m + b, present) : dw;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xg = xrow[r] + b * kBlock;
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
+                                                hi, _mm512_loadu_si512(xg + 64));
+        const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(q4_lanes, scale), acc[r]);
+        offset[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float offsets = hsum128(offset[r]);
+    result[r] = _mm512_reduce_add_ps(acc[r]) + (QType == kQ4_0 ? -8.f * offsets : offsets);
+  }
+}
+
+inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
+
+// One K-quant weight row against R quantized rows of x, a super-block (256 weights) a step. A 64-byte load
+// of quants holds 128 weights; its low and high nibbles (with Q5_K's fifth and Q6_K's two high bits added)
+// go through two dot products, each lane of which lies in one sub-block: its scale is d * scale of the
+// sub-block * the x block's scale.
+template <int64_t QType, int R>
+void row_dot_k_vnni(const uint8_t* row, int64_t superblocks, const QuantizedRows& xq, int64_t r0, float* result) {
+  const int8_t* xrow[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  __m512 acc[R];
+  __m256 offset[R];  // Q4_K/Q5_K: per sub-block lane, dmin * m times the x block's d * sum(q)
+  for (int r = 0; r < R; ++r) {
+    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
+    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
+    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+    acc[r] = _mm512_setzero_ps();
+    offset[r] = _mm256_setzero_ps();
+  }
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i two_bits = _mm512_set1_epi8(0x03);
+  const __m512i sixteen = _mm512_set1_epi8(16);
+  const __m512i thirty_two = _mm512_set1_epi8(32);
+  // Q4_K/Q5_K: the low nibbles' lanes 0-7 are sub-block 0 of the four a load covers, 8-15 sub-block 2; the
+  // high nibbles' 1 and 3. Q6_K: lane l is in 16-weight sub-block l / 4 (low), 4 + l / 4 (high).
+  const __m512i k4_lanes_lo = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i k4_lanes_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i k6_lanes_lo = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i k6_lanes_hi = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
+  const __m256i k6_x_blocks = _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0);  // 16-weight sub-block -> x block
+  // Q5_K: which bit of the fifth-bit bytes belongs to each half of a load (chunks 2g and 2g + 1).
+  // Q6_K: how far each half's two-bit pairs are shifted down (low nibbles: 0 and 2, high: 4 and 6).
+  const __m512i q6_shift_lo = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+  const __m512i q6_shift_hi = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  const int64_t bytes = block_bytes(QType);
+  for (int64_t s = 0; s < superblocks; ++s) {
+    const KBlockView v = k_block_view(row + s * bytes, QType);
+    const int64_t xb = s * (kSuperBlock / kBlock);  // first x block of the super-block
+    if constexpr (QType == kQ6_K) {
+      const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v.scales));
+      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(v.d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)));
+      alignas(64) float scale_of[16];
+      _mm512_store_ps(scale_of, scales);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i ql = _mm512_loadu_si512(v.qs + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.qh + 32 * h)));
+        const __m512i lo = _mm512_or_si512(_mm512_and_si512(ql, low_nibbles),
+                                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, q6_shift_lo), two_bits), 4));
+        const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low_nibbles),
+                                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, q6_shift_hi), two_bits), 4));
+        const __m256 sub_scales = _mm256_loadu_ps(scale_of + 8 * h);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xg = xrow[r] + (xb + 4 * h) * kBlock;
+          const __m512i xa = _mm512_loadu_si512(xg), xc = _mm512_loadu_si512(xg + 64);
+          // q is unsigned 0..63: dot(q - 32, x) = dot(q, x) - dot(32, x).
+          const __m512i dot_lo = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa),
+                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, xa));
+          const __m512i dot_hi = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xc),
+                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, xc));
+          const __m256 x_scales = _mm256_permutexvar_ps(k6_x_blocks, _mm256_castps128_ps256(_mm_loadu_ps(dx[r] + xb + 4 * h)));
+          const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(sub_scales, x_scales));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(k6_lanes_lo, scale), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(k6_lanes_hi, scale), acc[r]);
+        }
+      }
+    } else {
+      alignas(16) uint8_t packed[16];
+      unpack_scales_k4(v.scales, packed);
+      const __m512 sc_m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(packed))));
+      alignas(32) float scale_of[8];
+      _mm256_store_ps(scale_of, _mm256_mul_ps(_mm256_set1_ps(v.d), _mm512_castps512_ps256(sc_m)));
+      const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(v.dmin), _mm512_extractf32x8_ps(sc_m, 1));
+      __m512i qh = _mm512_setzero_si512();
+      if constexpr (QType == kQ5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.qh)));
+      for (int g = 0; g < 2; ++g) {
+        const __m512i packed = _mm512_loadu_si512(v.qs + 64 * g);
+        __m512i lo = _mm512_and_si512(packed, low_nibbles);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+        if constexpr (QType == kQ5_K) {
+          // Chunk c's low nibbles take bit 2c of the fifth-bit bytes, its high ones bit 2c + 1.
+          const char b_lo = static_cast<char>(1 << (4 * g)), b_lo2 = static_cast<char>(1 << (4 * g + 2));
+          const char b_hi = static_cast<char>(1 << (4 * g + 1)), b_hi2 = static_cast<char>(1 << (4 * g + 3));
+          const __m512i sel_lo = _mm512_inserti64x4(_mm512_set1_epi8(b_lo), _mm256_set1_epi8(b_lo2), 1);
+          const __m512i sel_hi = _mm512_inserti64x4(_mm512_set1_epi8(b_hi), _mm256_set1_epi8(b_hi2), 1);
+          lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, sel_lo), lo, sixteen);
+          hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, sel_hi), hi, sixteen);
+        }
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xg = xrow[r] + (xb + 4 * g) * kBlock;
+          const __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg));
+          const __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xg + 64));
+          const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(_mm_load_ps(scale_of + 4 * g), _mm_loadu_ps(dx[r] + xb + 4 * g)));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(k4_lanes_lo, scale), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(k4_lanes_hi, scale), acc[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) offset[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(dxsum[r] + xb), offset[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(acc[r]) - hsum256(offset[r]);
+}
+
+template <int64_t QType>
+void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t r_count, float* result) {
+  switch (r_count) {
+    case 1: return row_dot_vnni<QType, 1>(w, blocks, xq, r0, result);
+    case 2: return row_dot_vnni<QType, 2>(w, blocks, xq, r0, result);
+    case 3: return row_dot_vnni<QType, 3>(w, blocks, xq, r0, result);
+    default: return row_dot_vnni<QType, 4>(w, blocks, xq, r0, result);
+  }
+}
+
+template <int64_t QType>
+void row_dot_k_rows(const uint8_t* row, int64_t superblocks, const QuantizedRows& xq, int64_t r0, int64_t r_count,
+                    float* result) {
+  switch (r_count) {
+    case 1: return row_dot_k_vnni<QType, 1>(row, superblocks, xq, r0, result);
+    case 2: return row_dot_k_vnni<QType, 2>(row, superblocks, xq, r0, result);
+    case 3: return row_dot_k_vnni<QType, 3>(row, superblocks, xq, r0, result);
+    default: return row_dot_k_vnni<QType, 4>(row, superblocks, xq, r0, result);
+  }
+}
+
+void row_dot_any(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
+                 float* result) {
+  switch (qtype) {
+    case kQ4_0: return row_dot_rows<kQ4_0>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
+    case kQ4_1: return row_dot_rows<kQ4_1>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
+    case kQ8_0: return row_dot_rows<kQ8_0>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
+    case kQ4_K: return row_dot_k_rows<kQ4_K>(row, k / kSuperBlock, xq, r0, r_count, result);
+    case kQ5_K: return row_dot_k_rows<kQ5_K>(row, k / kSuperBlock, xq, r0, r_count, result);
+    default: return row_dot_k_rows<kQ6_K>(row, k / kSuperBlock, xq, r0, r_count, result);
+  }
+}
+
+template <typename T>
+void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
+  const int64_t rows = x.size(0), k = x.size(1), n = w.size(0), row_bytes = w.size(1);
+  const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float result[kRowTile];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+      const int64_t r_count = std::min(kRowTile, rows - r0);
+      for (int64_t col = begin; col < end; ++col) {
+        row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
+        const float b = bias ? bias[col] : 0.f;
+        for (int64_t r = 0; r < r_count; ++r) op[(r0 + r) * n + col] = static_cast<T>(result[r] + b);
+      }
+    }
+  });
+}
+#else
+template <typename T>
+void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
+  const int64_t rows = x.size(0), k = x.size(1), n = w.size(0), row_bytes = w.size(1);
+  const T* xp = x.data_ptr<T>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> wrow(k);
+    for (int64_t col = begin; col < end; ++col) {
+      dequantize_any_row(wp + col * row_bytes, qtype, k, wrow.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        float total = 0.f;
+        for (int64_t i = 0; i < k; ++i) total += wrow[i] * static_cast<float>(xp[r * k + i]);
+        op[r * n + col] = static_cast<T>(total + (bias ? bias[col] : 0.f));
+      }
+    }
+  });
+}
+#endif
+
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* fn) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), fn,
+              ": weight must be a contiguous uint8 [out_features, bytes per row] tensor of GGUF blocks");
+  const int64_t bs = block_size(qtype);
+  TORCH_CHECK(k % bs == 0, fn, ": in_features ", k, " is not a multiple of the block size ", bs);
+  TORCH_CHECK(w.size(1) == k / bs * block_bytes(qtype), fn, ": weight rows hold ", w.size(1), " bytes, but ", k,
+              " inputs of GGML type ", qtype, " take ", k / bs * block_bytes(qtype));
+}
+
+}  // namespace
+
+// x: [rows, in_features] fp32/bf16; w: [out_features, in_features / 32 * block bytes] uint8, regrouped GGUF
+// rows (see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [rows, in_features]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gguf_linear: x must be fp32 or bf16");
+  check_weight(w, qtype, x.size(1), "gguf_linear");
+  x = x.contiguous();
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16) {
+    run_linear<at::BFloat16>(x, w, qtype, bp, out);
+  } else {
+    run_linear<float>(x, w, qtype, bp, out);
+  }
+  return out;
+}
+
+// w as in gguf_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_weight(w, qtype, in_features, "gguf_dequantize");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gguf_dequantize: dtype must be fp32 or bf16");
+  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (dtype == at::kBFloat16) {
+        dequantize_any_row(wp + r * row_bytes, qtype, in_features, out.data_ptr<at::BFloat16>() + r * in_features);
+      } else {
+        dequantize_any_row(wp + r * row_bytes, qtype, in_features, out.data_ptr<float>() + r * in_features);
+      }
+    }
+  });
+  return out;
+}

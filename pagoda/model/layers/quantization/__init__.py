@@ -1,0 +1,1 @@
+"""Quantized weights: which ``LinearMethod`` each linear layer gets, and the methods themselves."""

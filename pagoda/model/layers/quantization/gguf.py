@@ -1,0 +1,154 @@
+"""GGUF block quants executed as stored (no dequantized copy of the model): Q4_0, Q4_1, Q8_0, Q4_K, Q5_K
+and Q6_K.
+
+A layer's ``weight`` (uint8) holds the file's bytes of each weight row. Q4_0/Q4_1/Q8_0 rows are regrouped at
+load from GGUF's array of blocks ([scale, (offset,) quants] per 32 weights) into [all quants | all scales |
+all offsets], so the C++ kernel (pagoda/csrc/gguf_linear.cpp) loads four blocks' quants and scales with one
+instruction each; K-quant rows stay as stored. The bytes per row, and so the memory read per token, stay
+the file's. Up to ``NATIVE_MAX_ROWS`` rows of
+input (decode) go through that kernel; more rows (prefill) dequantize tiles of the weight to the model dtype
+and use the dense matmul, which is compute-bound there and faster than int8 dot products on 2 cores
+(except in batch-invariant mode: the kernel computes each row alone, the dense matmul does not).
+
+Other GGUF types (Q2_K, Q3_K, Q5_0, the IQ types...), and fused layers whose parts have different types, are
+dequantized at load to the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.model.gguf_file import GGUFFile, dequantize
+from pagoda.model.layers.linear import Linear, batch_invariant
+
+NATIVE_TYPES = (
+    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+)
+# Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul).
+NATIVE_MAX_ROWS = 4
+# Weight rows dequantized per tile on the prefill path (a tile of a 576-wide layer is 4.7 MB of bf16).
+DEQUANT_TILE_ROWS = 4096
+# Bytes before the quants in one GGUF block: the fp16 scale, and Q4_1's fp16 offset.
+_HEADER_BYTES = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 2}
+
+
+def row_bytes(qtype: GGMLQuantizationType, in_features: int) -> int:
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    if in_features % block:
+        raise ValueError(f"{qtype.name} needs in_features divisible by {block}, got {in_features}")
+    return in_features // block * block_bytes
+
+
+def regroup_rows(raw: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """[rows, row bytes] GGUF blocks -> the same bytes as [quants | scales | offsets] per row (K-quants: as
+    they are)."""
+    if qtype not in _HEADER_BYTES:
+        return raw
+    header, block_bytes = _HEADER_BYTES[qtype], GGML_QUANT_SIZES[qtype][1]
+    blocks = raw.reshape(raw.shape[0], -1, block_bytes)
+    parts = [blocks[:, :, header:], blocks[:, :, 0:2]]
+    if qtype == GGMLQuantizationType.Q4_1:
+        parts.append(blocks[:, :, 2:4])
+    return torch.cat([p.reshape(raw.shape[0], -1) for p in parts], dim=1)
+
+
+def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """The inverse of ``regroup_rows``."""
+    if qtype not in _HEADER_BYTES:
+        return grouped
+    header, block_bytes = _HEADER_BYTES[qtype], GGML_QUANT_SIZES[qtype][1]
+    rows = grouped.shape[0]
+    blocks = grouped.shape[1] // block_bytes
+    quant_bytes = block_bytes - header
+    qs = grouped[:, : blocks * quant_bytes].reshape(rows, blocks, quant_bytes)
+    scales = grouped[:, blocks * quant_bytes :].reshape(rows, header // 2, blocks, 2).transpose(1, 2)
+    return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
+
+
+def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Regrouped rows -> [rows, in_features] of ``dtype`` (the C++ kernel, or torch without it)."""
+    if ops is not None and dtype in (torch.float32, torch.bfloat16):
+        return ops.gguf_dequantize(qweight, int(qtype), in_features, dtype)
+    raw = ungroup_rows(qweight, qtype).reshape(-1)
+    return dequantize(raw, qtype, (qweight.shape[0], in_features)).to(dtype)
+
+
+class GGUFLinearMethod:
+    """One GGUF type for all of the layer's rows (every shard of a fused layer has it)."""
+
+    def __init__(self, qtype: GGMLQuantizationType, ops: ModuleType) -> None:
+        if qtype not in NATIVE_TYPES:
+            raise ValueError(f"no native kernel for GGUF type {qtype.name}; native: {[t.name for t in NATIVE_TYPES]}")
+        self.qtype = qtype
+        self.ops = ops
+
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
+                       dtype: torch.dtype) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_sizes), row_bytes(self.qtype, in_features), dtype=torch.uint8),
+                               requires_grad=False)
+        weight.weight_loader = self._weight_loader(output_sizes)  # type: ignore[attr-defined]
+        weight.num_shards = len(output_sizes)  # type: ignore[attr-defined]
+        layer.weight = weight
+        if bias:
+            layer.bias = nn.Parameter(torch.empty(sum(output_sizes), dtype=dtype), requires_grad=False)
+            layer.bias.weight_loader = weight.weight_loader  # type: ignore[attr-defined]
+            layer.bias.num_shards = len(output_sizes)  # type: ignore[attr-defined]
+
+    def _weight_loader(self, output_sizes: list[int]):  # noqa: ANN202 - a WeightLoader
+        def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str) -> None:
+            dest = param.data if shard is None else param.data.narrow(0, sum(output_sizes[:shard]), output_sizes[shard])
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(regroup_rows(tensor, self.qtype) if param.dtype == torch.uint8 else tensor)
+
+        return load
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant():  # the kernel is row-independent
+            return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
+        tiles = [
+            F.linear(x, dequantize_rows(self.ops, tile, self.qtype, layer.in_features, x.dtype))
+            for tile in layer.weight.split(DEQUANT_TILE_ROWS)
+        ]
+        out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+        return out if layer.bias is None else out + layer.bias
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.ops, layer.weight[ids.reshape(-1)], self.qtype, layer.in_features,
+                               layer.dtype).reshape(*ids.shape, layer.in_features)
+
+
+@dataclass
+class GGUFQuantConfig:
+    """Which layers keep their GGUF blocks, from the file's tensor types (HF names). Building the model asks
+    for each layer's method; ``native`` then names the checkpoint weights the loader hands over as raw rows."""
+
+    types: dict[str, GGMLQuantizationType]
+    ops: ModuleType
+    native: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_file(cls, gguf: GGUFFile, hf_name: Callable[[str], str], ops: ModuleType) -> GGUFQuantConfig:
+        return cls({hf_name(name): info.qtype for name, info in gguf.tensors.items() if name != "rope_freqs.weight"}, ops)
+
+    def linear_method(self, checkpoint_names: list[str]) -> GGUFLinearMethod | None:
+        """The method for a layer made of these checkpoint weights (one, or the parts of a fused layer):
+        native when they share one native type, else None (dense, dequantized at load)."""
+        weights = [f"{name}.weight" for name in checkpoint_names]
+        qtypes = {self.types.get(w) for w in weights}
+        if len(qtypes) != 1:
+            return None
+        (qtype,) = qtypes
+        if qtype not in NATIVE_TYPES:
+            return None
+        self.native.update(weights)
+        return GGUFLinearMethod(qtype, self.ops)
