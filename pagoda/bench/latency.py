@@ -2,12 +2,16 @@
 
     pagoda bench latency --input-len 128 --output-len 128 --repeats 5
     pagoda bench latency --model configs/llama-3.1-8b.json --load-format dummy --mbu
+    pagoda bench latency --peer llamacpp      # llama.cpp's llama-bench on the same GGUF, same run
 
 Prompts are random token ids (numpy seed 0); ignore_eos and greedy, so every run decodes exactly
 --output-len tokens. Reports the median and the min-max spread over the repeats. Every engine flag of
 `pagoda serve` applies. --mbu adds the model bandwidth utilization: bytes read per decode step (weights
 and the KV cache so far) times steps per second, over the bandwidth of a large device-to-device copy
-(bytes read + written) measured in the same run.
+(bytes read + written) measured in the same run; the weight bytes are those of the loaded model's
+parameters (a GGUF file's blocks where they run as stored). --peer llamacpp runs llama.cpp's
+`llama-bench` (pagoda/bench/llama_bench.py) on the same file with as many threads as torch uses, and
+reports the ratios; it implies --mbu.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
     t0 = time.perf_counter()
     llm = LLM(**engine_args)
     load_s = time.perf_counter() - t0
+    weight_bytes = decode_weight_bytes(llm.engine.runner.model)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     ttfts, decode_rates = [], []
@@ -43,11 +48,18 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
     return {
         "engine_args": engine_args,
         "load_s": round(load_s, 2),
+        "decode_weight_bytes": weight_bytes,
         "ttft_ms_median": round(statistics.median(ttfts) * 1e3, 1),
         "ttft_ms_range": [round(min(ttfts) * 1e3, 1), round(max(ttfts) * 1e3, 1)],
         "decode_tok_per_s_median": round(statistics.median(decode_rates), 1),
         "decode_tok_per_s_range": [round(min(decode_rates), 1), round(max(decode_rates), 1)],
     }
+
+
+def decode_weight_bytes(model: Any) -> int:
+    """Weight bytes one decode step reads: every parameter, except an untied embedding table (one row)."""
+    skip = model.embed_tokens.weight if model.lm_head is not None else None
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mbu", action="store_true", help="also measure copy bandwidth and report the MBU")
     parser.add_argument("--copy-mib", type=int, default=None,
                         help="copy-bandwidth buffer (default: 4096 MiB on a GPU, 512 on the CPU)")
+    parser.add_argument("--peer", choices=["llamacpp"], default=None,
+                        help="also run llama.cpp's llama-bench on the same GGUF file (docs/peers.md)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     add_engine_args(parser, positional_model=False)
 
@@ -81,7 +95,7 @@ def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], i
     copy_gbs = measure_copy_bandwidth(torch.device(device), copy_mib or (4096 if device == "cuda" else 512))
     # The KV read grows by one token per step: on average the prompt plus half the output.
     kv_bytes = (input_len + output_len / 2) * footprint.kv_bytes_per_token
-    step_bytes = footprint.decode_weight_bytes + kv_bytes
+    step_bytes = result["decode_weight_bytes"] + kv_bytes
     achieved = step_bytes * result["decode_tok_per_s_median"] / 1e9
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -102,14 +116,47 @@ def run(args: argparse.Namespace) -> int:
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     engine_args = engine_kwargs(args)
+    gguf = _peer_gguf(engine_args) if args.peer else None  # refused before the long part
+    if gguf is not None:
+        from pagoda.bench.llama_bench import find_llama_bench
+
+        find_llama_bench()
     result = measure(engine_args, args.input_len, args.output_len, args.repeats)
-    if args.mbu:
+    if args.mbu or args.peer:
         result["bandwidth"] = bandwidth_utilization(result, engine_args, args.input_len, args.output_len,
                                                     args.copy_mib)
+    if gguf is not None:
+        result["llamacpp"] = _compare_llama_bench(result, gguf, args)
     print(json.dumps(result))
     if args.out:
         write_json(args.out, result)
     return 0
+
+
+def _peer_gguf(engine_args: dict[str, Any]) -> str:
+    from pagoda.config import ModelConfig
+    from pagoda.model.loader import resolve_model
+
+    source = resolve_model(engine_args.get("model", ModelConfig().model))
+    if source.kind != "gguf":
+        raise ValueError(f"--peer llamacpp needs a GGUF model (llama-bench reads GGUF), got {source.path}")
+    return str(source.path)
+
+
+def _compare_llama_bench(result: dict[str, Any], gguf: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from pagoda.bench.llama_bench import measure_llama_bench
+
+    peer = measure_llama_bench(gguf, args.input_len, args.output_len, args.repeats, torch.get_num_threads())
+    if "decode_tok_per_s" in peer:
+        peer["pagoda_decode_ratio"] = round(result["decode_tok_per_s_median"] / peer["decode_tok_per_s"], 3)
+        copy_gbs = result["bandwidth"]["copy_gbs"]
+        # The same file's blocks: llama.cpp reads what Pagoda's native path reads, KV aside.
+        peer["mbu"] = round(result["bandwidth"]["bytes_per_step"] * peer["decode_tok_per_s"] / 1e9 / copy_gbs, 3)
+    if "ttft_ms" in peer:
+        peer["pagoda_ttft_ratio"] = round(result["ttft_ms_median"] / peer["ttft_ms"], 3)
+    return peer
 
 
 def main(argv: list[str] | None = None) -> int:
