@@ -7,7 +7,8 @@
 // Layout: each row keeps its GGUF bytes. Q4_0/Q4_1/Q8_0 rows are regrouped at load
 // (pagoda/model/layers/quantization/gguf.py) from an array of blocks into [all quants | all scales | all
 // offsets], so that one 64-byte load holds the quants of four Q4 blocks (two Q8_0 blocks) and one load their
-// four scales. K-quant rows stay as stored: a super-block's quants are already 128 contiguous bytes.
+// four scales; Q8_0's quants are stored plus 128 (as unsigned bytes, flipping the top bit), the operand
+// order of VNNI's unsigned-by-signed dot product. K-quant rows stay as stored: a super-block's quants are already 128 contiguous bytes.
 //
 // Each row of x is quantized on the fly to int8 blocks of 32 with an fp32 scale (as llama.cpp's Q8
 // activations), and the products run as AVX-512 VNNI dot products (vpdpbusd: unsigned x signed bytes, four
@@ -84,9 +85,9 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float d = half_to_float(v.d[b]);
     T* o = out + b * kBlock;
-    if (qtype == kQ8_0) {
-      const auto* q = reinterpret_cast<const int8_t*>(v.qs) + b * kBlock;
-      for (int j = 0; j < 32; ++j) o[j] = static_cast<T>(d * q[j]);
+    if (qtype == kQ8_0) {  // stored offset by 128 (see the file note)
+      const uint8_t* q = v.qs + b * kBlock;
+      for (int j = 0; j < 32; ++j) o[j] = static_cast<T>(d * (static_cast<int>(q[j]) - 128));
       continue;
     }
     const float m = qtype == kQ4_0 ? -8.f * d : half_to_float(v.m[b]);  // Q4_0's offset is -8 d
@@ -282,7 +283,6 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
     offset[r] = _mm_setzero_ps();
   }
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i bias128 = _mm512_set1_epi8(static_cast<char>(0x80));
   // Lane l of a dot product belongs to block l / 4 of the group (Q4), to block l / 8 of its half (Q8_0).
   const __m512i q4_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512i q8_lanes_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -291,21 +291,19 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
     const int64_t present = std::min(kGroup, blocks - b);
     const __m128 dw = load_halves(w.d + b, present);
     if constexpr (QType == kQ8_0) {
-      const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs) + b * kBlock;
+      // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
+      // the second term taken away once at the end through the blocks' d * sum(x).
+      const uint8_t* qs = w.qs + b * kBlock;
       const __m512i w_lo = load_bytes(qs, 32 * present);
       const __m512i w_hi = load_bytes(qs + 64, 32 * (present - 2));
-      // vpdpbusd wants one unsigned operand: x + 128 as bytes, then take away 128 * sum(w).
-      const __m512i sum_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w_lo);
-      const __m512i sum_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w_hi);
       for (int r = 0; r < R; ++r) {
         const int8_t* xg = xrow[r] + b * kBlock;
-        const __m512i dot_lo = _mm512_sub_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(xg), bias128), w_lo), sum_lo);
-        const __m512i dot_hi = _mm512_sub_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(xg + 64), bias128), w_hi), sum_hi);
+        const __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_lo, _mm512_loadu_si512(xg));
+        const __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_hi, _mm512_loadu_si512(xg + 64));
         const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(q8_lanes_lo, scale), acc[r]);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(q8_lanes_hi, scale), acc[r]);
+        offset[r] = _mm_fmadd_ps(dw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
       }
     } else {
       const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
@@ -325,7 +323,7 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
   }
   for (int r = 0; r < R; ++r) {
     const float offsets = hsum128(offset[r]);
-    result[r] = _mm512_reduce_add_ps(acc[r]) + (QType == kQ4_0 ? -8.f * offsets : offsets);
+    result[r] = _mm512_reduce_add_ps(acc[r]) + (QType == kQ4_0 ? -8.f * offsets : QType == kQ8_0 ? -128.f * offsets : offsets);
   }
 }
 

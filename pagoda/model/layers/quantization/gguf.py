@@ -48,13 +48,16 @@ def row_bytes(qtype: GGMLQuantizationType, in_features: int) -> int:
 
 
 def regroup_rows(raw: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """[rows, row bytes] GGUF blocks -> the same bytes as [quants | scales | offsets] per row (K-quants: as
-    they are)."""
+    """[rows, row bytes] GGUF blocks -> the same bytes as [quants | scales | offsets] per row, Q8_0's
+    quants plus 128 (K-quants: as they are)."""
     if qtype not in _HEADER_BYTES:
         return raw
     header, block_bytes = _HEADER_BYTES[qtype], GGML_QUANT_SIZES[qtype][1]
     blocks = raw.reshape(raw.shape[0], -1, block_bytes)
-    parts = [blocks[:, :, header:], blocks[:, :, 0:2]]
+    quants = blocks[:, :, header:]
+    if qtype == GGMLQuantizationType.Q8_0:  # int8 q -> q + 128 as uint8: the kernel's unsigned operand
+        quants = quants ^ 0x80
+    parts = [quants, blocks[:, :, 0:2]]
     if qtype == GGMLQuantizationType.Q4_1:
         parts.append(blocks[:, :, 2:4])
     return torch.cat([p.reshape(raw.shape[0], -1) for p in parts], dim=1)
@@ -69,6 +72,8 @@ def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
     blocks = grouped.shape[1] // block_bytes
     quant_bytes = block_bytes - header
     qs = grouped[:, : blocks * quant_bytes].reshape(rows, blocks, quant_bytes)
+    if qtype == GGMLQuantizationType.Q8_0:
+        qs = qs ^ 0x80
     scales = grouped[:, blocks * quant_bytes :].reshape(rows, header // 2, blocks, 2).transpose(1, 2)
     return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
 

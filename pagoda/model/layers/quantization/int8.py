@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
-from pagoda.model.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.model.layers.quantization.gguf import GGUFLinearMethod, regroup_rows
 
 def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (int8 [out, in], scales [out] of ``scale_dtype``) with W[n] ~ scale[n] * q[n]."""
@@ -32,10 +32,12 @@ def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.fl
 
 
 def q8_0_rows(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] float -> per-channel int8 as regrouped Q8_0 rows [quants | one fp16 scale per 32]."""
+    """[out, in] float -> per-channel int8 as regrouped Q8_0 rows (every block's scale the row's)."""
     q, scale = quantize_int8_rows(weight, torch.float16)
-    scales = scale[:, None].expand(-1, weight.shape[1] // 32).contiguous()
-    return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+    rows, blocks = weight.shape[0], weight.shape[1] // 32
+    scales = scale[:, None, None].expand(rows, blocks, 1).contiguous().view(torch.uint8)
+    raw = torch.cat([scales, q.view(torch.uint8).reshape(rows, blocks, 32)], dim=2).reshape(rows, -1)
+    return regroup_rows(raw, GGMLQuantizationType.Q8_0)
 
 
 class Int8LinearMethod:
