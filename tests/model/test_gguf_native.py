@@ -191,6 +191,22 @@ def _decode_logits(llm: LLM, tokens: list[int], prompt_len: int) -> torch.Tensor
     return torch.cat(rows)
 
 
+AGREEMENT_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters."
+)
+
+
+def top1_agreement(reference: LLM, *others: LLM) -> list[float]:
+    """Each model's top-1 agreement with ``reference`` over AGREEMENT_TEXT, 16 tokens prefilled, the rest
+    (60) decoded one at a time."""
+    tokens = reference.get_tokenizer().encode(AGREEMENT_TEXT)
+    ref = _decode_logits(reference, tokens, 16).argmax(-1)
+    return [(_decode_logits(llm, tokens, 16).argmax(-1) == ref).float().mean().item() for llm in others]
+
+
 @needs_kernels
 def test_a_gguf_model_runs_its_blocks_and_is_as_faithful_as_dequantizing(bundled_gguf) -> None:
     """Top-1 agreement with the fp32-dequantized model over 60 decode steps: the native path (int8
@@ -204,14 +220,5 @@ def test_a_gguf_model_runs_its_blocks_and_is_as_faithful_as_dequantizing(bundled
     dense_bytes = sum(p.numel() * p.element_size() for p in dense_model.parameters())
     assert native_bytes < dense_bytes / 2
 
-    text = (
-        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-        "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-        "the rightful property of some one or other of their daughters."
-    )
-    tokens = native.get_tokenizer().encode(text)
-    ref = _decode_logits(fp32, tokens, 16).argmax(-1)
-    native_agreement = (_decode_logits(native, tokens, 16).argmax(-1) == ref).float().mean().item()
-    bf16_agreement = (_decode_logits(bf16, tokens, 16).argmax(-1) == ref).float().mean().item()
+    native_agreement, bf16_agreement = top1_agreement(fp32, native, bf16)
     assert native_agreement >= min(0.9, bf16_agreement - 0.05), (native_agreement, bf16_agreement)

@@ -11,7 +11,7 @@ from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod, quantize_int8_rows
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
-from tests.model.test_gguf_native import _decode_logits, _int8_blocks
+from tests.model.test_gguf_native import _decode_logits, _int8_blocks, top1_agreement
 
 OPS = load_cpu_kernels()
 # The GGUF Q8_0 kernel where the C++ kernels build; torch's _weight_int8pack_mm without them.
@@ -103,14 +103,5 @@ def test_an_int8_model_is_nearly_as_faithful_as_bf16(bundled_gguf) -> None:
     layer = int8.engine.runner.model.layers[0]
     assert layer.qkv_proj.weight.element_size() == 1 and layer.down_proj.weight.element_size() == 1
     assert int8.engine.runner.model.embed_tokens.weight.element_size() == 1  # the tied output projection too
-    text = (
-        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-        "of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
-        "the rightful property of some one or other of their daughters."
-    )
-    tokens = int8.get_tokenizer().encode(text)
-    ref = _decode_logits(fp32, tokens, 16).argmax(-1)
-    int8_agreement = (_decode_logits(int8, tokens, 16).argmax(-1) == ref).float().mean().item()
-    bf16_agreement = (_decode_logits(bf16, tokens, 16).argmax(-1) == ref).float().mean().item()
+    int8_agreement, bf16_agreement = top1_agreement(fp32, int8, bf16)
     assert int8_agreement >= min(0.9, bf16_agreement - 0.05), (int8_agreement, bf16_agreement)
