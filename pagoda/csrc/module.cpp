@@ -15,6 +15,8 @@ void rotary_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 void apply_token_bitmask(torch::Tensor logits, torch::Tensor bits, torch::Tensor logit_rows);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias);
 torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
+torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -28,5 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding in place");
   m.def("gguf_linear", &gguf_linear, "x @ W.T + b for W in GGUF Q4_0/Q4_1/Q8_0 blocks, int8 activations (VNNI)");
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF Q4_0/Q4_1/Q8_0 rows -> fp32/bf16");
+  m.def("int4_linear", &int4_linear, "x @ W.T + b for W in group-wise asymmetric int4 rows, int8 activations (VNNI)");
+  m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in place for each token a grammar bitmask forbids");
 }

@@ -91,7 +91,7 @@ _STACKED = {
     "mlp.gate_proj": ("gate_up_proj", 0),
     "mlp.up_proj": ("gate_up_proj", 1),
 }
-_RENAMED = {
+RENAMED_MODULES = {
     "self_attn.o_proj": "o_proj",
     "mlp.down_proj": "down_proj",
     "self_attn.q_norm": "q_norm",
@@ -166,6 +166,14 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - written)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        """Layers loaded in a checkpoint's layout (GPTQ, AWQ) take the form their kernels multiply."""
+        for module in self.modules():
+            finish = getattr(getattr(module, "method", None), "process_weights_after_loading", None)
+            if finish is not None:
+                finish(module)
 
     def _locate(self, name: str) -> tuple[str | None, int | None]:
         """Our parameter for an HF tensor name, and which shard of it (None: all of it)."""
@@ -185,8 +193,8 @@ class LlamaForCausalLM(nn.Module):
         if module in _STACKED:
             target, shard = _STACKED[module]
             return f"layers.{layer}.{target}.{leaf}", shard
-        if module in _RENAMED:
-            return f"layers.{layer}.{_RENAMED[module]}.{leaf}", None
+        if module in RENAMED_MODULES:
+            return f"layers.{layer}.{RENAMED_MODULES[module]}.{leaf}", None
         raise ValueError(f"unexpected checkpoint tensor {name!r}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:
@@ -194,6 +202,8 @@ class LlamaForCausalLM(nn.Module):
         device = self.embed_tokens.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
         for name, param in self.named_parameters():
+            if name.endswith("g_idx"):  # GPTQ's column groups: the default (in order) is the valid one
+                continue
             if "norm" in name:
                 param.data.fill_(1.0)
             elif not param.dtype.is_floating_point:  # quantized weights: small codes
@@ -203,3 +213,4 @@ class LlamaForCausalLM(nn.Module):
                 param.data.fill_(0.02 / 4)
             else:
                 param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)
+        self.process_weights_after_loading()

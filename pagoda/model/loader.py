@@ -22,7 +22,7 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.gguf_file import GGUFFile, GGUFTensorInfo
 from pagoda.model.llama import LlamaForCausalLM, QuantConfig
 from pagoda.model.layers.quantization.gguf import GGUFQuantConfig
-from pagoda.model.layers.quantization.int8 import Int8QuantConfig
+from pagoda.model.layers.quantization.select import quant_config
 from pagoda.model.registry import model_class
 from pagoda.model.tokenizer_source import TokenizerSource, tokenizer_from_folder, tokenizer_from_gguf
 
@@ -234,14 +234,16 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _safetensors_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     files = _safetensors_files(folder)
     for path in tqdm(files, desc="loading shards", unit="file", leave=False, disable=None):
         with safe_open(str(path), framework="pt") as f:  # memory-mapped
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                # As stored: each parameter's loader casts to its own dtype (the model's; GPTQ/AWQ keep
+                # int32 codes and fp16 scales, which a cast to bf16 first would round).
+                yield name, f.get_tensor(name)
 
 
 def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu",
@@ -282,21 +284,22 @@ def load_model(
     device: str = "cpu",
     keep_gguf_quants: bool = False,
     quantization: str | None = None,
+    quantization_group_size: int = 128,
 ) -> LoadedModel:
     """Load weights (onto ``device``) and tokenizer. ``load_format='dummy'`` fills random weights of the
-    same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type (Q4_0/Q4_1/Q8_0/K-quants) run on their blocks as stored
-    (CPU kernels), the rest is dequantized to ``dtype``. ``quantization='int8'``: the decoder layers'
-    weights are quantized as they load (pagoda/model/layers/quantization/int8.py)."""
-    if quantization not in (None, "int8"):
-        raise ValueError(f"quantization must be int8 or None, got {quantization!r}")
-    kernels = load_cpu_kernels() if device == "cpu" and (keep_gguf_quants or quantization) else None
-    int8 = Int8QuantConfig(kernels) if quantization == "int8" else None
+    same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type (Q4_0/Q4_1/Q8_0/K-quants) run on
+    their blocks as stored (CPU kernels), the rest is dequantized to ``dtype``. ``quantization``: int8 / int4
+    (groups of ``quantization_group_size``) quantize the weights as they load; a GPTQ or AWQ checkpoint
+    (``quantization_config`` in its config.json) loads as it is quantized (pagoda/model/layers/quantization/)."""
+    kernels = load_cpu_kernels() if device == "cpu" else None
     source = resolve_model(name)
     if source.kind == "config":
         if load_format != "dummy":
             raise ValueError(f"{source.path} is a bare config.json: it needs load_format='dummy'")
-        arch = ArchConfig.from_hf(json.loads(source.path.read_text()))
-        model = _build(arch, dtype, device)
+        hf_config = json.loads(source.path.read_text())
+        arch = ArchConfig.from_hf(hf_config)
+        model = _build(arch, dtype, device, quant_config(quantization, hf_config.get("quantization_config"), kernels,
+                                                         quantization_group_size))
         model.init_dummy_weights(seed)
         return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), source.name)
     if source.kind == "gguf":
@@ -305,7 +308,8 @@ def load_model(
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
         ops = kernels if keep_gguf_quants and load_format != "dummy" else None
-        quant: QuantConfig | None = GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None else int8
+        quant: QuantConfig | None = (GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None
+                                     else quant_config(quantization, None, kernels, quantization_group_size))
         if load_format != "dummy":
             _check_gguf_tensors(gguf, arch, dtype, quant)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
@@ -328,14 +332,17 @@ def load_model(
     if not config_path.exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device, keep_gguf_quants, quantization)
+            return load_model(str(ggufs[0]), dtype, load_format, tokenizer, seed, device, keep_gguf_quants,
+                              quantization, quantization_group_size)
         raise FileNotFoundError(f"{folder} has no config.json")
-    arch = ArchConfig.from_hf(json.loads(config_path.read_text()))
-    model = _build(arch, dtype, device, int8)
+    hf_config = json.loads(config_path.read_text())
+    arch = ArchConfig.from_hf(hf_config)
+    model = _build(arch, dtype, device, quant_config(quantization, hf_config.get("quantization_config"), kernels,
+                                                     quantization_group_size))
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif load_format in ("auto", "safetensors"):
-        model.load_weights(_safetensors_weights(folder, dtype))
+        model.load_weights(_safetensors_weights(folder))
     else:
         raise ValueError(f"load_format={load_format!r} does not fit folder {folder}")
     tok = tokenizer_from_folder(Path(tokenizer) if tokenizer else folder, arch.eos_token_ids)

@@ -83,7 +83,7 @@ def test_a_tensor_of_the_wrong_shape_is_refused_by_name(ops) -> None:  # noqa: A
 
 
 def test_an_unknown_quantization_is_named_with_the_supported_ones(bundled_gguf) -> None:
-    with pytest.raises(ValueError, match=r"quantization must be one of int8, got 'int3'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of int8, int4, gptq, awq, got 'int3'"):
         LLM(str(bundled_gguf), quantization="int3")
 
 

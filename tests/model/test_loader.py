@@ -31,7 +31,7 @@ def test_pickled_checkpoints_are_refused(tmp_path) -> None:
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="pickled checkpoint"):
-        list(loader._safetensors_weights(folder, torch.float32))
+        list(loader._safetensors_weights(folder))
 
 
 def test_missing_bundled_model_names_the_pip_command(monkeypatch) -> None:

@@ -53,7 +53,7 @@ class Worker:
         # dtype auto: a GGUF file's quantized layers run as stored; an explicit dtype dequantizes to it.
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device,
                             keep_gguf_quants=mc.dtype == "auto" and mc.quantization is None,
-                            quantization=mc.quantization)
+                            quantization=mc.quantization, quantization_group_size=mc.quantization_group_size)
         self.model = loaded.model.eval()
         self.encoder = self._load_encoder()  # before the KV plan, which measures what is left on a GPU
         arch = loaded.arch

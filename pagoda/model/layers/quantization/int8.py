@@ -34,8 +34,13 @@ def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.fl
 def q8_0_rows(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] float -> per-channel int8 as regrouped Q8_0 rows (every block's scale the row's)."""
     q, scale = quantize_int8_rows(weight, torch.float16)
-    rows, blocks = weight.shape[0], weight.shape[1] // 32
-    scales = scale[:, None, None].expand(rows, blocks, 1).contiguous().view(torch.uint8)
+    return q8_0_blocks(q, scale[:, None].expand(-1, weight.shape[1] // 32))
+
+
+def q8_0_blocks(q: torch.Tensor, block_scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes [out, in] with a scale per 32 of them [out, in / 32] -> regrouped Q8_0 rows."""
+    rows, blocks = q.shape[0], q.shape[1] // 32
+    scales = block_scales.to(torch.float16).reshape(-1).view(torch.uint8).reshape(rows, blocks, 2)
     raw = torch.cat([scales, q.view(torch.uint8).reshape(rows, blocks, 32)], dim=2).reshape(rows, -1)
     return regroup_rows(raw, GGMLQuantizationType.Q8_0)
 

@@ -1,0 +1,211 @@
+// Linear layers on group-wise asymmetric int4 weights (--quantization int4, GPTQ and AWQ checkpoints, all
+// unpacked at load to this one layout): W[n, j] = scale[n, g] * (q[n, j] - zero[n, g]) for group g = j / G.
+//
+// Layout of a weight row (uint8): [k / 2 bytes of nibbles | ng fp16 scales | ng uint8 zeros], ng = ceil(k / G)
+// (the last group may be shorter, as AutoGPTQ allows). The nibbles are in GGUF Q4's order, 32 weights per 16
+// bytes (element j < 16 of a 32-block the low nibble of byte j, element j >= 16 the high nibble of byte
+// j - 16), so the activations' int8 blocks and the dot products are the Q4_1 kernel's (gguf_linear.cpp); only
+// the scales and zeros come per group instead of per block. That keeps a row at 4 + 24 / G bits a weight
+// (4.19 at G = 128) where Q4_1 blocks would take 5.
+//
+// Group sizes: 32, 64, any multiple of 128, or one group for the whole row (GPTQ's group_size -1): in each
+// step of four 32-blocks the group is then one, two, or a single one.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "quant_rows.h"
+
+namespace {
+
+using namespace pagoda_quant;
+
+struct Int4Row {
+  const uint8_t* qs;
+  const uint16_t* scale;
+  const uint8_t* zero;
+};
+
+inline int64_t num_groups(int64_t k, int64_t group) { return (k + group - 1) / group; }
+inline int64_t int4_row_bytes(int64_t k, int64_t group) { return k / 2 + 3 * num_groups(k, group); }
+
+inline Int4Row int4_row(const uint8_t* row, int64_t k, int64_t group) {
+  const auto* scale = reinterpret_cast<const uint16_t*>(row + k / 2);
+  return {row, scale, reinterpret_cast<const uint8_t*>(scale + num_groups(k, group))};
+}
+
+template <typename T>
+void dequantize_int4_row(const uint8_t* row, int64_t k, int64_t group, T* out) {
+  const Int4Row v = int4_row(row, k, group);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const int64_t g = b * kBlock / group;
+    const float d = half_to_float(v.scale[g]), z = v.zero[g];
+    const uint8_t* qs = v.qs + b * 16;
+    T* o = out + b * kBlock;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = static_cast<T>(d * ((qs[j] & 0x0F) - z));
+      o[j + 16] = static_cast<T>(d * ((qs[j] >> 4) - z));
+    }
+  }
+}
+
+#if defined(PAGODA_VNNI)
+// Blocks of 32 per group, as the vector loop sees it: one, two, or at least four (one group per step).
+enum class GroupSpan { kOne, kTwo, kWide };
+
+// `count` (1-4) uint8 values at p as fp32, zeros after.
+inline __m128 load_zeros(const uint8_t* p, int64_t count) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << std::min<int64_t>(count, 4)) - 1), p);
+  return _mm_cvtepi32_ps(_mm_cvtepu8_epi32(bytes));
+}
+
+// One weight row against R quantized rows of x, four blocks a step, as the Q4_1 kernel: the int32 dot
+// product of each block times its weight scale and x scale, plus the block's offset (-scale * zero) times
+// the x block's d * sum(q).
+template <GroupSpan Span, int R>
+void row_dot_int4(const Int4Row& w, int64_t blocks, int64_t group_blocks, const QuantizedRows& xq, int64_t r0,
+                  float* result) {
+  const int8_t* xrow[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  __m512 acc[R];
+  __m128 offset[R];
+  for (int r = 0; r < R; ++r) {
+    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
+    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
+    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+    acc[r] = _mm512_setzero_ps();
+    offset[r] = _mm_setzero_ps();
+  }
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t b = 0; b < blocks; b += kGroup) {
+    const int64_t present = std::min(kGroup, blocks - b);
+    __m128 dw, zw;  // per block lane of the step
+    if constexpr (Span == GroupSpan::kOne) {
+      dw = load_halves(w.scale + b, present);
+      zw = load_zeros(w.zero + b, present);
+    } else if constexpr (Span == GroupSpan::kTwo) {
+      const int64_t groups = (present + 1) / 2;
+      const __m128 d2 = load_halves(w.scale + b / 2, groups), z2 = load_zeros(w.zero + b / 2, groups);
+      dw = _mm_unpacklo_ps(d2, d2);  // (g0, g0, g1, g1)
+      zw = _mm_unpacklo_ps(z2, z2);
+    } else {
+      const int64_t g = b / group_blocks;
+      dw = _mm_set1_ps(half_to_float(w.scale[g]));
+      zw = _mm_set1_ps(static_cast<float>(w.zero[g]));
+    }
+    const __m128 mw = _mm_mul_ps(dw, zw);  // taken away at the end
+    const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
+    const __m512i lo = _mm512_and_si512(packed, low_nibbles);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xg = xrow[r] + b * kBlock;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
+                                              hi, _mm512_loadu_si512(xg + 64));
+      const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(block_lanes, scale), acc[r]);
+      offset[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(acc[r]) - hsum128(offset[r]);
+}
+
+template <GroupSpan Span>
+void row_dot_int4_rows(const Int4Row& w, int64_t blocks, int64_t group_blocks, const QuantizedRows& xq, int64_t r0,
+                       int64_t r_count, float* result) {
+  switch (r_count) {
+    case 1: return row_dot_int4<Span, 1>(w, blocks, group_blocks, xq, r0, result);
+    case 2: return row_dot_int4<Span, 2>(w, blocks, group_blocks, xq, r0, result);
+    case 3: return row_dot_int4<Span, 3>(w, blocks, group_blocks, xq, r0, result);
+    default: return row_dot_int4<Span, 4>(w, blocks, group_blocks, xq, r0, result);
+  }
+}
+
+template <typename T>
+void run_int4_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t group, const float* bias,
+                     torch::Tensor& out) {
+  const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
+  const int64_t blocks = k / kBlock, group_blocks = std::min(group, k) / kBlock;
+  const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, XOrder::kNibbles);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const GroupSpan span = group_blocks == 1 ? GroupSpan::kOne : group_blocks == 2 ? GroupSpan::kTwo : GroupSpan::kWide;
+  for_each_output(rows, w.size(0), bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    const Int4Row row = int4_row(wp + col * row_bytes, k, group);
+    switch (span) {
+      case GroupSpan::kOne: return row_dot_int4_rows<GroupSpan::kOne>(row, blocks, group_blocks, xq, r0, r_count, result);
+      case GroupSpan::kTwo: return row_dot_int4_rows<GroupSpan::kTwo>(row, blocks, group_blocks, xq, r0, r_count, result);
+      default: return row_dot_int4_rows<GroupSpan::kWide>(row, blocks, group_blocks, xq, r0, r_count, result);
+    }
+  });
+}
+#else
+template <typename T>
+void run_int4_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t group, const float* bias,
+                     torch::Tensor& out) {
+  const int64_t k = x.size(1), row_bytes = w.size(1);
+  const T* xp = x.data_ptr<T>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  for_each_output(x.size(0), w.size(0), bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    std::vector<float> wrow(k);
+    dequantize_int4_row(wp + col * row_bytes, k, group, wrow.data());
+    for (int64_t r = 0; r < r_count; ++r) {
+      float total = 0.f;
+      for (int64_t i = 0; i < k; ++i) total += wrow[i] * static_cast<float>(xp[(r0 + r) * k + i]);
+      result[r] = total;
+    }
+  });
+}
+#endif
+
+void check_int4_weight(const torch::Tensor& w, int64_t group, int64_t k, const char* fn) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), fn,
+              ": weight must be a contiguous uint8 [out_features, bytes per row] tensor of int4 rows");
+  TORCH_CHECK(k % kBlock == 0, fn, ": in_features ", k, " is not a multiple of ", kBlock);
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && (group <= 2 * kBlock || group % (kGroup * kBlock) == 0 || group >= k),
+              fn, ": group size ", group, " is not 32, 64, a multiple of 128 or the whole row (", k, ")");
+  TORCH_CHECK(w.size(1) == int4_row_bytes(k, group), fn, ": weight rows hold ", w.size(1), " bytes, but ", k,
+              " inputs in groups of ", group, " take ", int4_row_bytes(k, group));
+}
+
+}  // namespace
+
+// x: [rows, in_features] fp32/bf16; w: [out_features, int4 row bytes] (see the file note); bias: [out_features]
+// or None. Returns [rows, out_features] in x's dtype.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be [rows, in_features]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_linear: x must be fp32 or bf16");
+  check_int4_weight(w, group_size, x.size(1), "int4_linear");
+  x = x.contiguous();
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16) {
+    run_int4_linear<at::BFloat16>(x, w, group_size, bp, out);
+  } else {
+    run_int4_linear<float>(x, w, group_size, bp, out);
+  }
+  return out;
+}
+
+// w as in int4_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
+torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype) {
+  check_int4_weight(w, group_size, in_features, "int4_dequantize");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequantize: dtype must be fp32 or bf16");
+  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (dtype == at::kBFloat16) {
+        dequantize_int4_row(wp + r * row_bytes, in_features, group_size, out.data_ptr<at::BFloat16>() + r * in_features);
+      } else {
+        dequantize_int4_row(wp + r * row_bytes, in_features, group_size, out.data_ptr<float>() + r * in_features);
+      }
+    }
+  });
+  return out;
+}

@@ -1,0 +1,134 @@
+"""Group-wise asymmetric int4 weights: W[n, j] = scale[n, g] * (q[n, j] - zero[n, g]), q and zero in [0, 15],
+g = j // group_size. ``--quantization int4`` quantizes each checkpoint tensor to it as it loads
+(round to nearest, grid.py); GPTQ and AWQ checkpoints are unpacked to it at load (gptq.py, awq.py).
+
+A layer's ``weight`` (uint8) holds each row as [nibbles | fp16 scales | uint8 zeros], the layout of the C++
+kernel (pagoda/csrc/int4_linear.cpp): up to ``NATIVE_MAX_ROWS`` rows of input (decode) run through it with
+int8 activations, more rows (prefill) dequantize tiles for the dense matmul, as GGUF layers do. Without the
+kernels (a GPU, or no compiler) the layer is dequantized in torch per call: correct, not fast.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
+from pagoda.model.layers.quantization.gguf import DEQUANT_TILE_ROWS, NATIVE_MAX_ROWS
+from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
+from pagoda.model.layers.quantization.int8 import Int8LinearMethod
+
+GROUP_SIZES = (32, 64, 128)  # --quantization int4's choices; checkpoints may bring others the kernel takes
+_BLOCK = 32  # weights per 16 bytes of nibbles
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def check_group_size(group_size: int, in_features: int, name: str) -> None:
+    """What the kernel takes (int4_linear.cpp): widths of whole 32-blocks, and groups of 32, 64, a multiple of
+    128, or the whole row."""
+    if in_features % _BLOCK:
+        raise ValueError(f"{name}: int4 layers need in_features divisible by {_BLOCK}, got {in_features}")
+    if group_size % _BLOCK or not (group_size <= 64 or group_size % 128 == 0 or group_size >= in_features):
+        raise ValueError(f"{name}: int4 group size {group_size} is not supported; supported: 32, 64, a multiple "
+                         f"of 128, or the whole row (-1)")
+
+
+def row_bytes(in_features: int, group_size: int) -> int:
+    return in_features // 2 + 3 * num_groups(in_features, group_size)
+
+
+def pack_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """q [out, in] (0..15), scale [out, groups] (stored as fp16), zero [out, groups] (0..15) -> uint8 rows."""
+    out, k = q.shape
+    blocks = q.to(torch.uint8).reshape(out, k // _BLOCK, 2, 16)
+    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, k // 2)
+    scales = scale.to(torch.float16).reshape(-1).view(torch.uint8).reshape(out, -1)
+    return torch.cat([nibbles, scales, zero.to(torch.uint8).reshape(out, -1)], dim=1)
+
+
+def unpack_rows(rows: torch.Tensor, in_features: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_rows``: (q uint8 [out, in], scale fp16 [out, groups], zero uint8 [out, groups])."""
+    out, groups = rows.shape[0], num_groups(in_features, group_size)
+    nibbles = rows[:, : in_features // 2].reshape(out, -1, 1, 16)
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(out, in_features)
+    scale_end = in_features // 2 + 2 * groups
+    scale = rows[:, in_features // 2 : scale_end].contiguous().view(torch.float16)
+    return q, scale, rows[:, scale_end:]
+
+
+class Int4LinearMethod:
+    """One group size for the whole layer. ``ops``: the C++ kernels (None: torch's per-call dequantization).
+    ``input_perm``: GPTQ act-order checkpoints' column order, applied to x (see gptq.py)."""
+
+    def __init__(self, ops: ModuleType | None, group_size: int) -> None:
+        self.ops = ops
+        self.group_size = group_size
+
+    def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
+                       dtype: torch.dtype) -> None:
+        check_group_size(self.group_size, in_features, "--quantization int4")
+        rows = sum(output_sizes)
+        weight = nn.Parameter(torch.empty(rows, row_bytes(in_features, self.group_size), dtype=torch.uint8),
+                              requires_grad=False)
+
+        def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None, name: str) -> None:
+            start, size = (0, rows) if shard is None else (sum(output_sizes[:shard]), output_sizes[shard])
+            if tensor.shape != (size, in_features):
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {(size, in_features)}")
+            param.data[start : start + size].copy_(pack_rows(*quantize_groups(tensor, self.group_size, bits=4, sym=False)))
+
+        weight.weight_loader = load  # type: ignore[attr-defined]
+        weight.num_shards = len(output_sizes)  # type: ignore[attr-defined]
+        layer.weight = weight
+        if bias:
+            layer.bias = nn.Parameter(torch.empty(rows, dtype=dtype), requires_grad=False)
+            layer.bias.weight_loader = sharded_weight_loader(output_sizes)  # type: ignore[attr-defined]
+            layer.bias.num_shards = len(output_sizes)  # type: ignore[attr-defined]
+
+    def dequantize_weight(self, weight: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.ops is not None and weight.is_cpu and dtype in (torch.float32, torch.bfloat16):
+            return self.ops.int4_dequantize(weight, self.group_size, in_features, dtype)
+        q, scale, zero = unpack_rows(weight, in_features, self.group_size)
+        return dequantize_groups(q, scale, zero, self.group_size, dtype)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        perm = getattr(layer, "input_perm", None)
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        if self.ops is not None and x.is_cpu and (x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant()):
+            return self.ops.int4_linear(x, layer.weight, self.group_size, layer.bias)
+        tiles = []
+        for tile in layer.weight.split(DEQUANT_TILE_ROWS):
+            w = self.dequantize_weight(tile, layer.in_features, x.dtype)
+            if batch_invariant() and x.shape[0] > 1:  # one row per call: the same kernel whatever the batch
+                tiles.append(torch.cat([F.linear(row, w) for row in x.split(1)]))
+            else:
+                tiles.append(F.linear(x, w))
+        out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+        return out if layer.bias is None else out + layer.bias
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.dequantize_weight(layer.weight[ids.reshape(-1)], layer.in_features, layer.dtype)
+        return rows.reshape(*ids.shape, layer.in_features)
+
+
+class Int4QuantConfig:
+    """``--quantization int4``: every decoder projection int4 in groups of ``group_size``; the embedding table /
+    output projection int8 (per channel), as llama.cpp's 4-bit files keep theirs at 6-8 bits: at 4 bits the
+    logits of a small model's tied vocabulary projection lose the most."""
+
+    def __init__(self, ops: ModuleType | None, group_size: int) -> None:
+        self.ops = ops
+        self.group_size = group_size
+
+    def linear_method(self, checkpoint_names: list[str]) -> Int4LinearMethod | Int8LinearMethod:
+        if any(name.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head") for name in checkpoint_names):
+            return Int8LinearMethod(self.ops)
+        return Int4LinearMethod(self.ops, self.group_size)
