@@ -15,6 +15,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 # The grammar engine for structured outputs; auto: xgrammar, and llguidance for what xgrammar cannot enforce.
 StructuredOutputsBackend = Literal["auto", "xgrammar", "guidance"]
+# How keys and values are stored (pagoda/model/attention/kv_format.py): the model's dtype, int8 rows with a
+# scale per token and head, or float8 e4m3 with per-tensor scales ("fp8" is e4m3, as in vLLM).
+KVCacheDType = Literal["auto", "int8", "fp8", "fp8_e4m3"]
 # How the model writes tool calls (pagoda/server/tool_parsers.py): Hermes <tool_call> blocks (Qwen 2/2.5/3,
 # and the format tools are rendered in for templates without tool support), or Llama 3.x JSON.
 ToolCallParser = Literal["hermes", "llama3_json"]
@@ -78,6 +81,7 @@ class CacheConfig:
     kv_cache_gib: float = 2.0
     # Exact block count, overriding either budget (tests and benchmarks).
     num_kv_blocks: int | None = None
+    kv_cache_dtype: KVCacheDType = "auto"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -88,6 +92,9 @@ class CacheConfig:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        allowed = typing.get_args(KVCacheDType)
+        if self.kv_cache_dtype not in allowed:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(allowed)}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass

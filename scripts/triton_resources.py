@@ -6,7 +6,8 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
     python scripts/triton_resources.py --arch 90 --json
 
 Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
-bf16, fp16 and fp32: KV write, paged attention (decode and prefill programs), the norms, SiLU-and-mul, rotary.
+bf16, fp16 and fp32: KV write and paged attention (decode and prefill programs) for each KV cache format (the
+model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary.
 
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
@@ -41,7 +42,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments in the model dtype; fp32 and int64 ones by name; every other pointer is int32, every scalar i32.
 TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr", "x_ptr", "residual_ptr", "w_ptr",
                "gate_up_ptr"}
-FP32_ARGS = {"cos_ptr", "sin_ptr", "scale", "eps"}
+FP32_ARGS = {"cos_ptr", "sin_ptr", "scale", "eps", "k_scale", "v_scale"}
+CACHE_ARGS = {"k_cache_ptr", "v_cache_ptr"}
+# A quantized KV cache's element type, by the kernels' KV_KIND (kv_format.py): int8 rows, float8 e4m3.
+CACHE_TYPES = {1: "i8", 2: "fp8e4nv"}
 INT64_ARGS = {"slot_ptr"}
 
 
@@ -84,6 +88,8 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in CACHE_ARGS and constexprs.get("KV_KIND", 0) in CACHE_TYPES:
+            signature[name] = f"*{CACHE_TYPES[constexprs['KV_KIND']]}"
         elif name in TENSOR_ARGS:
             signature[name] = f"*{dtype}"
         elif name in FP32_ARGS:
@@ -98,9 +104,11 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
 def _aligned(fn: Any, constexprs: dict[str, Any]) -> dict[tuple[int, ...], list[list[Any]]]:
     """What Triton's launcher tells the compiler at run time: tensors start 16-byte aligned (torch's
     allocations and the q/k/v views of the shipped shapes do) and strides are multiples of 16 elements (as
-    every stride of the shipped shapes is), which lets it vectorize loads and stores."""
+    every stride of the shipped shapes is), which lets it vectorize loads and stores. int8 cache rows are
+    head_dim + 4 bytes: their token and head strides are not."""
+    unaligned = {"stride_cs", "stride_ch"} if constexprs.get("KV_KIND") == 1 else set()
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name not in constexprs and (name.endswith("_ptr") or name.startswith("stride"))}
+            if name not in constexprs and name not in unaligned and (name.endswith("_ptr") or name.startswith("stride"))}
 
 
 def compile_kernel(fn: Any, dtype: str, constexprs: dict[str, Any], arch: int, model: str) -> KernelResources:
@@ -132,15 +140,19 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def launches(shape: ModelShape, dtype: torch.dtype) -> list[tuple[Any, dict[str, Any]]]:
+def launches(shape: ModelShape, dtype: torch.dtype, arch: int) -> list[tuple[Any, dict[str, Any]]]:
     """(kernel, compile-time parameters) of every launch the engine makes for this model and dtype."""
     tk, te = triton_kernels, triton_elementwise
     group = shape.heads // shape.kv_heads
     pow2 = triton.next_power_of_2
-    found = [(tk._write_kv_kernel, {"HEAD_DIM": shape.head_dim})]
-    for block_q in (1, tk.prefill_block_q(group, tk.prefill_rows(dtype))):  # the decode and prefill launches
-        found.append((tk._paged_attention_kernel,
-                      tk.attention_constexprs(dtype, group, shape.head_dim, CacheConfig().block_size, block_q)))
+    found = []
+    for kind, kind_id in tk.KV_KINDS.items():  # each KV cache format (fp8 e4m3 from sm_89: Ada, Hopper)
+        if (kind == "fp8_e4m3" and arch < tk.FP8_MIN_ARCH) or (kind != "auto" and dtype == torch.float32):
+            continue  # refused by the backend (triton_backend.py)
+        found.append((tk._write_kv_kernel, {"HEAD_DIM": shape.head_dim, "KV_KIND": kind_id}))
+        for block_q in (1, tk.prefill_block_q(group, tk.prefill_rows(dtype))):  # the decode and prefill launches
+            found.append((tk._paged_attention_kernel, tk.attention_constexprs(
+                dtype, group, shape.head_dim, CacheConfig().block_size, block_q, kind)))
     for n in (shape.hidden, shape.head_dim):  # the layer norms; Qwen3's per-head q/k norms
         found += [(te._rms_norm_kernel, {"BLOCK": pow2(n), "ADD": add}) for add in (False, True)]
     found.append((te._silu_and_mul_kernel, {"BLOCK": te.SILU_BLOCK}))
@@ -154,7 +166,7 @@ def measure(archs: list[int]) -> list[KernelResources]:
     for arch in archs:
         for dtype_name, dtype in DTYPES.items():
             for shape in model_shapes():
-                for fn, constexprs in launches(shape, dtype):
+                for fn, constexprs in launches(shape, dtype, arch):
                     key = (arch, dtype_name, fn.__name__, tuple(sorted(constexprs.items())))
                     if key not in seen:  # shapes share some launches (e.g. the head_dim-128 norms)
                         seen.add(key)
@@ -163,7 +175,7 @@ def measure(archs: list[int]) -> list[KernelResources]:
 
 
 # The compile-time parameters worth a column in the table.
-SHOWN = ("BLOCK_Q", "GROUP", "HEAD_DIM", "BLOCK", "ADD", "HALF_PAD")
+SHOWN = ("BLOCK_Q", "GROUP", "HEAD_DIM", "KV_KIND", "BLOCK", "ADD", "HALF_PAD")
 
 
 def main() -> None:

@@ -70,6 +70,28 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float d = half_to_float(v.d[b]);
     T* o = out + b * kBlock;
+#if defined(__AVX512F__)
+    // Sixteen weights an instruction (prompts dequantize every layer's tiles; the scalar loop below was a
+    // quarter of a 128-token prompt's time).
+    if (qtype == kQ8_0) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * kBlock)));
+      const __m512i q2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * kBlock + 16)));
+      const __m512i bias = _mm512_set1_epi32(128);
+      const __m512 vd = _mm512_set1_ps(d);
+      pagoda::store16(o, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, bias))));
+      pagoda::store16(o + 16, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, bias))));
+      continue;
+    }
+    {
+      const float m = qtype == kQ4_0 ? -8.f * d : half_to_float(v.m[b]);
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * 16)));
+      const __m512i nib = _mm512_set1_epi32(0x0F);
+      const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+      pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), vm));
+      pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vm));
+      continue;
+    }
+#endif
     if (qtype == kQ8_0) {  // stored offset by 128 (see the file note)
       const uint8_t* q = v.qs + b * kBlock;
       for (int j = 0; j < 32; ++j) o[j] = static_cast<T>(d * (static_cast<int>(q[j]) - 128));
@@ -416,6 +438,15 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* 
 }
 
 }  // namespace
+
+#if defined(PAGODA_VNNI)
+XOrder pagoda_quant::gguf_x_order(int64_t qtype) { return x_order(qtype); }
+
+void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
+                                int64_t r_count, float* result) {
+  row_dot_any(row, qtype, k, xq, r0, r_count, result);
+}
+#endif
 
 // x: [rows, in_features] fp32/bf16; w: [out_features, in_features / 32 * block bytes] uint8, regrouped GGUF
 // rows (see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.

@@ -44,6 +44,16 @@ void dequantize_int4_row(const uint8_t* row, int64_t k, int64_t group, T* out) {
     const float d = half_to_float(v.scale[g]), z = v.zero[g];
     const uint8_t* qs = v.qs + b * 16;
     T* o = out + b * kBlock;
+#if defined(__AVX512F__)
+    // (q - zero) exactly, then one rounding: as the torch path computes it, bit for bit.
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    const __m512 vd = _mm512_set1_ps(d), vz = _mm512_set1_ps(z);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    pagoda::store16(o, _mm512_mul_ps(vd, _mm512_sub_ps(lo, vz)));
+    pagoda::store16(o + 16, _mm512_mul_ps(vd, _mm512_sub_ps(hi, vz)));
+    continue;
+#endif
     for (int j = 0; j < 16; ++j) {
       o[j] = static_cast<T>(d * ((qs[j] & 0x0F) - z));
       o[j + 16] = static_cast<T>(d * ((qs[j] >> 4) - z));
@@ -124,21 +134,25 @@ void row_dot_int4_rows(const Int4Row& w, int64_t blocks, int64_t group_blocks, c
   }
 }
 
+void row_dot_int4_any(const uint8_t* weight_row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0,
+                      int64_t r_count, float* result) {
+  const int64_t blocks = k / kBlock, group_blocks = std::min(group, k) / kBlock;
+  const Int4Row row = int4_row(weight_row, k, group);
+  switch (group_blocks) {
+    case 1: return row_dot_int4_rows<GroupSpan::kOne>(row, blocks, group_blocks, xq, r0, r_count, result);
+    case 2: return row_dot_int4_rows<GroupSpan::kTwo>(row, blocks, group_blocks, xq, r0, r_count, result);
+    default: return row_dot_int4_rows<GroupSpan::kWide>(row, blocks, group_blocks, xq, r0, r_count, result);
+  }
+}
+
 template <typename T>
 void run_int4_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t group, const float* bias,
                      torch::Tensor& out) {
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
-  const int64_t blocks = k / kBlock, group_blocks = std::min(group, k) / kBlock;
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, XOrder::kNibbles);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const GroupSpan span = group_blocks == 1 ? GroupSpan::kOne : group_blocks == 2 ? GroupSpan::kTwo : GroupSpan::kWide;
   for_each_output(rows, w.size(0), bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
-    const Int4Row row = int4_row(wp + col * row_bytes, k, group);
-    switch (span) {
-      case GroupSpan::kOne: return row_dot_int4_rows<GroupSpan::kOne>(row, blocks, group_blocks, xq, r0, r_count, result);
-      case GroupSpan::kTwo: return row_dot_int4_rows<GroupSpan::kTwo>(row, blocks, group_blocks, xq, r0, r_count, result);
-      default: return row_dot_int4_rows<GroupSpan::kWide>(row, blocks, group_blocks, xq, r0, r_count, result);
-    }
+    row_dot_int4_any(wp + col * row_bytes, k, group, xq, r0, r_count, result);
   });
 }
 #else
@@ -171,6 +185,13 @@ void check_int4_weight(const torch::Tensor& w, int64_t group, int64_t k, const c
 }
 
 }  // namespace
+
+#if defined(PAGODA_VNNI)
+void pagoda_quant::int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0,
+                                int64_t r_count, float* result) {
+  row_dot_int4_any(row, k, group, xq, r0, r_count, result);
+}
+#endif
 
 // x: [rows, in_features] fp32/bf16; w: [out_features, int4 row bytes] (see the file note); bias: [out_features]
 // or None. Returns [rows, out_features] in x's dtype.

@@ -17,6 +17,12 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::
 torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
+bool decode_layers_supported();
+void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
+                   std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
+                   std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
+                   torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
+                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -32,5 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF Q4_0/Q4_1/Q8_0 rows -> fp32/bf16");
   m.def("int4_linear", &int4_linear, "x @ W.T + b for W in group-wise asymmetric int4 rows, int8 activations (VNNI)");
   m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");
+  m.def("decode_layers_supported", &decode_layers_supported, "whether decode_layers runs on this CPU (AVX-512 VNNI)");
+  m.def("decode_layers", &decode_layers, "a decode step of up to 4 rows through every decoder layer, in place");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in place for each token a grammar bitmask forbids");
 }

@@ -3,6 +3,10 @@
 // PyTorch has no gather-free way to attend over a paged cache, and its gathers copy every key and value
 // of every sequence once per layer; this kernel reads each key/value row once, in place, for all the
 // query heads that share it (grouped-query attention), with fp32 accumulation whatever the cache dtype.
+//
+// Quantized caches (pagoda/model/attention/kv_format.py) are read row by row into fp32: int8 rows are
+// head_dim codes followed by their fp32 scale (4 bytes), fp8 rows float8 e4m3 values (their per-tensor scale
+// is folded into the softmax scale and the output by the caller).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,133 +21,41 @@
 #include <type_traits>
 #include <vector>
 
+#include "kv_rows.h"
 #include "simd_math.h"
 
 namespace {
 
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+using namespace pagoda_kv;
 
-#if defined(__AVX512F__)
-// bf16 is the top half of an fp32: widen 16 lanes at a time.
-template <>
-inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i)));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+// Scores of one key row against every query head: scores[hq * len + t] = scale * q[hq] . k[hq / group]
+// (qf is already scaled).
+template <typename T, typename C>
+inline void score_row(const float* qf, const C* krow, const T* q_raw, float* row, float* scores, int64_t t,
+                      int64_t len, int64_t heads, int64_t group, int64_t dim, int64_t kv_heads, float scale) {
+#if defined(__AVX512BF16__)
+  // bf16 keys: multiply bf16 pairs straight into fp32 sums (no widening of the key row).
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
+    if (dim % 32 == 0) {
+      for (int64_t hq = 0; hq < heads; ++hq) {
+        const at::BFloat16* k = krow + (hq / group) * dim;
+        const at::BFloat16* q = q_raw + hq * dim;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 32) {
+          acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + i)),
+                                 reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + i)));
+        }
+        scores[hq * len + t] = _mm512_reduce_add_ps(acc) * scale;
+      }
+      return;
+    }
   }
-  for (; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &u, 4);
-  }
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float total = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-using pagoda::exp512;
-
-// In place: sc = exp(sc - max(sc)); returns the sum.
-inline float softmax_numerators(float* sc, int64_t n) {
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sc + i));
-  float mx = _mm512_reduce_max_ps(vmax);
-  for (; i < n; ++i) mx = std::max(mx, sc[i]);
-  const __m512 vmx = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (i = 0; i + 16 <= n; i += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + i), vmx));
-    _mm512_storeu_ps(sc + i, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  float sum = _mm512_reduce_add_ps(vsum);
-  for (; i < n; ++i) {
-    sc[i] = std::exp(sc[i] - mx);
-    sum += sc[i];
-  }
-  return sum;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const __m512 va = _mm512_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-#else
-template <>
-inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &u, 4);
-  }
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-inline float softmax_numerators(float* sc, int64_t n) {
-  const float mx = *std::max_element(sc, sc + n);
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    sc[i] = std::exp(sc[i] - mx);
-    sum += sc[i];
-  }
-  return sum;
-}
 #endif
-
-// Scores of one key row against every query head: scores[hq * len + t] = scale * q[hq] . k[hq / group].
-template <typename T>
-inline void score_row(const float* qf, const T* krow, const T* /*q_raw*/, float* row, float* scores, int64_t t,
-                      int64_t len, int64_t heads, int64_t group, int64_t dim, int64_t row_stride, float /*scale*/) {
-  to_float(krow, row, row_stride);
+  load_row(krow, row, kv_heads, dim);
   for (int64_t hq = 0; hq < heads; ++hq) scores[hq * len + t] = dot(&qf[hq * dim], &row[(hq / group) * dim], dim);
 }
 
 #if defined(__AVX512BF16__)
-// bf16 keys: multiply bf16 pairs straight into fp32 sums (no widening of the key row).
-template <>
-inline void score_row<at::BFloat16>(const float* qf, const at::BFloat16* krow, const at::BFloat16* q_raw, float* row,
-                                    float* scores, int64_t t, int64_t len, int64_t heads, int64_t group, int64_t dim,
-                                    int64_t row_stride, float scale) {
-  if (dim % 32 != 0) {
-    to_float(krow, row, row_stride);
-    for (int64_t hq = 0; hq < heads; ++hq) scores[hq * len + t] = dot(&qf[hq * dim], &row[(hq / group) * dim], dim);
-    return;
-  }
-  for (int64_t hq = 0; hq < heads; ++hq) {
-    const at::BFloat16* k = krow + (hq / group) * dim;
-    const at::BFloat16* q = q_raw + hq * dim;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < dim; i += 32) {
-      acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + i)),
-                             reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + i)));
-    }
-    scores[hq * len + t] = _mm512_reduce_add_ps(acc) * scale;
-  }
-}
-
 // Sixteen vectors -> one: lane j holds the sum of v[j]'s lanes (a transpose-and-add tree, ~3 ops a lane
 // instead of a full horizontal reduction per vector).
 inline __m512 sum16(__m512 v[16]) {
@@ -251,15 +163,16 @@ inline void write_output(const float* acc, const float* inv_sum, T* o, int64_t h
     for (int64_t i = 0; i < dim; ++i) o[hq * dim + i] = static_cast<T>(acc[hq * dim + i] * inv_sum[hq]);
 }
 
-template <typename T>
+// T: q and out; C: the cache's elements (T itself, int8 rows, or fp8).
+template <typename T, typename C>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& block_tables, const torch::Tensor& seq_lens, torch::Tensor& out, double scale) {
   const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const C* kp = static_cast<const C*>(k_cache.data_ptr());
+  const C* vp = static_cast<const C*>(v_cache.data_ptr());
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -267,16 +180,17 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 
   // One work item per sequence: its blocks are read front to back, all KV heads of a row together,
   // which keeps the hardware prefetcher streaming (per-head items strided through memory and stalled).
-  const int64_t row_stride = kv_heads * dim;
+  const int64_t row_stride = kv_heads * k_cache.size(3);  // cache elements per token
   // Sequences differ in length, so threads take them one at a time from a shared counter instead
   // of splitting the range evenly (an even split left one thread idle for much of the call).
   std::atomic<int64_t> next{0};
 #if defined(__AVX512BF16__)
-  const ValuesFn values_kernel = std::is_same_v<T, at::BFloat16> ? values_kernel_for(dim, group) : nullptr;
+  const ValuesFn values_kernel =
+      std::is_same_v<T, at::BFloat16> && std::is_same_v<C, T> ? values_kernel_for(dim, group) : nullptr;
 #endif
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_seqs);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> qf(heads * dim), row(row_stride), acc(heads * dim), scores, inv_sum(heads);
+    std::vector<float> qf(heads * dim), row(kv_heads * dim), acc(heads * dim), scores, inv_sum(heads);
     std::vector<const T*> value_rows;
     std::vector<at::BFloat16> probs_bf16;
     for (int64_t s = next.fetch_add(1); s < num_seqs; s = next.fetch_add(1)) {
@@ -286,7 +200,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       to_float(qp + s * heads * dim, qf.data(), heads * dim);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] *= fscale;
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, T>) {
         if (values_kernel != nullptr) {
           const T* q_raw = qp + s * heads * dim;
           value_rows.resize(len);
@@ -323,19 +237,19 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       }
 #endif
       for (int64_t b = 0, t = 0; t < len; ++b) {
-        const T* kb = kp + table[b] * block_size * row_stride;
+        const C* kb = kp + table[b] * block_size * row_stride;
         const int64_t stop = std::min(len, t + block_size);
         for (; t < stop; ++t, kb += row_stride)
-          score_row<T>(qf.data(), kb, qp + s * heads * dim, row.data(), scores.data(), t, len, heads, group, dim,
-                       row_stride, fscale);
+          score_row<T, C>(qf.data(), kb, qp + s * heads * dim, row.data(), scores.data(), t, len, heads, group, dim,
+                          kv_heads, fscale);
       }
       for (int64_t hq = 0; hq < heads; ++hq) inv_sum[hq] = 1.f / softmax_numerators(&scores[hq * len], len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0, t = 0; t < len; ++b) {
-        const T* vb = vp + table[b] * block_size * row_stride;
+        const C* vb = vp + table[b] * block_size * row_stride;
         const int64_t stop = std::min(len, t + block_size);
         for (; t < stop; ++t, vb += row_stride) {
-          to_float(vb, row.data(), row_stride);
+          load_row(vb, row.data(), kv_heads, dim);
           for (int64_t hq = 0; hq < heads; ++hq)
             axpy(scores[hq * len + t], &row[(hq / group) * dim], &acc[hq * dim], dim);
         }
@@ -347,12 +261,17 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 
 }  // namespace
 
-// q: [num_seqs, heads, dim]; k_cache, v_cache: [num_blocks, block_size, kv_heads, dim];
+// q: [num_seqs, heads, dim]; k_cache, v_cache: [num_blocks, block_size, kv_heads, dim] of q's dtype or fp8
+// e4m3, or int8 [num_blocks, block_size, kv_heads, dim + 4] (codes, then the row's fp32 scale);
 // block_tables: [num_seqs, max_blocks] int64; seq_lens: [num_seqs] int64 (>= 1). Returns [num_seqs, heads, dim].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(cache_type == q.scalar_type() || cache_type == at::kChar || cache_type == at::kFloat8_e4m3fn,
+              "the cache must be q's dtype, int8 or float8_e4m3fn");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) + (cache_type == at::kChar ? kInt8ScaleBytes : 0),
+              "cache rows must hold head_dim values (int8: and a 4-byte scale)");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 indices");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
@@ -361,7 +280,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   seq_lens = seq_lens.contiguous();
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    if (cache_type == at::kChar) {
+      decode<scalar_t, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    } else if (cache_type == at::kFloat8_e4m3fn) {
+      decode<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    } else {
+      decode<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    }
   });
   return out;
 }

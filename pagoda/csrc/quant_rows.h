@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd_math.h"
+
 namespace pagoda_quant {
 
 constexpr int64_t kBlock = 32;
@@ -79,24 +81,31 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
   const int64_t padded_k = padded_blocks * kBlock;
   QuantizedRows out{std::vector<int8_t>(rows * padded_k, 0), std::vector<float>(rows * padded_blocks, 0.f),
                     std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks};
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const T* xb = x + r * k + b * kBlock;
-      float amax = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(static_cast<float>(xb[j])));
+      const __m512 lo = pagoda::load16(xb), hi = pagoda::load16(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, sign_off), _mm512_and_ps(hi, sign_off)));
       const float d = amax / 127.f;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
+      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      // Rounded to nearest, ties to even (the default rounding mode), as std::nearbyint.
+      const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+      const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+      // Where the block's two halves of 16 go in its group of four blocks (XOrder).
       int8_t* group = out.q.data() + r * padded_k + b / kGroup * kGroup * kBlock;
       const int64_t i = b % kGroup;
-      int sum = 0;
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(static_cast<float>(xb[j]) * inv));
-        sum += v;
-        int64_t at = kBlock * i + j;
-        if (order == XOrder::kNibbles) at = j < 16 ? 16 * i + j : 64 + 16 * i + j - 16;
-        else if (order == XOrder::kPairs) at = kBlock * (i == 1 ? 2 : i == 2 ? 1 : i) + j;
-        group[at] = static_cast<int8_t>(v);
+      int64_t at_lo = kBlock * i, at_hi = kBlock * i + 16;
+      if (order == XOrder::kNibbles) {
+        at_lo = 16 * i;
+        at_hi = 64 + 16 * i;
+      } else if (order == XOrder::kPairs) {
+        const int64_t slot = i == 1 ? 2 : i == 2 ? 1 : i;
+        at_lo = kBlock * slot;
+        at_hi = kBlock * slot + 16;
       }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(group + at_lo), _mm512_cvtepi32_epi8(q_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(group + at_hi), _mm512_cvtepi32_epi8(q_hi));
       out.d[r * padded_blocks + b] = d;
       out.dsum[r * padded_blocks + b] = d * static_cast<float>(sum);
     }
@@ -123,6 +132,13 @@ inline float hsum128(__m128 v) {
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 
+// The layers' row dot products (gguf_linear.cpp, int4_linear.cpp), for kernels that run whole layers
+// (decode_layers.cpp): one weight row against rows r0 .. r0 + r_count of x quantized in the row's order.
+XOrder gguf_x_order(int64_t qtype);
+void gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
+                  float* result);
+void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
+                  float* result);
 #endif  // PAGODA_VNNI
 
 }  // namespace pagoda_quant

@@ -7,6 +7,7 @@ stacks the pieces into place.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Protocol
@@ -16,6 +17,8 @@ from torch import nn
 
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model.fused_decode import FusedDecode
 from pagoda.model.layers.linear import Linear, LinearMethod, default_weight_loader
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.activation import silu_and_mul
@@ -49,6 +52,8 @@ class DecoderLayer(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
+        # A checkpoint's per-tensor scales for an fp8 KV cache (vLLM's k_scale / v_scale), else 1.0.
+        self.kv_scales = (1.0, 1.0)
         self.gate_up_proj = Linear(hidden, [cfg.intermediate_size] * 2, False, dtype, method("mlp.gate_proj", "mlp.up_proj"))
         self.down_proj = Linear(cfg.intermediate_size, hidden, False, dtype, method("mlp.down_proj"))
 
@@ -77,12 +82,13 @@ class DecoderLayer(nn.Module):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # Queries and keys side by side: one rotary pass for both.
         q, k = apply_rotary_(qk, angles).split([self.num_heads, self.num_kv_heads], dim=1)
-        o = attn.forward(q, k, v, kv_cache, metadata, self.scale)
+        o = attn.forward(q, k, v, kv_cache, metadata, self.scale, self.kv_scales)
         normed, residual = self.post_attention_layernorm.add_forward(self.o_proj(o.reshape(tokens, self.q_size)), residual)
         return self.down_proj(silu_and_mul(self.gate_up_proj(normed))), residual
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k|v)_scale")
 # HF sub-name -> (our parameter, which shard of the fused tensor).
 _STACKED = {
     "self_attn.q_proj": ("qkv_proj", 0),
@@ -120,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
             else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype,
                         quant.linear_method(["lm_head"]) if quant else None)
         )
+        self.fused_decode: FusedDecode | None = None  # set once the weights are in
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.rotary = RotaryEmbedding(inv_freq.to(self.embed_tokens.weight.device))
 
@@ -134,6 +141,8 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states [num_tokens, hidden] (normed) for a flat batch."""
         hidden = self.embed_tokens.embed(input_ids)
         angles = self.rotary.angles(positions)
+        if self.fused_decode is not None and attn.name == "torch" and self.fused_decode.fits(hidden, metadata):
+            return self.fused_decode.run(hidden, angles, kv_caches, metadata)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, angles, kv_cache, attn, metadata)
@@ -151,6 +160,16 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         written: set[str] = set()
         for name, tensor in weights:
+            kv_scale = _KV_SCALE.fullmatch(name)
+            if kv_scale:
+                index = int(kv_scale.group(1))
+                value = float(tensor.reshape(-1)[0]) if tensor.numel() == 1 else math.nan
+                if index >= len(self.layers) or not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"checkpoint tensor {name!r} is not one positive scale of one of the "
+                                     f"{len(self.layers)} layers")
+                layer = self.layers[index]
+                layer.kv_scales = (value, layer.kv_scales[1]) if kv_scale.group(2) == "k" else (layer.kv_scales[0], value)
+                continue
             target, shard = self._locate(name)
             if target is None:
                 continue
@@ -169,11 +188,13 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:
-        """Layers loaded in a checkpoint's layout (GPTQ, AWQ) take the form their kernels multiply."""
+        """Layers loaded in a checkpoint's layout (GPTQ, AWQ) take the form their kernels multiply; then the
+        one-call decode path is set up where every layer runs on the CPU's quantized kernels."""
         for module in self.modules():
             finish = getattr(getattr(module, "method", None), "process_weights_after_loading", None)
             if finish is not None:
                 finish(module)
+        self.fused_decode = FusedDecode.of(self, load_cpu_kernels())
 
     def _locate(self, name: str) -> tuple[str | None, int | None]:
         """Our parameter for an HF tensor name, and which shard of it (None: all of it)."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.attention.torch_backend import TorchAttentionBackend
 from pagoda.model.layers.linear import Linear
 from pagoda.model.llama import DecoderLayer, LlamaForCausalLM
@@ -59,7 +60,7 @@ class LayerRunner:
         blocks = -(-seq_len // BLOCK_SIZE)
         self.kv_cache = torch.zeros(2, blocks + 1, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim,
                                     dtype=model.dtype, device=device)
-        self.attention = TorchAttentionBackend(use_cpu_kernel=False)
+        self.attention = TorchAttentionBackend(KVCacheFormat.of("auto", model.dtype), use_cpu_kernel=False)
         self.metadata = AttentionMetadata(
             slot_mapping=torch.arange(seq_len, device=device), query_lens=[seq_len], seq_lens=[seq_len],
             block_tables=torch.arange(blocks)[None], block_size=BLOCK_SIZE, pad_slot=blocks * BLOCK_SIZE,

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from pagoda import LLM, SamplingParams  # noqa: E402
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
 from pagoda.model.attention import get_backend  # noqa: E402
+from pagoda.model.attention.kv_format import KVCacheFormat  # noqa: E402
 
 
 def test_capture_sizes_cover_every_batch_up_to_the_bound() -> None:
@@ -81,7 +82,7 @@ def test_only_a_capturable_backend_is_accepted(make_tiny_model) -> None:
     folder, _ = make_tiny_model("llama", seed=5)
     runner = _llm(str(folder)).engine.runner
     with pytest.raises(ValueError, match="cannot be captured"):
-        DecodeGraphs(runner.model, runner.kv_caches, get_backend("torch", "cpu"), 16, 8, 64, use_cuda_graphs=False)
+        DecodeGraphs(runner.model, runner.kv_caches, get_backend("torch", "cpu", KVCacheFormat.of("auto", runner.model.dtype)), 16, 8, 64, use_cuda_graphs=False)
 
 
 def test_the_whole_gpu_path_emulated_matches_the_cpu_engine(make_tiny_model, monkeypatch) -> None:

@@ -19,6 +19,7 @@ from pagoda.engine.worker.memory import (
     profile_step,
 )
 from pagoda.model.attention import get_backend
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.loader import load_arch, load_model, weight_bytes
 
 
@@ -86,7 +87,7 @@ def test_profile_batch_spends_the_whole_token_budget() -> None:
 def test_profiled_step_runs_the_largest_step(make_tiny_model, max_model_len: int) -> None:
     folder, _ = make_tiny_model("llama")
     model = load_model(str(folder), torch.float32).model
-    attention = get_backend("torch", "cpu")
+    attention = get_backend("torch", "cpu", KVCacheFormat.of("auto", torch.float32))
     cache_bytes = profile_step(model, attention, 16, 200, 8, max_model_len, torch.device("cpu"))
     blocks = sum(-(-n // 16) for n in profile_batch(200, max_model_len))
     per_block = 2 * 2 * (blocks + 1) * 16 * 2 * 16 * 4  # layers x K/V x (blocks + spare) x slots x heads x dim x 4

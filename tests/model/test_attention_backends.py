@@ -1,4 +1,5 @@
-"""The C++ paged decode kernel agrees with the pure-torch gather path (fp32 and bf16)."""
+"""The C++ paged decode kernel agrees with the pure-torch gather path (fp32 and bf16, and over int8 and fp8
+caches), and a quantized cache stays close to the unquantized one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.attention.torch_backend import TorchAttentionBackend
 
 
@@ -27,10 +29,11 @@ def _metadata(seq_lens: list[int], query_lens: list[int], block_size: int, num_b
 @pytest.mark.parametrize("dim", [32, 64])  # 64 has a specialized bf16 path, 32 takes the portable one
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> None:
-    kernel = TorchAttentionBackend(use_cpu_kernel=True)
+    fmt = KVCacheFormat.of("auto", dtype)
+    kernel = TorchAttentionBackend(fmt, use_cpu_kernel=True)
     if kernel.kernels is None:
         pytest.fail("the C++ CPU attention kernel did not build (needs a C++ compiler and ninja)")
-    reference = TorchAttentionBackend(use_cpu_kernel=False)
+    reference = TorchAttentionBackend(fmt, use_cpu_kernel=False)
     block_size, num_blocks, heads, kv_heads = 4, 64, 6, 2
     seq_lens = [1, 5, 9, 17, 30, 12]
     query_lens = [1, 1, 1, 4, 1, 12]  # decode rows, a prefill chunk with context, a fresh prefill
@@ -50,6 +53,64 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> 
         backend.prepare(meta)
         outs.append(backend.forward(q, k, v, cache.clone(), meta, dim**-0.5).float())
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+
+
+SEQ_LENS, QUERY_LENS = [1, 5, 9, 17, 30, 12], [1, 1, 1, 4, 1, 12]
+
+
+def _attend(fmt: KVCacheFormat, use_cpu_kernel: bool, q, k, v, kv_scales=(1.0, 1.0)):  # noqa: ANN001, ANN202
+    """One mixed step (decode rows, a chunk after context, a fresh prefill) over an empty cache of ``fmt``."""
+    block_size, num_blocks, dim = 4, 64, q.shape[-1]
+    backend = TorchAttentionBackend(fmt, use_cpu_kernel=use_cpu_kernel)
+    meta = _metadata(SEQ_LENS, QUERY_LENS, block_size, num_blocks)
+    backend.prepare(meta)
+    cache = torch.zeros(2, num_blocks, block_size, k.shape[1], fmt.row_width(dim), dtype=fmt.storage_dtype)
+    # Context the step's queries attend to without writing it: the earlier tokens of every sequence.
+    context_k = torch.randn(num_blocks * block_size, k.shape[1], dim, generator=torch.Generator().manual_seed(1))
+    context_v = torch.randn(num_blocks * block_size, k.shape[1], dim, generator=torch.Generator().manual_seed(2))
+    cache[0].view(-1, k.shape[1], cache.shape[-1]).copy_(fmt.encode(context_k.to(q.dtype), kv_scales[0]))
+    cache[1].view(-1, k.shape[1], cache.shape[-1]).copy_(fmt.encode(context_v.to(q.dtype), kv_scales[1]))
+    return backend.forward(q, k, v, cache, meta, q.shape[-1] ** -0.5, kv_scales).float()
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_cache_reads_the_same_in_the_kernel_and_in_torch_and_stays_close(kind: str,
+                                                                                   dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim = sum(QUERY_LENS), 6, 2, 64
+    q = torch.randn(tokens, heads, dim).to(dtype)
+    k, v = (torch.randn(tokens, kv_heads, dim).to(dtype) for _ in range(2))
+    fmt = KVCacheFormat.of(kind, dtype)
+    scales = (2.0, 0.5) if kind == "fp8_e4m3" else (1.0, 1.0)  # per-tensor scales reach both paths
+    kernel, torch_path = (_attend(fmt, c, q, k, v, scales) for c in (True, False))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(kernel, torch_path, atol=tol, rtol=tol)
+    dense = _attend(KVCacheFormat.of("auto", dtype), False, q, k, v)
+    error = (kernel - dense).abs().max().item()
+    assert error < (0.05 if kind == "int8" else 0.15), error  # int8 rows: ~1/254 of each row's range
+
+
+def test_int8_rows_hold_their_scale_and_round_trip() -> None:
+    fmt = KVCacheFormat.of("int8", torch.bfloat16)
+    x = torch.randn(5, 3, 64).to(torch.bfloat16)
+    x[2, 1] = 0  # an all-zero row keeps scale 0 and decodes to zeros
+    rows = fmt.encode(x)
+    assert rows.dtype == torch.int8 and rows.shape == (5, 3, 68)
+    assert fmt.bytes_per_token(3, 64) * 2 < KVCacheFormat.of("auto", torch.bfloat16).bytes_per_token(3, 64) * 1.1
+    back = fmt.decode(rows).float()
+    step = x.float().abs().amax(dim=-1, keepdim=True) / 127
+    assert ((back - x.float()).abs() <= step / 2 + 1e-2 * x.float().abs()).all()
+    assert (back[2, 1] == 0).all()
+
+
+def test_fp8_saturates_instead_of_overflowing() -> None:
+    fmt = KVCacheFormat.of("fp8", torch.float32)
+    assert fmt.kind == "fp8_e4m3" and fmt.storage_dtype == torch.float8_e4m3fn
+    back = fmt.decode(fmt.encode(torch.tensor([1000.0, -1000.0, 1.0])))
+    assert back.tolist() == [448.0, -448.0, 1.0]
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int4' is not supported; supported: auto, int8, fp8"):
+        KVCacheFormat.of("int4", torch.float32)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

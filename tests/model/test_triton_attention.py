@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from pagoda.model.attention import get_backend  # noqa: E402
+from pagoda.model.attention.kv_format import KVCacheFormat  # noqa: E402
 from pagoda.model.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from pagoda.model.attention.triton_backend import TritonAttentionBackend, query_blocks  # noqa: E402
 from tests.model.test_attention_backends import _metadata  # noqa: E402
@@ -25,8 +26,9 @@ from tests.model.test_attention_backends import _metadata  # noqa: E402
 ])
 def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: torch.dtype, block_size: int,
                                               prefill_rows: int) -> None:
-    triton_backend = TritonAttentionBackend(heads // kv_heads, dtype, prefill_rows)
-    reference = TorchAttentionBackend(use_cpu_kernel=False)
+    fmt = KVCacheFormat.of("auto", dtype)
+    triton_backend = TritonAttentionBackend(fmt, heads // kv_heads, prefill_rows)
+    reference = TorchAttentionBackend(fmt, use_cpu_kernel=False)
     num_blocks, dim = 256 // block_size, 16
     # A fresh prefill and a chunk after earlier context, each longer than one query block at 16 rows (so
     # blocks end mid-prompt and the last one is partial), decode rows, a one-token prompt.
@@ -53,6 +55,37 @@ def test_mixed_prefill_and_decode_match_torch(heads: int, kv_heads: int, dtype: 
     torch.testing.assert_close(caches[0], caches[1], equal_nan=True)  # the same slots written, nothing else
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+def test_a_quantized_cache_is_written_and_read_as_the_torch_backend_does(kind: str) -> None:
+    """The same codes in the same slots (int8 rows end in their fp32 scale), and the same attention."""
+    heads, kv_heads, block_size, dim, dtype = 4, 2, 16, 16, torch.bfloat16  # float32 is refused (spills)
+    fmt = KVCacheFormat.of(kind, dtype)
+    num_blocks = 256 // block_size
+    seq_lens, query_lens = [20, 37, 50, 16, 1], [20, 11, 1, 1, 1]
+    torch.manual_seed(0)
+    cache = fmt.encode(torch.randn(2, num_blocks, block_size, kv_heads, dim), 2.0)
+    tokens = sum(query_lens)
+    q, k, v = (torch.randn(tokens, n, dim) * 3 for n in (heads, kv_heads, kv_heads))
+    if kind == "fp8_e4m3":
+        # Values fp8 holds exactly (times the scales): Triton 3.9's interpreter rounds a value that rounds up
+        # into the next power of two down into the lower one (-7.9 -> -4, where a GPU and torch give -8).
+        k, v = k.to(torch.float8_e4m3fn).float() * 2.0, v.to(torch.float8_e4m3fn).float() * 0.5
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    outs, caches = [], []
+    for backend in (TritonAttentionBackend(fmt, heads // kv_heads, 16), TorchAttentionBackend(fmt, use_cpu_kernel=False)):
+        meta = _metadata(seq_lens, query_lens, block_size, num_blocks)
+        backend.prepare(meta)
+        kv = cache.clone()
+        outs.append(backend.forward(q, k, v, kv, meta, dim**-0.5, (2.0, 0.5)))
+        caches.append(kv)
+    # bf16 products (see the test above); the values here are 3x larger, and int8's row scales ride on the
+    # softmax weights before their rounding to bf16.
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=0.03 * outs[1].abs().max().item(), rtol=0.03)
+    assert torch.equal(caches[0].view(torch.int8), caches[1].view(torch.int8))
+    with pytest.raises(ValueError, match="needs a 16-bit model dtype"):
+        TritonAttentionBackend(KVCacheFormat.of(kind, torch.float32))
+
+
 def test_query_blocks_cover_every_token_once() -> None:
     query_lens, seq_lens = [1, 20, 1, 11, 9], [7, 20, 1, 37, 9]
     decode, prefill = query_blocks(query_lens, seq_lens, 8)
@@ -68,13 +101,14 @@ def test_query_blocks_cover_every_token_once() -> None:
 
 
 def test_backend_choice() -> None:
-    assert get_backend("auto", "cpu").name == "torch"
-    assert get_backend("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 here
+    fmt = KVCacheFormat.of("auto", torch.float32)
+    assert get_backend("auto", "cpu", fmt).name == "torch"
+    assert get_backend("triton", "cpu", fmt).name == "triton"  # TRITON_INTERPRET=1 here
     with pytest.raises(ValueError, match="batch_invariant"):
-        get_backend("triton", "cpu", batch_invariant=True)
+        get_backend("triton", "cpu", fmt, batch_invariant=True)
     with pytest.raises(ValueError, match="one of"):
-        get_backend("flash", "cpu")
-    backend = get_backend("triton", "cpu")
+        get_backend("flash", "cpu", fmt)
+    backend = get_backend("triton", "cpu", fmt)
     meta = _metadata([8], [8], 8, 4)
     backend.prepare(meta)
     with pytest.raises(ValueError, match="head_dim >= 16"):

@@ -101,7 +101,7 @@ def profile_step(
     lengths = profile_batch(num_tokens, max_model_len)
     blocks_per_seq = [-(-n // block_size) for n in lengths]
     num_blocks = sum(blocks_per_seq)
-    caches = allocate_kv_cache(model, num_blocks, block_size, str(device))
+    caches = allocate_kv_cache(model, num_blocks, block_size, str(device), attention.kv_format)
     tables = torch.zeros(len(lengths), max(blocks_per_seq), dtype=torch.int64)
     slots: list[int] = []
     positions: list[int] = []

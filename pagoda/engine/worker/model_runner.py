@@ -11,6 +11,7 @@ import torch
 from pagoda.api.outputs import PositionLogprobs
 from pagoda.engine.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
@@ -90,8 +91,9 @@ def mask_logits_torch(logits: torch.Tensor, bits: np.ndarray, rows: list[int]) -
     return logits
 
 
-def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str) -> list[torch.Tensor]:
-    """Per-layer [2, num_blocks + 1, block_size, kv_heads, head_dim] tensors.
+def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str,
+                      kv_format: KVCacheFormat) -> list[torch.Tensor]:
+    """Per-layer [2, num_blocks + 1, block_size, kv_heads, row width] tensors of the format's storage dtype.
 
     Left uninitialized (zeroing gigabytes costs most of a second at start-up): a slot is read only
     after it is written. The one exception is the extra last block, never handed out and zeroed,
@@ -99,17 +101,16 @@ def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int,
     """
     cfg = model.config
     cache = torch.empty(
-        cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim,
-        dtype=model.dtype, device=device,
+        cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads, kv_format.row_width(cfg.head_dim),
+        dtype=kv_format.storage_dtype, device=device,
     )
     cache[:, :, num_blocks].zero_()
     return list(cache.unbind(0))
 
 
-def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, kv_format: KVCacheFormat) -> int:
     cfg = model.config
-    itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return cfg.num_hidden_layers * block_size * kv_format.bytes_per_token(cfg.num_key_value_heads, cfg.head_dim)
 
 
 class ModelRunner:

@@ -13,6 +13,7 @@ from pagoda.api.messages import EncoderInfo
 from pagoda.engine.worker.executor import ModelInfo
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 from pagoda.model.attention import AttentionBackend, get_backend
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.bert import BertEncoder, find_encoder
 from pagoda.model.layers.linear import configure_linear
 from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
@@ -58,11 +59,12 @@ class Worker:
         self.encoder = self._load_encoder()  # before the KV plan, which measures what is left on a GPU
         arch = loaded.arch
         self.max_model_len = resolve_max_model_len(config, arch.max_position_embeddings, arch.sliding_window)
-        attention = get_backend(mc.attention_backend, self.device, mc.batch_invariant,
-                                arch.num_attention_heads // arch.num_key_value_heads, self.dtype)
+        attention = get_backend(mc.attention_backend, self.device, KVCacheFormat.of(cc.kv_cache_dtype, self.dtype),
+                                mc.batch_invariant, arch.num_attention_heads // arch.num_key_value_heads)
         use_graphs = self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable
         num_blocks = self._plan_kv_blocks(attention, baseline_used, use_graphs)
-        kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device)
+        self._report_kv_cache(attention.kv_format, num_blocks)
+        kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device, attention.kv_format)
         graphs = None
         if use_graphs:
             started = time.monotonic()
@@ -94,13 +96,25 @@ class Worker:
                     encoder.config.hidden_size, encoder.max_tokens)
         return encoder
 
+    def _report_kv_cache(self, kv_format: KVCacheFormat, num_blocks: int) -> None:
+        """How many tokens the cache holds, and for a quantized cache how many more than the model dtype's."""
+        cfg, block_size = self.model.config, self.config.cache_config.block_size
+        per_token = kv_format.bytes_per_token(cfg.num_key_value_heads, cfg.head_dim) * cfg.num_hidden_layers
+        message = (f"KV cache: {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}, "
+                   f"{num_blocks * block_size * per_token / GIB:.2f} GiB) stored as {_name(kv_format.storage_dtype)}")
+        if kv_format.quantized:
+            dense = KVCacheFormat.of("auto", self.dtype).bytes_per_token(cfg.num_key_value_heads, cfg.head_dim)
+            ratio = dense * cfg.num_hidden_layers / per_token
+            message += f": {ratio:.2f}x the tokens {_name(self.dtype)} would hold in the same memory"
+        logger.info(message)
+
     def _plan_kv_blocks(self, attention: AttentionBackend, baseline_used: int, use_graphs: bool) -> int:
         """The KV cache's size in blocks: exact when ``num_kv_blocks`` is set, else from the memory budget
         (see worker/memory.py), refusing to start when one max_model_len sequence would not fit."""
         cc, sc = self.config.cache_config, self.config.scheduler_config
         if cc.num_kv_blocks:
             return cc.num_kv_blocks
-        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size)
+        bytes_per_block = kv_bytes_per_block(self.model, cc.block_size, attention.kv_format)
         if self.device == "cuda":
             device = torch.device(self.device)
             largest_graph = capture_sizes(sc.max_num_seqs)[-1]
@@ -131,6 +145,10 @@ class Worker:
     def encode(self, rows: list[list[int]]) -> list[list[float]]:
         assert self.encoder is not None, "encode() without an encoder (ModelInfo.encoder is None)"
         return self.encoder.encode(rows)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pagoda.model.attention.kv_format import KVCacheFormat
+
 
 @dataclass
 class AttentionMetadata:
@@ -31,6 +33,7 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    kv_format: KVCacheFormat  # how its cache stores keys and values
     # Whether decode steps through this backend can be captured in a CUDA graph: its per-step state
     # then comes from ``decode_state`` over fixed buffers instead of from ``prepare``.
     graph_capturable: bool
@@ -43,9 +46,10 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, row width] (kv_format's)
         metadata: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),  # the layer's fp8 k_scale / v_scale
     ) -> torch.Tensor:
         """Write k/v into the cache, attend, return [num_tokens, num_heads, head_dim]."""
 

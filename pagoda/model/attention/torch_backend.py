@@ -4,7 +4,8 @@ Decode sequences (one query token each) go to the C++ paged kernel, which reads 
 values in place from the block cache. Without the kernel they are gathered into a padded
 [batch, kv_heads, max_len, dim] tensor (padding points at the cache's zeroed spare block) and
 the query heads of each KV head act as its query rows, so grouped-query attention needs no key
-repetition. Prefill chunks are attended one sequence at a time with SDPA (each is large, so the
+repetition. A quantized cache (int8, fp8) is written through its format's encoding; the C++ kernel reads it
+in place, the torch paths decode what they gather. Prefill chunks are attended one sequence at a time with SDPA (each is large, so the
 per-call cost is amortized); a chunk with no earlier context attends to its own keys with a
 causal mask and never touches the cache. In batch-invariant mode every query row goes through
 the paged kernel instead.
@@ -19,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from pagoda.model.attention.base import AttentionMetadata, per_token_context
+from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.cpu_kernels import load_cpu_kernels
 
 
@@ -66,7 +68,8 @@ class TorchAttentionBackend:
     name = "torch"
     graph_capturable = False  # prepare() builds per-step Python structures
 
-    def __init__(self, use_cpu_kernel: bool = True, batch_invariant: bool = False) -> None:
+    def __init__(self, kv_format: KVCacheFormat, use_cpu_kernel: bool = True, batch_invariant: bool = False) -> None:
+        self.kv_format = kv_format
         self.kernels = load_cpu_kernels() if use_cpu_kernel else None
         # Every query row, prefill ones too, through the paged kernel as if it were a decode
         # query at its own position: its result then never depends on chunking or batching.
@@ -124,30 +127,39 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         state: _StepState = metadata.backend_state
+        fmt = self.kv_format
+        k_scale, v_scale = kv_scales
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
-        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, metadata.slot_mapping, k)
-        v_flat.index_copy_(0, metadata.slot_mapping, v)
+        k_flat = kv_cache[0].view(fmt.copy_dtype).view(-1, num_kv_heads, kv_cache.shape[-1])
+        v_flat = kv_cache[1].view(fmt.copy_dtype).view(-1, num_kv_heads, kv_cache.shape[-1])
+        k_rows, v_rows = fmt.encode(k, k_scale), fmt.encode(v, v_scale)
+        k_flat.index_copy_(0, metadata.slot_mapping, k_rows.view(fmt.copy_dtype))
+        v_flat.index_copy_(0, metadata.slot_mapping, v_rows.view(fmt.copy_dtype))
+        if fmt.quantized:  # a fresh prompt attends to its keys as stored, as every later token will
+            k, v = fmt.decode(k_rows, k_scale), fmt.decode(v_rows, v_scale)
         out = torch.empty_like(q)
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
 
         if state.decode_token_idx.numel() and self.kernels is not None and q.is_cpu:
+            # fp8's per-tensor scales: the keys' folded into the softmax scale, the values' into the output.
+            fp8 = fmt.kind == "fp8_e4m3"
+            attended = self.kernels.paged_decode_attention(
+                q if not state.prefills else q[state.decode_token_idx], kv_cache[0], kv_cache[1],
+                state.decode_tables, state.decode_lens, scale * k_scale if fp8 else scale)
+            if fp8 and v_scale != 1.0:
+                attended = attended * v_scale
             if not state.prefills:  # a pure decode step: every token is a decode query, in order
-                return self.kernels.paged_decode_attention(
-                    q, kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale
-                )
-            out[state.decode_token_idx] = self.kernels.paged_decode_attention(
-                q[state.decode_token_idx], kv_cache[0], kv_cache[1], state.decode_tables, state.decode_lens, scale
-            )
+                return attended
+            out[state.decode_token_idx] = attended
         elif state.decode_token_idx.numel():
             n = state.decode_token_idx.numel()
             q_dec = q[state.decode_token_idx].view(n, num_kv_heads, group, head_dim)
-            k_dec = k_flat[state.decode_slots].transpose(1, 2)  # [n, kv_heads, max_len, dim]
-            v_dec = v_flat[state.decode_slots].transpose(1, 2)
+            k_dec = fmt.decode(k_flat[state.decode_slots], k_scale).transpose(1, 2)  # [n, kv_heads, max_len, dim]
+            v_dec = fmt.decode(v_flat[state.decode_slots], v_scale).transpose(1, 2)
             o = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=state.decode_mask, scale=scale)
             out[state.decode_token_idx] = o.reshape(n, num_heads, head_dim)
 
@@ -156,8 +168,9 @@ class TorchAttentionBackend:
             q_seq = q[rows].transpose(0, 1)[None]  # [1, heads, q_len, dim]
             if seq.context_slots is None:
                 k_seq, v_seq = k[rows], v[rows]
-            else:
-                k_seq, v_seq = k_flat[seq.context_slots], v_flat[seq.context_slots]
+            else:  # earlier chunks' keys and values come from the cache, as stored
+                k_seq = fmt.decode(k_flat[seq.context_slots], k_scale)
+                v_seq = fmt.decode(v_flat[seq.context_slots], v_scale)
             o = F.scaled_dot_product_attention(
                 q_seq,
                 k_seq.transpose(0, 1)[None],

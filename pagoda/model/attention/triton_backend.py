@@ -11,7 +11,15 @@ import numpy as np
 import torch
 
 from pagoda.model.attention.base import AttentionMetadata
-from pagoda.model.attention.triton_kernels import QueryBlocks, paged_attention, prefill_block_q, prefill_rows, write_kv
+from pagoda.model.attention.kv_format import KVCacheFormat
+from pagoda.model.attention.triton_kernels import (
+    FP8_MIN_ARCH,
+    QueryBlocks,
+    paged_attention,
+    prefill_block_q,
+    prefill_rows,
+    write_kv,
+)
 
 
 @dataclass
@@ -43,9 +51,18 @@ class TritonAttentionBackend:
     name = "triton"
     graph_capturable = True
 
-    def __init__(self, query_heads_per_kv: int = 1, dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, kv_format: KVCacheFormat, query_heads_per_kv: int = 1,
                  rows_per_prefill_program: int | None = None) -> None:
-        rows = rows_per_prefill_program or prefill_rows(dtype)
+        if kv_format.quantized and kv_format.model_dtype == torch.float32:
+            raise ValueError(f"kv_cache_dtype {kv_format.kind} on the triton backend needs a 16-bit model dtype "
+                             "(bfloat16 or float16): in float32 its attention programs spill registers")
+        if kv_format.kind == "fp8_e4m3" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            if major * 10 + minor < FP8_MIN_ARCH:
+                raise ValueError(f"kv_cache_dtype fp8 on the triton backend needs a GPU of compute capability "
+                                 f"{FP8_MIN_ARCH / 10} or later (this one is {major}.{minor}); use int8")
+        self.kv_format = kv_format
+        rows = rows_per_prefill_program or prefill_rows(kv_format.model_dtype)
         self.prefill_block_q = prefill_block_q(query_heads_per_kv, rows)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -66,11 +83,12 @@ class TritonAttentionBackend:
         return _StepState(QueryBlocks(token_seq, token_seq, seq_lens, None, 1), None, block_tables)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         state: _StepState = metadata.backend_state
-        write_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+        kind = self.kv_format.kind
+        write_kv(k, v, kv_cache[0], kv_cache[1], metadata.slot_mapping, kind, kv_scales)
         out = torch.empty_like(q)
         for blocks in (state.decode, state.prefill):
             if blocks is not None:
-                paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, blocks, scale, out)
+                paged_attention(q, kv_cache[0], kv_cache[1], state.block_tables, blocks, scale, out, kind, kv_scales)
         return out

@@ -2,6 +2,10 @@
 mixed prefill + decode batches (variable lengths, block tables, grouped-query attention). Attention runs
 one program per query block: a decode token alone, a prefill's tokens several at a time.
 
+The cache may be quantized (pagoda/model/attention/kv_format.py): KV_KIND 1 is int8 rows of HEAD_DIM codes
+followed by their fp32 scale, 2 is float8 e4m3 with per-tensor scales; the write kernel encodes, attention
+decodes each tile as it loads it.
+
 On a GPU they compile for the device; on a CPU they run only under ``TRITON_INTERPRET=1`` (how the tests
 check them against the torch backend at tiny sizes). Importing this module needs ``triton``.
 """
@@ -28,45 +32,77 @@ PREFILL_ROWS = 64
 TILE_KEYS = 16
 
 
+KV_KINDS = {"auto": 0, "int8": 1, "fp8_e4m3": 2}
+# Triton has float8 e4m3 (e4nv) from compute capability 8.9 (Ada, Hopper) on.
+FP8_MIN_ARCH = 89
+
+
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _round_half_even(x):
+    """As torch.round: to the nearest integer, ties to even (the torch backend's int8 codes, bit for bit)."""
+    f = tl.floor(x)
+    diff = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(diff > 0.5, f + 1.0, tl.where(diff < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+
+@triton.jit
+def _encode_row(x, row_ptr, scale, HEAD_DIM: tl.constexpr, KV_KIND: tl.constexpr):
+    """Store one row (one token of one KV head) in the cache's format."""
+    d = tl.arange(0, HEAD_DIM)
+    if KV_KIND == 1:
+        xf = x.to(tl.float32)
+        row_scale = tl.max(tl.abs(xf), 0) / 127.0
+        safe = tl.where(row_scale > 0, row_scale, 1.0)
+        tl.store(row_ptr + d, _round_half_even(xf / safe).to(tl.int8))
+        tl.store((row_ptr + HEAD_DIM).to(tl.pointer_type(tl.float32)), row_scale)
+    elif KV_KIND == 2:  # saturated at e4m3's largest finite value (kv_format.FP8_MAX)
+        xf = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)
+        tl.store(row_ptr + d, xf.to(tl.float8e4nv))
+    else:
+        tl.store(row_ptr + d, x)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale, v_scale,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                     HEAD_DIM: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, KV_KIND: tl.constexpr):
     token = tl.program_id(0)
     head = tl.program_id(1)
-    slot = tl.load(slot_ptr + token)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d)
     v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d)
-    tl.store(k_cache_ptr + slot * stride_cs + head * stride_ch + d, k)
-    tl.store(v_cache_ptr + slot * stride_cs + head * stride_ch + d, v)
+    _encode_row(k, k_cache_ptr + slot * stride_cs + head * stride_ch, k_scale, HEAD_DIM, KV_KIND)
+    _encode_row(v, v_cache_ptr + slot * stride_cs + head * stride_ch, v_scale, HEAD_DIM, KV_KIND)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [tokens, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]; slot = block * size + offset."""
+             slot_mapping: torch.Tensor, kv_kind: str = "auto", kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
+    """k, v: [tokens, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, row width] in the ``kv_kind``
+    format; slot = block * size + offset."""
     tokens, kv_heads, head_dim = k.shape
     if head_dim < MIN_DOT_ROWS or head_dim & (head_dim - 1):
         raise ValueError(f"the triton backend needs a power-of-two head_dim >= {MIN_DOT_ROWS}, got {head_dim}")
     if tokens == 0:
         return
-    k_flat = k_cache.view(-1, kv_heads, head_dim)
-    v_flat = v_cache.view(-1, kv_heads, head_dim)
+    k_flat = k_cache.view(-1, kv_heads, k_cache.shape[-1])
+    v_flat = v_cache.view(-1, kv_heads, v_cache.shape[-1])
     _write_kv_kernel[(tokens, kv_heads)](
-        k, v, k_flat, v_flat, slot_mapping,
+        k, v, k_flat, v_flat, slot_mapping, kv_scales[0], kv_scales[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_flat.stride(0), k_flat.stride(1),
-        HEAD_DIM=head_dim,
+        HEAD_DIM=head_dim, KV_KIND=KV_KINDS[kv_kind],
     )
 
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr,
                             qb_seq_ptr, qb_token_ptr, qb_count_ptr, qb_len_ptr,
-                            scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
+                            scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
                             stride_cb, stride_cs, stride_ch,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+                            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, KV_KIND: tl.constexpr):
     # One program: one query block (up to BLOCK_Q consecutive query tokens of one sequence) x one KV head.
     # Its rows are those tokens x the GROUP query heads sharing that KV head, so every key/value tile
     # loaded serves BLOCK_Q * GROUP rows (a prefill reads its context once per block, not once per token).
@@ -108,18 +144,28 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr
         key_off = block.to(tl.int64) * stride_cb + ((pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)
         k = tl.load((k_cache_ptr + key_off)[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load((v_cache_ptr + key_off)[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # Quantized rows convert exactly to q's dtype (int8 codes, fp8 values); their scales apply to the
+        # products: an int8 key's to its scores, an int8 value's to its softmax weights (fp8's per-tensor
+        # scales: the key's is in `scale`, the value's multiplies the output).
+        k = k.to(tl.float32) if DOT_FP32 else k.to(q.dtype)
+        v = v.to(tl.float32) if DOT_FP32 else v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, TILE] fp32
+        if KV_KIND == 1:
+            k_rows = tl.load((k_cache_ptr + key_off + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok, other=0.0)
+            scores = scores * k_rows[None, :]
         scores = tl.where(pos[None, :] < row_len[:, None], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
+        if KV_KIND == 1:
+            v_rows = tl.load((v_cache_ptr + key_off + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=key_ok, other=0.0)
+            p = p * v_rows[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / l[:, None]
+    if KV_KIND == 2:
+        out = out * v_scale
     tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -153,10 +199,12 @@ def prefill_block_q(group: int, rows: int) -> int:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    blocks: QueryBlocks, scale: float, out: torch.Tensor) -> None:
+                    blocks: QueryBlocks, scale: float, out: torch.Tensor, kv_kind: str = "auto",
+                    kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
     """Writes into ``out`` the rows of the tokens that ``blocks`` cover.
 
-    q, out: [tokens, heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]; block_tables: [seqs, max_blocks].
+    q, out: [tokens, heads, dim]; caches: [num_blocks, block_size, kv_heads, row width] in the ``kv_kind``
+    format; block_tables: [seqs, max_blocks].
     """
     _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -165,15 +213,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return
     _paged_attention_kernel[(num_programs, kv_heads)](
         q, k_cache, v_cache, out, block_tables, blocks.seq, blocks.first_token,
-        blocks.count if blocks.count is not None else blocks.seq, blocks.first_len, scale,
+        blocks.count if blocks.count is not None else blocks.seq, blocks.first_len,
+        scale * kv_scales[0] if kv_kind == "fp8_e4m3" else scale, kv_scales[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        **attention_constexprs(q.dtype, heads // kv_heads, head_dim, block_size, blocks.block_q),
+        **attention_constexprs(q.dtype, heads // kv_heads, head_dim, block_size, blocks.block_q, kv_kind),
     )
 
 
 def attention_constexprs(dtype: torch.dtype, group: int, head_dim: int, block_size: int,
-                         block_q: int) -> dict[str, Any]:
+                         block_q: int, kv_kind: str = "auto") -> dict[str, Any]:
     """The compile-time parameters of one attention launch (also what scripts/triton_resources.py compiles)."""
     return dict(
         GROUP=group, GROUP_PAD=query_group_pad(group, block_q), BLOCK_Q=block_q, HEAD_DIM=head_dim,
@@ -181,4 +230,5 @@ def attention_constexprs(dtype: torch.dtype, group: int, head_dim: int, block_si
         # Triton's interpreter multiplies bf16 operands wrongly (a 16x16 bf16 tl.dot is off by ~1e10 under
         # TRITON_INTERPRET=1, triton 3.9): there half-precision operands are upcast before the products.
         DOT_FP32=dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+        KV_KIND=KV_KINDS[kv_kind],
     )

@@ -1,0 +1,240 @@
+// Decode steps of a few sequences (up to 4 rows) through every decoder layer in one call.
+//
+// At batch 1 a token of the bundled model reads ~97 MB of quantized weights, ~5 ms at this machine's
+// bandwidth, while the layer-by-layer path spent ~2.5 ms more outside the matmuls: ~20 torch and kernel
+// calls per layer from Python, each allocating its output and fanning out to the threads, and every
+// projection quantizing its input again. Here a layer is ten phases over preallocated buffers: the tiny
+// ones (norms, rotary, the KV write, quantizing a projection's input once) on the calling thread, the
+// projections and attention split over the threads by output rows and by (sequence, KV head).
+//
+// The arithmetic is the layer-by-layer path's: the same kernels' dot products on the same int8 activations,
+// outputs and the residual stream rounded to the model dtype where that path stores them, attention in fp32
+// over the cache as stored (pagoda/model/attention/kv_format.py). Projections: GGUF types (gguf_linear.cpp)
+// and int4 rows (int4_linear.cpp); other layers take the layer-by-layer path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "kv_rows.h"
+#include "quant_rows.h"
+#include "token_rows.h"
+
+using namespace pagoda_quant;
+using namespace pagoda_kv;
+using namespace pagoda_rows;
+
+#if defined(PAGODA_VNNI)
+namespace {
+
+constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
+constexpr int64_t kMaxRows = 4;
+
+struct Projection {
+  const uint8_t* weight;
+  int64_t kind, group, out, in, row_bytes;
+  const float* bias;
+
+  XOrder order() const { return kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind); }
+
+  void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
+    const uint8_t* row = weight + col * row_bytes;
+    if (kind == kInt4Kind) {
+      int4_row_dot(row, in, group, xq, 0, rows, result);
+    } else {
+      gguf_row_dot(row, kind, in, xq, 0, rows, result);
+    }
+  }
+};
+
+Projection projection(const torch::Tensor& w, int64_t kind, int64_t group, int64_t in, const torch::Tensor* bias) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "decode_layers: uint8 weight rows");
+  return {w.data_ptr<uint8_t>(), kind, group, w.size(0), in, w.size(1),
+          bias != nullptr && bias->defined() ? bias->data_ptr<float>() : nullptr};
+}
+
+// out[r, :] = x[r] . W^T (+ bias), the columns split over the threads; x already quantized in p's order.
+template <typename T>
+void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out) {
+  at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {
+    float result[kMaxRows];
+    for (int64_t col = begin; col < end; ++col) {
+      p.dot(col, xq, rows, result);
+      const float b = p.bias != nullptr ? p.bias[col] : 0.f;
+      for (int64_t r = 0; r < rows; ++r) out[r * p.out + col] = static_cast<T>(result[r] + b);
+    }
+  });
+}
+
+struct Step {
+  int64_t rows, hidden, heads, kv_heads, dim, intermediate, block_size, max_blocks;
+  const float* cos;
+  const float* sin;
+  const int64_t* slots;
+  const int64_t* tables;
+  const int64_t* lens;
+  float scale, eps;
+};
+
+// Attention of row b's query heads of KV head h over its cache, into out (T, [heads * dim] of row b).
+template <typename T, typename C>
+void attend(const Step& st, const T* q, const C* k_cache, const C* v_cache, int64_t row_width, float k_scale,
+            float v_scale, int64_t b, int64_t h, T* out, std::vector<float>& scratch) {
+  const int64_t group = st.heads / st.kv_heads, dim = st.dim, len = st.lens[b];
+  scratch.resize(group * dim + group * len + 2 * dim + group * dim);
+  float* qf = scratch.data();
+  float* scores = qf + group * dim;
+  float* row = scores + group * len;
+  float* acc = row + 2 * dim;
+  const float qk_scale = st.scale * k_scale;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < dim; ++i) qf[g * dim + i] = static_cast<float>(q[(h * group + g) * dim + i]) * qk_scale;
+  const int64_t* table = st.tables + b * st.max_blocks;
+  const int64_t token_stride = st.kv_heads * row_width;
+  auto cache_row = [&](const C* cache, int64_t t) {
+    return cache + (table[t / st.block_size] * st.block_size + t % st.block_size) * token_stride + h * row_width;
+  };
+  for (int64_t t = 0; t < len; ++t) {
+    load_row(cache_row(k_cache, t), row, 1, dim);
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * dim, row, dim);
+  }
+  std::fill(acc, acc + group * dim, 0.f);
+  float inv_sum[64];
+  for (int64_t g = 0; g < group; ++g) inv_sum[g] = v_scale / softmax_numerators(scores + g * len, len);
+  for (int64_t t = 0; t < len; ++t) {
+    load_row(cache_row(v_cache, t), row, 1, dim);
+    for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], row, acc + g * dim, dim);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < dim; ++i) out[(h * group + g) * dim + i] = static_cast<T>(acc[g * dim + i] * inv_sum[g]);
+}
+
+template <typename T, typename C>
+void run(torch::Tensor& hidden, const std::vector<Projection>& projections, const std::vector<torch::Tensor>& norms,
+         const std::vector<torch::Tensor>& caches, const std::vector<double>& kv_scales, const Step& st) {
+  const int64_t rows = st.rows, n = st.hidden, layers = static_cast<int64_t>(caches.size());
+  const int64_t q_size = st.heads * st.dim, kv_size = st.kv_heads * st.dim;
+  std::vector<T> residual(rows * n), normed(rows * n), qkv(rows * (q_size + 2 * kv_size)), attn(rows * q_size),
+      gate_up(rows * 2 * st.intermediate), act(rows * st.intermediate);
+  T* h = hidden.data_ptr<T>();  // the embeddings in, each layer's MLP output, the final normed states out
+  const float eps = st.eps;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Projection* p = &projections[4 * l];
+    const T* in_norm = norms[2 * l].data_ptr<T>();
+    const T* post_norm = norms[2 * l + 1].data_ptr<T>();
+    const int64_t row_width = caches[l].size(4);
+    C* k_cache = static_cast<C*>(caches[l].data_ptr());
+    C* v_cache = k_cache + caches[l].stride(0);
+    // A checkpoint's k_scale / v_scale apply to an fp8 cache only (kv_format.py).
+    constexpr bool fp8 = std::is_same_v<C, c10::Float8_e4m3fn>;
+    const float k_scale = fp8 ? static_cast<float>(kv_scales[2 * l]) : 1.f;
+    const float v_scale = fp8 ? static_cast<float>(kv_scales[2 * l + 1]) : 1.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (l == 0) {  // the embeddings are the residual stream's start
+        std::copy(h + r * n, h + (r + 1) * n, &residual[r * n]);
+        norm_row(&residual[r * n], in_norm, &normed[r * n], n, eps);
+      } else {
+        add_norm_row(h + r * n, &residual[r * n], in_norm, &normed[r * n], n, eps);
+      }
+    }
+    project(p[0], quantize_rows(normed.data(), rows, n, p[0].order()), rows, qkv.data());
+    const int64_t qkv_width = q_size + 2 * kv_size;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = &qkv[r * qkv_width];
+      const float* c = st.cos + r * st.dim / 2;
+      const float* s = st.sin + r * st.dim / 2;
+      rotate_row(row, c, s, st.heads + st.kv_heads, st.dim);  // q and k side by side, as the layer does
+      const int64_t slot = st.slots[r];
+      for (int64_t kh = 0; kh < st.kv_heads; ++kh) {
+        C* k_dest = k_cache + (slot * st.kv_heads + kh) * row_width;
+        C* v_dest = v_cache + (slot * st.kv_heads + kh) * row_width;
+        store_row(row + q_size + kh * st.dim, k_dest, st.dim, k_scale);
+        store_row(row + q_size + kv_size + kh * st.dim, v_dest, st.dim, v_scale);
+      }
+    }
+    at::parallel_for(0, rows * st.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / st.kv_heads, kh = item % st.kv_heads;
+        attend<T, C>(st, &qkv[r * qkv_width], k_cache, v_cache, row_width, k_scale, v_scale, r, kh, &attn[r * q_size],
+                     scratch);
+      }
+    });
+    project(p[1], quantize_rows(attn.data(), rows, q_size, p[1].order()), rows, h);
+    for (int64_t r = 0; r < rows; ++r) add_norm_row(h + r * n, &residual[r * n], post_norm, &normed[r * n], n, eps);
+    project(p[2], quantize_rows(normed.data(), rows, n, p[2].order()), rows, gate_up.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* gu = &gate_up[r * 2 * st.intermediate];
+      silu_mul_row(gu, gu + st.intermediate, &act[r * st.intermediate], st.intermediate);
+    }
+    project(p[3], quantize_rows(act.data(), rows, st.intermediate, p[3].order()), rows, h);
+  }
+  const T* final_norm = norms.back().data_ptr<T>();
+  for (int64_t r = 0; r < rows; ++r) add_norm_row(h + r * n, &residual[r * n], final_norm, h + r * n, n, eps);
+}
+
+}  // namespace
+#endif
+
+bool decode_layers_supported() {
+#if defined(PAGODA_VNNI)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// hidden: [rows <= 4, hidden] embeddings of the step's tokens (fp32 / bf16), overwritten with the final
+// normed hidden states. Per layer: 4 weights (qkv, o, gate_up, down: uint8 rows) with their kinds (GGML type
+// ids, 1000 = int4) and int4 group sizes, 2 norm weights (then the final norm's), the KV cache [2, blocks,
+// block_size, kv_heads, row width] (model dtype, int8 rows or fp8) and its two fp8 scales; qkv_biases: one
+// fp32 [qkv rows] per layer, or none. cos / sin: [rows, head_dim / 2] fp32; slots [rows], block_tables
+// [rows, max_blocks], seq_lens [rows]: int64, the sequences' lengths with this token.
+void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
+                   std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
+                   std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
+                   torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
+                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps) {
+#if defined(PAGODA_VNNI)
+  const int64_t layers = static_cast<int64_t>(caches.size());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1 && hidden.size(0) <= kMaxRows && hidden.is_contiguous(),
+              "decode_layers: hidden must be contiguous [1..4, hidden]");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && kinds.size() == weights.size() &&
+                  groups.size() == weights.size() && static_cast<int64_t>(norms.size()) == 2 * layers + 1 &&
+                  static_cast<int64_t>(kv_scales.size()) == 2 * layers &&
+                  (qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == layers),
+              "decode_layers: per-layer lists of the wrong lengths");
+  const int64_t n = hidden.size(1), q_size = heads * head_dim;
+  const int64_t ins[4] = {n, q_size, n, intermediate};
+  std::vector<Projection> projections;
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t j = 0; j < 4; ++j)
+      projections.push_back(projection(weights[4 * l + j], kinds[4 * l + j], groups[4 * l + j], ins[j],
+                                       j == 0 && !qkv_biases.empty() ? &qkv_biases[l] : nullptr));
+  const Step st{hidden.size(0), n, heads, kv_heads, head_dim, intermediate, caches[0].size(2),
+                block_tables.size(1), cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(),
+                block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
+                static_cast<float>(eps)};
+  const auto cache_type = caches[0].scalar_type();
+  auto dispatch = [&](auto model_tag) {
+    using T = decltype(model_tag);
+    if (cache_type == at::kChar) {
+      run<T, int8_t>(hidden, projections, norms, caches, kv_scales, st);
+    } else if (cache_type == at::kFloat8_e4m3fn) {
+      run<T, c10::Float8_e4m3fn>(hidden, projections, norms, caches, kv_scales, st);
+    } else {
+      TORCH_CHECK(cache_type == hidden.scalar_type(), "decode_layers: the cache must be int8, fp8 or the model dtype");
+      run<T, T>(hidden, projections, norms, caches, kv_scales, st);
+    }
+  };
+  if (hidden.scalar_type() == at::kBFloat16) {
+    dispatch(at::BFloat16{});
+  } else {
+    TORCH_CHECK(hidden.scalar_type() == at::kFloat, "decode_layers: the model dtype must be fp32 or bf16");
+    dispatch(float{});
+  }
+#else
+  TORCH_CHECK(false, "decode_layers needs AVX-512 VNNI (decode_layers_supported() is False here)");
+#endif
+}

@@ -1,0 +1,101 @@
+"""Decode steps of up to ``MAX_ROWS`` sequences through every decoder layer in one C++ call
+(pagoda/csrc/decode_layers.cpp), when the model's projections all run on the CPU's quantized kernels (GGUF
+blocks, int4 rows, int8 as Q8_0): batch-1 decode is bound by reading the weights, and the layer-by-layer path
+spent a third of a token's time outside the matmuls (Python, tensor allocations, a thread fan-out per call).
+
+Same arithmetic as the layer-by-layer path up to the order of fp32 sums. Not used in batch-invariant mode
+(a request would then round differently alone than beside others) or with ``PAGODA_DISABLE_FUSED_DECODE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.layers.linear import Linear, batch_invariant
+from pagoda.model.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.model.layers.quantization.int4 import Int4LinearMethod
+from pagoda.model.layers.rotary import RotaryAngles
+
+MAX_ROWS = 4  # the kernel keeps this many rows' accumulators in registers (as gguf_linear's decode path)
+INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
+MAX_GROUP = 64  # query heads per KV head the kernel's attention takes
+
+
+def _kind(layer: Linear) -> tuple[int, int] | None:
+    """(kind, int4 group) of a projection the kernel runs, or None."""
+    method = getattr(layer, "int8_kernel", None) or layer.method  # int8 runs on the GGUF Q8_0 kernel
+    if isinstance(method, GGUFLinearMethod):
+        return int(method.qtype), 0
+    if isinstance(method, Int4LinearMethod) and method.ops is not None and getattr(layer, "input_perm", None) is None:
+        return INT4_KIND, method.group_size
+    return None
+
+
+@dataclass
+class FusedDecode:
+    ops: ModuleType
+    weights: list[torch.Tensor]
+    kinds: list[int]
+    groups: list[int]
+    qkv_biases: list[torch.Tensor]
+    norms: list[torch.Tensor]
+    kv_scales: list[float]  # each layer's fp8 k_scale, v_scale
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    scale: float
+    eps: float
+
+    @classmethod
+    def of(cls, model, ops: ModuleType | None) -> FusedDecode | None:  # noqa: ANN001 - a LlamaForCausalLM
+        """The fused path for ``model``, or None when some part of it runs only layer by layer."""
+        if (ops is None or os.environ.get("PAGODA_DISABLE_FUSED_DECODE") == "1" or not ops.decode_layers_supported()
+                or model.qk_norm or model.dtype not in (torch.float32, torch.bfloat16)
+                or model.embed_tokens.weight.device.type != "cpu"):
+            return None
+        cfg = model.config
+        if cfg.num_attention_heads // cfg.num_key_value_heads > MAX_GROUP:
+            return None
+        weights, kinds, groups, biases, norms = [], [], [], [], []
+        for layer in model.layers:
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                kind = _kind(linear)
+                if kind is None or (linear.bias is not None and linear is not layer.qkv_proj):
+                    return None
+                weights.append(linear.weight)
+                kinds.append(kind[0])
+                groups.append(kind[1])
+            if layer.qkv_proj.bias is not None:
+                biases.append(layer.qkv_proj.bias.float().contiguous())
+            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if biases and len(biases) != len(model.layers):
+            return None
+        norms.append(model.norm.weight)
+        kv_scales = [scale for layer in model.layers for scale in layer.kv_scales]
+        first = model.layers[0]
+        return cls(ops, weights, kinds, groups, biases, norms, kv_scales, cfg.num_attention_heads,
+                   cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, first.scale, first.input_layernorm.eps)
+
+    def fits(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:
+        """A decode step (one new token per sequence) of few enough sequences, outside batch-invariant mode."""
+        rows = hidden.shape[0]
+        return (rows <= MAX_ROWS and len(metadata.query_lens) == rows and not batch_invariant()
+                and bool(np.all(np.asarray(metadata.query_lens) == 1)))
+
+    def run(self, hidden: torch.Tensor, angles: RotaryAngles, kv_caches: list[torch.Tensor],
+            metadata: AttentionMetadata) -> torch.Tensor:
+        """The final normed hidden states of the step's tokens (``hidden``, the embeddings, is overwritten)."""
+        hidden = hidden.contiguous()
+        self.ops.decode_layers(
+            hidden, self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
+            angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping,
+            metadata.block_tables.contiguous(), torch.from_numpy(np.asarray(metadata.seq_lens, dtype=np.int64)),
+            self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps)
+        return hidden

@@ -1,0 +1,102 @@
+"""The one-call decode path (pagoda/csrc/decode_layers.cpp) against the layer-by-layer path on the same
+weights: GGUF blocks, int4 (with a Qwen2 q/k/v bias), int8, each KV cache format, one to four rows; and
+where it must not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model.fused_decode import FusedDecode
+from pagoda.model.layers.linear import configure_linear
+from tests.model.test_gguf_native import AGREEMENT_TEXT, _decode_logits
+
+OPS = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(OPS is None or not OPS.decode_layers_supported(),
+                                reason="needs the C++ kernels with AVX-512 VNNI")
+
+
+def _both(llm: LLM, tokens: list[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode logits through the fused path, then (same engine, fresh blocks) layer by layer."""
+    model = llm.engine.runner.model
+    assert model.fused_decode is not None
+    fused = _decode_logits(llm, tokens, prompt_len)
+    saved, model.fused_decode = model.fused_decode, None
+    try:
+        layered = _decode_logits(llm, tokens, prompt_len)
+    finally:
+        model.fused_decode = saved
+    return fused, layered
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(bundled_gguf) -> torch.Tensor:
+    """Greedy top-1 of the fp32 (dequantized) model over the agreement text, 16 tokens prefilled."""
+    fp32 = LLM(str(bundled_gguf), dtype="float32", num_kv_blocks=64, block_size=16)
+    tokens = fp32.get_tokenizer().encode(AGREEMENT_TEXT)
+    return _decode_logits(fp32, tokens, 16).argmax(-1)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8", "fp8"])
+def test_the_bundled_gguf_decodes_as_faithfully_as_layer_by_layer(bundled_gguf, fp32_reference, kv: str) -> None:
+    """Its blocks as stored, in bf16 (dtype auto here): the two paths round differently (the layer-by-layer
+    attention rounds its softmax weights to bf16, sums run in other orders), which moves bf16 logits by up to
+    ~1-2 of ~30 here; neither may agree less with the fp32 model than the other."""
+    llm = LLM(str(bundled_gguf), kv_cache_dtype=kv, num_kv_blocks=64, block_size=16)
+    tokens = llm.get_tokenizer().encode(AGREEMENT_TEXT)
+    fused, layered = _both(llm, tokens, 16)
+    assert (fused - layered).abs().max() < 0.15 * layered.abs().max()
+    fused_agreement = (fused.argmax(-1) == fp32_reference).float().mean().item()
+    layered_agreement = (layered.argmax(-1) == fp32_reference).float().mean().item()
+    assert fused_agreement >= layered_agreement - 0.05, (fused_agreement, layered_agreement)
+    assert fused_agreement >= 0.85, fused_agreement
+
+
+@pytest.mark.parametrize("arch, quantization", [("llama", "int4"), ("qwen2", "int4"), ("llama", "int8")])
+def test_quantized_tiny_models_decode_as_layer_by_layer(make_tiny_model, arch: str, quantization: str) -> None:
+    folder, _ = make_tiny_model(arch, seed=7, hidden_size=128, intermediate_size=256)  # qwen2: q/k/v bias
+    llm = LLM(str(folder), dtype="float32", quantization=quantization, quantization_group_size=32,
+              num_kv_blocks=32, block_size=4)
+    fused, layered = _both(llm, list(range(200, 230)), 9)
+    torch.testing.assert_close(fused, layered, rtol=1e-3, atol=1e-3 * layered.abs().max().item())
+
+
+def test_several_rows_decode_together_as_each_alone(bundled_gguf) -> None:
+    """Up to four sequences of different lengths in one fused step: the same greedy tokens as the
+    layer-by-layer engine."""
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land", "1, 2, 3,"]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    fused = LLM(str(bundled_gguf), num_kv_blocks=64, block_size=16)
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    fused.engine.runner.model.fused_decode = None
+    want = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    assert got == want
+
+
+def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None:
+    folder, _ = make_tiny_model("llama")
+    assert LLM(str(folder), num_kv_blocks=16, block_size=4).engine.runner.model.fused_decode is None  # dense
+    monkeypatch.setenv("PAGODA_DISABLE_FUSED_DECODE", "1")
+    llm = LLM(str(folder), quantization="int4", quantization_group_size=32, num_kv_blocks=16, block_size=4)
+    assert llm.engine.runner.model.fused_decode is None
+    monkeypatch.delenv("PAGODA_DISABLE_FUSED_DECODE")
+    fused = FusedDecode.of(llm.engine.runner.model, OPS)
+    assert fused is not None
+    hidden = torch.zeros(2, 64)
+
+    class Meta:
+        query_lens = [1, 1]
+
+    assert fused.fits(hidden, Meta())
+    Meta.query_lens = [1, 3]  # a prefill chunk in the step
+    assert not fused.fits(hidden, Meta())
+    Meta.query_lens = [1] * 5
+    assert not fused.fits(torch.zeros(5, 64), Meta())  # more rows than the kernel keeps
+    Meta.query_lens = [1, 1]
+    configure_linear(batch_invariant=True)
+    try:
+        assert not fused.fits(hidden, Meta())
+    finally:
+        configure_linear(batch_invariant=False)
