@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
 constexpr int64_t kMaxRows = 4;
+constexpr int64_t kMaxHeads = 256;  // query heads attention keeps sums for (fused_decode.py checks)
 
 struct Projection {
   const uint8_t* weight;
@@ -60,6 +61,7 @@ void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out)
   at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {
     float result[kMaxRows];
     for (int64_t col = begin; col < end; ++col) {
+      if (col + kPrefetchRows < end) prefetch_row(p.weight + (col + kPrefetchRows) * p.row_bytes, p.row_bytes);
       p.dot(col, xq, rows, result);
       const float b = p.bias != nullptr ? p.bias[col] : 0.f;
       for (int64_t r = 0; r < rows; ++r) out[r * p.out + col] = static_cast<T>(result[r] + b);
@@ -77,35 +79,47 @@ struct Step {
   float scale, eps;
 };
 
-// Attention of row b's query heads of KV head h over its cache, into out (T, [heads * dim] of row b).
+// Attention of row b's query heads of KV head h over its cache, into out (T, [heads * dim] of row b). The
+// sequence's blocks are read front to back, the next block's rows of this head requested while one is
+// read: at batch 1 the KV rows come from memory (the weights streamed through the caches since the last
+// step), and without the requests ahead every row stalled.
 template <typename T, typename C>
 void attend(const Step& st, const T* q, const C* k_cache, const C* v_cache, int64_t row_width, float k_scale,
             float v_scale, int64_t b, int64_t h, T* out, std::vector<float>& scratch) {
   const int64_t group = st.heads / st.kv_heads, dim = st.dim, len = st.lens[b];
-  scratch.resize(group * dim + group * len + 2 * dim + group * dim);
+  scratch.resize(group * dim + group * len + dim + group * dim);
   float* qf = scratch.data();
   float* scores = qf + group * dim;
   float* row = scores + group * len;
-  float* acc = row + 2 * dim;
+  float* acc = row + dim;
   const float qk_scale = st.scale * k_scale;
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < dim; ++i) qf[g * dim + i] = static_cast<float>(q[(h * group + g) * dim + i]) * qk_scale;
+  for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(q[h * group * dim + i]) * qk_scale;
   const int64_t* table = st.tables + b * st.max_blocks;
-  const int64_t token_stride = st.kv_heads * row_width;
-  auto cache_row = [&](const C* cache, int64_t t) {
-    return cache + (table[t / st.block_size] * st.block_size + t % st.block_size) * token_stride + h * row_width;
+  const int64_t token_stride = st.kv_heads * row_width, block_stride = st.block_size * token_stride;
+  const int64_t row_bytes = row_width * static_cast<int64_t>(sizeof(C));
+  auto for_each_row = [&](const C* cache, auto&& fn) {
+    for (int64_t blk = 0, t = 0; t < len; ++blk) {
+      const C* row_ptr = cache + table[blk] * block_stride + h * row_width;
+      const int64_t stop = std::min(len, t + st.block_size);
+      if (stop < len) {
+        const C* next = cache + table[blk + 1] * block_stride + h * row_width;
+        for (int64_t j = 0; j < st.block_size; ++j)
+          prefetch_row(reinterpret_cast<const uint8_t*>(next + j * token_stride), row_bytes);
+      }
+      for (; t < stop; ++t, row_ptr += token_stride) fn(t, row_ptr);
+    }
   };
-  for (int64_t t = 0; t < len; ++t) {
-    load_row(cache_row(k_cache, t), row, 1, dim);
+  for_each_row(k_cache, [&](int64_t t, const C* k) {
+    load_row(k, row, 1, dim);
     for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * dim, row, dim);
-  }
+  });
   std::fill(acc, acc + group * dim, 0.f);
-  float inv_sum[64];
+  float inv_sum[kMaxHeads];
   for (int64_t g = 0; g < group; ++g) inv_sum[g] = v_scale / softmax_numerators(scores + g * len, len);
-  for (int64_t t = 0; t < len; ++t) {
-    load_row(cache_row(v_cache, t), row, 1, dim);
+  for_each_row(v_cache, [&](int64_t t, const C* v) {
+    load_row(v, row, 1, dim);
     for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], row, acc + g * dim, dim);
-  }
+  });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i = 0; i < dim; ++i) out[(h * group + g) * dim + i] = static_cast<T>(acc[g * dim + i] * inv_sum[g]);
 }

@@ -403,7 +403,9 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  for_each_output(rows, w.size(0), bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+  const int64_t n = w.size(0);
+  for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    if (col + kPrefetchRows < n) prefetch_row(wp + (col + kPrefetchRows) * row_bytes, row_bytes);
     row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
   });
 }

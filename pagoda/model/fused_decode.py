@@ -24,7 +24,7 @@ from pagoda.model.layers.rotary import RotaryAngles
 
 MAX_ROWS = 4  # the kernel keeps this many rows' accumulators in registers (as gguf_linear's decode path)
 INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
-MAX_GROUP = 64  # query heads per KV head the kernel's attention takes
+MAX_HEADS = 256  # query heads the kernel's attention takes
 
 
 def _kind(layer: Linear) -> tuple[int, int] | None:
@@ -61,7 +61,7 @@ class FusedDecode:
                 or model.embed_tokens.weight.device.type != "cpu"):
             return None
         cfg = model.config
-        if cfg.num_attention_heads // cfg.num_key_value_heads > MAX_GROUP:
+        if cfg.num_attention_heads > MAX_HEADS:
             return None
         weights, kinds, groups, biases, norms = [], [], [], [], []
         for layer in model.layers:
