@@ -453,37 +453,16 @@ void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, co
 // x: [rows, in_features] fp32/bf16; w: [out_features, in_features / 32 * block bytes] uint8, regrouped GGUF
 // rows (see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [rows, in_features]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gguf_linear: x must be fp32 or bf16");
-  check_weight(w, qtype, x.size(1), "gguf_linear");
-  x = x.contiguous();
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kBFloat16) {
-    run_linear<at::BFloat16>(x, w, qtype, bp, out);
-  } else {
-    run_linear<float>(x, w, qtype, bp, out);
-  }
-  return out;
+  return quantized_linear(
+      x, w, bias, "gguf_linear", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear"); },
+      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+        run_linear<decltype(tag)>(xc, w, qtype, bp, out);
+      });
 }
 
 // w as in gguf_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
 torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
   check_weight(w, qtype, in_features, "gguf_dequantize");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gguf_dequantize: dtype must be fp32 or bf16");
-  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (dtype == at::kBFloat16) {
-        dequantize_any_row(wp + r * row_bytes, qtype, in_features, out.data_ptr<at::BFloat16>() + r * in_features);
-      } else {
-        dequantize_any_row(wp + r * row_bytes, qtype, in_features, out.data_ptr<float>() + r * in_features);
-      }
-    }
-  });
-  return out;
+  return dequantized(w, in_features, dtype, "gguf_dequantize",
+                     [&](const uint8_t* row, auto* out) { dequantize_any_row(row, qtype, in_features, out); });
 }

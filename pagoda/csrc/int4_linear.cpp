@@ -198,37 +198,16 @@ void pagoda_quant::int4_row_dot(const uint8_t* row, int64_t k, int64_t group, co
 // x: [rows, in_features] fp32/bf16; w: [out_features, int4 row bytes] (see the file note); bias: [out_features]
 // or None. Returns [rows, out_features] in x's dtype.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be [rows, in_features]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_linear: x must be fp32 or bf16");
-  check_int4_weight(w, group_size, x.size(1), "int4_linear");
-  x = x.contiguous();
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kBFloat16) {
-    run_int4_linear<at::BFloat16>(x, w, group_size, bp, out);
-  } else {
-    run_int4_linear<float>(x, w, group_size, bp, out);
-  }
-  return out;
+  return quantized_linear(
+      x, w, bias, "int4_linear", [&](int64_t k) { check_int4_weight(w, group_size, k, "int4_linear"); },
+      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+        run_int4_linear<decltype(tag)>(xc, w, group_size, bp, out);
+      });
 }
 
 // w as in int4_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype) {
   check_int4_weight(w, group_size, in_features, "int4_dequantize");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequantize: dtype must be fp32 or bf16");
-  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (dtype == at::kBFloat16) {
-        dequantize_int4_row(wp + r * row_bytes, in_features, group_size, out.data_ptr<at::BFloat16>() + r * in_features);
-      } else {
-        dequantize_int4_row(wp + r * row_bytes, in_features, group_size, out.data_ptr<float>() + r * in_features);
-      }
-    }
-  });
-  return out;
+  return dequantized(w, in_features, dtype, "int4_dequantize",
+                     [&](const uint8_t* row, auto* out) { dequantize_int4_row(row, in_features, group_size, out); });
 }

@@ -68,6 +68,48 @@ void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const R
   });
 }
 
+// What the quantized layers' entry points share: x [rows, in_features] fp32 / bf16 checked, then the
+// layer's own weight check(in_features), an optional bias as fp32, the output [rows, out_features] in x's
+// dtype; run(T{}, x, bias or nullptr, out) with T from x's dtype.
+template <typename Check, typename Run>
+torch::Tensor quantized_linear(torch::Tensor x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                               const char* fn, const Check& check, const Run& run) {
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be [rows, in_features]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, fn, ": x must be fp32 or bf16");
+  check(x.size(1));
+  x = x.contiguous();
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16) {
+    run(at::BFloat16{}, x, bp, out);
+  } else {
+    run(float{}, x, bp, out);
+  }
+  return out;
+}
+
+// Weight rows (already checked) -> [rows, in_features] of dtype (fp32 or bf16), row(src, dst) per row.
+template <typename Row>
+torch::Tensor dequantized(const torch::Tensor& w, int64_t in_features, at::ScalarType dtype, const char* fn,
+                          const Row& row) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, fn, ": dtype must be fp32 or bf16");
+  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (dtype == at::kBFloat16) {
+        row(wp + r * row_bytes, out.data_ptr<at::BFloat16>() + r * in_features);
+      } else {
+        row(wp + r * row_bytes, out.data_ptr<float>() + r * in_features);
+      }
+    }
+  });
+  return out;
+}
+
 #if defined(PAGODA_VNNI)
 // Rows of x quantized to int8 blocks: q, each block's scale d, and d * sum(q) (what the weights' offsets
 // multiply), padded with zeros to whole groups of four blocks. Each group's 128 values are stored so that a

@@ -254,9 +254,19 @@ def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu",
         return model_class(arch.architecture)(arch, dtype, quant)
 
 
-def weight_bytes(arch: ArchConfig, dtype: torch.dtype) -> int:
-    """Bytes of the model's parameters, from a module built on the meta device (nothing allocated)."""
-    model = _build(arch, dtype, "meta")
+def weight_bytes(name: str, dtype: torch.dtype, quantization: str | None = None,
+                 quantization_group_size: int = 128, device: str = "cpu") -> int:
+    """Bytes of the model's parameters as ``load_model`` would load them onto ``device`` (quantized layers in
+    the layout that device runs), from a module built on the meta device: nothing is allocated."""
+    source = resolve_model(name)
+    checkpoint = None
+    if source.kind != "gguf":
+        config_path = source.path if source.kind == "config" else source.path / "config.json"
+        if config_path.exists():
+            checkpoint = json.loads(config_path.read_text()).get("quantization_config")
+    kernels = load_cpu_kernels() if device == "cpu" else None
+    quant = quant_config(quantization, checkpoint, kernels, quantization_group_size)
+    model = _build(load_arch(name), dtype, "meta", quant)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

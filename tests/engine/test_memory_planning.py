@@ -20,7 +20,7 @@ from pagoda.engine.worker.memory import (
 )
 from pagoda.model.attention import get_backend
 from pagoda.model.attention.kv_format import KVCacheFormat
-from pagoda.model.loader import load_arch, load_model, weight_bytes
+from pagoda.model.loader import load_model, weight_bytes
 
 
 def _profile(**overrides: int) -> GpuMemoryProfile:
@@ -70,11 +70,23 @@ def test_cpu_engine_refuses_a_budget_below_max_model_len(make_tiny_model) -> Non
     assert llm.engine.num_blocks == 4
 
 
-def test_weight_bytes_match_the_loaded_model(make_tiny_model) -> None:
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_weight_bytes_match_the_loaded_model(make_tiny_model, quantization: str | None) -> None:
+    """What the GPU budget checks before loading: the parameters as they will be, quantized ones included."""
     folder, _ = make_tiny_model("qwen3")
-    model = load_model(str(folder), torch.bfloat16).model
+    model = load_model(str(folder), torch.bfloat16, quantization=quantization, quantization_group_size=32).model
     expected = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert weight_bytes(load_arch(str(folder)), torch.bfloat16) == expected
+    assert weight_bytes(str(folder), torch.bfloat16, quantization, 32) == expected
+
+
+def test_weight_bytes_of_a_gptq_checkpoint_count_its_packed_tensors(make_tiny_model, tmp_path) -> None:
+    from tests.model.test_gptq_awq import write_quantized
+
+    folder, hf = make_tiny_model("llama", seed=8)
+    quantized = write_quantized(folder, hf, tmp_path / "gptq", layout="gptq")
+    dense = weight_bytes(str(folder), torch.bfloat16)
+    assert weight_bytes(str(quantized), torch.bfloat16) < dense - 0.6 * sum(
+        p.numel() * 2 for n, p in hf.named_parameters() if "proj" in n)
 
 
 def test_profile_batch_spends_the_whole_token_budget() -> None:
@@ -97,4 +109,4 @@ def test_profiled_step_runs_the_largest_step(make_tiny_model, max_model_len: int
 def test_configs_ship_loadable_shapes() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     # Llama-3.1-8B in bf16: ~16 GB of weights, the number the GPU budget starts from.
-    assert weight_bytes(load_arch(str(root / "llama-3.1-8b.json")), torch.bfloat16) == 2 * 8_030_261_248
+    assert weight_bytes(str(root / "llama-3.1-8b.json"), torch.bfloat16) == 2 * 8_030_261_248

@@ -68,16 +68,23 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).reshape(x.shape[0], -1)
 
 
-def _layer(qtype: GGMLQuantizationType, raw: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,
-           bias: torch.Tensor | None = None) -> Linear:
-    layer = Linear(in_features, output_sizes, bias is not None, dtype, GGUFLinearMethod(qtype, OPS))
+def filled_linear(method, weights: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,  # noqa: ANN001
+                  bias: torch.Tensor | None = None) -> Linear:
+    """A Linear of ``method`` whose shards (and bias) are handed in through their weight loaders, as a
+    checkpoint's q/k/v or gate/up tensors are."""
+    layer = Linear(in_features, output_sizes, bias is not None, dtype, method)
     start = 0
     for shard, size in enumerate(output_sizes):
-        layer.weight.weight_loader(layer.weight, raw[start : start + size], shard, f"w{shard}")
+        layer.weight.weight_loader(layer.weight, weights[start : start + size], shard, f"w{shard}")
         if bias is not None:
             layer.bias.weight_loader(layer.bias, bias[start : start + size].to(dtype), shard, f"b{shard}")
         start += size
     return layer
+
+
+def _layer(qtype: GGMLQuantizationType, raw: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,
+           bias: torch.Tensor | None = None) -> Linear:
+    return filled_linear(GGUFLinearMethod(qtype, OPS), raw, in_features, output_sizes, dtype, bias)
 
 
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=TYPE_IDS)

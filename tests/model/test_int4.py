@@ -13,7 +13,7 @@ from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization import int4
 from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
 from pagoda.model.layers.quantization.grid import dequantize_groups, grid, quantize_groups
-from tests.model.test_gguf_native import _int8_blocks, top1_agreement
+from tests.model.test_gguf_native import _int8_blocks, filled_linear, top1_agreement
 
 OPS = load_cpu_kernels()
 PATHS = [pytest.param(OPS, id="kernel", marks=pytest.mark.skipif(OPS is None, reason="no C++ kernels")),
@@ -24,14 +24,7 @@ SHAPES = [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 576), (96, 64), (
 
 def _layer(weight: torch.Tensor, output_sizes: list[int], group: int, dtype: torch.dtype, ops,  # noqa: ANN001
            bias: torch.Tensor | None = None) -> Linear:
-    layer = Linear(weight.shape[1], output_sizes, bias is not None, dtype, int4.Int4LinearMethod(ops, group))
-    start = 0
-    for shard, size in enumerate(output_sizes):
-        layer.weight.weight_loader(layer.weight, weight[start : start + size], shard, f"w{shard}")
-        if bias is not None:
-            layer.bias.weight_loader(layer.bias, bias[start : start + size].to(dtype), shard, f"b{shard}")
-        start += size
-    return layer
+    return filled_linear(int4.Int4LinearMethod(ops, group), weight, weight.shape[1], output_sizes, dtype, bias)
 
 
 @pytest.mark.parametrize(("k", "group"), SHAPES)

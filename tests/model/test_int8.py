@@ -11,7 +11,7 @@ from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod, quantize_int8_rows
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
-from tests.model.test_gguf_native import _decode_logits, _int8_blocks, top1_agreement
+from tests.model.test_gguf_native import _decode_logits, _int8_blocks, filled_linear, top1_agreement
 
 OPS = load_cpu_kernels()
 # The GGUF Q8_0 kernel where the C++ kernels build; torch's _weight_int8pack_mm without them.
@@ -21,14 +21,7 @@ PATHS = [pytest.param(OPS, id="kernel", marks=pytest.mark.skipif(OPS is None, re
 
 def _layer(weight: torch.Tensor, output_sizes: list[int], dtype: torch.dtype, bias: torch.Tensor | None = None,
            ops=None) -> Linear:  # noqa: ANN001 - the kernels' module or None
-    layer = Linear(weight.shape[1], output_sizes, bias is not None, dtype, Int8LinearMethod(ops))
-    start = 0
-    for shard, size in enumerate(output_sizes):
-        layer.weight.weight_loader(layer.weight, weight[start : start + size], shard, f"w{shard}")
-        if bias is not None:
-            layer.bias.weight_loader(layer.bias, bias[start : start + size].to(dtype), shard, f"b{shard}")
-        start += size
-    return layer
+    return filled_linear(Int8LinearMethod(ops), weight, weight.shape[1], output_sizes, dtype, bias)
 
 
 def test_rows_quantize_symmetrically_within_half_a_step() -> None:

@@ -16,7 +16,7 @@ from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.bert import BertEncoder, find_encoder
 from pagoda.model.layers.linear import configure_linear
-from pagoda.model.loader import default_dtype, load_arch, load_model, weight_bytes
+from pagoda.model.loader import default_dtype, load_model, weight_bytes
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.worker.input_batch import InputBatch
 from pagoda.engine.worker.memory import (
@@ -50,7 +50,8 @@ class Worker:
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()
             baseline_used = total - free
-            check_weights_fit(weight_bytes(load_arch(mc.model), self.dtype), total, cc.gpu_memory_utilization)
+            check_weights_fit(weight_bytes(mc.model, self.dtype, mc.quantization, mc.quantization_group_size,
+                                           self.device), total, cc.gpu_memory_utilization)
         # dtype auto: a GGUF file's quantized layers run as stored; an explicit dtype dequantizes to it.
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device,
                             keep_gguf_quants=mc.dtype == "auto" and mc.quantization is None,
