@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from pagoda.bench import write_json
 from pagoda.bench.gateway import _percentile, _service
 from pagoda.bench.startup import _free_port
+from pagoda.gateway.cli import replica_env
 
 WORDS = ("river", "stone", "garden", "market", "engine", "window", "paper", "silver", "forest", "harbor", "signal",
          "winter", "letter", "bridge", "orange", "planet", "circle", "doctor", "island", "mirror", "number", "pocket",
@@ -112,7 +112,7 @@ def run_routing(args: argparse.Namespace) -> int:
     replica_args = ["--max-model-len", "2048", "--num-kv-blocks", str(args.num_kv_blocks), "--log-level", "warning"]
     results: list[RoutingResult] = []
     # Both replicas share this machine: half its cores each, not both contending for all of them.
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    threads = {"OMP_NUM_THREADS": replica_env(2)["OMP_NUM_THREADS"]}
     with ExitStack() as stack:
         replicas = []
         for _ in range(2):

@@ -89,6 +89,15 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], deadline: float) -> 
     raise RuntimeError(f"the replica {url} was not ready in {READY_TIMEOUT_S:.0f} s")
 
 
+def replica_env(replicas: int) -> dict[str, str]:
+    """Each local replica's environment: an equal share of this machine's cores for its engine's threads
+    (unless OMP_NUM_THREADS is set already). Engines that each spread over every core spin at each other's
+    barriers: with two replicas on two cores a busy one stalled the other's requests for seconds."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // replicas)))
+    return env
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start the replicas, wait until each answers /health, then run the gateway in this process; every
     child is stopped when the gateway exits (or this process is signalled)."""
@@ -103,7 +112,7 @@ def run_up(args: argparse.Namespace) -> int:
             port = _free_port()
             cmd = [sys.executable, "-m", "pagoda.cli", "serve", "--port", str(port), "--kv-cache-gib",
                    args.kv_cache_gib, *([args.model] if args.model else []), *extra]
-            children.append(subprocess.Popen(cmd, start_new_session=True))
+            children.append(subprocess.Popen(cmd, start_new_session=True, env=replica_env(args.replicas)))
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         for url, child in zip(urls, children):

@@ -19,6 +19,10 @@ from tests.gateway.conftest import ADMIN, Gateway, Load, failures, responder
 from tests.server.conftest import LiveServer, start_server
 
 REPLICA_ARGS = ("--max-model-len", "512", "--kv-cache-gib", "0.1")
+# One core per replica, as two replicas on one 2-core machine should run: with every engine's OpenMP threads
+# on both cores, an engine still decoding for the SIGSTOP-frozen HTTP process and the surviving one spun at
+# each other's barriers, and the survivor missed 2 s first-byte timeouts (a 503 in about half the runs).
+REPLICA_ENV = {"OMP_NUM_THREADS": "1"}
 BODY = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}
 FAST_HEALTH = {"interval_s": 0.3, "timeout_s": 0.5, "unhealthy_threshold": 1}
 FAST_BREAKER = {"consecutive_failures": 2, "open_s": 1.0}
@@ -27,7 +31,7 @@ FAST_BREAKER = {"consecutive_failures": 2, "open_s": 1.0}
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[LiveServer]]]:
     tmp = tmp_path_factory.mktemp("replicas")
-    live = [start_server(tmp, *REPLICA_ARGS), start_server(tmp, *REPLICA_ARGS)]
+    live = [start_server(tmp, *REPLICA_ARGS, env=REPLICA_ENV), start_server(tmp, *REPLICA_ARGS, env=REPLICA_ENV)]
     yield tmp, live  # a list: a test that restarts a replica puts the new one in its place
     for replica in live:
         replica.stop()
@@ -74,7 +78,7 @@ def test_kill_9_of_one_replica_under_load(replicas) -> None:
                "the dead replica was taken out of rotation")
         time.sleep(2)  # the survivor carries the load alone
         port = int(victim.url.rsplit(":", 1)[1])
-        live[0] = start_server(tmp, *REPLICA_ARGS, port=port)
+        live[0] = start_server(tmp, *REPLICA_ARGS, port=port, env=REPLICA_ENV)
         back_at = gateway.upstreams()[victim.url]["requests"]
         _until(lambda: (row := gateway.upstreams()[victim.url])["breaker"] == "closed" and row["healthy"]
                and row["requests"] >= back_at + 10, 60, "traffic came back to the restarted replica")

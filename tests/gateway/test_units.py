@@ -199,3 +199,14 @@ def test_prefix_owner_with_a_nearly_full_kv_cache_is_skipped() -> None:
     assert policy.order([a, b], ctx)[0] is b
     b.observe_replica(0.0, 0.95)
     assert policy.order([a, b], ctx)[0] is a
+
+
+def test_local_replicas_share_the_cores(monkeypatch) -> None:
+    from pagoda.gateway.cli import replica_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert replica_env(2)["OMP_NUM_THREADS"] == "4" and replica_env(3)["OMP_NUM_THREADS"] == "2"
+    assert replica_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert replica_env(2)["OMP_NUM_THREADS"] == "3"

@@ -45,11 +45,12 @@ class LiveServer:
                 self.process.wait()
 
 
-def start_server(tmp: Path, *args: str, timeout_s: float = 120.0, port: int | None = None) -> LiveServer:
+def start_server(tmp: Path, *args: str, timeout_s: float = 120.0, port: int | None = None,
+                 env: dict[str, str] | None = None) -> LiveServer:
     port = port or free_port()
     log = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "pagoda.cli", "serve", "--port", str(port), "--log-level", "warning", *args]
-    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
