@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pagoda import LLM
 from pagoda.engine.core.request import Request
 from pagoda.api.params import SamplingParams
-from pagoda.model.layers.quantization import awq, gptq
-from pagoda.model.layers.quantization.packing import pack_int32, unpack_int32
+from pagoda.model.layers.quantization.select import quant_config
 
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj"]
@@ -148,3 +147,50 @@ def test_a_checkpoint_packed_by_the_published_arithmetic_gives_hf_logits(case: s
     with torch.no_grad():
         expected = hf(torch.tensor([TOKENS])).logits[0].float()
     torch.testing.assert_close(prefill_logits(llm, TOKENS), expected, rtol=1e-4, atol=1e-4)
+
+
+def _rewrite_config(folder: Path, **quantization: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(quantization)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"quant_method": "gptq", "bits": 3}, "GPTQ checkpoint: bits=3 is not supported; supported: 4, 8"),
+    ({"quant_method": "gptq", "bits": 8, "sym": False}, "bits=8 with sym=false is not supported"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ checkpoint: version 'gemv' is not supported; supported: gemm"),
+    ({"quant_method": "awq", "bits": 4, "zero_point": False}, "zero_point=false is not supported"),
+    ({"quant_method": "fp8"}, "quant_method 'fp8' is not supported; supported: gptq, awq"),
+])
+def test_an_unsupported_checkpoint_setting_is_named_with_the_supported_ones(config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quant_config(None, config, None, 128)
+
+
+def test_a_quantization_that_does_not_fit_the_checkpoint_is_refused() -> None:
+    with pytest.raises(ValueError, match="--quantization int8 does not fit this checkpoint, which is quantized with gptq"):
+        quant_config("int8", {"quant_method": "gptq", "bits": 4}, None, 128)
+    with pytest.raises(ValueError, match="--quantization awq needs a awq checkpoint"):
+        quant_config("awq", None, None, 128)
+
+
+def test_a_packed_tensor_that_does_not_fit_the_config_is_named(make_tiny_model, tmp_path) -> None:
+    folder, hf = make_tiny_model("llama", seed=3)
+    quantized = write_quantized(folder, hf, tmp_path / "gptq", layout="gptq")
+    _rewrite_config(quantized, group_size=64)  # the scales hold groups of 32
+    with pytest.raises(ValueError, match=r"checkpoint tensor 'model\.layers\.\d+\.[a-z_.]+\.(qzeros|scales)' has shape \(\d+, \d+\), "
+                       r"expected \(\d+, \d+\)"):
+        LLM(str(quantized), dtype="float32", num_kv_blocks=16, block_size=4)
+
+
+def test_fused_parts_with_different_act_orders_are_refused(make_tiny_model, tmp_path) -> None:
+    folder, hf = make_tiny_model("llama", seed=3)
+    quantized = write_quantized(folder, hf, tmp_path / "gptq", layout="gptq", desc_act=True)
+    tensors = load_file(str(quantized / "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()
+    save_file(tensors, str(quantized / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.[qk]_proj\.g_idx' differs from the g_idx of the "
+                                         r"other parts of its fused layer"):
+        LLM(str(quantized), dtype="float32", num_kv_blocks=16, block_size=4)
