@@ -10,6 +10,7 @@ PAGODA_DISABLE_CPU_KERNELS=1; every caller keeps a pure-torch path.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +28,10 @@ _SOURCES = ["module.cpp", "paged_decode.cpp", "linear_rowwise.cpp", "argmax.cpp"
             "token_bitmask.cpp", "gguf_linear.cpp", "int4_linear.cpp", "decode_layers.cpp"]
 # Records which inputs generated the build.ninja next to it (see KernelBuild.is_built).
 _STAMP = "pagoda_build_inputs.sha256"
+# Held with flock around torch's build: the kernel releases it when its holder dies, which torch's own lock
+# file (a "lock" file that exists while a build runs) cannot do.
+_FLOCK = "pagoda_build.flock"
+_TORCH_BATON = "lock"
 
 
 @dataclass(frozen=True)
@@ -72,22 +77,40 @@ class KernelBuild:
         return dry_run.returncode == 0 and "no work to do" in dry_run.stdout
 
     def load(self, verbose: bool) -> ModuleType:
-        """Builds if needed (verbose: ninja's progress lines on stdout), then imports the extension."""
+        """Builds if needed (verbose: ninja's progress lines on stdout), then imports the extension.
+
+        A build killed part-way (Ctrl-C at the wrong moment, a timeout, a machine stopped) leaves torch's lock
+        file behind, and every later `load` would wait on it forever; under our flock no other builder can be
+        running, so such a file is stale and is removed.
+        """
         from torch.utils.cpp_extension import load
 
-        module = load(
-            name=self.name,
-            sources=[str(s) for s in self.sources],
-            extra_cflags=list(self.cflags),
-            extra_ldflags=list(self.ldflags),
-            extra_include_paths=[str(self.include_dir)],
-            verbose=verbose,
-        )
-        # Replaced atomically: another engine process may be reading it in is_built right now.
-        stamp = self.build_directory() / _STAMP
-        partial = stamp.with_name(f"{_STAMP}.{os.getpid()}")
-        partial.write_text(self.inputs_digest() + "\n")
-        partial.replace(stamp)
+        build_dir = self.build_directory()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / _FLOCK, "a") as flock_file:
+            try:
+                fcntl.flock(flock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"Waiting for another process building Pagoda's C++ CPU kernels in {build_dir}...",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(flock_file, fcntl.LOCK_EX)
+            stale_baton = build_dir / _TORCH_BATON
+            if stale_baton.exists():
+                logger.warning("removing %s, left by a kernel build that was stopped part-way", stale_baton)
+                stale_baton.unlink(missing_ok=True)
+            module = load(
+                name=self.name,
+                sources=[str(s) for s in self.sources],
+                extra_cflags=list(self.cflags),
+                extra_ldflags=list(self.ldflags),
+                extra_include_paths=[str(self.include_dir)],
+                verbose=verbose,
+            )
+            # Replaced atomically: another engine process may be reading it in is_built right now.
+            stamp = build_dir / _STAMP
+            partial = stamp.with_name(f"{_STAMP}.{os.getpid()}")
+            partial.write_text(self.inputs_digest() + "\n")
+            partial.replace(stamp)
         return module
 
 

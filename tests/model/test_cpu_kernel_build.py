@@ -7,9 +7,12 @@ through the same KernelBuild in a per-test TORCH_EXTENSIONS_DIR, so nothing here
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -137,3 +140,39 @@ def test_the_real_kernels_are_built_after_load_and_the_install_step_is_then_a_no
     done = subprocess.run([sys.executable, "-m", "pagoda.model.cpu_kernels"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "already built" in done.stdout
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one(
+    tiny_build: Callable[..., KernelBuild], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = tiny_build()
+    build.build_directory().mkdir(parents=True, exist_ok=True)
+    (build.build_directory() / cpu_kernels._TORCH_BATON).touch()  # what a build killed mid-compile leaves
+
+    def wait_forever(self: object) -> None:
+        raise AssertionError("the build waited on a lock file that no running build holds")
+
+    monkeypatch.setattr("torch.utils.file_baton.FileBaton.wait", wait_forever)
+    assert build.load(verbose=False).answer == 42
+    assert not (build.build_directory() / cpu_kernels._TORCH_BATON).exists()
+
+
+def test_a_second_builder_says_it_waits_and_then_loads_the_same_build(
+    tiny_build: Callable[..., KernelBuild], capsys: pytest.CaptureFixture[str]
+) -> None:
+    build = tiny_build()
+    build.build_directory().mkdir(parents=True, exist_ok=True)
+    loaded: list[object] = []
+    with open(build.build_directory() / cpu_kernels._FLOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another builder, as far as `load` can tell
+        waiter = threading.Thread(target=lambda: loaded.append(build.load(verbose=False)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        err = ""
+        while "Waiting for another process" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        assert "Waiting for another process building Pagoda's C++ CPU kernels" in err
+        assert not loaded
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and loaded[0].answer == 42
