@@ -65,6 +65,9 @@ pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --outp
   --out "$out/latency-8b.json"
 pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 3 --mbu \
   --enforce-eager --out "$out/latency-8b-eager.json"
+# (b') the same with int4 weights (groups of 128) on the Triton int4 kernel: a quarter of the bytes per token.
+pagoda bench latency "${llama8b[@]}" --quantization int4 --max-model-len 4096 --input-len 128 --output-len 256 \
+  --repeats 3 --mbu --out "$out/latency-8b-int4.json"
 # (c) offline throughput: 1000 requests, input [128, 1024], output [128, 512], ignore_eos; HF on the first 200.
 pagoda bench offline --workload gpu-1000 "${llama8b[@]}" --max-model-len 2048 --max-num-seqs 256 \
   --max-num-batched-tokens 8192 --peer hf --hf-num-requests 200 --out "$out/offline-8b.json"
@@ -88,7 +91,7 @@ for name in ("backends-fp32.json", "backends-bf16.json"):
             rows.append((f"{name[:-5]}: {backend} == {b['reference']}", f"{r['equal_requests']}/{b['num_prompts']} requests"))
         seconds = b.get("generate_seconds", {})
         rows.append((f"{name[:-5]}: generate seconds", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())))
-for name in ("latency-8b.json", "latency-8b-eager.json"):
+for name in ("latency-8b.json", "latency-8b-eager.json", "latency-8b-int4.json"):
     lat = load(name)
     if lat:
         bw = lat["bandwidth"]

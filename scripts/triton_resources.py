@@ -7,7 +7,7 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
 
 Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
 bf16, fp16 and fp32: KV write and paged attention (decode and prefill programs) for each KV cache format (the
-model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary.
+model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary, and the int4 projection (with and without bias).
 
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
@@ -36,17 +36,19 @@ from triton.compiler import ASTSource  # noqa: E402
 from pagoda.config import CacheConfig  # noqa: E402
 from pagoda.model.attention import triton_kernels  # noqa: E402
 from pagoda.model.layers import triton_elementwise  # noqa: E402
+from pagoda.model.layers.quantization import triton_int4  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments in the model dtype; fp32 and int64 ones by name; every other pointer is int32, every scalar i32.
 TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr", "x_ptr", "residual_ptr", "w_ptr",
-               "gate_up_ptr"}
+               "gate_up_ptr", "bias_ptr"}
 FP32_ARGS = {"cos_ptr", "sin_ptr", "scale", "eps", "k_scale", "v_scale"}
 CACHE_ARGS = {"k_cache_ptr", "v_cache_ptr"}
 # A quantized KV cache's element type, by the kernels' KV_KIND (kv_format.py): int8 rows, float8 e4m3.
 CACHE_TYPES = {1: "i8", 2: "fp8e4nv"}
 INT64_ARGS = {"slot_ptr"}
+UINT8_ARGS = {"qweight_ptr"}  # packed int4 rows
 
 
 @dataclass
@@ -96,6 +98,8 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
             signature[name] = "*fp32" if name.endswith("_ptr") else "fp32"
         elif name in INT64_ARGS:
             signature[name] = "*i64"
+        elif name in UINT8_ARGS:
+            signature[name] = "*u8"
         else:
             signature[name] = "*i32" if name.endswith("_ptr") else "i32"
     return signature
@@ -157,6 +161,7 @@ def launches(shape: ModelShape, dtype: torch.dtype, arch: int) -> list[tuple[Any
         found += [(te._rms_norm_kernel, {"BLOCK": pow2(n), "ADD": add}) for add in (False, True)]
     found.append((te._silu_and_mul_kernel, {"BLOCK": te.SILU_BLOCK}))
     found.append((te._rotary_kernel, {"HEADS": te.ROTARY_HEADS, "HALF_PAD": pow2(shape.head_dim // 2)}))
+    found += [(triton_int4._int4_linear_kernel, triton_int4.int4_linear_constexprs(dtype, bias)) for bias in (False, True)]
     return found
 
 
