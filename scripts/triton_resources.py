@@ -7,7 +7,7 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
 
 Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
 bf16, fp16 and fp32: KV write and paged attention (decode and prefill programs) for each KV cache format (the
-model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary, and the int4 projection (with and without bias).
+model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary, and the quantized projection (int4, GGUF Q4_0/Q4_1/Q8_0 rows; with and without bias).
 
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from pagoda.config import CacheConfig  # noqa: E402
 from pagoda.model.attention import triton_kernels  # noqa: E402
 from pagoda.model.layers import triton_elementwise  # noqa: E402
-from pagoda.model.layers.quantization import triton_int4  # noqa: E402
+from pagoda.model.layers.quantization import triton_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,7 +48,7 @@ CACHE_ARGS = {"k_cache_ptr", "v_cache_ptr"}
 # A quantized KV cache's element type, by the kernels' KV_KIND (kv_format.py): int8 rows, float8 e4m3.
 CACHE_TYPES = {1: "i8", 2: "fp8e4nv"}
 INT64_ARGS = {"slot_ptr"}
-UINT8_ARGS = {"qweight_ptr"}  # packed int4 rows
+UINT8_ARGS = {"qweight_ptr"}  # quantized weight rows
 
 
 @dataclass
@@ -161,7 +161,9 @@ def launches(shape: ModelShape, dtype: torch.dtype, arch: int) -> list[tuple[Any
         found += [(te._rms_norm_kernel, {"BLOCK": pow2(n), "ADD": add}) for add in (False, True)]
     found.append((te._silu_and_mul_kernel, {"BLOCK": te.SILU_BLOCK}))
     found.append((te._rotary_kernel, {"HEADS": te.ROTARY_HEADS, "HALF_PAD": pow2(shape.head_dim // 2)}))
-    found += [(triton_int4._int4_linear_kernel, triton_int4.int4_linear_constexprs(dtype, bias)) for bias in (False, True)]
+    tl_ = triton_linear
+    found += [(tl_._quantized_linear_kernel, tl_.quantized_linear_constexprs(kind, dtype, bias))
+              for kind in (tl_.INT4, tl_.Q4_0, tl_.Q4_1, tl_.Q8_0) for bias in (False, True)]
     return found
 
 

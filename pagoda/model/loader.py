@@ -21,6 +21,7 @@ from pagoda.model.arch_config import ArchConfig
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.gguf_file import GGUFFile, GGUFTensorInfo
 from pagoda.model.llama import LlamaForCausalLM, QuantConfig
+from pagoda.model.layers.quantization import gpu_kernel
 from pagoda.model.layers.quantization.gguf import GGUFQuantConfig
 from pagoda.model.layers.quantization.select import quant_config
 from pagoda.model.registry import model_class
@@ -297,8 +298,9 @@ def load_model(
     quantization_group_size: int = 128,
 ) -> LoadedModel:
     """Load weights (onto ``device``) and tokenizer. ``load_format='dummy'`` fills random weights of the
-    same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type (Q4_0/Q4_1/Q8_0/K-quants) run on
-    their blocks as stored (CPU kernels), the rest is dequantized to ``dtype``. ``quantization``: int8 / int4
+    same shapes. ``keep_gguf_quants``: a GGUF file's layers of a native type run on their blocks as stored
+    (Q4_0/Q4_1/Q8_0/K-quants on the CPU kernels, Q4_0/Q4_1/Q8_0 on the Triton kernel on CUDA), the rest is
+    dequantized to ``dtype``. ``quantization``: int8 / int4
     (groups of ``quantization_group_size``) quantize the weights as they load; a GPTQ or AWQ checkpoint
     (``quantization_config`` in its config.json) loads as it is quantized (pagoda/model/layers/quantization/)."""
     kernels = load_cpu_kernels() if device == "cpu" else None
@@ -317,9 +319,12 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
-        ops = kernels if keep_gguf_quants and load_format != "dummy" else None
-        quant: QuantConfig | None = (GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, ops) if ops is not None
-                                     else quant_config(quantization, None, kernels, quantization_group_size))
+        # As stored: on the CPU through the C++ kernels, on CUDA through the Triton kernel (Q4_0/Q4_1/Q8_0).
+        runs_blocks = kernels is not None or (torch.device(device).type == "cuda" and gpu_kernel.load() is not None)
+        quant: QuantConfig | None = (
+            GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, kernels)
+            if keep_gguf_quants and load_format != "dummy" and runs_blocks
+            else quant_config(quantization, None, kernels, quantization_group_size))
         if load_format != "dummy":
             _check_gguf_tensors(gguf, arch, dtype, quant)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.

@@ -30,13 +30,13 @@ def test_kernels_compile_for_hopper_and_ampere_without_spills() -> None:
     results = json.loads(done.stdout)
     kernels = {r["kernel"] for r in results}
     assert kernels == {"write_kv_kernel", "paged_attention_kernel", "rms_norm_kernel", "silu_and_mul_kernel",
-                       "rotary_kernel", "int4_linear_kernel"}
+                       "rotary_kernel", "quantized_linear_kernel"}
     assert {(r["arch"], r["dtype"]) for r in results} == {(a, d) for a in (90, 80) for d in ("bf16", "fp16", "fp32")}
     attention = [r for r in results if r["kernel"] == "paged_attention_kernel"]
     assert {r["config"]["BLOCK_Q"] > 1 for r in attention} == {True, False}  # decode and prefill programs
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, spilled
-    for r in attention + [r for r in results if r["kernel"] == "int4_linear_kernel"]:
+    for r in attention + [r for r in results if r["kernel"] == "quantized_linear_kernel"]:
         expected = ({"wgmma", "mma"} if r["arch"] == 90 else {"mma"}) if r["dtype"] != "fp32" else {"none"}
         assert r["mma"] in expected, r
     # Key/value loads are software-pipelined (cp.async), given the alignment the launcher reports at run time.

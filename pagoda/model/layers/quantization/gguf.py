@@ -27,11 +27,14 @@ from torch.nn import functional as F
 
 from pagoda.model.gguf_file import GGUFFile, dequantize
 from pagoda.model.layers.linear import Linear, batch_invariant
+from pagoda.model.layers.quantization import gpu_kernel
 
 NATIVE_TYPES = (
     GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
 )
+# What the Triton kernel runs as stored on CUDA (triton_linear.py); a GPU dequantizes the K-quants at load.
+GPU_NATIVE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 # Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul).
 NATIVE_MAX_ROWS = 4
 # Weight rows dequantized per tile on the prefill path (a tile of a 576-wide layer is 4.7 MB of bf16).
@@ -88,9 +91,10 @@ def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQu
 
 
 class GGUFLinearMethod:
-    """One GGUF type for all of the layer's rows (every shard of a fused layer has it)."""
+    """One GGUF type for all of the layer's rows (every shard of a fused layer has it). ``ops``: the C++
+    kernels for CPU tensors; CUDA tensors go to the Triton kernel."""
 
-    def __init__(self, qtype: GGMLQuantizationType, ops: ModuleType) -> None:
+    def __init__(self, qtype: GGMLQuantizationType, ops: ModuleType | None) -> None:
         if qtype not in NATIVE_TYPES:
             raise ValueError(f"no native kernel for GGUF type {qtype.name}; native: {[t.name for t in NATIVE_TYPES]}")
         self.qtype = qtype
@@ -118,6 +122,10 @@ class GGUFLinearMethod:
         return load
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        kernel = gpu_kernel.kernel_for(x)
+        if kernel is not None:
+            return kernel.quantized_linear(x.contiguous(), layer.weight, int(self.qtype), layer.in_features,
+                                           layer.bias)
         if x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant():  # the kernel is row-independent
             return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
         tiles = [
@@ -138,12 +146,14 @@ class GGUFQuantConfig:
     for each layer's method; ``native`` then names the checkpoint weights the loader hands over as raw rows."""
 
     types: dict[str, GGMLQuantizationType]
-    ops: ModuleType
+    ops: ModuleType | None  # the C++ kernels on the CPU; None on a GPU (the Triton kernel)
+    native_types: tuple[GGMLQuantizationType, ...]  # what runs as stored there
     native: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_file(cls, gguf: GGUFFile, hf_name: Callable[[str], str], ops: ModuleType) -> GGUFQuantConfig:
-        return cls({hf_name(name): info.qtype for name, info in gguf.tensors.items() if name != "rope_freqs.weight"}, ops)
+    def from_file(cls, gguf: GGUFFile, hf_name: Callable[[str], str], ops: ModuleType | None) -> GGUFQuantConfig:
+        types = {hf_name(name): info.qtype for name, info in gguf.tensors.items() if name != "rope_freqs.weight"}
+        return cls(types, ops, NATIVE_TYPES if ops is not None else GPU_NATIVE_TYPES)
 
     def linear_method(self, checkpoint_names: list[str]) -> GGUFLinearMethod | None:
         """The method for a layer made of these checkpoint weights (one, or the parts of a fused layer):
@@ -153,7 +163,7 @@ class GGUFQuantConfig:
         if len(qtypes) != 1:
             return None
         (qtype,) = qtypes
-        if qtype not in NATIVE_TYPES:
+        if qtype not in self.native_types:
             return None
         self.native.update(weights)
         return GGUFLinearMethod(qtype, self.ops)

@@ -5,15 +5,12 @@ g = j // group_size. ``--quantization int4`` quantizes each checkpoint tensor to
 A layer's ``weight`` (uint8) holds each row as [nibbles | fp16 scales | uint8 zeros], the layout of the C++
 kernel (pagoda/csrc/int4_linear.cpp): up to ``NATIVE_MAX_ROWS`` rows of input (decode) run through it with
 int8 activations, more rows (prefill) dequantize tiles for the dense matmul, as GGUF layers do. Without the
-kernels, a CUDA device multiplies the packed rows in one Triton kernel (triton_int4.py); anything else (no
+kernels, a CUDA device multiplies the packed rows in one Triton kernel (triton_linear.py); anything else (no
 compiler, no triton) dequantizes the layer in torch per call: correct, not fast.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from functools import lru_cache
 from types import ModuleType
 
 import torch
@@ -21,11 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
+from pagoda.model.layers.quantization import gpu_kernel
 from pagoda.model.layers.quantization.gguf import DEQUANT_TILE_ROWS, NATIVE_MAX_ROWS
 from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod
 
-logger = logging.getLogger(__name__)
 GROUP_SIZES = (32, 64, 128)  # --quantization int4's choices; checkpoints may bring others the kernel takes
 _BLOCK = 32  # weights per 16 bytes of nibbles
 
@@ -65,24 +62,6 @@ def unpack_rows(rows: torch.Tensor, in_features: int, group_size: int) -> tuple[
     scale_end = in_features // 2 + 2 * groups
     scale = rows[:, in_features // 2 : scale_end].contiguous().view(torch.float16)
     return q, scale, rows[:, scale_end:]
-
-
-@lru_cache(maxsize=1)
-def load_triton_int4() -> ModuleType | None:
-    """The CUDA kernel's module, or None (no triton, or PAGODA_DISABLE_GPU_KERNELS=1 as for the other GPU kernels)."""
-    if os.environ.get("PAGODA_DISABLE_GPU_KERNELS") == "1":
-        return None
-    try:
-        from pagoda.model.layers.quantization import triton_int4
-    except ImportError as exc:
-        logger.warning("Pagoda's Triton int4 kernel unavailable (%s); int4 layers dequantize per call", exc)
-        return None
-    return triton_int4
-
-
-def gpu_kernel_for(x: torch.Tensor) -> ModuleType | None:
-    """The Triton kernel where ``x`` lives on a CUDA device and the kernel is available, else None."""
-    return load_triton_int4() if x.is_cuda else None
 
 
 class Int4LinearMethod:
@@ -127,9 +106,10 @@ class Int4LinearMethod:
             x = x.index_select(-1, perm)
         if self.ops is not None and x.is_cpu and (x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant()):
             return self.ops.int4_linear(x, layer.weight, self.group_size, layer.bias)
-        gpu_kernel = gpu_kernel_for(x)
-        if gpu_kernel is not None:  # each row computed alone: batch-invariant as it is
-            return gpu_kernel.int4_linear(x.contiguous(), layer.weight, self.group_size, layer.in_features, layer.bias)
+        kernel = gpu_kernel.kernel_for(x)
+        if kernel is not None:  # each row computed alone: batch-invariant as it is
+            return kernel.quantized_linear(x.contiguous(), layer.weight, kernel.INT4, layer.in_features, layer.bias,
+                                           self.group_size)
         tiles = []
         for tile in layer.weight.split(DEQUANT_TILE_ROWS):
             w = self.dequantize_weight(tile, layer.in_features, x.dtype)
