@@ -286,7 +286,7 @@ def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """[blocks, 16] packed bytes -> [blocks, 32] fp32: low nibbles are elements 0-15, high 16-31."""
-    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+    q = torch.empty(qs.shape[0], 32, dtype=torch.float32, device=qs.device)
     q[:, :16] = qs & 0x0F
     q[:, 16:] = qs >> 4
     return q
