@@ -8,7 +8,9 @@ instruction each; K-quant rows stay as stored. The bytes per row, and so the mem
 the file's. Up to ``NATIVE_MAX_ROWS`` rows of
 input (decode) go through that kernel; more rows (prefill) dequantize tiles of the weight to the model dtype
 and use the dense matmul, which is compute-bound there and faster than int8 dot products on 2 cores
-(except in batch-invariant mode: the kernel computes each row alone, the dense matmul does not).
+(except in batch-invariant mode: the kernel computes each row alone, the dense matmul does not). On CUDA,
+Q4_0/Q4_1/Q8_0 rows (the same regrouped bytes) go through the Triton kernel (triton_linear.py) at any row
+count, and the K-quants are dequantized at load.
 
 Other GGUF types (Q2_K, Q3_K, Q5_0, the IQ types...), and fused layers whose parts have different types, are
 dequantized at load to the model dtype.
