@@ -5,6 +5,7 @@ sets have the same functions with the same signatures, so a layer calls whicheve
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from functools import lru_cache
@@ -20,16 +21,20 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16)
 GPU_FUSED_DTYPES = (*FUSED_DTYPES, torch.float16)
 
 
-@lru_cache(maxsize=1)
-def load_gpu_kernels() -> ModuleType | None:
+def import_gpu_module(module: str) -> ModuleType | None:
+    """A module of Triton kernels, or None: GPU kernels turned off (``PAGODA_DISABLE_GPU_KERNELS=1``) or no triton."""
     if os.environ.get("PAGODA_DISABLE_GPU_KERNELS") == "1":
         return None
     try:
-        from pagoda.model.layers import triton_elementwise
+        return importlib.import_module(module)
     except ImportError as exc:
-        logger.warning("Pagoda's Triton kernels unavailable (%s); using slower torch paths", exc)
+        logger.warning("Pagoda's Triton kernels in %s unavailable (%s); using slower torch paths", module, exc)
         return None
-    return triton_elementwise
+
+
+@lru_cache(maxsize=1)
+def load_gpu_kernels() -> ModuleType | None:
+    return import_gpu_module("pagoda.model.layers.triton_elementwise")
 
 
 def for_tensor(x: torch.Tensor) -> ModuleType | None:

@@ -3,27 +3,17 @@ imports and GPU kernels are not turned off (``PAGODA_DISABLE_GPU_KERNELS=1``, as
 
 from __future__ import annotations
 
-import logging
-import os
 from functools import lru_cache
 from types import ModuleType
 
 import torch
 
-logger = logging.getLogger(__name__)
+from pagoda.model.fused_ops import import_gpu_module
 
 
 @lru_cache(maxsize=1)
 def load() -> ModuleType | None:
-    if os.environ.get("PAGODA_DISABLE_GPU_KERNELS") == "1":
-        return None
-    try:
-        from pagoda.model.layers.quantization import triton_linear
-    except ImportError as exc:
-        logger.warning("Pagoda's Triton quantized-linear kernel unavailable (%s); quantized layers dequantize "
-                       "on the GPU", exc)
-        return None
-    return triton_linear
+    return import_gpu_module("pagoda.model.layers.quantization.triton_linear")
 
 
 def kernel_for(x: torch.Tensor) -> ModuleType | None:
