@@ -3,6 +3,7 @@
 #
 #   bash scripts/bench_gpu.sh --prepare   # on a networked machine: the tokenizer and wheels into .gpu/
 #   bash scripts/bench_gpu.sh             # on the GPU machine (with .gpu/ copied beside the code)
+#   bash scripts/bench_gpu.sh latency quantized   # only these steps (names below); STEP_TIMEOUT=seconds caps each
 #
 # The GPU machine needs python3 with torch, triton, transformers, tokenizers, numpy, msgpack, jinja2 and
 # tqdm; nothing is downloaded there. Models are the shipped shape configs with dummy weights, the bundled
@@ -45,34 +46,46 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PAGODA_DI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 
+steps=("$@")
+want() {  # whether this run includes the step (all of them when none is named)
+  [ ${#steps[@]} -eq 0 ] || [[ " ${steps[*]} " == *" $1 "* ]]
+}
 failed=()
-pagoda() {  # one measurement; a failure is reported at the end and does not stop the others
-  python3 -m pagoda.cli "$@" || { echo "FAILED ($?): pagoda $*" >&2; failed+=("$*"); }
+measure() {  # one measurement; a failure or a timeout is reported at the end and does not stop the others
+  timeout "${STEP_TIMEOUT:-900}" "$@" || { echo "FAILED ($?): $*" >&2; failed+=("$*"); }
+}
+pagoda() {
+  measure python3 -m pagoda.cli "$@"
 }
 tok=(--tokenizer .gpu/tokenizer --load-format dummy)
 llama8b=(--model configs/llama-3.1-8b.json "${tok[@]}")
 qwen06b=(--model configs/qwen3-0.6b.json "${tok[@]}")
 
+# Steps in the order of what is owed most (issue 5's ceilings and batch-1 numbers first).
 # Ceilings of this device: large-copy bandwidth and bf16 matmul rate.
-pagoda bench roofline --model configs/llama-3.1-8b.json --buffer-mib 4096 --matmul-size 8192 --out "$out/roofline.json"
-# (a) triton vs torch attention, greedy: exact in fp32; bf16 reported (exits 1 on any difference).
-pagoda bench backends "${qwen06b[@]}" --dtype float32 --max-model-len 1024 --num-prompts 16 --output-len 32 \
-  --out "$out/backends-fp32.json"
-pagoda bench backends "${qwen06b[@]}" --dtype bfloat16 --max-model-len 1024 --num-prompts 16 --output-len 32 \
-  --out "$out/backends-bf16.json"
-# (b) batch-1 decode of the 8B shape in bf16, with CUDA graphs and without; MBU against the copy above.
-pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 5 --mbu \
+want roofline && pagoda bench roofline --model configs/llama-3.1-8b.json --buffer-mib 4096 --matmul-size 8192 --out "$out/roofline.json"
+# (b) batch-1 decode of the 8B shape in bf16, with CUDA graphs (and without, below); MBU against the copy above.
+want latency && pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 5 --mbu \
   --out "$out/latency-8b.json"
-pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 3 --mbu \
-  --enforce-eager --out "$out/latency-8b-eager.json"
-# (b') the same with int4 weights (groups of 128) on the Triton int4 kernel: a quarter of the bytes per token.
-pagoda bench latency "${llama8b[@]}" --quantization int4 --max-model-len 4096 --input-len 128 --output-len 256 \
+# (b') the same with int4 weights (groups of 128) and with int8, on the Triton quantized kernel.
+want int4 && pagoda bench latency "${llama8b[@]}" --quantization int4 --max-model-len 4096 --input-len 128 --output-len 256 \
   --repeats 3 --mbu --out "$out/latency-8b-int4.json"
+# The quantized kernel alone: each layout and tiling at the 8B shapes against cuBLAS (checked, then timed).
+want quantized && measure python3 scripts/bench_quantized_gpu.py --out "$out/quantized_kernels.json"
+# (a) triton vs torch attention, greedy: exact in fp32; bf16 reported (exits 1 on any difference).
+want backends && pagoda bench backends "${qwen06b[@]}" --dtype float32 --max-model-len 1024 --num-prompts 16 --output-len 32 \
+  --out "$out/backends-fp32.json"
+want backends && pagoda bench backends "${qwen06b[@]}" --dtype bfloat16 --max-model-len 1024 --num-prompts 16 --output-len 32 \
+  --out "$out/backends-bf16.json"
+want int8 && pagoda bench latency "${llama8b[@]}" --quantization int8 --max-model-len 4096 --input-len 128 --output-len 256 \
+  --repeats 3 --mbu --out "$out/latency-8b-int8.json"
+want eager && pagoda bench latency "${llama8b[@]}" --max-model-len 4096 --input-len 128 --output-len 256 --repeats 3 --mbu \
+  --enforce-eager --out "$out/latency-8b-eager.json"
 # (c) offline throughput: 1000 requests, input [128, 1024], output [128, 512], ignore_eos; HF on the first 200.
-pagoda bench offline --workload gpu-1000 "${llama8b[@]}" --max-model-len 2048 --max-num-seqs 256 \
-  --max-num-batched-tokens 8192 --peer hf --hf-num-requests 200 --out "$out/offline-8b.json"
-pagoda bench offline --workload gpu-1000 "${qwen06b[@]}" --max-model-len 2048 --max-num-seqs 256 \
+want offline-small && pagoda bench offline --workload gpu-1000 "${qwen06b[@]}" --max-model-len 2048 --max-num-seqs 256 \
   --max-num-batched-tokens 8192 --out "$out/offline-qwen3-0.6b.json"
+want offline && pagoda bench offline --workload gpu-1000 "${llama8b[@]}" --max-model-len 2048 --max-num-seqs 256 \
+  --max-num-batched-tokens 8192 --peer hf --hf-num-requests 200 --out "$out/offline-8b.json"
 
 python3 - "$out" <<'PY'
 import json, sys
@@ -91,7 +104,7 @@ for name in ("backends-fp32.json", "backends-bf16.json"):
             rows.append((f"{name[:-5]}: {backend} == {b['reference']}", f"{r['equal_requests']}/{b['num_prompts']} requests"))
         seconds = b.get("generate_seconds", {})
         rows.append((f"{name[:-5]}: generate seconds", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())))
-for name in ("latency-8b.json", "latency-8b-eager.json", "latency-8b-int4.json"):
+for name in ("latency-8b.json", "latency-8b-eager.json", "latency-8b-int4.json", "latency-8b-int8.json"):
     lat = load(name)
     if lat:
         bw = lat["bandwidth"]
@@ -103,6 +116,18 @@ for name in ("offline-8b.json", "offline-qwen3-0.6b.json"):
         if "hf" in off:
             line += f" (HF {off['hf']['output_tok_per_s']:.0f}, {off['ratio_vs_hf']}x)"
         rows.append((f"{name[:-5]}: offline gpu-1000", line))
+kernels = load("quantized_kernels.json")
+if kernels:  # the tiling each layer gets, against bf16 cuBLAS at the same input rows
+    picked = {}
+    for r in kernels["results"]:
+        key = (r["kind"], r["layer"], r["rows"])
+        if r["system"] == "bf16 cublas" or r["system"].startswith("chosen"):
+            picked.setdefault(key, {})[r["system"].split()[0]] = r
+    for (kind, layer, rows_in), both in picked.items():
+        if "chosen" in both and "bf16" in both:
+            c = both["chosen"]
+            rows.append((f"kernel {kind} {layer} x{rows_in}", f"{c['us']:.1f} us ({c['bandwidth_fraction']:.2f} of copy), "
+                         f"bf16 cuBLAS {both['bf16']['us']:.1f} us"))
 width = max(len(k) for k, _ in rows) if rows else 0
 print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 PY

@@ -7,7 +7,8 @@ instruction its products use. Triton ships the CUDA assembler (ptxas) and cuobjd
 
 Every launch the engine makes for the shipped model shapes (configs/*.json and the bundled SmolLM2) in
 bf16, fp16 and fp32: KV write and paged attention (decode and prefill programs) for each KV cache format (the
-model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary, and the quantized projection (int4, GGUF Q4_0/Q4_1/Q8_0 rows; with and without bias).
+model dtype, int8, fp8 e4m3), the norms, SiLU-and-mul, rotary, and the quantized projection (int4, int8, GGUF
+Q4_0/Q4_1/Q8_0 rows; with and without bias; each tiling: decode and prompt programs).
 
 A kernel that does not compile for the device fails here, not on the first GPU run; register growth and
 spills (which cut how many programs an SM runs at once) show up before anyone times them.
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Arguments in the model dtype; fp32 and int64 ones by name; every other pointer is int32, every scalar i32.
 TENSOR_ARGS = {"q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_ptr", "v_ptr", "x_ptr", "residual_ptr", "w_ptr",
-               "gate_up_ptr", "bias_ptr"}
+               "gate_up_ptr", "bias_ptr", "scale_ptr"}
 FP32_ARGS = {"cos_ptr", "sin_ptr", "scale", "eps", "k_scale", "v_scale"}
 CACHE_ARGS = {"k_cache_ptr", "v_cache_ptr"}
 # A quantized KV cache's element type, by the kernels' KV_KIND (kv_format.py): int8 rows, float8 e4m3.
@@ -99,7 +100,7 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
         elif name in INT64_ARGS:
             signature[name] = "*i64"
         elif name in UINT8_ARGS:
-            signature[name] = "*u8"
+            signature[name] = "*i8" if constexprs.get("KIND") == triton_linear.INT8 else "*u8"
         else:
             signature[name] = "*i32" if name.endswith("_ptr") else "i32"
     return signature
@@ -162,8 +163,9 @@ def launches(shape: ModelShape, dtype: torch.dtype, arch: int) -> list[tuple[Any
     found.append((te._silu_and_mul_kernel, {"BLOCK": te.SILU_BLOCK}))
     found.append((te._rotary_kernel, {"HEADS": te.ROTARY_HEADS, "HALF_PAD": pow2(shape.head_dim // 2)}))
     tl_ = triton_linear
-    found += [(tl_._quantized_linear_kernel, tl_.quantized_linear_constexprs(kind, dtype, bias))
-              for kind in (tl_.INT4, tl_.Q4_0, tl_.Q4_1, tl_.Q8_0) for bias in (False, True)]
+    found += [(tl_._quantized_linear_kernel, tl_.quantized_linear_constexprs(kind, dtype, bias, tiles))
+              for kind in (tl_.INT4, tl_.INT8, tl_.Q4_0, tl_.Q4_1, tl_.Q8_0) for bias in (False, True)
+              for tiles in (*tl_.DECODE_TILES, tl_.prefill_tiles(dtype))]
     return found
 
 

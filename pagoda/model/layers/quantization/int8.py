@@ -8,7 +8,8 @@ hold the row's scale (fp16; q is computed against that rounded scale, so the gri
 and runs through the GGUF kernel (pagoda/csrc/gguf_linear.cpp): int8 dot products with activations
 quantized per 32 on the fly at decode, dequantized tiles for the dense matmul at prefill. That costs 1/16
 more bytes than bare int8 and measured faster than torch's ``_weight_int8pack_mm`` (BENCHMARKS.md), which
-serves without the kernels; on other devices the weights are converted per call (correct, not fast).
+serves without the kernels. On CUDA the Triton kernel (triton_linear.py) reads the int8 rows as they are;
+elsewhere the weights are converted per call (correct, not fast).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
+from pagoda.model.layers.quantization import gpu_kernel
 from pagoda.model.layers.quantization.gguf import GGUFLinearMethod, regroup_rows
 
 def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +98,10 @@ class Int8LinearMethod:
         kernel = getattr(layer, "int8_kernel", None)
         if kernel is not None:
             return kernel.apply(layer, x)
+        gpu = gpu_kernel.kernel_for(x)
+        if gpu is not None and layer.in_features % 32 == 0:
+            return gpu.quantized_linear(x.contiguous(), layer.weight, gpu.INT8, layer.in_features, layer.bias,
+                                        scale=layer.weight_scale)
         if x.device.type == "cpu":
             scale = layer.weight_scale.to(x.dtype)
             if batch_invariant() and x.shape[0] > 1:  # one row per call: the same kernel whatever the batch
