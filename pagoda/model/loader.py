@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tqdm import tqdm
@@ -256,19 +257,36 @@ def _build(arch: ArchConfig, dtype: torch.dtype, device: str = "cpu",
 
 
 def weight_bytes(name: str, dtype: torch.dtype, quantization: str | None = None,
-                 quantization_group_size: int = 128, device: str = "cpu") -> int:
+                 quantization_group_size: int = 128, device: str = "cpu", keep_gguf_quants: bool = False) -> int:
     """Bytes of the model's parameters as ``load_model`` would load them onto ``device`` (quantized layers in
-    the layout that device runs), from a module built on the meta device: nothing is allocated."""
+    the layout that device runs, a GGUF file's kept blocks included), from a module built on the meta device:
+    nothing is allocated."""
     source = resolve_model(name)
-    checkpoint = None
-    if source.kind != "gguf":
-        config_path = source.path if source.kind == "config" else source.path / "config.json"
-        if config_path.exists():
-            checkpoint = json.loads(config_path.read_text()).get("quantization_config")
+    if source.kind == "folder" and not (source.path / "config.json").exists():
+        ggufs = sorted(source.path.glob("*.gguf"))
+        if ggufs:
+            return weight_bytes(str(ggufs[0]), dtype, quantization, quantization_group_size, device, keep_gguf_quants)
     kernels = load_cpu_kernels() if device == "cpu" else None
-    quant = quant_config(quantization, checkpoint, kernels, quantization_group_size)
+    gguf = GGUFFile(source.path) if source.kind == "gguf" else None
+    quant = _quant(source, gguf, device, kernels, keep_gguf_quants, "auto", quantization, quantization_group_size)
     model = _build(load_arch(name), dtype, "meta", quant)
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _quant(source: ModelSource, gguf: GGUFFile | None, device: str, kernels: ModuleType | None,
+           keep_gguf_quants: bool, load_format: str, quantization: str | None,
+           group_size: int) -> QuantConfig | None:
+    """How a model's layers are quantized on ``device``: a GGUF file's own blocks where that device runs them
+    as stored (the C++ kernels on the CPU, the Triton kernel on CUDA for Q4_0/Q4_1/Q8_0), else --quantization
+    or a checkpoint's quantization_config."""
+    if gguf is not None:
+        runs_blocks = kernels is not None or (torch.device(device).type == "cuda" and gpu_kernel.load() is not None)
+        if keep_gguf_quants and load_format != "dummy" and runs_blocks:
+            return GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, kernels)
+        return quant_config(quantization, None, kernels, group_size)
+    config_path = source.path if source.kind == "config" else source.path / "config.json"
+    checkpoint = json.loads(config_path.read_text()).get("quantization_config")
+    return quant_config(quantization, checkpoint, kernels, group_size)
 
 
 def load_arch(name: str) -> ArchConfig:
@@ -310,8 +328,8 @@ def load_model(
             raise ValueError(f"{source.path} is a bare config.json: it needs load_format='dummy'")
         hf_config = json.loads(source.path.read_text())
         arch = ArchConfig.from_hf(hf_config)
-        model = _build(arch, dtype, device, quant_config(quantization, hf_config.get("quantization_config"), kernels,
-                                                         quantization_group_size))
+        model = _build(arch, dtype, device, _quant(source, None, device, kernels, keep_gguf_quants, load_format,
+                                                   quantization, quantization_group_size))
         model.init_dummy_weights(seed)
         return LoadedModel(model, arch, _load_tokenizer_override(tokenizer, arch), source.name)
     if source.kind == "gguf":
@@ -319,12 +337,8 @@ def load_model(
             raise ValueError(f"load_format={load_format!r} does not fit GGUF file {source.path}")
         gguf = GGUFFile(source.path)
         arch = ArchConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensors)
-        # As stored: on the CPU through the C++ kernels, on CUDA through the Triton kernel (Q4_0/Q4_1/Q8_0).
-        runs_blocks = kernels is not None or (torch.device(device).type == "cuda" and gpu_kernel.load() is not None)
-        quant: QuantConfig | None = (
-            GGUFQuantConfig.from_file(gguf, gguf_to_hf_name, kernels)
-            if keep_gguf_quants and load_format != "dummy" and runs_blocks
-            else quant_config(quantization, None, kernels, quantization_group_size))
+        quant = _quant(source, gguf, device, kernels, keep_gguf_quants, load_format, quantization,
+                       quantization_group_size)
         if load_format != "dummy":
             _check_gguf_tensors(gguf, arch, dtype, quant)
         # The tokenizer builds while the weights dequantize (torch releases the GIL): start-up time.
@@ -352,8 +366,8 @@ def load_model(
         raise FileNotFoundError(f"{folder} has no config.json")
     hf_config = json.loads(config_path.read_text())
     arch = ArchConfig.from_hf(hf_config)
-    model = _build(arch, dtype, device, quant_config(quantization, hf_config.get("quantization_config"), kernels,
-                                                     quantization_group_size))
+    model = _build(arch, dtype, device, _quant(source, None, device, kernels, keep_gguf_quants, load_format,
+                                               quantization, quantization_group_size))
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif load_format in ("auto", "safetensors"):

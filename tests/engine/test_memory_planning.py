@@ -89,6 +89,21 @@ def test_weight_bytes_of_a_gptq_checkpoint_count_its_packed_tensors(make_tiny_mo
         p.numel() * 2 for n, p in hf.named_parameters() if "proj" in n)
 
 
+def test_weight_bytes_of_a_gguf_file_on_a_gpu_count_the_blocks_it_keeps(bundled_gguf: Path) -> None:
+    """On CUDA a GGUF file's Q4_0/Q4_1/Q8_0 layers stay as stored (the Triton kernel): the GPU budget counts
+    their blocks, not a dequantized copy; with --dtype set (keep_gguf_quants off) everything is dense."""
+    import math
+
+    from pagoda.model.gguf_file import GGUFFile
+    from pagoda.model.layers.quantization.gguf import GPU_NATIVE_TYPES
+
+    tensors = GGUFFile(bundled_gguf).tensors.values()
+    kept = sum(t.nbytes if t.qtype in GPU_NATIVE_TYPES else 2 * math.prod(t.shape) for t in tensors)
+    dense = sum(2 * math.prod(t.shape) for t in tensors)
+    assert weight_bytes(str(bundled_gguf), torch.bfloat16, device="cuda", keep_gguf_quants=True) == kept
+    assert weight_bytes(str(bundled_gguf), torch.bfloat16, device="cuda") == dense
+
+
 def test_profile_batch_spends_the_whole_token_budget() -> None:
     assert profile_batch(2048, 8192) == [2048]
     assert profile_batch(2048, 512) == [512] * 4

@@ -47,14 +47,15 @@ class Worker:
         self.dtype = DTYPES[mc.dtype] if mc.dtype != "auto" else default_dtype(self.device)
         configure_linear(mc.batch_invariant, self.device)
         baseline_used = 0
+        # dtype auto: a GGUF file's quantized layers run as stored; an explicit dtype dequantizes to it.
+        keep_gguf_quants = mc.dtype == "auto" and mc.quantization is None
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()
             baseline_used = total - free
             check_weights_fit(weight_bytes(mc.model, self.dtype, mc.quantization, mc.quantization_group_size,
-                                           self.device), total, cc.gpu_memory_utilization)
-        # dtype auto: a GGUF file's quantized layers run as stored; an explicit dtype dequantizes to it.
+                                           self.device, keep_gguf_quants), total, cc.gpu_memory_utilization)
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device,
-                            keep_gguf_quants=mc.dtype == "auto" and mc.quantization is None,
+                            keep_gguf_quants=keep_gguf_quants,
                             quantization=mc.quantization, quantization_group_size=mc.quantization_group_size)
         self.model = loaded.model.eval()
         self.encoder = self._load_encoder()  # before the KV plan, which measures what is left on a GPU
