@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "quant_rows.h"
 
 namespace {
@@ -465,4 +466,59 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
   check_weight(w, qtype, in_features, "gguf_dequantize");
   return dequantized(w, in_features, dtype, "gguf_dequantize",
                      [&](const uint8_t* row, auto* out) { dequantize_any_row(row, qtype, in_features, out); });
+}
+
+#if defined(PAGODA_AMX)
+namespace {
+
+// Q4_0 / Q4_1 / Q8_0 rows (see the file note) as amx_linear reads weights: unsigned codes and d, m per block.
+struct GgufBlocks {
+  const uint8_t* w;
+  int64_t row_bytes, k, qtype;
+
+  void unpack(int64_t col, int64_t b, uint8_t* codes) const {
+    const RowView v = row_view(w + col * row_bytes, qtype, k);
+    if (qtype == kQ8_0) {  // stored plus 128 already
+      std::memcpy(codes, v.qs + b * kBlock, kBlock);
+      return;
+    }
+    unpack_q4_block(v.qs + b * 16, codes);
+  }
+
+  void params(int64_t col, int64_t b, float* d, float* m) const {
+    const RowView v = row_view(w + col * row_bytes, qtype, k);
+    *d = half_to_float(v.d[b]);
+    *m = qtype == kQ4_1 ? half_to_float(v.m[b]) : (qtype == kQ8_0 ? -128.f : -8.f) * *d;
+  }
+};
+
+}  // namespace
+#endif
+
+bool amx_available() {
+#if defined(PAGODA_AMX)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// As gguf_linear for Q4_0 / Q4_1 / Q8_0 rows, through AMX int8 tiles (amx_tiles.h): for prompts, where
+// gguf_linear's one-row-at-a-time dot products would be compute-bound.
+torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
+#if defined(PAGODA_AMX)
+  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "gguf_linear_amx: GGML type ", qtype,
+              " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  TORCH_CHECK(amx_permitted(), "gguf_linear_amx: the kernel did not grant this process AMX tile state");
+  return quantized_linear(
+      x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
+      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+        using T = decltype(tag);
+        amx_linear(xc.data_ptr<T>(), xc.size(0), xc.size(1), w.size(0), bp, out.data_ptr<T>(),
+                   GgufBlocks{w.data_ptr<uint8_t>(), w.size(1), xc.size(1), qtype});
+      });
+#else
+  TORCH_CHECK(false, "gguf_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
+  return {};
+#endif
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "quant_rows.h"
 
 namespace {
@@ -210,4 +211,42 @@ torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_fe
   check_int4_weight(w, group_size, in_features, "int4_dequantize");
   return dequantized(w, in_features, dtype, "int4_dequantize",
                      [&](const uint8_t* row, auto* out) { dequantize_int4_row(row, in_features, group_size, out); });
+}
+
+#if defined(PAGODA_AMX)
+namespace {
+
+// int4 rows as amx_linear reads weights: block b lies in group b * 32 / G, w = scale * q - scale * zero.
+struct Int4Blocks {
+  const uint8_t* w;
+  int64_t row_bytes, k, group;
+
+  void unpack(int64_t col, int64_t b, uint8_t* codes) const { unpack_q4_block(w + col * row_bytes + b * 16, codes); }
+
+  void params(int64_t col, int64_t b, float* d, float* m) const {
+    const Int4Row v = int4_row(w + col * row_bytes, k, group);
+    const int64_t g = b * kBlock / group;
+    *d = half_to_float(v.scale[g]);
+    *m = -*d * static_cast<float>(v.zero[g]);
+  }
+};
+
+}  // namespace
+#endif
+
+// As int4_linear, through AMX int8 tiles (amx_tiles.h): for prompts.
+torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias) {
+#if defined(PAGODA_AMX)
+  TORCH_CHECK(amx_permitted(), "int4_linear_amx: the kernel did not grant this process AMX tile state");
+  return quantized_linear(
+      x, w, bias, "int4_linear_amx", [&](int64_t k) { check_int4_weight(w, group_size, k, "int4_linear_amx"); },
+      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+        using T = decltype(tag);
+        amx_linear(xc.data_ptr<T>(), xc.size(0), xc.size(1), w.size(0), bp, out.data_ptr<T>(),
+                   Int4Blocks{w.data_ptr<uint8_t>(), w.size(1), xc.size(1), group_size});
+      });
+#else
+  TORCH_CHECK(false, "int4_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
+  return {};
+#endif
 }

@@ -16,11 +16,13 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.gguf_file import dequantize
 from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization.gguf import (
+    AMX_MAX_ROWS,
     NATIVE_MAX_ROWS,
     NATIVE_TYPES,
     GGUFLinearMethod,
     dequantize_rows,
     regroup_rows,
+    amx_tiles,
     ungroup_rows,
 )
 
@@ -61,11 +63,19 @@ def _widths(qtype: GGMLQuantizationType) -> list[int]:
 
 
 def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` after the kernel's activation quantization: int8 per block of 32, scale max|x| / 127."""
+    """``x`` after the kernel's activation quantization: int8 per block of 32, scale max|x| / 127, each value
+    times the scale's fp32 inverse rounded to nearest (dividing instead rounds some halves the other way)."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
     scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
-    q = torch.where(scale > 0, torch.round(blocks / scale.clamp_min(1e-30)), torch.zeros_like(blocks))
+    inverse = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+    q = torch.round(blocks * inverse)
     return (q * scale).reshape(x.shape[0], -1)
+
+
+def meets_int8_activations(ops, rows: int) -> bool:  # noqa: ANN001
+    """Whether a quantized layer's input of ``rows`` rows goes through kernels that quantize it to int8 (the
+    VNNI kernels, AMX tiles) rather than through the dequantized weights' dense product."""
+    return ops is not None and (rows <= NATIVE_MAX_ROWS or (rows <= AMX_MAX_ROWS and amx_tiles(ops)))
 
 
 def filled_linear(method, weights: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,  # noqa: ANN001
@@ -138,6 +148,7 @@ def test_prefill_rows_use_dequantized_tiles(qtype: GGMLQuantizationType, monkeyp
     raw, w = _quantized(qtype, 50, width)
     layer = _layer(qtype, raw, width, [50], torch.float32)
     x = torch.randn(NATIVE_MAX_ROWS + 3, width)
+    monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")  # (else Q4_0/Q4_1/Q8_0 prompts take AMX tiles: test_amx_linear.py)
     monkeypatch.setattr("pagoda.model.layers.quantization.gguf.DEQUANT_TILE_ROWS", 16)  # several tiles, a ragged last
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
 

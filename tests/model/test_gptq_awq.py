@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from pagoda import LLM
 from pagoda.engine.core.request import Request
 from pagoda.api.params import SamplingParams
+from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
 from pagoda.model.layers.quantization.select import quant_config
 
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -125,6 +126,9 @@ def prefill_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
 
 
 TOKENS = [1, 504, 3458, 282, 4649, 314, 2411, 30, 216, 9000, 77, 1254]
+# A prompt of more rows than the int8-activation kernel takes: the dense matmul over dequantized tiles.
+PREFILL_TOKENS = TOKENS * 2
+assert len(PREFILL_TOKENS) > NATIVE_MAX_ROWS
 
 CASES = {
     "gptq-4bit": dict(layout="gptq"),
@@ -138,15 +142,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_checkpoint_packed_by_the_published_arithmetic_gives_hf_logits(case: str, make_tiny_model, tmp_path) -> None:
+def test_a_checkpoint_packed_by_the_published_arithmetic_gives_hf_logits(case: str, make_tiny_model, tmp_path,  # noqa: ANN001
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Pagoda on the packed checkpoint against HF transformers on its dequantized weights (fp32 prefill:
-    the dense matmul over dequantized tiles; decode rows would meet int8 activations)."""
+    the dense matmul over dequantized tiles; decode rows and AMX tiles would meet int8 activations)."""
+    monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
     folder, hf = make_tiny_model("llama", seed=3)
     quantized = write_quantized(folder, hf, tmp_path / case, **CASES[case])
     llm = LLM(str(quantized), dtype="float32", num_kv_blocks=16, block_size=4)
     with torch.no_grad():
-        expected = hf(torch.tensor([TOKENS])).logits[0].float()
-    torch.testing.assert_close(prefill_logits(llm, TOKENS), expected, rtol=1e-4, atol=1e-4)
+        expected = hf(torch.tensor([PREFILL_TOKENS])).logits[0].float()
+    torch.testing.assert_close(prefill_logits(llm, PREFILL_TOKENS), expected, rtol=1e-4, atol=1e-4)
 
 
 def _rewrite_config(folder: Path, **quantization: object) -> None:

@@ -13,7 +13,7 @@ from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization import int4
 from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
 from pagoda.model.layers.quantization.grid import dequantize_groups, grid, quantize_groups
-from tests.model.test_gguf_native import _int8_blocks, filled_linear, top1_agreement
+from tests.model.test_gguf_native import _int8_blocks, filled_linear, meets_int8_activations, top1_agreement
 
 OPS = load_cpu_kernels()
 PATHS = [pytest.param(OPS, id="kernel", marks=pytest.mark.skipif(OPS is None, reason="no C++ kernels")),
@@ -62,9 +62,9 @@ def test_the_layer_matches_its_dequantized_weights(ops, k: int, group: int, dtyp
     w, bias = torch.randn(40, k), torch.randn(40)
     layer = _layer(w, [24, 16], group, dtype, ops, bias)
     reference_w = dequantize_groups(*quantize_groups(w, group, bits=4, sym=False), group)
-    for rows in (1, 3, NATIVE_MAX_ROWS, 9):
+    for rows in (1, 3, 9, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 5):
         x = torch.randn(rows, k).to(dtype)
-        xq = _int8_blocks(x) if ops is not None and rows <= NATIVE_MAX_ROWS else x.float()
+        xq = _int8_blocks(x) if meets_int8_activations(ops, rows) else x.float()
         ref = xq @ reference_w.T + bias.to(dtype).float()
         got = layer(x)
         assert got.dtype == dtype and got.shape == (rows, 40)

@@ -10,8 +10,7 @@ from pagoda import LLM
 from pagoda.model.layers.linear import Linear, configure_linear
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod, quantize_int8_rows
 from pagoda.model.cpu_kernels import load_cpu_kernels
-from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
-from tests.model.test_gguf_native import _decode_logits, _int8_blocks, filled_linear, top1_agreement
+from tests.model.test_gguf_native import _decode_logits, _int8_blocks, filled_linear, meets_int8_activations, top1_agreement
 
 OPS = load_cpu_kernels()
 # The GGUF Q8_0 kernel where the C++ kernels build; torch's _weight_int8pack_mm without them.
@@ -44,10 +43,10 @@ def test_the_layer_matches_its_dequantized_weights(ops, dtype: torch.dtype, rows
         q, scale = quantize_int8_rows(w)
         x = torch.randn(rows, 64).to(dtype)
         ref = x.float() @ (q.float() * scale.to(dtype).float()[:, None]).T + bias.to(dtype).float()
-    else:  # fp16 scales; decode rows meet int8 activations
+    else:  # fp16 scales; decode rows (and AMX tiles' rows) meet int8 activations
         q, scale = quantize_int8_rows(w, torch.float16)
         x = torch.randn(rows, 64).to(dtype)
-        xq = _int8_blocks(x) if rows <= NATIVE_MAX_ROWS else x.float()
+        xq = _int8_blocks(x) if meets_int8_activations(ops, rows) else x.float()
         ref = xq @ (q.float() * scale.float()[:, None]).T + bias.to(dtype).float()
     got = layer(x)
     assert got.dtype == dtype and got.shape == (rows, 48)

@@ -20,7 +20,7 @@ from pagoda.quantize import awq as awq_module
 from pagoda.quantize.awq import awq_layer, search_scale
 from pagoda.quantize.calibration import LayerRunner, inputs_of, projections, token_sequences
 from pagoda.quantize.gptq import GPTQSettings, gptq_quantize
-from tests.model.test_gptq_awq import TOKENS, prefill_logits, reference_awq_pack, reference_gptq_pack
+from tests.model.test_gptq_awq import PREFILL_TOKENS, prefill_logits, reference_awq_pack, reference_gptq_pack
 
 
 def _correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -51,10 +51,12 @@ def test_gptq_moves_the_outputs_less_than_rounding_to_nearest(desc_act: bool, gr
 
 
 def test_gptq_on_8_bits_symmetric_keeps_the_zero_at_128() -> None:
-    x, w = _correlated_inputs(512, 64), torch.randn(16, 64)
+    x, w = _correlated_inputs(512, 64), torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     result = gptq_quantize(w, x.T @ x, GPTQSettings(bits=8, group_size=-1, sym=True))
     assert (result.zero == 128).all()
-    assert (result.dequantize(torch.float32) - w).abs().max() < w.abs().max() / 50
+    # Within a few 8-bit steps (max / 127 each): GPTQ moves later weights to make up for earlier roundings, by
+    # up to 0.03 of the max over 60 random draws (the bound was once max / 50, which random weights broke).
+    assert (result.dequantize(torch.float32) - w).abs().max() < w.abs().max() / 25
 
 
 def test_awq_scales_move_the_outputs_less_than_rounding_to_nearest() -> None:
@@ -123,7 +125,11 @@ def test_pagodas_packer_writes_the_published_layouts() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq", "int4", "int8"])
-def test_a_written_checkpoint_loads_and_stays_close_to_the_float_model(method: str, make_tiny_model, tmp_path) -> None:
+def test_a_written_checkpoint_loads_and_stays_close_to_the_float_model(method: str, make_tiny_model, tmp_path,  # noqa: ANN001
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written weights, through the dense product (a prompt longer than the int8-activation kernel
+    takes, AMX tiles off): what is measured is the quantization of the weights alone."""
+    monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
     folder, hf = make_tiny_model("llama", seed=2, hidden_size=128, intermediate_size=256)
     out = tmp_path / method
     args = ["quantize", "--method", method, str(folder), str(out), "--seq-len", "64", "--max-sequences", "8"]
@@ -135,8 +141,8 @@ def test_a_written_checkpoint_loads_and_stays_close_to_the_float_model(method: s
     assert config["bits"] == (8 if method == "int8" else 4)
     llm = LLM(str(out), dtype="float32", num_kv_blocks=16, block_size=4)
     with torch.no_grad():
-        expected = hf(torch.tensor([TOKENS])).logits[0].float()
-    got = prefill_logits(llm, TOKENS)
+        expected = hf(torch.tensor([PREFILL_TOKENS])).logits[0].float()
+    got = prefill_logits(llm, PREFILL_TOKENS)
     relative = (got - expected).norm() / expected.norm()
     assert relative < (0.02 if method == "int8" else 0.25), relative
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= (0.9 if method == "int8" else 0.5)

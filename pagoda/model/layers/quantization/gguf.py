@@ -6,9 +6,11 @@ load from GGUF's array of blocks ([scale, (offset,) quants] per 32 weights) into
 all offsets], so the C++ kernel (pagoda/csrc/gguf_linear.cpp) loads four blocks' quants and scales with one
 instruction each; K-quant rows stay as stored. The bytes per row, and so the memory read per token, stay
 the file's. Up to ``NATIVE_MAX_ROWS`` rows of
-input (decode) go through that kernel; more rows (prefill) dequantize tiles of the weight to the model dtype
-and use the dense matmul, which is compute-bound there and faster than int8 dot products on 2 cores
-(except in batch-invariant mode: the kernel computes each row alone, the dense matmul does not). On CUDA,
+input (decode) go through that kernel; more rows are compute-bound: up to ``AMX_MAX_ROWS`` of them, on a CPU
+with AMX int8 tiles, Q4_0/Q4_1/Q8_0 rows multiply there (pagoda/csrc/amx_tiles.h, the same int8
+activations); otherwise tiles of the weight are dequantized to the model dtype for the dense matmul (in
+batch-invariant mode the VNNI kernel takes every row count: it computes each row alone, the dense matmul
+does not). On CUDA,
 Q4_0/Q4_1/Q8_0 rows (the same regrouped bytes) go through the Triton kernel (triton_linear.py) at any row
 count, and the K-quants are dequantized at load.
 
@@ -18,6 +20,7 @@ dequantized at load to the model dtype.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -37,8 +40,17 @@ NATIVE_TYPES = (
 )
 # What the Triton kernel runs as stored on CUDA (triton_linear.py); a GPU dequantizes the K-quants at load.
 GPU_NATIVE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
-# Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul).
-NATIVE_MAX_ROWS = 4
+# What the AMX int8 tile kernel takes (pagoda/csrc/amx_tiles.h): a scale and an offset per block of 32.
+AMX_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+# Largest input row count sent to it (above: dequantized tiles and the dense matmul). Its int32 sums are scaled
+# block by block, 256 of them per 16 x 16 x 32 tile product: over the bundled model's layers it beats the
+# dequantized tiles by 25-35% at 24-64 rows and loses from ~96 (BENCHMARKS.md).
+AMX_MAX_ROWS = 64
+# Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul). Over
+# every layer of the bundled model the kernel is faster up to ~20 rows for Q4_1, int4 and int8 alike (16
+# rows: 34-42 ms against 44-51 ms on 2 Xeon cores with AMX; BENCHMARKS.md): decode batches of a few
+# sequences, short prompts.
+NATIVE_MAX_ROWS = 16
 # Weight rows dequantized per tile on the prefill path (a tile of a 576-wide layer is 4.7 MB of bf16).
 DEQUANT_TILE_ROWS = 4096
 # Bytes before the quants in one GGUF block: the fp16 scale, and Q4_1's fp16 offset.
@@ -81,6 +93,13 @@ def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
         qs = qs ^ 0x80
     scales = grouped[:, blocks * quant_bytes :].reshape(rows, header // 2, blocks, 2).transpose(1, 2)
     return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
+
+
+def amx_tiles(ops: ModuleType | None) -> bool:
+    """Whether inputs of ``NATIVE_MAX_ROWS`` to ``AMX_MAX_ROWS`` rows (decode batches, short prompts) multiply
+    quantized rows on AMX int8 tiles (pagoda/csrc/amx_tiles.h) instead of dequantized tiles and the dense
+    matmul: the kernels were built for a CPU with AMX, Linux grants it, and ``PAGODA_DISABLE_AMX=1`` is not set."""
+    return ops is not None and os.environ.get("PAGODA_DISABLE_AMX") != "1" and ops.amx_available()
 
 
 def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
@@ -130,6 +149,8 @@ class GGUFLinearMethod:
                                            layer.bias)
         if x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant():  # the kernel is row-independent
             return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
+        if x.shape[0] <= AMX_MAX_ROWS and self.qtype in AMX_TYPES and amx_tiles(self.ops):
+            return self.ops.gguf_linear_amx(x, layer.weight, int(self.qtype), layer.bias)
         tiles = [
             F.linear(x, dequantize_rows(self.ops, tile, self.qtype, layer.in_features, x.dtype))
             for tile in layer.weight.split(DEQUANT_TILE_ROWS)

@@ -4,7 +4,8 @@ g = j // group_size. ``--quantization int4`` quantizes each checkpoint tensor to
 
 A layer's ``weight`` (uint8) holds each row as [nibbles | fp16 scales | uint8 zeros], the layout of the C++
 kernel (pagoda/csrc/int4_linear.cpp): up to ``NATIVE_MAX_ROWS`` rows of input (decode) run through it with
-int8 activations, more rows (prefill) dequantize tiles for the dense matmul, as GGUF layers do. Without the
+int8 activations, up to ``AMX_MAX_ROWS`` run on AMX int8 tiles where the CPU has them, more (or without AMX)
+dequantize tiles for the dense matmul, as GGUF layers do. Without the
 kernels, a CUDA device multiplies the packed rows in one Triton kernel (triton_linear.py); anything else (no
 compiler, no triton) dequantizes the layer in torch per call: correct, not fast.
 """
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
 from pagoda.model.layers.quantization import gpu_kernel
-from pagoda.model.layers.quantization.gguf import DEQUANT_TILE_ROWS, NATIVE_MAX_ROWS
+from pagoda.model.layers.quantization.gguf import AMX_MAX_ROWS, DEQUANT_TILE_ROWS, NATIVE_MAX_ROWS, amx_tiles
 from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod
 
@@ -106,6 +107,8 @@ class Int4LinearMethod:
             x = x.index_select(-1, perm)
         if self.ops is not None and x.is_cpu and (x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant()):
             return self.ops.int4_linear(x, layer.weight, self.group_size, layer.bias)
+        if x.is_cpu and x.shape[0] <= AMX_MAX_ROWS and amx_tiles(self.ops):
+            return self.ops.int4_linear_amx(x, layer.weight, self.group_size, layer.bias)
         kernel = gpu_kernel.kernel_for(x)
         if kernel is not None:  # each row computed alone: batch-invariant as it is
             return kernel.quantized_linear(x.contiguous(), layer.weight, kernel.INT4, layer.in_features, layer.bias,

@@ -6,10 +6,11 @@ small model's largest matrix: at batch 1 the logits read it whole).
 On the CPU with Pagoda's C++ kernels each row is stored as GGUF Q8_0 blocks whose 32-weight scales all
 hold the row's scale (fp16; q is computed against that rounded scale, so the grid is exactly per channel),
 and runs through the GGUF kernel (pagoda/csrc/gguf_linear.cpp): int8 dot products with activations
-quantized per 32 on the fly at decode, dequantized tiles for the dense matmul at prefill. That costs 1/16
-more bytes than bare int8 and measured faster than torch's ``_weight_int8pack_mm`` (BENCHMARKS.md), which
-serves without the kernels. On CUDA the Triton kernel (triton_linear.py) reads the int8 rows as they are;
-elsewhere the weights are converted per call (correct, not fast).
+quantized per 32 on the fly at decode (and on AMX tiles for 17-64 rows, see gguf.py), dequantized tiles for
+the dense matmul at prefill. That costs 1/16 more bytes than bare int8 and measured faster than torch's
+``_weight_int8pack_mm`` (BENCHMARKS.md), which serves without the kernels. On CUDA the Triton kernel
+(triton_linear.py) reads the int8 rows as they are; elsewhere the weights are converted per call (correct,
+not fast).
 """
 
 from __future__ import annotations

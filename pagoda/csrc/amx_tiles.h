@@ -1,0 +1,180 @@
+// Prompt-sized products on quantized weights through AMX int8 tiles, without a dequantized copy of the weights:
+// each 16 x 32 block of x (quantized to int8 per 32, as for the VNNI kernels) times the same block of 16
+// weight rows unpacked to unsigned bytes, one tile product (tdpbsud) per block, its int32 sums then scaled in
+// fp32 by the weight block's and the x block's scales. Every weight layout Pagoda runs has a scale d and an
+// offset m per 32 weights, w = d * q + m with q the stored unsigned code (Q4_0: m = -8 d; Q8_0's codes are
+// stored plus 128: m = -128 d; int4: m = -d * zero), so x . w = sum over blocks of d dx dot(xq, q) + m dx sum(xq).
+//
+// A layer's weight rows are unpacked once per 16 of them into the tiles' VNNI order (four consecutive codes
+// of a row per 32-bit word) and then serve every 16 rows of x. Each row's outputs depend on that row alone.
+#pragma once
+
+#include "quant_rows.h"
+
+#if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define PAGODA_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace pagoda_quant {
+
+// Linux lets a process use the tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA); asked once, the answer holds for every thread.
+inline bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+}
+
+constexpr int64_t kTile = 16;  // rows of x, and weight rows, per tile product
+constexpr int64_t kPackedBlockBytes = kTile * kBlock;  // one block of 16 weight rows in VNNI order
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// A 4-bit block's 16 bytes (byte j: code j in the low nibble, code j + 16 in the high one; GGUF Q4_0/Q4_1 and
+// Pagoda's int4 rows alike) -> its 32 codes in order.
+inline void unpack_q4_block(const uint8_t* bytes16, uint8_t* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm_and_si128(bytes, low_nibbles));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
+}
+
+// This thread's tiles: 0 and 1 hold 16 rows of x by one block (32 int8), 6 and 7 one block of 16 weight rows
+// in VNNI order (8 rows of 16 x 4 codes), 2-5 the 16 x 16 int32 products of four blocks: four independent
+// products in flight before the first is read back.
+inline void configure_tiles() {
+  TileConfig config;
+  for (int x_tile : {0, 1}) {
+    config.rows[x_tile] = kTile;
+    config.colsb[x_tile] = kBlock;
+  }
+  for (int w_tile : {6, 7}) {
+    config.rows[w_tile] = kBlock / 4;
+    config.colsb[w_tile] = kTile * 4;
+  }
+  for (int sum_tile = 2; sum_tile <= 5; ++sum_tile) {
+    config.rows[sum_tile] = kTile;
+    config.colsb[sum_tile] = kTile * 4;
+  }
+  _tile_loadconfig(&config);
+}
+
+constexpr int64_t kSums = kTile * kTile;  // int32 products of one block-tile
+
+// The int32 sums of `count` (1-4) consecutive blocks from b: x tile rows at x (stride x_stride bytes), weight
+// tiles packed from w, into sums[i * kSums ..].
+inline void block_sums(const int8_t* x, int64_t x_stride, const uint8_t* w, int count, int32_t* sums) {
+  constexpr int64_t w_stride = kTile * 4;
+  _tile_loadd(0, x, x_stride);
+  _tile_loadd(6, w, w_stride);
+  _tile_zero(2);
+  _tile_dpbsud(2, 0, 6);
+  if (count > 1) {
+    _tile_loadd(1, x + kBlock, x_stride);
+    _tile_loadd(7, w + kPackedBlockBytes, w_stride);
+    _tile_zero(3);
+    _tile_dpbsud(3, 1, 7);
+  }
+  if (count > 2) {
+    _tile_loadd(0, x + 2 * kBlock, x_stride);
+    _tile_loadd(6, w + 2 * kPackedBlockBytes, w_stride);
+    _tile_zero(4);
+    _tile_dpbsud(4, 0, 6);
+  }
+  if (count > 3) {
+    _tile_loadd(1, x + 3 * kBlock, x_stride);
+    _tile_loadd(7, w + 3 * kPackedBlockBytes, w_stride);
+    _tile_zero(5);
+    _tile_dpbsud(5, 1, 7);
+  }
+  _tile_stored(2, sums, w_stride);
+  if (count > 1) _tile_stored(3, sums + kSums, w_stride);
+  if (count > 2) _tile_stored(4, sums + 2 * kSums, w_stride);
+  if (count > 3) _tile_stored(5, sums + 3 * kSums, w_stride);
+}
+
+// out[r, c] = x[r] . W[c] + bias[c] for x [rows, k] (fp32 or bf16), W of n rows described by `source`:
+//   source.unpack(c, b, uint8_t* codes32)  block b of weight row c as 32 unsigned codes, in order;
+//   source.params(c, b, float* d, float* m)  that block's scale and offset.
+template <typename T, typename Source>
+void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bias, T* out, const Source& source) {
+  const int64_t blocks = k / kBlock;
+  QuantizedRows xq = quantize_rows(x, rows, k, XOrder::kNatural);
+  // Whole tiles of x: the rows past the last read as zeros, their outputs dropped.
+  const int64_t padded_rows = (rows + kTile - 1) / kTile * kTile;
+  xq.q.resize(padded_rows * xq.padded_k, 0);
+  xq.d.resize(padded_rows * xq.padded_blocks, 0.f);
+  xq.dsum.resize(padded_rows * xq.padded_blocks, 0.f);
+  const int64_t n_tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<uint8_t> packed(blocks * kPackedBlockBytes);
+    std::vector<float> dw(blocks * kTile), mw(blocks * kTile);
+    alignas(64) uint8_t codes[kTile][kBlock];
+    alignas(64) int32_t sums[4 * kSums];
+    alignas(64) float tail[kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * kTile, cols = std::min(kTile, n - c0);
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t c = 0; c < kTile; ++c) {
+          if (c < cols) {
+            source.unpack(c0 + c, b, codes[c]);
+            source.params(c0 + c, b, &dw[b * kTile + c], &mw[b * kTile + c]);
+          } else {
+            std::memset(codes[c], 0, kBlock);
+            dw[b * kTile + c] = mw[b * kTile + c] = 0.f;
+          }
+        }
+        // VNNI order: word c of packed row j holds codes 4j .. 4j + 3 of weight row c.
+        auto* words = reinterpret_cast<uint32_t*>(packed.data() + b * kPackedBlockBytes);
+        for (int64_t j = 0; j < kBlock / 4; ++j) {
+          for (int64_t c = 0; c < kTile; ++c) std::memcpy(&words[j * kTile + c], &codes[c][4 * j], 4);
+        }
+      }
+      for (int64_t r0 = 0; r0 < padded_rows; r0 += kTile) {
+        __m512 acc[kTile];
+        for (auto& a : acc) a = _mm512_setzero_ps();
+        for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
+          const int count = static_cast<int>(std::min<int64_t>(4, blocks - b0));
+          block_sums(xq.q.data() + r0 * xq.padded_k + b0 * kBlock, xq.padded_k, packed.data() + b0 * kPackedBlockBytes,
+                     count, sums);
+          for (int i = 0; i < count; ++i) {
+            const int64_t b = b0 + i;
+            const __m512 vd = _mm512_loadu_ps(&dw[b * kTile]), vm = _mm512_loadu_ps(&mw[b * kTile]);
+            for (int64_t r = 0; r < kTile; ++r) {
+              const int64_t at = (r0 + r) * xq.padded_blocks + b;
+              const __m512 block = _mm512_cvtepi32_ps(_mm512_load_si512(sums + i * kSums + r * kTile));
+              acc[r] = _mm512_fmadd_ps(block, _mm512_mul_ps(vd, _mm512_set1_ps(xq.d[at])), acc[r]);
+              acc[r] = _mm512_fmadd_ps(vm, _mm512_set1_ps(xq.dsum[at]), acc[r]);
+            }
+          }
+        }
+        const __m512 vb = bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cols) - 1), bias + c0)
+                               : _mm512_setzero_ps();
+        for (int64_t r = 0; r < kTile && r0 + r < rows; ++r) {
+          T* dst = out + (r0 + r) * n + c0;
+          const __m512 v = _mm512_add_ps(acc[r], vb);
+          if (cols == kTile) {
+            pagoda::store16(dst, v);
+          } else {
+            _mm512_store_ps(tail, v);
+            for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(tail[c]);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace pagoda_quant
+#endif  // PAGODA_AMX

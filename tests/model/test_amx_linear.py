@@ -1,0 +1,102 @@
+"""Prompt-sized products on AMX int8 tiles (pagoda/csrc/amx_tiles.h): GGUF Q4_0/Q4_1/Q8_0 rows and int4 rows
+against the VNNI kernels (the same int8 activations: equal up to fp32 rounding) and against the weights'
+dequantized values, ragged row and column counts, each row computed alone, and which path a layer takes
+(PAGODA_DISABLE_AMX=1 included). Skipped where the CPU or the OS offers no AMX int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model.layers.quantization import int4
+from pagoda.model.layers.quantization.gguf import (
+    AMX_MAX_ROWS,
+    AMX_TYPES,
+    NATIVE_MAX_ROWS,
+    GGUFLinearMethod,
+    regroup_rows,
+)
+from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
+from tests.model.test_gguf_native import _int8_blocks, _quantized, filled_linear
+
+OPS = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(OPS is None or not OPS.amx_available(),
+                                reason="no AMX int8 here (CPU, OS or build), or no C++ kernels")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+ROWS = [17, 40, 128]  # more than one tile of 16, ragged, several
+
+
+def _close(got: torch.Tensor, vnni: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == ref.shape
+    # Against the VNNI kernel only the order of the fp32 sums differs (and bf16's last rounding of the output).
+    same = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.float(), vnni.float(), rtol=same, atol=same * ref.abs().max().item())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", AMX_TYPES, ids=[t.name for t in AMX_TYPES])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_gguf_rows_on_tiles_match_the_vnni_kernel_and_the_weights(qtype, dtype: torch.dtype, rows: int) -> None:  # noqa: ANN001
+    in_features, out_features = 192, 67  # 67: a partial tile of weight rows
+    raw, w = _quantized(qtype, out_features, in_features, seed=rows)
+    grouped = regroup_rows(raw, qtype)
+    torch.manual_seed(rows)
+    x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(out_features)
+    ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
+    got = OPS.gguf_linear_amx(x, grouped, int(qtype), bias)
+    _close(got, OPS.gguf_linear(x, grouped, int(qtype), bias), ref, dtype)
+
+
+@pytest.mark.parametrize(("k", "group"), [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 576), (96, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_rows_on_tiles_match_the_vnni_kernel_and_the_weights(k: int, group: int, dtype: torch.dtype) -> None:
+    """Group sizes of one, two and more blocks, a short last group (576 = 4.5 x 128), one group per row."""
+    torch.manual_seed(k + group)
+    q, scale, zero = quantize_groups(torch.randn(40, k), group, bits=4, sym=False)
+    rows_of_w = int4.pack_rows(q, scale, zero)
+    w = dequantize_groups(q, scale, zero, group)
+    for rows in ROWS:
+        x, bias = torch.randn(rows, k).to(dtype), torch.randn(40)
+        ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
+        got = OPS.int4_linear_amx(x, rows_of_w, group, bias)
+        _close(got, OPS.int4_linear(x, rows_of_w, group, bias), ref, dtype)
+
+
+def test_each_row_is_computed_alone() -> None:
+    """A row's outputs do not depend on the rows beside it or on where it sits in the tiles of 16."""
+    raw, _ = _quantized(AMX_TYPES[1], 50, 128, seed=1)
+    grouped = regroup_rows(raw, AMX_TYPES[1])
+    x = torch.randn(37, 128).to(torch.bfloat16)
+    together = OPS.gguf_linear_amx(x, grouped, int(AMX_TYPES[1]), None)
+    moved = torch.cat([torch.randn(5, 128).to(torch.bfloat16), x[20:]])
+    assert torch.equal(OPS.gguf_linear_amx(moved, grouped, int(AMX_TYPES[1]), None)[5:], together[20:])
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_prompt_rows_take_the_tiles_unless_turned_off(disabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than the VNNI kernel takes: AMX tiles, or with PAGODA_DISABLE_AMX=1 the dequantized weights'
+    dense product (int8 activations against none); more than AMX_MAX_ROWS: the dense product."""
+    if disabled:
+        monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
+    qtype = AMX_TYPES[0]
+    raw, w = _quantized(qtype, 48, 96, seed=4)
+    layer = filled_linear(GGUFLinearMethod(qtype, OPS), raw, 96, [48], torch.float32)
+    int4_layer = filled_linear(int4.Int4LinearMethod(OPS, 32), torch.randn(48, 96), 96, [48], torch.float32)
+    longer = torch.randn(AMX_MAX_ROWS + 1, 96)  # past what the tiles take: the dense product either way
+    torch.testing.assert_close(layer(longer), longer @ w.T, rtol=1e-5, atol=1e-4)
+    x = torch.randn(NATIVE_MAX_ROWS + 1, 96)
+    if disabled:
+        torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
+        int4_w = int4_layer.method.dequantize_weight(int4_layer.weight, 96, torch.float32)
+        torch.testing.assert_close(int4_layer(x), x @ int4_w.T, rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(layer(x), OPS.gguf_linear_amx(x, layer.weight, int(qtype), None))
+        assert torch.equal(int4_layer(x), OPS.int4_linear_amx(x, int4_layer.weight, 32, None))
+
+
+def test_a_type_without_a_tile_path_is_named() -> None:
+    with pytest.raises(RuntimeError, match=r"gguf_linear_amx: GGML type 12 is not one of Q4_0 \(2\), Q4_1 \(3\), Q8_0"):
+        OPS.gguf_linear_amx(torch.randn(20, 256), torch.zeros(4, 144, dtype=torch.uint8), 12, None)
