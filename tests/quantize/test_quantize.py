@@ -54,9 +54,9 @@ def test_gptq_on_8_bits_symmetric_keeps_the_zero_at_128() -> None:
     x, w = _correlated_inputs(512, 64), torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     result = gptq_quantize(w, x.T @ x, GPTQSettings(bits=8, group_size=-1, sym=True))
     assert (result.zero == 128).all()
-    # Within a few 8-bit steps (max / 127 each): GPTQ moves later weights to make up for earlier roundings, by
-    # up to 0.03 of the max over 60 random draws (the bound was once max / 50, which random weights broke).
-    assert (result.dequantize(torch.float32) - w).abs().max() < w.abs().max() / 25
+    # Seeded: GPTQ moves later weights to make up for earlier roundings, so the largest error depends on the
+    # draw (0.017-0.030 of the max over 60 draws); unseeded, this test passed or failed with the test order.
+    assert (result.dequantize(torch.float32) - w).abs().max() < w.abs().max() / 50
 
 
 def test_awq_scales_move_the_outputs_less_than_rounding_to_nearest() -> None:
