@@ -176,5 +176,17 @@ void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bia
   });
 }
 
+// A layer's entry point (gguf_linear_amx, int4_linear_amx): quantized_linear's checks and output, the weights
+// read through make_source(in_features).
+template <typename Check, typename MakeSource>
+torch::Tensor amx_quantized_linear(torch::Tensor x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                                   const char* fn, const Check& check, const MakeSource& make_source) {
+  TORCH_CHECK(amx_permitted(), fn, ": the kernel did not grant this process AMX tile state");
+  return quantized_linear(x, w, bias, fn, check, [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+    using T = decltype(tag);
+    amx_linear(xc.data_ptr<T>(), xc.size(0), xc.size(1), w.size(0), bp, out.data_ptr<T>(), make_source(xc.size(1)));
+  });
+}
+
 }  // namespace pagoda_quant
 #endif  // PAGODA_AMX

@@ -509,14 +509,9 @@ torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c
 #if defined(PAGODA_AMX)
   TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "gguf_linear_amx: GGML type ", qtype,
               " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
-  TORCH_CHECK(amx_permitted(), "gguf_linear_amx: the kernel did not grant this process AMX tile state");
-  return quantized_linear(
+  return amx_quantized_linear(
       x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
-      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
-        using T = decltype(tag);
-        amx_linear(xc.data_ptr<T>(), xc.size(0), xc.size(1), w.size(0), bp, out.data_ptr<T>(),
-                   GgufBlocks{w.data_ptr<uint8_t>(), w.size(1), xc.size(1), qtype});
-      });
+      [&](int64_t k) { return GgufBlocks{w.data_ptr<uint8_t>(), w.size(1), k, qtype}; });
 #else
   TORCH_CHECK(false, "gguf_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
   return {};

@@ -237,14 +237,9 @@ struct Int4Blocks {
 // As int4_linear, through AMX int8 tiles (amx_tiles.h): for prompts.
 torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias) {
 #if defined(PAGODA_AMX)
-  TORCH_CHECK(amx_permitted(), "int4_linear_amx: the kernel did not grant this process AMX tile state");
-  return quantized_linear(
+  return amx_quantized_linear(
       x, w, bias, "int4_linear_amx", [&](int64_t k) { check_int4_weight(w, group_size, k, "int4_linear_amx"); },
-      [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
-        using T = decltype(tag);
-        amx_linear(xc.data_ptr<T>(), xc.size(0), xc.size(1), w.size(0), bp, out.data_ptr<T>(),
-                   Int4Blocks{w.data_ptr<uint8_t>(), w.size(1), xc.size(1), group_size});
-      });
+      [&](int64_t k) { return Int4Blocks{w.data_ptr<uint8_t>(), w.size(1), k, group_size}; });
 #else
   TORCH_CHECK(false, "int4_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
   return {};
