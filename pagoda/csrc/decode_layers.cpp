@@ -1,4 +1,5 @@
-// Decode steps of a few sequences (up to 4 rows) through every decoder layer in one call.
+// Decode steps of a few rows (up to 16: sequences' decode tokens and their drafts) through every decoder layer
+// in one call.
 //
 // At batch 1 a token of the bundled model reads ~97 MB of quantized weights, ~5 ms at this machine's
 // bandwidth, while the layer-by-layer path spent ~2.5 ms more outside the matmuls: ~20 torch and kernel
@@ -29,7 +30,7 @@ using namespace pagoda_rows;
 namespace {
 
 constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
-constexpr int64_t kMaxRows = 4;
+constexpr int64_t kMaxRows = 16;  // a decode batch, or a decode token and its drafts (fused_decode.py)
 constexpr int64_t kMaxHeads = 256;  // query heads attention keeps sums for (fused_decode.py checks)
 
 struct Projection {
@@ -39,12 +40,16 @@ struct Projection {
 
   XOrder order() const { return kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind); }
 
+  // kRowTile rows of x at a time: the weight row stays in L1 for the next tile.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
     const uint8_t* row = weight + col * row_bytes;
-    if (kind == kInt4Kind) {
-      int4_row_dot(row, in, group, xq, 0, rows, result);
-    } else {
-      gguf_row_dot(row, kind, in, xq, 0, rows, result);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+      const int64_t count = std::min(kRowTile, rows - r0);
+      if (kind == kInt4Kind) {
+        int4_row_dot(row, in, group, xq, r0, count, result + r0);
+      } else {
+        gguf_row_dot(row, kind, in, xq, r0, count, result + r0);
+      }
     }
   }
 };
@@ -199,7 +204,7 @@ bool decode_layers_supported() {
 #endif
 }
 
-// hidden: [rows <= 4, hidden] embeddings of the step's tokens (fp32 / bf16), overwritten with the final
+// hidden: [rows <= 16, hidden] embeddings of the step's tokens (fp32 / bf16), overwritten with the final
 // normed hidden states. Per layer: 4 weights (qkv, o, gate_up, down: uint8 rows) with their kinds (GGML type
 // ids, 1000 = int4) and int4 group sizes, 2 norm weights (then the final norm's), the KV cache [2, blocks,
 // block_size, kv_heads, row width] (model dtype, int8 rows or fp8) and its two fp8 scales; qkv_biases: one
@@ -213,7 +218,7 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
 #if defined(PAGODA_VNNI)
   const int64_t layers = static_cast<int64_t>(caches.size());
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1 && hidden.size(0) <= kMaxRows && hidden.is_contiguous(),
-              "decode_layers: hidden must be contiguous [1..4, hidden]");
+              "decode_layers: hidden must be contiguous [1..16, hidden]");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && kinds.size() == weights.size() &&
                   groups.size() == weights.size() && static_cast<int64_t>(norms.size()) == 2 * layers + 1 &&
                   static_cast<int64_t>(kv_scales.size()) == 2 * layers &&

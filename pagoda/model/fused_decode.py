@@ -1,4 +1,5 @@
-"""Decode steps of up to ``MAX_ROWS`` sequences through every decoder layer in one C++ call
+"""Steps of up to ``MAX_ROWS`` tokens (decode tokens, drafts to verify, short prompt chunks) through every decoder
+layer in one C++ call
 (pagoda/csrc/decode_layers.cpp), when the model's projections all run on the CPU's quantized kernels (GGUF
 blocks, int4 rows, int8 as Q8_0): batch-1 decode is bound by reading the weights, and the layer-by-layer path
 spent a third of a token's time outside the matmuls (Python, tensor allocations, a thread fan-out per call).
@@ -16,13 +17,13 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from pagoda.model.attention.base import AttentionMetadata
+from pagoda.model.attention.base import AttentionMetadata, per_token_context
 from pagoda.model.layers.linear import Linear, batch_invariant
 from pagoda.model.layers.quantization.gguf import GGUFLinearMethod
 from pagoda.model.layers.quantization.int4 import Int4LinearMethod
 from pagoda.model.layers.rotary import RotaryAngles
 
-MAX_ROWS = 4  # the kernel keeps this many rows' accumulators in registers (as gguf_linear's decode path)
+MAX_ROWS = 16  # as the quantized kernels' int8-activation path (NATIVE_MAX_ROWS), four rows per pass
 INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
 MAX_HEADS = 256  # query heads the kernel's attention takes
 
@@ -84,18 +85,22 @@ class FusedDecode:
                    cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, first.scale, first.input_layernorm.eps)
 
     def fits(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:
-        """A decode step (one new token per sequence) of few enough sequences, outside batch-invariant mode."""
-        rows = hidden.shape[0]
-        return (rows <= MAX_ROWS and len(metadata.query_lens) == rows and not batch_invariant()
-                and bool(np.all(np.asarray(metadata.query_lens) == 1)))
+        """A step of few enough tokens (decode tokens, or a decode token and the drafts that follow it),
+        outside batch-invariant mode."""
+        return hidden.shape[0] <= MAX_ROWS and not batch_invariant()
 
     def run(self, hidden: torch.Tensor, angles: RotaryAngles, kv_caches: list[torch.Tensor],
             metadata: AttentionMetadata) -> torch.Tensor:
         """The final normed hidden states of the step's tokens (``hidden``, the embeddings, is overwritten)."""
         hidden = hidden.contiguous()
+        tables, seq_lens = metadata.block_tables, torch.from_numpy(np.asarray(metadata.seq_lens, dtype=np.int64))
+        if len(metadata.query_lens) != hidden.shape[0]:
+            # Several tokens of one sequence (drafts to verify): the kernel writes every row's KV before any
+            # row attends, so each token attends as its own row over the keys up to itself.
+            token_seq, seq_lens = per_token_context(metadata)
+            tables = tables[token_seq]
         self.ops.decode_layers(
             hidden, self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
-            angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping,
-            metadata.block_tables.contiguous(), torch.from_numpy(np.asarray(metadata.seq_lens, dtype=np.int64)),
+            angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping, tables.contiguous(), seq_lens,
             self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps)
         return hidden

@@ -1,6 +1,6 @@
 """The one-call decode path (pagoda/csrc/decode_layers.cpp) against the layer-by-layer path on the same
-weights: GGUF blocks, int4 (with a Qwen2 q/k/v bias), int8, each KV cache format, one to four rows; and
-where it must not run."""
+weights: GGUF blocks, int4 (with a Qwen2 q/k/v bias), int8, each KV cache format, one to sixteen rows, several
+of them one sequence's (drafts to verify, a short prompt chunk); and where it must not run."""
 
 from __future__ import annotations
 
@@ -63,16 +63,41 @@ def test_quantized_tiny_models_decode_as_layer_by_layer(make_tiny_model, arch: s
     torch.testing.assert_close(fused, layered, rtol=1e-3, atol=1e-3 * layered.abs().max().item())
 
 
-def test_several_rows_decode_together_as_each_alone(bundled_gguf) -> None:
-    """Up to four sequences of different lengths in one fused step: the same greedy tokens as the
-    layer-by-layer engine."""
-    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land", "1, 2, 3,"]
+def test_several_rows_decode_together_as_each_alone(make_tiny_model) -> None:
+    """Ten sequences of different lengths in one fused step (rows in passes of four): the same greedy tokens
+    as the layer-by-layer engine (fp32 activations: bf16 rounds the two paths apart, see above)."""
+    folder, _ = make_tiny_model("llama", seed=5, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(folder), dtype="float32", quantization="int4", quantization_group_size=32, num_kv_blocks=64,
+              block_size=4)
+    prompts = [{"prompt_token_ids": list(range(100 + 37 * i, 103 + 41 * i, 7))} for i in range(10)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    fused = LLM(str(bundled_gguf), num_kv_blocks=64, block_size=16)
-    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
-    fused.engine.runner.model.fused_decode = None
-    want = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    llm.engine.runner.model.fused_decode = None
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_several_tokens_of_one_sequence_attend_causally(make_tiny_model, quantization: str) -> None:
+    """A sequence's chunk of tokens (its drafts) in one fused call: each token attends to the keys up to itself,
+    as the layer-by-layer path computes the same chunk, beside a decode token of another sequence."""
+    folder, _ = make_tiny_model("llama", seed=3, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(folder), dtype="float32", quantization=quantization, quantization_group_size=32,
+              num_kv_blocks=32, block_size=4)
+    runner, model = llm.engine.runner, llm.engine.runner.model
+    tokens = list(range(300, 320))
+
+    def chunk_hidden() -> torch.Tensor:
+        runner.hidden_states(tokens, 0, 11, list(range(5)))  # a prompt prefix through the dense path
+        return runner.hidden_states(tokens, 11, 6, list(range(5))).clone()  # 6 rows: fused when it fits
+
+    fused = chunk_hidden()
+    saved, model.fused_decode = model.fused_decode, None
+    try:
+        layered = chunk_hidden()
+    finally:
+        model.fused_decode = saved
+    torch.testing.assert_close(fused, layered, rtol=1e-3, atol=1e-3 * layered.abs().max().item())
 
 
 def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None:
@@ -90,10 +115,10 @@ def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None
         query_lens = [1, 1]
 
     assert fused.fits(hidden, Meta())
-    Meta.query_lens = [1, 3]  # a prefill chunk in the step
-    assert not fused.fits(hidden, Meta())
-    Meta.query_lens = [1] * 5
-    assert not fused.fits(torch.zeros(5, 64), Meta())  # more rows than the kernel keeps
+    Meta.query_lens = [1, 3]  # drafts or a short prompt chunk: each token a row
+    assert fused.fits(torch.zeros(4, 64), Meta())
+    Meta.query_lens = [1] * 17
+    assert not fused.fits(torch.zeros(17, 64), Meta())  # more rows than the kernel takes
     Meta.query_lens = [1, 1]
     configure_linear(batch_invariant=True)
     try:
