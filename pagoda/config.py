@@ -7,6 +7,7 @@ section knows raises ``TypeError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +25,10 @@ ToolCallParser = Literal["hermes", "llama3_json"]
 # int8 / int4: quantized as the weights load; gptq / awq: the checkpoint's own (found in its config.json anyway).
 Quantization = Literal["int8", "int4", "gptq", "awq"]
 Int4GroupSize = Literal[32, 64, 128]
+# How draft tokens are proposed for speculative decoding (vLLM's names).
+SpeculativeMethod = Literal["ngram", "draft_model"]
+MAX_SPECULATIVE_TOKENS = 16
+MAX_PROMPT_LOOKUP = 32
 
 
 @dataclass
@@ -125,6 +130,88 @@ class DecodingConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """vLLM's ``speculative_config``: ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
+    "prompt_lookup_max": b}`` proposes the continuation of the latest earlier occurrence of the last b..a
+    tokens (longest first); ``{"method": "draft_model", "model": M, "num_speculative_tokens": k}`` a smaller
+    model with the same tokenizer. ``adaptive`` (Pagoda's): each step keeps only the drafts that measured
+    acceptance and the cost of a verified row pay for (false: always up to k)."""
+
+    method: SpeculativeMethod
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None  # unset: prompt_lookup_max, or 2 when both are unset
+    prompt_lookup_max: int | None = None  # unset: prompt_lookup_min, or 5 when both are unset
+    model: str | None = None
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        methods = typing.get_args(SpeculativeMethod)
+        if self.method not in methods:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(methods)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive must be true or false, got {self.adaptive!r}")
+        if self.method == "ngram":
+            if self.model is not None:
+                raise ValueError("speculative_config.model is only for method draft_model")
+            if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+                self.prompt_lookup_min, self.prompt_lookup_max = 2, 5
+            self.prompt_lookup_min = self.prompt_lookup_max if self.prompt_lookup_min is None else self.prompt_lookup_min
+            self.prompt_lookup_max = self.prompt_lookup_min if self.prompt_lookup_max is None else self.prompt_lookup_max
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROMPT_LOOKUP:
+                    raise ValueError(f"speculative_config.{name} must be an integer in [1, {MAX_PROMPT_LOOKUP}], "
+                                     f"got {value!r}")
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                                 f"prompt_lookup_max ({self.prompt_lookup_max})")
+        else:
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"speculative_config.{name} is only for method ngram")
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError("speculative_config.model must name the draft model (a folder, .gguf file or alias) "
+                                 "for method draft_model")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | dict[str, Any] | str") -> "SpeculativeConfig":
+        """From a SpeculativeConfig, a dict or its JSON text (the command line's); unknown keys are named."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(known))}")
+        for name in ("method", "num_speculative_tokens"):
+            if name not in value:
+                raise ValueError(f"speculative_config.{name} is required")
+        return cls(**value)
+
+
+@dataclass
+class SpeculativeSection:
+    # None: no speculative decoding. A dict (or its JSON text, as --speculative-config takes it) is parsed
+    # into a SpeculativeConfig when the tree is validated.
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+
+    def validate(self) -> None:
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+
+@dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
 
@@ -183,6 +270,7 @@ _SECTIONS: dict[str, type] = {
     "scheduler_config": SchedulerConfig,
     "parallel_config": ParallelConfig,
     "decoding_config": DecodingConfig,
+    "speculative": SpeculativeSection,
     "server_config": ServerConfig,
 }
 
@@ -194,6 +282,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     decoding_config: DecodingConfig = field(default_factory=DecodingConfig)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
     server_config: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
@@ -215,14 +304,24 @@ class EngineConfig:
         """The flat keys ``from_kwargs`` takes (JSON-safe: the engine process is started with them,
         without the server section, which holds API keys)."""
         return {
-            f.name: getattr(getattr(self, name), f.name)
+            f.name: _plain(getattr(getattr(self, name), f.name))
             for name, f in section_fields()
             if include_server or name != "server_config"
         }
 
+    @property
+    def speculative_config(self) -> SpeculativeConfig | None:
+        spec = self.speculative.speculative_config
+        assert spec is None or isinstance(spec, SpeculativeConfig), "EngineConfig.validate() parses it"
+        return spec
+
     def validate(self) -> None:
         for name in _SECTIONS:
             getattr(self, name).validate()
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def field_owners() -> dict[str, str]:

@@ -116,6 +116,10 @@ class CoreStats:
     prompt_tokens: int = 0  # prompt tokens that went through the model (cache hits excluded)
     generation_tokens: int = 0
     num_steps: int = 0
+    # Speculative decoding: requests' steps that verified drafts, drafts verified, drafts kept.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 def child_ids(request_id: str, n: int) -> list[str]:

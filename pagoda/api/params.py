@@ -134,6 +134,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (no cached prefix)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # Pagoda's: false opts this request out of speculative decoding (the output is the same either way).
+    speculative_decoding: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -170,6 +172,8 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for k, v in self.logit_bias.items():
                 _check(-100.0 <= v <= 100.0, "logit_bias", f"values must be in [-100, 100], got {v} for token {k}")
+        _check(isinstance(self.speculative_decoding, bool), "speculative_decoding",
+               f"must be true or false, got {self.speculative_decoding!r}")
         if self.seed is not None:
             _check(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
         if isinstance(self.structured_outputs, dict):  # from the wire or a plain caller

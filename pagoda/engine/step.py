@@ -79,3 +79,5 @@ class ModelRunnerOutput:
     # Per scheduled request, one entry per sampled token; None when no request asked.
     logprobs: list[list[PositionLogprobs]] | None = None
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    # With speculative decoding: per scheduled request, the drafts proposed to follow its tokens (often none).
+    spec_token_ids: list[list[int]] | None = None

@@ -30,6 +30,16 @@ class ServerMetrics:
         self.prompt_tokens = Counter("pagoda:prompt_tokens", "Prompt tokens computed (cache hits excluded)",
                                      registry=r)
         self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens", registry=r)
+        self.spec_drafts = Counter("pagoda:spec_decode_num_drafts",
+                                   "Speculative decoding: requests' steps that verified draft tokens", registry=r)
+        self.spec_draft_tokens = Counter("pagoda:spec_decode_num_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter("pagoda:spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                            registry=r)
+        self.spec_acceptance = Gauge("pagoda:spec_decode_draft_acceptance_rate",
+                                     "Accepted / verified draft tokens since start", registry=r)
+        self.spec_mean_length = Gauge("pagoda:spec_decode_mean_acceptance_length",
+                                      "Tokens a verifying step gained per request on average (accepted drafts + 1)",
+                                      registry=r)
         self.success = Counter("pagoda:request_success", "Finished requests by reason", ["finished_reason"],
                                registry=r)
         self.ttft = Histogram("pagoda:time_to_first_token_seconds", "Arrival to first token",
@@ -80,9 +90,15 @@ class ServerMetrics:
             (self.preemptions, stats.num_preemptions, last.num_preemptions),
             (self.prompt_tokens, stats.prompt_tokens, last.prompt_tokens),
             (self.generation_tokens, stats.generation_tokens, last.generation_tokens),
+            (self.spec_drafts, stats.spec_decode_num_drafts, last.spec_decode_num_drafts),
+            (self.spec_draft_tokens, stats.spec_decode_num_draft_tokens, last.spec_decode_num_draft_tokens),
+            (self.spec_accepted_tokens, stats.spec_decode_num_accepted_tokens, last.spec_decode_num_accepted_tokens),
         ):
             if now > before:
                 counter.inc(now - before)
+        if stats.spec_decode_num_drafts:
+            self.spec_acceptance.set(stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens)
+            self.spec_mean_length.set(1 + stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_drafts)
         self._last = stats
 
     def observe_params(self, n: int, max_tokens: int) -> None:

@@ -98,6 +98,8 @@ class SamplingFields(_Strict):
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Pagoda's: false opts the request out of speculative decoding (same output, no drafts verified).
+    speculative_decoding: bool = True
     # vLLM's per-request prefix-cache salt; combined with the caller's API key (tenants never share blocks).
     cache_salt: Name | None = None
     # Constrained output: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice,

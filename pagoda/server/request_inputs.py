@@ -68,6 +68,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             structured_outputs=structured or structured_outputs_of(req),
+            speculative_decoding=req.speculative_decoding,
         )
     except ValueError as exc:
         raise APIError(400, str(exc), param_named(exc)) from None

@@ -54,10 +54,10 @@ def test_logits_rows_are_bit_identical_across_batches(llm: LLM) -> None:
     captured: dict[str, list] = {}
     real = engine.runner.sampler.__call__
 
-    def spy(logits, requests):
+    def spy(logits, requests, offsets=None):
         for row, req in zip(logits, requests):
             captured.setdefault(req.req_id, []).append(row.clone())
-        return real(logits, requests)
+        return real(logits, requests, offsets)
 
     sampler = engine.runner.sampler
     engine.runner.sampler = type("Spy", (), {"__call__": staticmethod(spy)})()

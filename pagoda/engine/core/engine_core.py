@@ -55,7 +55,8 @@ class EngineCore:
         self.max_model_len = self.info.max_model_len
         self.num_blocks = self.info.num_blocks
         self.eos_token_ids = self.info.eos_token_ids
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks, self.max_model_len,
+                                   config.speculative_config)
         self.stats = CoreStats(num_blocks=self.num_blocks)
         self.parents: dict[str, list[Request]] = {}
         self._parent_of: dict[str, str] = {}  # child id -> parent id
@@ -275,7 +276,10 @@ class EngineCore:
         self.stats.num_steps += 1
         self.stats.prompt_tokens += out.num_prompt_tokens
         try:
+            started = time.perf_counter()
             result = self.executor.execute_model(out)
+            if not out.num_prompt_tokens:  # decode steps' times fit the cost of a verified draft
+                self.scheduler.spec.observe_step(out.total_num_scheduled_tokens, time.perf_counter() - started)
         except Exception as exc:  # fail this step's requests, keep the engine alive
             logger.error("model step failed: %s", traceback.format_exc())
             ended = []
@@ -322,6 +326,10 @@ class EngineCore:
         self.stats.num_preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = kv.prefix_queries
         self.stats.prefix_cache_hits = kv.prefix_hits
+        spec = self.scheduler.spec
+        self.stats.spec_decode_num_drafts = spec.num_drafts
+        self.stats.spec_decode_num_draft_tokens = spec.num_draft_tokens
+        self.stats.spec_decode_num_accepted_tokens = spec.num_accepted_tokens
         return dataclasses.replace(self.stats)
 
 

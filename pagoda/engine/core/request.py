@@ -53,6 +53,8 @@ class Request:
     max_length: int = 0
     stop_token_set: frozenset[int] = frozenset()
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
+    num_accepted_drafts: int = 0  # its drafts kept so far
+    num_rejected_drafts: int = 0  # its verifications that ended at a rejected draft
     grammar: RequestGrammar | None = None  # structured outputs: its compile, then its matcher
     # What the worker holds of it: whether it was sent, how many of its blocks, and whether it comes
     # back from preemption (its table then replaced).

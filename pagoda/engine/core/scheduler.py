@@ -18,7 +18,8 @@ import time
 from pagoda.api.limits import AdmissionError, check_context
 from pagoda.api.messages import CoreOutput
 from pagoda.api.outputs import FinishReason
-from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from pagoda.engine.core.draft_policy import DraftPolicy
 from pagoda.engine.core.kv_cache import KVCacheManager
 from pagoda.engine.core.request import Request, RequestStatus
 from pagoda.engine.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -31,6 +32,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -41,6 +43,7 @@ class Scheduler:
         self._seq = itertools.count()
         self.num_preemptions = 0
         self._finished: list[str] = []  # ended since the last step, for the worker to forget
+        self.spec = DraftPolicy(adaptive=speculative is not None and speculative.adaptive)
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_for(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -77,6 +80,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         bs = self.kv.block_size
         running = self.running
+        self.spec.trim(running)
         req_ids, num_scheduled, num_computed = out.req_ids, out.num_scheduled_tokens, out.num_computed_tokens
         i = 0
         while i < len(running) and budget > 0:
@@ -174,6 +178,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.spec_token_ids = []  # it comes back as a prefill
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.resumed = request.sent_to_worker
@@ -188,7 +193,7 @@ class Scheduler:
         outputs: list[CoreOutput] = []
         requests, spec = self.requests, out.spec_token_ids
         caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
-        logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
+        logprobs, prompt_logprobs, proposals = result.logprobs, result.prompt_logprobs, result.spec_token_ids
         num_scheduled, sampled = out.num_scheduled_tokens, result.sampled_token_ids
         finished_status = RequestStatus.FINISHED
         for i, rid in enumerate(out.req_ids):
@@ -200,7 +205,8 @@ class Scheduler:
             drafts = spec.get(rid) if spec else None
             if drafts:  # rejected drafts hold no valid KV: their slots are overwritten by later tokens
                 num_new -= len(drafts) + 1 - len(tokens)
-                req.spec_token_ids = []
+                self.spec.record(req, len(drafts), len(tokens) - 1)
+            req.spec_token_ids = proposals[i] if proposals is not None else []
             req.num_computed_tokens += num_new
             token_ids = req.token_ids
             base = len(token_ids)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from pagoda.api.params import SamplingParams
 from pagoda.engine.step import NewRequestData, SchedulerOutput
-from pagoda.engine.worker.sampler import PenaltyState, is_plain_greedy
+from pagoda.engine.worker.sampler import PenaltyState, is_plain_greedy, may_speculate
 
 
 @dataclass(eq=False)
@@ -28,18 +27,17 @@ class CachedRequestState:
     eos_token_ids: frozenset[int]
     block_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None  # its own draws when seeded
     penalty_state: PenaltyState | None = None  # built by the sampler on the first penalized step
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported (kept across preemption)
     plain_greedy: bool = False  # argmax of the raw logits, nothing else, at every step
+    speculates: bool = False  # drafts are proposed for it (speculative decoding on and its parameters allow)
     slot: int | None = None  # its row in the InputBatch; None while preempted
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> CachedRequestState:
         params = new.sampling_params
-        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         return cls(new.req_id, new.prompt_token_ids, params, new.eos_token_ids, list(new.block_ids),
-                   generator=generator, plain_greedy=is_plain_greedy(params))
+                   plain_greedy=is_plain_greedy(params), speculates=may_speculate(params))
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -107,6 +105,7 @@ class InputBatch:
 
     def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
         self.block_size = block_size
+        self.max_model_len = max_model_len
         max_blocks = -(-max_model_len // block_size)
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int32)
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
@@ -148,6 +147,9 @@ class InputBatch:
             state.block_ids.extend(blocks)
             self.block_table[slot, n : n + len(blocks)] = blocks
             self.num_blocks[slot] = len(state.block_ids)
+        for rid, drafts in out.spec_token_ids.items():  # they follow the known tokens, which they do not join
+            slot, n = self.requests[rid].slot, self.num_tokens[self.requests[rid].slot]
+            self.token_ids[slot, n : n + len(drafts)] = drafts
 
     def _occupy(self, state: CachedRequestState) -> None:
         slot = state.slot = self.free_slots.pop()
@@ -169,9 +171,22 @@ class InputBatch:
                            np.asarray(out.num_computed_tokens, dtype=np.int64),
                            np.asarray(out.num_scheduled_tokens, dtype=np.int64), self.num_tokens[rows], self.block_size)
 
-    def append_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[int]) -> None:
-        """One sampled token for each of ``states`` (in slots ``rows``)."""
-        self.token_ids[rows, self.num_tokens[rows]] = tokens
-        self.num_tokens[rows] += 1
-        for state, token in zip(states, tokens):
-            state.output_token_ids.append(token)
+    def append_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[list[int]]) -> None:
+        """The tokens each of ``states`` (in slots ``rows``) gained this step: one, or several when drafts were
+        kept."""
+        if all(len(t) == 1 for t in tokens):
+            flat = [t[0] for t in tokens]
+            self.token_ids[rows, self.num_tokens[rows]] = flat
+            self.num_tokens[rows] += 1
+            for state, token in zip(states, flat):
+                state.output_token_ids.append(token)
+            return
+        for state, row, gained in zip(states, rows.tolist(), tokens):
+            n = self.num_tokens[row]
+            self.token_ids[row, n : n + len(gained)] = gained
+            self.num_tokens[row] += len(gained)
+            state.output_token_ids.extend(gained)
+
+    def known_tokens(self, state: CachedRequestState) -> np.ndarray:
+        """The request's prompt and output so far (a view of its slot)."""
+        return self.token_ids[state.slot, : self.num_tokens[state.slot]]

@@ -16,7 +16,9 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
+from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.engine.worker.sampler import Sampler, position_logprobs
+from pagoda.engine.worker.verify import Verification
 
 # Prompt positions turned into logits at once: a [rows, vocab] fp32 block stays tens of MB.
 PROMPT_LOGITS_ROWS = 128
@@ -124,6 +126,7 @@ class ModelRunner:
         batch: InputBatch,
         device: str = "cpu",
         graphs: DecodeGraphs | None = None,
+        proposer: NgramProposer | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -133,13 +136,12 @@ class ModelRunner:
         self.batch = batch
         self.device = torch.device(device)
         self.graphs = graphs
+        self.proposer = proposer  # drafts for the next step, when speculative decoding is on
         self.staging = HostStaging(self.device)
         self.pad_slot = (kv_caches[0].shape[1] - 1) * block_size
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        if out.spec_token_ids:
-            raise NotImplementedError("this model runner verifies no draft tokens")
         self.batch.update(out)
         requests = self.batch.requests
         states = [requests[rid] for rid in out.req_ids]
@@ -147,6 +149,11 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         rows = np.fromiter((s.slot for s in states), dtype=np.int64, count=len(states))
         arrays = self.batch.gather(out, rows)
+        everyone = len(arrays.sampling) == len(states)
+        sampling = states if everyone else [states[i] for i in arrays.sampling]
+        drafts = out.spec_token_ids
+        verification = Verification.plan(arrays.sample_rows, [drafts.get(s.req_id, []) for s in sampling]) \
+            if drafts else None
         prompt_rows = self._prompt_rows(states, arrays)
         if not prompt_rows and self._graph_step(arrays):
             logits = self.graphs.run(*(self.staging(name, a) for name, a in (
@@ -158,31 +165,57 @@ class ModelRunner:
         else:
             hidden = self._forward(arrays)
             prompt = [PromptHidden(states[i], hidden[row : row + count], first) for i, row, count, first in prompt_rows]
-            logits = self.model.compute_logits(hidden[self.staging("sample_rows", arrays.sample_rows)]) \
+            logit_rows = arrays.sample_rows if verification is None else verification.logit_rows
+            logits = self.model.compute_logits(hidden[self.staging("sample_rows", logit_rows)]) \
                 if len(arrays.sampling) else None
         prompt_logprobs = {p.state.req_id: self._prompt_logprobs(p) for p in prompt}
-        everyone = len(arrays.sampling) == len(states)
-        sampling = states if everyone else [states[i] for i in arrays.sampling]
+        sampled: list[list[int]] = [[] for _ in states]
         logprobs: list[list[PositionLogprobs]] | None = None
-        if not sampling:
-            sampled: list[list[int]] = [[] for _ in states]
-        else:
-            if out.grammar_bitmask is not None:
-                logits = apply_grammar_bitmask(logits, out.grammar_bitmask, [s.req_id for s in sampling])
-            result = self.sampler(logits, sampling)
-            self.batch.append_tokens(sampling, rows if everyone else rows[arrays.sampling], result.token_ids)
-            if everyone:
-                sampled = [[token] for token in result.token_ids]
-            else:
-                sampled = [[] for _ in states]
-                for i, token in zip(arrays.sampling.tolist(), result.token_ids):
-                    sampled[i].append(token)
-            if any(lp is not None for lp in result.logprobs):
+        proposals = None
+        if sampling:
+            owner_rows = np.arange(len(states)) if everyone else arrays.sampling
+            tokens, row_logprobs = self._sample(out, logits, sampling, verification)
+            self.batch.append_tokens(sampling, rows[owner_rows], tokens)
+            for i, accepted in zip(owner_rows.tolist(), tokens):
+                sampled[i] = accepted
+            if row_logprobs is not None:
                 logprobs = [[] for _ in states]
-                for i, lp in zip(arrays.sampling.tolist(), result.logprobs):
-                    if lp is not None:
-                        logprobs[i].append(lp)
-        return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs)
+                for i, entries in zip(owner_rows.tolist(), row_logprobs):
+                    logprobs[i] = entries
+            if self.proposer is not None:
+                proposals = [[] for _ in states]
+                for i, state in zip(owner_rows.tolist(), sampling):
+                    if state.speculates:
+                        proposals[i] = self.proposer.propose(self.batch.known_tokens(state), self.draft_room(state))
+        return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs, proposals)
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor, sampling: list[CachedRequestState],
+                verification: Verification | None) -> tuple[list[list[int]], list[list[PositionLogprobs]] | None]:
+        """Each sampling request's tokens for the step (one, or its kept drafts and one more) and, when any
+        request asked, their logprobs."""
+        row_states = sampling if verification is None else [sampling[i] for i in verification.owners]
+        if out.grammar_bitmask is not None:
+            logits = apply_grammar_bitmask(logits, out.grammar_bitmask, [s.req_id for s in row_states])
+        result = self.sampler(logits, row_states, None if verification is None else verification.offsets)
+        tokens = [[t] for t in result.token_ids] if verification is None else verification.accept(result.token_ids)
+        if all(lp is None for lp in result.logprobs):
+            return tokens, None
+        if verification is None:
+            return tokens, [[lp] if lp is not None else [] for lp in result.logprobs]
+        entries: list[list[PositionLogprobs]] = [[] for _ in sampling]
+        first = 0
+        for i, (accepted, draft) in enumerate(zip(tokens, verification.drafts)):
+            entries[i] = [lp for lp in result.logprobs[first : first + len(accepted)] if lp is not None]
+            first += len(draft) + 1
+        return tokens, entries
+
+    def draft_room(self, state: CachedRequestState) -> int:
+        """Drafts that can still become output: the next step's tokens stay within max_tokens and the
+        model's length (the sample after the drafts is one more token)."""
+        params = state.sampling_params
+        end = self.batch.max_model_len if params.max_tokens is None else \
+            min(self.batch.max_model_len, state.num_prompt_tokens + params.max_tokens)
+        return end - state.num_tokens - 1
 
     def _prompt_rows(self, states: list[CachedRequestState], arrays: StepArrays) -> list[tuple[int, int, int, int]]:
         """(request index, first flat row, rows, the prompt position the first row predicts) for each

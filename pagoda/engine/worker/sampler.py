@@ -3,8 +3,9 @@
 Order of operations (as in vLLM): logprobs of the raw model distribution; then
 logit bias, min_tokens masking and penalties; greedy rows take the argmax; the
 other rows apply temperature, top-k, top-p and min-p and draw by inverse CDF
-with one uniform number, from the request's own generator when it has a seed so
-that its draws do not depend on what else is in the batch.
+with one uniform number. A seeded request's number for its t-th output token is a hash of (seed, t), so its
+draws depend neither on what else is in the batch nor on how many of its tokens one step verifies
+(speculative decoding samples several positions of a request at once, see engine/worker/verify.py).
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ class Sampler:
         )
         self.sample_rows: Callable[..., torch.Tensor] = ops.sample_rows if ops is not None else _sample_rows_torch
 
-    def __call__(self, logits: torch.Tensor, requests: list[CachedRequestState]) -> SampleResult:
-        """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed)."""
+    def __call__(self, logits: torch.Tensor, requests: list[CachedRequestState],
+                 offsets: list[int] | None = None) -> SampleResult:
+        """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed). Row i is
+        ``requests[i]``'s output position ``num_output_tokens + offsets[i]`` (offsets: all 0 unless draft
+        positions are verified, when a request has one row per position)."""
         if logits.dtype not in (torch.float32, torch.bfloat16):  # what the kernels read
             logits = logits.float()
         if all(r.plain_greedy for r in requests):  # the common offline case: no copy, one pass
@@ -55,7 +59,7 @@ class Sampler:
         if wants_logprobs or _needs_processing(requests):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = self._process(logits, requests)
+        logits = self._process(logits, requests, offsets)
         device = logits.device
         tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
@@ -64,16 +68,19 @@ class Sampler:
             idx = torch.tensor(greedy, device=device)
             tokens[idx] = self.argmax(logits[idx])
         if random:
-            tokens[torch.tensor(random, device=device)] = self._sample(logits, random, [requests[i] for i in random])
+            tokens[torch.tensor(random, device=device)] = self._sample(
+                logits, random, [requests[i] for i in random], [offsets[i] if offsets else 0 for i in random])
         token_list = tokens.tolist()
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, requests, token_list)
         return SampleResult(token_list, logprobs)
 
-    def _process(self, logits: torch.Tensor, requests: list[CachedRequestState]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, requests: list[CachedRequestState],
+                 offsets: list[int] | None = None) -> torch.Tensor:
         """Logit bias, min_tokens masking, repetition then presence/frequency penalties, each applied to all
-        the rows that need it in one indexed operation (the index lists built on the host)."""
+        the rows that need it in one indexed operation (the index lists built on the host). Penalties see the
+        request's own tokens only: draft positions are never verified for penalized requests."""
         needs = [i for i, r in enumerate(requests) if _row_needs_processing(r)]
         if not needs:
             return logits
@@ -85,7 +92,7 @@ class Sampler:
             p = r.sampling_params
             if p.logit_bias:
                 bias.add(i, p.logit_bias.keys(), p.logit_bias.values())
-            if r.num_output_tokens < p.min_tokens:
+            if r.num_output_tokens + (offsets[i] if offsets else 0) < p.min_tokens:
                 banned.add(i, sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))))
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 penalized.append(i)
@@ -112,17 +119,18 @@ class Sampler:
             if r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty:
                 x.sub_(state.cut)
 
-    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState]) -> torch.Tensor:
-        """Draw for ``rows`` of ``logits``: one uniform number per row, from the request's own generator
-        when it has a seed, so its draws do not depend on what else is in the batch."""
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState],
+                offsets: list[int]) -> torch.Tensor:
+        """Draw for ``rows`` of ``logits``: one uniform number per row; a seeded request's is keyed by its
+        seed and the output position, so its draws do not depend on what else is in the batch."""
         params = [r.sampling_params for r in requests]
         uniform = torch.empty(len(requests), dtype=torch.float64)
-        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
         if unseeded:
             uniform[torch.tensor(unseeded)] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
-        for i, r in enumerate(requests):
-            if r.generator is not None:
-                uniform[i] = float(torch.rand(1, dtype=torch.float64, generator=r.generator))
+        for i, (r, p) in enumerate(zip(requests, params)):
+            if p.seed is not None:
+                uniform[i] = position_uniform(p.seed, r.num_output_tokens + offsets[i])
         on = {"device": logits.device}
         return self.sample_rows(
             logits,
@@ -168,6 +176,18 @@ def _sample_rows_torch(
     # Rounding can leave a target at the top of the mass: take the last token with probability.
     last_kept = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(picked, last_kept)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) that is a fixed function of (seed, position): SplitMix64's finalizer over
+    both, 53 bits kept."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) * (1.0 / (1 << 53))
 
 
 @dataclass
@@ -241,6 +261,14 @@ def is_plain_greedy(p: SamplingParams) -> bool:
     """Whether every step of a request with these parameters is the argmax of the raw logits."""
     return bool(p.greedy and p.logprobs is None and not p.logit_bias and p.min_tokens == 0
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
+
+
+def may_speculate(p: SamplingParams) -> bool:
+    """Whether drafts are verified for a request: not when it opted out, nor with penalties or a grammar,
+    whose state at a draft position would depend on the drafts before it (the request then runs unspeculated,
+    with the same output)."""
+    return bool(p.speculative_decoding and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and p.structured_outputs is None)
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[CachedRequestState], tokens: list[int]) -> list[PositionLogprobs | None]:

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from pagoda.config import EngineConfig
+from pagoda.config import EngineConfig, SpeculativeConfig
+from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.api.messages import EncoderInfo
 from pagoda.engine.worker.executor import ModelInfo
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
@@ -74,7 +75,8 @@ class Worker:
                                   self.max_model_len, use_cuda_graphs=True)
             logger.info("captured CUDA graphs for decode batches %s in %.1f s", graphs.sizes, time.monotonic() - started)
         self.runner = ModelRunner(self.model, kv_caches, cc.block_size, attention, Sampler(mc.seed, self.device),
-                                  InputBatch(sc.max_num_seqs, self.max_model_len, cc.block_size), self.device, graphs)
+                                  InputBatch(sc.max_num_seqs, self.max_model_len, cc.block_size), self.device, graphs,
+                                  draft_proposer(config.speculative_config))
         self.info = ModelInfo(
             name=loaded.name,
             max_model_len=self.max_model_len,
@@ -147,6 +149,15 @@ class Worker:
     def encode(self, rows: list[list[int]]) -> list[list[float]]:
         assert self.encoder is not None, "encode() without an encoder (ModelInfo.encoder is None)"
         return self.encoder.encode(rows)
+
+
+def draft_proposer(spec: SpeculativeConfig | None) -> NgramProposer | None:
+    if spec is None:
+        return None
+    if spec.method != "ngram":
+        raise ValueError(f"speculative_config.method {spec.method} is not supported yet; use ngram")
+    assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None  # set by its checks
+    return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -1,0 +1,35 @@
+"""Draft tokens by prompt lookup (vLLM's ``ngram`` method): the tokens that followed the latest earlier
+occurrence of the sequence's last n tokens, trying n from ``prompt_lookup_max`` down to ``prompt_lookup_min``.
+
+Costs a few vectorized comparisons over the sequence per step (no model), and finds nothing in text that
+does not repeat itself, so a request whose prompt never recurs in its output is not slowed down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+@dataclass(frozen=True)
+class NgramProposer:
+    min_n: int
+    max_n: int
+    num_tokens: int  # drafts proposed at most
+
+    def propose(self, tokens: np.ndarray, limit: int) -> list[int]:
+        """Up to ``min(limit, num_tokens)`` drafts to follow ``tokens`` (1-D: prompt and output so far)."""
+        length = len(tokens)
+        limit = min(limit, self.num_tokens)
+        if limit <= 0:
+            return []
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            # Windows starting before the suffix itself; the continuation may run into the suffix.
+            windows = sliding_window_view(tokens[: length - 1], n)
+            hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
+            if len(hits):
+                start = int(hits[-1]) + n
+                return tokens[start : start + limit].tolist()
+        return []
