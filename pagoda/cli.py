@@ -102,6 +102,7 @@ BENCHMARKS = {  # subcommand -> (module, help); each module has add_arguments(pa
     "structured": ("pagoda.bench.structured", "structured outputs: constrained vs unconstrained tok/s, mask cost, "
                                               "compile times, TTFT with a cold and a cached grammar"),
     "quality": ("pagoda.bench.quality", "perplexity and top-1 agreement with fp32 of each quantization mode"),
+    "spec": ("pagoda.bench.spec", "speculative decoding on vs off: decode tok/s, TPOT p50/p99, acceptance"),
     "soak": ("pagoda.bench.soak", "many short requests (some cut) with the server's memory sampled; fails on growth"),
 }
 

@@ -59,6 +59,8 @@ class SchedulerOutput:
     cached: CachedRequestData = field(default_factory=CachedRequestData)
     # Draft tokens to verify this step, per request; they follow its known tokens.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Speculative decoding: the most drafts worth proposing per request for the next step (None: as configured).
+    max_spec_tokens: int | None = None
     # The allowed tokens of the grammar-constrained requests that sample this step (structured outputs).
     grammar_bitmask: GrammarBitmask | None = None
     preempted_req_ids: list[str] = field(default_factory=list)  # blocks freed; the worker keeps their state

@@ -79,7 +79,7 @@ def test_ngram_lookup_takes_the_longest_latest_match() -> None:
 def test_verification_keeps_drafts_while_they_match_the_samples() -> None:
     plan = Verification.plan(np.array([0, 5, 9]), [[], [7, 8, 9], [4]])
     assert plan.logit_rows.tolist() == [0, 2, 3, 4, 5, 8, 9]
-    assert plan.owners == [0, 1, 1, 1, 1, 2, 2] and plan.offsets == [0, 0, 1, 2, 3, 0, 1]
+    assert plan.owners == [0, 1, 1, 1, 1, 2, 2] and plan.pending == [[], [], [7], [7, 8], [7, 8, 9], [], [4]]
     assert plan.accept([11, 7, 8, 1, 9, 4, 5]) == [[11], [7, 8, 1], [4, 5]]
     assert plan.accept([11, 3, 8, 9, 9, 6, 5]) == [[11], [3], [6]]
 
@@ -155,6 +155,30 @@ def test_logprobs_stops_and_limits_under_speculation(fp32_pair: tuple[LLM, LLM])
 
 
 @pytest.mark.slow
+def test_penalties_and_grammars_see_the_drafts_before_each_position(fp32_pair: tuple[LLM, LLM]) -> None:
+    """A verified position's penalties count the drafts before it as output, and its grammar mask is the
+    matcher's after them (advanced, then rolled back): the same tokens as without speculation."""
+    off, on = fp32_pair
+    prompt = grounded_prompts(2)[1]
+    for params in (SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.05),
+                   SamplingParams(temperature=0.0, max_tokens=40, frequency_penalty=0.1, presence_penalty=0.1),
+                   SamplingParams(temperature=0.0, max_tokens=40, min_tokens=30)):
+        before = on.engine.scheduler.spec.num_accepted_tokens
+        assert outputs(on, [prompt], params) == outputs(off, [prompt], params), params
+        assert on.engine.scheduler.spec.num_accepted_tokens > before, params  # drafts survived the penalties
+    words = TEXT.split()[:12]
+    regex = " ".join(words[:6]) + "( " + "| ".join(words[6:]) + ")+"
+    listing = "<|im_start|>user\nRepeat: " + " ".join(words) + " " + " ".join(words) + "<|im_end|>\n<|im_start|>assistant\n"
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    for constraint in ({"regex": regex}, {"json": schema}):
+        params = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=constraint)
+        before = on.engine.scheduler.spec.num_draft_tokens
+        assert outputs(on, [listing], params) == outputs(off, [listing], params), constraint
+        assert on.engine.scheduler.spec.num_draft_tokens > before, constraint
+    assert all_blocks_free(on)
+
+
+@pytest.mark.slow
 def test_seeded_sampling_draws_the_same_tokens() -> None:
     """A seeded request's number for each position comes from (seed, position), so verifying a position as a
     draft or sampling it alone draws the same token: batch-invariant kernels make the logits equal too, whatever
@@ -208,4 +232,18 @@ def test_native_gguf_verification_matches() -> None:
     expected = [outputs(off, [p], params)[0] for p in prompts]
     assert [outputs(on, [p], params)[0] for p in prompts] == expected
     assert on.engine.scheduler.spec.num_accepted_tokens > 0
+    assert all_blocks_free(on)
+
+
+@pytest.mark.slow
+def test_triton_backend_verifies_drafts(make_tiny_model) -> None:
+    """The Triton paged-attention kernels (here under TRITON_INTERPRET=1, tiny sizes) attend each draft over
+    the keys up to it: greedy output equals the output without speculation."""
+    folder, _ = make_tiny_model("llama", seed=11, vocab_size=96)  # a small vocabulary: its outputs repeat
+    common = {"dtype": "float32", "attention_backend": "triton", "num_kv_blocks": 64, "block_size": 4}
+    off, on = LLM(str(folder), **common), LLM(str(folder), speculative_config=NGRAM, **common)
+    prompts = [{"prompt_token_ids": [30 + (i * 7 + j) % 11 for j in range(24)]} for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    assert outputs(on, prompts, params) == outputs(off, prompts, params)
+    assert on.engine.scheduler.spec.num_draft_tokens > 0
     assert all_blocks_free(on)

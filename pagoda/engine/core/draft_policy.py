@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.config import MAX_SPECULATIVE_TOKENS
 from pagoda.engine.core.request import Request
 
 PRIOR_ACCEPTANCE = 0.7  # before any draft was verified
@@ -81,6 +82,20 @@ class DraftPolicy:
         prior = self.num_accepted_tokens / seen if seen else PRIOR_ACCEPTANCE
         return ((req.num_accepted_drafts + PRIOR_WEIGHT * prior)
                 / (req.num_accepted_drafts + req.num_rejected_drafts + PRIOR_WEIGHT))
+
+    def draft_limit(self, running: list[Request]) -> int | None:
+        """The most drafts worth proposing for the next step (None: no limit): those that would pay at this
+        batch size for the request whose drafts are kept most often. At a large batch on a CPU: none, and the
+        proposers are not even run."""
+        if not self.adaptive or self.cost.steps < MIN_STEPS or not running:
+            return None
+        alpha = max(self.acceptance(r) for r in running)
+        seconds = self.cost.fixed + self.cost.per_row * len(running)
+        limit, gain = 0, alpha
+        while limit < MAX_SPECULATIVE_TOKENS and gain * seconds > self.cost.per_row * len(running):
+            limit += 1
+            gain *= alpha
+        return limit
 
     def trim(self, running: list[Request]) -> None:
         """Cut each running request's drafts to those worth verifying in the next step."""

@@ -271,7 +271,7 @@ class EngineCore:
             self._reject_failed_compiles(wait=True)  # only compiling requests: wait for one, not spin
             return []
         requests = self.scheduler.requests
-        out.grammar_bitmask = self.structured.bitmask([requests[rid] for rid in out.req_ids]) \
+        out.grammar_bitmask = self.structured.bitmask([requests[rid] for rid in out.req_ids], out.spec_token_ids) \
             if self.structured.active else None
         self.stats.num_steps += 1
         self.stats.prompt_tokens += out.num_prompt_tokens

@@ -112,6 +112,7 @@ class Scheduler:
 
         if not out.preempted_req_ids:
             self._admit_waiting(out, budget)
+        out.max_spec_tokens = self.spec.draft_limit(running)
         return out
 
     def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int, known: int) -> None:

@@ -136,17 +136,36 @@ class StructuredOutputManager:
         self.pending.pop(request_id, None)
         self._live.discard(request_id)
 
-    def bitmask(self, rows: list[Request]) -> GrammarBitmask | None:
-        """The allowed tokens of each constrained request about to sample, packed 32 to an int32."""
+    def bitmask(self, rows: list[Request], drafts: dict[str, list[int]]) -> GrammarBitmask | None:
+        """The allowed tokens of each constrained request about to sample, packed 32 to an int32: one row, or
+        with drafts to verify one row per position, each after the drafts before it (the matcher advanced
+        through them, then rolled back)."""
         constrained = [r for r in rows if r.grammar is not None and r.grammar.matcher is not None]
         if not constrained:
             return None
         import torch
 
-        mask = torch.full((len(constrained), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        for i, request in enumerate(constrained):
-            request.grammar.matcher.fill(mask, i)
-        return GrammarBitmask([r.request_id for r in constrained], mask.numpy())
+        counts = [len(drafts.get(r.request_id, ())) + 1 for r in constrained]
+        mask = torch.full((sum(counts), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        req_ids: list[str] = []
+        row = 0
+        for request, count in zip(constrained, counts):
+            matcher = request.grammar.matcher
+            matcher.fill(mask, row)
+            advanced = 0
+            for draft in drafts.get(request.request_id, ())[: count - 1]:
+                allowed = (int(mask[row + advanced, draft // 32]) >> (draft % 32)) & 1
+                if not allowed or not matcher.accept(draft):
+                    break  # verification stops at this draft: the rows after it are never sampled from
+                advanced += 1
+                if matcher.terminated:  # the draft ended the output: nothing after it is sampled
+                    break
+                matcher.fill(mask, row + advanced)
+            if advanced:
+                matcher.rollback(advanced)
+            req_ids += [request.request_id] * count
+            row += count
+        return GrammarBitmask(req_ids, mask.numpy())
 
     def _compile(self, params: StructuredOutputsParams) -> Compiled:
         errors = []

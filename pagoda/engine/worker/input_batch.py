@@ -14,7 +14,7 @@ import numpy as np
 
 from pagoda.api.params import SamplingParams
 from pagoda.engine.step import NewRequestData, SchedulerOutput
-from pagoda.engine.worker.sampler import PenaltyState, is_plain_greedy, may_speculate
+from pagoda.engine.worker.sampler import PenaltyState, is_plain_greedy
 
 
 @dataclass(eq=False)
@@ -30,14 +30,14 @@ class CachedRequestState:
     penalty_state: PenaltyState | None = None  # built by the sampler on the first penalized step
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported (kept across preemption)
     plain_greedy: bool = False  # argmax of the raw logits, nothing else, at every step
-    speculates: bool = False  # drafts are proposed for it (speculative decoding on and its parameters allow)
+    speculates: bool = False  # drafts are proposed for it when speculative decoding is on (it may opt out)
     slot: int | None = None  # its row in the InputBatch; None while preempted
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> CachedRequestState:
         params = new.sampling_params
         return cls(new.req_id, new.prompt_token_ids, params, new.eos_token_ids, list(new.block_ids),
-                   plain_greedy=is_plain_greedy(params), speculates=may_speculate(params))
+                   plain_greedy=is_plain_greedy(params), speculates=params.speculative_decoding)
 
     @property
     def num_prompt_tokens(self) -> int:

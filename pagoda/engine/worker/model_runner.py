@@ -69,8 +69,15 @@ class HostStaging:
 def apply_grammar_bitmask(logits: torch.Tensor, mask: GrammarBitmask, req_ids: list[str]) -> torch.Tensor:
     """-inf for every token the grammar forbids, in the constrained rows (one batched update): the C++ kernel
     on the CPU (a word-at-a-time scan), unpacked bits and one masked update elsewhere."""
-    where = {rid: i for i, rid in enumerate(mask.req_ids)}
-    pairs = [(row, where[rid]) for row, rid in enumerate(req_ids) if rid in where]
+    where: dict[str, int] = {}  # a request's first mask row; with drafts its next rows follow, one per position
+    for i, rid in enumerate(mask.req_ids):
+        where.setdefault(rid, i)
+    seen: dict[str, int] = {}
+    pairs = []
+    for row, rid in enumerate(req_ids):
+        if rid in where:
+            pairs.append((row, where[rid] + seen.get(rid, 0)))
+            seen[rid] = seen.get(rid, 0) + 1
     if not pairs:
         return logits
     bits = mask.bits if len(pairs) == len(mask.req_ids) and all(m == i for i, (_, m) in enumerate(pairs)) \
@@ -182,11 +189,13 @@ class ModelRunner:
                 logprobs = [[] for _ in states]
                 for i, entries in zip(owner_rows.tolist(), row_logprobs):
                     logprobs[i] = entries
-            if self.proposer is not None:
+            if self.proposer is not None and out.max_spec_tokens != 0:
+                limit = self.proposer.num_tokens if out.max_spec_tokens is None else out.max_spec_tokens
                 proposals = [[] for _ in states]
                 for i, state in zip(owner_rows.tolist(), sampling):
                     if state.speculates:
-                        proposals[i] = self.proposer.propose(self.batch.known_tokens(state), self.draft_room(state))
+                        proposals[i] = self.proposer.propose(self.batch.known_tokens(state),
+                                                             min(limit, self.draft_room(state)))
         return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs, proposals)
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor, sampling: list[CachedRequestState],
@@ -196,7 +205,7 @@ class ModelRunner:
         row_states = sampling if verification is None else [sampling[i] for i in verification.owners]
         if out.grammar_bitmask is not None:
             logits = apply_grammar_bitmask(logits, out.grammar_bitmask, [s.req_id for s in row_states])
-        result = self.sampler(logits, row_states, None if verification is None else verification.offsets)
+        result = self.sampler(logits, row_states, None if verification is None else verification.pending)
         tokens = [[t] for t in result.token_ids] if verification is None else verification.accept(result.token_ids)
         if all(lp is None for lp in result.logprobs):
             return tokens, None

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 @dataclass(frozen=True)
@@ -23,13 +22,15 @@ class NgramProposer:
         """Up to ``min(limit, num_tokens)`` drafts to follow ``tokens`` (1-D: prompt and output so far)."""
         length = len(tokens)
         limit = min(limit, self.num_tokens)
-        if limit <= 0:
+        if limit <= 0 or length < 2:
             return []
+        # Earlier positions holding the last token: the ends of every candidate match, latest last.
+        ends = np.flatnonzero(tokens[: length - 1] == tokens[length - 1])
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # Windows starting before the suffix itself; the continuation may run into the suffix.
-            windows = sliding_window_view(tokens[: length - 1], n)
-            hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
+            matched = ends[ends >= n - 1]
+            for back in range(1, n):
+                matched = matched[tokens[matched - back] == tokens[length - 1 - back]]
+            if len(matched):
+                start = int(matched[-1]) + 1  # the continuation may run into the suffix itself
                 return tokens[start : start + limit].tolist()
         return []

@@ -47,10 +47,10 @@ class Sampler:
         self.sample_rows: Callable[..., torch.Tensor] = ops.sample_rows if ops is not None else _sample_rows_torch
 
     def __call__(self, logits: torch.Tensor, requests: list[CachedRequestState],
-                 offsets: list[int] | None = None) -> SampleResult:
-        """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed). Row i is
-        ``requests[i]``'s output position ``num_output_tokens + offsets[i]`` (offsets: all 0 unless draft
-        positions are verified, when a request has one row per position)."""
+                 pending: list[list[int]] | None = None) -> SampleResult:
+        """Sample one token per row of ``logits`` (model dtype; upcast to fp32 only when needed). Row i samples
+        ``requests[i]``'s output position ``num_output_tokens + len(pending[i])``: ``pending`` holds the draft
+        tokens before it when a request's drafts are verified (one row per position), else nothing."""
         if logits.dtype not in (torch.float32, torch.bfloat16):  # what the kernels read
             logits = logits.float()
         if all(r.plain_greedy for r in requests):  # the common offline case: no copy, one pass
@@ -59,7 +59,7 @@ class Sampler:
         if wants_logprobs or _needs_processing(requests):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = self._process(logits, requests, offsets)
+        logits = self._process(logits, requests, pending)
         device = logits.device
         tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
@@ -69,7 +69,7 @@ class Sampler:
             tokens[idx] = self.argmax(logits[idx])
         if random:
             tokens[torch.tensor(random, device=device)] = self._sample(
-                logits, random, [requests[i] for i in random], [offsets[i] if offsets else 0 for i in random])
+                logits, random, [requests[i] for i in random], [len(pending[i]) if pending else 0 for i in random])
         token_list = tokens.tolist()
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -77,10 +77,10 @@ class Sampler:
         return SampleResult(token_list, logprobs)
 
     def _process(self, logits: torch.Tensor, requests: list[CachedRequestState],
-                 offsets: list[int] | None = None) -> torch.Tensor:
+                 pending: list[list[int]] | None = None) -> torch.Tensor:
         """Logit bias, min_tokens masking, repetition then presence/frequency penalties, each applied to all
-        the rows that need it in one indexed operation (the index lists built on the host). Penalties see the
-        request's own tokens only: draft positions are never verified for penalized requests."""
+        the rows that need it in one indexed operation (the index lists built on the host). A row at a draft
+        position counts the drafts before it as output."""
         needs = [i for i, r in enumerate(requests) if _row_needs_processing(r)]
         if not needs:
             return logits
@@ -92,7 +92,7 @@ class Sampler:
             p = r.sampling_params
             if p.logit_bias:
                 bias.add(i, p.logit_bias.keys(), p.logit_bias.values())
-            if r.num_output_tokens + (offsets[i] if offsets else 0) < p.min_tokens:
+            if r.num_output_tokens + (len(pending[i]) if pending else 0) < p.min_tokens:
                 banned.add(i, sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))))
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 penalized.append(i)
@@ -103,15 +103,19 @@ class Sampler:
         if banned.rows:
             logits[banned.index(device)] = float("-inf")
         if penalized:
-            self._penalize(logits, penalized, [requests[i] for i in penalized])
+            self._penalize(logits, penalized, [requests[i] for i in penalized],
+                           [pending[i] for i in penalized] if pending else [[] for _ in penalized])
         return logits
 
     @staticmethod
-    def _penalize(logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState]) -> None:
+    def _penalize(logits: torch.Tensor, rows: list[int], requests: list[CachedRequestState],
+                  pending: list[list[int]]) -> None:
         """Repetition, then presence/frequency penalties (vLLM's order), row by row in place from each
         request's state over the vocabulary: a few passes over one row, whatever the output's length."""
-        for row, r in zip(rows, requests):
+        for row, r, drafts in zip(rows, requests, pending):
             state = PenaltyState.updated(r, logits.shape[-1], logits.device)
+            if drafts:
+                state = state.with_tokens(drafts, r.sampling_params)
             x = logits[row]
             penalty = r.sampling_params.repetition_penalty
             if penalty != 1.0:
@@ -211,13 +215,21 @@ class PenaltyState:
             state = r.penalty_state = cls(seen, torch.zeros(vocab, **zeros), torch.zeros(vocab, **zeros))
         new = r.output_token_ids[state.num_counted :]
         if new:
-            p = r.sampling_params
-            ids = torch.tensor(new, device=device)
-            state.counts.index_put_((ids,), torch.ones(len(new), dtype=torch.float32, device=device), accumulate=True)
-            state.seen[ids] = True
-            state.cut[ids] = p.frequency_penalty * state.counts[ids] + p.presence_penalty
-            state.num_counted += len(new)
+            state._count(new, r.sampling_params)
         return state
+
+    def with_tokens(self, tokens: list[int], params: SamplingParams) -> PenaltyState:
+        """A copy that also counts ``tokens`` as output (the drafts before a verified position)."""
+        copy = PenaltyState(self.seen.clone(), self.counts.clone(), self.cut.clone(), self.num_counted)
+        copy._count(tokens, params)
+        return copy
+
+    def _count(self, tokens: list[int], params: SamplingParams) -> None:
+        ids = torch.tensor(tokens, device=self.seen.device)
+        self.counts.index_put_((ids,), torch.ones(len(tokens), dtype=torch.float32, device=ids.device), accumulate=True)
+        self.seen[ids] = True
+        self.cut[ids] = params.frequency_penalty * self.counts[ids] + params.presence_penalty
+        self.num_counted += len(tokens)
 
 
 @dataclass
@@ -261,14 +273,6 @@ def is_plain_greedy(p: SamplingParams) -> bool:
     """Whether every step of a request with these parameters is the argmax of the raw logits."""
     return bool(p.greedy and p.logprobs is None and not p.logit_bias and p.min_tokens == 0
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
-
-
-def may_speculate(p: SamplingParams) -> bool:
-    """Whether drafts are verified for a request: not when it opted out, nor with penalties or a grammar,
-    whose state at a draft position would depend on the drafts before it (the request then runs unspeculated,
-    with the same output)."""
-    return bool(p.speculative_decoding and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty and p.structured_outputs is None)
 
 
 def _gather_logprobs(logprobs: torch.Tensor, requests: list[CachedRequestState], tokens: list[int]) -> list[PositionLogprobs | None]:

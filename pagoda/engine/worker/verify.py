@@ -2,8 +2,8 @@
 
 A request with drafts d_1..d_k computes k + 1 rows this step (its last known token, then the drafts), and
 each row's logits are the target model's distribution at that position given the drafts before it. Every
-row is sampled by the ordinary sampler (all filters, penalties' and grammar's masks, the request's seeded
-numbers), and the drafts are kept while they equal the samples; the first sample that differs, or the one
+row is sampled by the ordinary sampler (all filters; penalties, min_tokens and the grammar's mask as they stand
+after the drafts before it; the request's seeded numbers), and the drafts are kept while they equal the samples; the first sample that differs, or the one
 after the last draft, ends the request's tokens for the step.
 
 For drafts that are proposed deterministically (prompt lookup), this is rejection sampling exactly: d_j is
@@ -25,7 +25,7 @@ import numpy as np
 class Verification:
     logit_rows: np.ndarray  # the flat hidden row of every position sampled this step
     owners: list[int]  # per sampled position: the index of its request among the sampling requests
-    offsets: list[int]  # per sampled position: how far past the request's known tokens it samples
+    pending: list[list[int]]  # per sampled position: the drafts before it (what it samples after them)
     drafts: list[list[int]]  # per sampling request, the drafts it verifies (often none)
 
     @classmethod
@@ -33,13 +33,13 @@ class Verification:
         """``last_rows``: each sampling request's last flat row; its drafts are the rows just before it."""
         rows: list[int] = []
         owners: list[int] = []
-        offsets: list[int] = []
+        pending: list[list[int]] = []
         for i, (last, draft) in enumerate(zip(last_rows.tolist(), drafts)):
             count = len(draft) + 1
             rows.extend(range(last - count + 1, last + 1))
             owners.extend([i] * count)
-            offsets.extend(range(count))
-        return cls(np.asarray(rows, dtype=np.int64), owners, offsets, drafts)
+            pending.extend(draft[:j] for j in range(count))
+        return cls(np.asarray(rows, dtype=np.int64), owners, pending, drafts)
 
     def accept(self, sampled: list[int]) -> list[list[int]]:
         """Each request's tokens for the step: its kept drafts, then the sample after them."""
