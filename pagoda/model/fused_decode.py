@@ -84,7 +84,7 @@ class FusedDecode:
         return cls(ops, weights, kinds, groups, biases, norms, kv_scales, cfg.num_attention_heads,
                    cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, first.scale, first.input_layernorm.eps)
 
-    def fits(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:
+    def fits(self, hidden: torch.Tensor) -> bool:
         """A step of few enough tokens (decode tokens, or a decode token and the drafts that follow it),
         outside batch-invariant mode."""
         return hidden.shape[0] <= MAX_ROWS and not batch_invariant()

@@ -141,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states [num_tokens, hidden] (normed) for a flat batch."""
         hidden = self.embed_tokens.embed(input_ids)
         angles = self.rotary.angles(positions)
-        if self.fused_decode is not None and attn.name == "torch" and self.fused_decode.fits(hidden, metadata):
+        if self.fused_decode is not None and attn.name == "torch" and self.fused_decode.fits(hidden):
             return self.fused_decode.run(hidden, angles, kv_caches, metadata)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):

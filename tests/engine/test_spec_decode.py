@@ -105,7 +105,12 @@ def test_step_cost_fit_and_the_policy_it_drives() -> None:
     assert trimmed(0.002, batch=1, accepted=10, rejected=90) == [0]  # mostly wrong: not worth a row
     assert trimmed(0.0008, batch=64, accepted=80, rejected=20) == [0] * 64  # a row costs its share at batch 64
     assert trimmed(0.0, batch=64, accepted=50, rejected=50) == [4] * 64  # rows for free: verify everything
-    assert DraftPolicy(adaptive=False).trim is not None
+    fixed = DraftPolicy(adaptive=False)  # "adaptive": false verifies every draft, whatever it costs
+    fixed.cost = StepCost(fixed=0.010, per_row=0.01, steps=100)
+    running = [Request("r", [1, 2], SamplingParams(), frozenset())]
+    running[0].spec_token_ids = [3, 4, 5]
+    fixed.trim(running)
+    assert running[0].spec_token_ids == [3, 4, 5] and fixed.draft_limit(running) is None
 
 
 # ---- the engine ----------------------------------------------------------------------------------

@@ -110,18 +110,11 @@ def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None
     fused = FusedDecode.of(llm.engine.runner.model, OPS)
     assert fused is not None
     hidden = torch.zeros(2, 64)
-
-    class Meta:
-        query_lens = [1, 1]
-
-    assert fused.fits(hidden, Meta())
-    Meta.query_lens = [1, 3]  # drafts or a short prompt chunk: each token a row
-    assert fused.fits(torch.zeros(4, 64), Meta())
-    Meta.query_lens = [1] * 17
-    assert not fused.fits(torch.zeros(17, 64), Meta())  # more rows than the kernel takes
-    Meta.query_lens = [1, 1]
+    assert fused.fits(hidden)
+    assert fused.fits(torch.zeros(4, 64))  # drafts or a short prompt chunk: each token a row
+    assert not fused.fits(torch.zeros(17, 64))  # more rows than the kernel takes
     configure_linear(batch_invariant=True)
     try:
-        assert not fused.fits(hidden, Meta())
+        assert not fused.fits(hidden)
     finally:
         configure_linear(batch_invariant=False)

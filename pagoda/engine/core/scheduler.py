@@ -207,7 +207,10 @@ class Scheduler:
             if drafts:  # rejected drafts hold no valid KV: their slots are overwritten by later tokens
                 num_new -= len(drafts) + 1 - len(tokens)
                 self.spec.record(req, len(drafts), len(tokens) - 1)
-            req.spec_token_ids = proposals[i] if proposals is not None else []
+            if proposals is not None:
+                req.spec_token_ids = proposals[i]
+            elif req.spec_token_ids:  # verified, or cut by the budget: none stay for the next step
+                req.spec_token_ids = []
             req.num_computed_tokens += num_new
             token_ids = req.token_ids
             base = len(token_ids)

@@ -171,16 +171,15 @@ class InputBatch:
                            np.asarray(out.num_computed_tokens, dtype=np.int64),
                            np.asarray(out.num_scheduled_tokens, dtype=np.int64), self.num_tokens[rows], self.block_size)
 
-    def append_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[list[int]]) -> None:
-        """The tokens each of ``states`` (in slots ``rows``) gained this step: one, or several when drafts were
-        kept."""
-        if all(len(t) == 1 for t in tokens):
-            flat = [t[0] for t in tokens]
-            self.token_ids[rows, self.num_tokens[rows]] = flat
-            self.num_tokens[rows] += 1
-            for state, token in zip(states, flat):
-                state.output_token_ids.append(token)
-            return
+    def append_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[int]) -> None:
+        """One sampled token for each of ``states`` (in slots ``rows``)."""
+        self.token_ids[rows, self.num_tokens[rows]] = tokens
+        self.num_tokens[rows] += 1
+        for state, token in zip(states, tokens):
+            state.output_token_ids.append(token)
+
+    def extend_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[list[int]]) -> None:
+        """The tokens each of ``states`` gained in a step that verified drafts: its kept drafts and one more."""
         for state, row, gained in zip(states, rows.tolist(), tokens):
             n = self.num_tokens[row]
             self.token_ids[row, n : n + len(gained)] = gained

@@ -182,7 +182,10 @@ class ModelRunner:
         if sampling:
             owner_rows = np.arange(len(states)) if everyone else arrays.sampling
             tokens, row_logprobs = self._sample(out, logits, sampling, verification)
-            self.batch.append_tokens(sampling, rows[owner_rows], tokens)
+            if verification is None:
+                self.batch.append_tokens(sampling, rows[owner_rows], [t[0] for t in tokens])
+            else:
+                self.batch.extend_tokens(sampling, rows[owner_rows], tokens)
             for i, accepted in zip(owner_rows.tolist(), tokens):
                 sampled[i] = accepted
             if row_logprobs is not None:
