@@ -93,8 +93,9 @@ class CacheConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        gib = self.kv_cache_gib
+        if not isinstance(gib, (int, float)) or isinstance(gib, bool) or gib <= 0:
+            raise ValueError(f"kv_cache_gib must be a number > 0, got {gib!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         allowed = typing.get_args(KVCacheDType)

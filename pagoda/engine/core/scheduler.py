@@ -44,6 +44,9 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished: list[str] = []  # ended since the last step, for the worker to forget
         self.spec = DraftPolicy(adaptive=speculative is not None and speculative.adaptive)
+        # A draft model writes its drafts' KV past a request's step before they are verified: slots held for them.
+        self.lookahead = speculative.num_speculative_tokens \
+            if speculative is not None and speculative.method == "draft_model" else 0
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_for(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -90,9 +93,10 @@ class Scheduler:
             num_new = known + len(req.spec_token_ids) if req.spec_token_ids else known
             if num_new > budget:
                 num_new = budget
+            reserve = num_new + self._lookahead(req, computed + num_new)
             # The common decode step has room in its last block: no call into the KV manager.
-            if computed + num_new > len(req.block_ids) * bs:
-                while not self.kv.allocate(req, num_new):
+            if computed + reserve > len(req.block_ids) * bs:
+                while not self.kv.allocate(req, reserve):
                     victim = max(running[i:], key=lambda r: (r.priority, r.arrival_time))
                     self._preempt(victim)
                     out.preempted_req_ids.append(victim.request_id)
@@ -152,7 +156,8 @@ class Scheduler:
             cached = self._reusable_blocks(req) if req.num_computed_tokens == 0 else []
             remaining = len(req.token_ids) - req.num_computed_tokens - len(cached) * self.kv.block_size
             num_new = min(remaining, budget)
-            if not self.kv.allocate(req, num_new, cached):
+            end = len(req.token_ids) - remaining + num_new
+            if not self.kv.allocate(req, num_new + self._lookahead(req, end), cached):
                 if cached and req.reads_prefix_cache:  # undo the lookup's statistics: nothing was taken
                     self.kv.prefix_queries -= len(req.token_ids)
                     self.kv.prefix_hits -= len(cached) * self.kv.block_size
@@ -166,6 +171,11 @@ class Scheduler:
             self.running.append(req)
             self._add_scheduled(out, req, num_new, num_new)
             budget -= num_new
+
+    def _lookahead(self, req: Request, end: int) -> int:
+        """Slots to hold past the ``end`` tokens a step computes: the draft model's drafts, which stay within
+        the request's length (so admission's check of prompt + max_tokens still holds)."""
+        return max(0, min(self.lookahead, req.max_length - end))
 
     def _reusable_blocks(self, req: Request) -> list[int]:
         """Computed blocks the request may start from: the prefix cache's, or for a request that reads none,

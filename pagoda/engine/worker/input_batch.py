@@ -31,6 +31,9 @@ class CachedRequestState:
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported (kept across preemption)
     plain_greedy: bool = False  # argmax of the raw logits, nothing else, at every step
     speculates: bool = False  # drafts are proposed for it when speculative decoding is on (it may opt out)
+    # With a draft model: its known tokens whose KV the draft holds, and the drafts it fed after them.
+    num_draft_computed: int = 0
+    draft_fed: list[int] = field(default_factory=list)
     slot: int | None = None  # its row in the InputBatch; None while preempted
 
     @classmethod
@@ -161,6 +164,7 @@ class InputBatch:
         self.num_blocks[slot] = len(state.block_ids)
 
     def _release(self, state: CachedRequestState) -> None:
+        state.num_draft_computed, state.draft_fed = 0, []  # the draft's KV goes with the blocks
         if state.slot is not None:
             self.free_slots.append(state.slot)
             state.slot = None

@@ -16,6 +16,7 @@ from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
+from pagoda.engine.worker.draft_model import DraftModelProposer
 from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.engine.worker.sampler import Sampler, position_logprobs
 from pagoda.engine.worker.verify import Verification
@@ -133,7 +134,7 @@ class ModelRunner:
         batch: InputBatch,
         device: str = "cpu",
         graphs: DecodeGraphs | None = None,
-        proposer: NgramProposer | None = None,
+        proposer: NgramProposer | DraftModelProposer | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -194,11 +195,10 @@ class ModelRunner:
                     logprobs[i] = entries
             if self.proposer is not None and out.max_spec_tokens != 0:
                 limit = self.proposer.num_tokens if out.max_spec_tokens is None else out.max_spec_tokens
+                limits = [min(limit, self.draft_room(s)) if s.speculates else 0 for s in sampling]
                 proposals = [[] for _ in states]
-                for i, state in zip(owner_rows.tolist(), sampling):
-                    if state.speculates:
-                        proposals[i] = self.proposer.propose(self.batch.known_tokens(state),
-                                                             min(limit, self.draft_room(state)))
+                for i, proposal in zip(owner_rows.tolist(), self.proposer.propose_batch(self.batch, sampling, limits)):
+                    proposals[i] = proposal
         return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs, proposals)
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor, sampling: list[CachedRequestState],

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,10 @@ class NgramProposer:
     min_n: int
     max_n: int
     num_tokens: int  # drafts proposed at most
+
+    def propose_batch(self, batch: InputBatch, states: list[CachedRequestState], limits: list[int]) -> list[list[int]]:
+        """Up to ``limits[i]`` drafts to follow each of ``states``' known tokens."""
+        return [self.propose(batch.known_tokens(state), limit) for state, limit in zip(states, limits)]
 
     def propose(self, tokens: np.ndarray, limit: int) -> list[int]:
         """Up to ``min(limit, num_tokens)`` drafts to follow ``tokens`` (1-D: prompt and output so far)."""

@@ -9,6 +9,7 @@ import time
 import torch
 
 from pagoda.config import EngineConfig, SpeculativeConfig
+from pagoda.engine.worker.draft_model import DraftModelProposer
 from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.api.messages import EncoderInfo
 from pagoda.engine.worker.executor import ModelInfo
@@ -17,7 +18,7 @@ from pagoda.model.attention import AttentionBackend, get_backend
 from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.bert import BertEncoder, find_encoder
 from pagoda.model.layers.linear import configure_linear
-from pagoda.model.loader import default_dtype, load_model, weight_bytes
+from pagoda.model.loader import LoadedModel, default_dtype, load_model, weight_bytes
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.worker.input_batch import InputBatch
 from pagoda.engine.worker.memory import (
@@ -53,21 +54,46 @@ class Worker:
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()
             baseline_used = total - free
+            spec = config.speculative_config
+            draft_bytes = weight_bytes(spec.model, self.dtype, None, mc.quantization_group_size, self.device,
+                                       keep_gguf_quants) if spec is not None and spec.model is not None else 0
             check_weights_fit(weight_bytes(mc.model, self.dtype, mc.quantization, mc.quantization_group_size,
-                                           self.device, keep_gguf_quants), total, cc.gpu_memory_utilization)
+                                           self.device, keep_gguf_quants) + draft_bytes, total,
+                              cc.gpu_memory_utilization)
         loaded = load_model(mc.model, self.dtype, mc.load_format, mc.tokenizer, mc.seed, self.device,
                             keep_gguf_quants=keep_gguf_quants,
                             quantization=mc.quantization, quantization_group_size=mc.quantization_group_size)
         self.model = loaded.model.eval()
+        spec = config.speculative_config
+        self.draft = load_draft_model(spec, loaded, self.dtype, mc.load_format, mc.seed, self.device,
+                                      keep_gguf_quants) if spec is not None and spec.method == "draft_model" else None
         self.encoder = self._load_encoder()  # before the KV plan, which measures what is left on a GPU
         arch = loaded.arch
         self.max_model_len = resolve_max_model_len(config, arch.max_position_embeddings, arch.sliding_window)
-        attention = get_backend(mc.attention_backend, self.device, KVCacheFormat.of(cc.kv_cache_dtype, self.dtype),
+        kv_format = KVCacheFormat.of(cc.kv_cache_dtype, self.dtype)
+        attention = get_backend(mc.attention_backend, self.device, kv_format,
                                 mc.batch_invariant, arch.num_attention_heads // arch.num_key_value_heads)
         use_graphs = self.device == "cuda" and not mc.enforce_eager and attention.graph_capturable
         num_blocks = self._plan_kv_blocks(attention, baseline_used, use_graphs)
         self._report_kv_cache(attention.kv_format, num_blocks)
         kv_caches = allocate_kv_cache(self.model, num_blocks, cc.block_size, self.device, attention.kv_format)
+        proposer: NgramProposer | DraftModelProposer | None = None
+        if self.draft is not None:
+            assert spec is not None
+            if self.draft.arch.max_position_embeddings < self.max_model_len:
+                raise ValueError(f"speculative_config.model {spec.model!r} takes up to "
+                                 f"{self.draft.arch.max_position_embeddings} positions, fewer than max_model_len="
+                                 f"{self.max_model_len}; lower max_model_len")
+            draft_arch = self.draft.arch
+            proposer = DraftModelProposer(
+                self.draft.model,
+                allocate_kv_cache(self.draft.model, num_blocks, cc.block_size, self.device, kv_format),
+                get_backend(mc.attention_backend, self.device, kv_format, mc.batch_invariant,
+                            draft_arch.num_attention_heads // draft_arch.num_key_value_heads),
+                cc.block_size, spec.num_speculative_tokens, sc.max_num_batched_tokens, torch.device(self.device))
+        elif spec is not None:
+            assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None  # set by its checks
+            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
         graphs = None
         if use_graphs:
             started = time.monotonic()
@@ -76,7 +102,7 @@ class Worker:
             logger.info("captured CUDA graphs for decode batches %s in %.1f s", graphs.sizes, time.monotonic() - started)
         self.runner = ModelRunner(self.model, kv_caches, cc.block_size, attention, Sampler(mc.seed, self.device),
                                   InputBatch(sc.max_num_seqs, self.max_model_len, cc.block_size), self.device, graphs,
-                                  draft_proposer(config.speculative_config))
+                                  proposer)
         self.info = ModelInfo(
             name=loaded.name,
             max_model_len=self.max_model_len,
@@ -106,6 +132,9 @@ class Worker:
         per_token = kv_format.bytes_per_token(cfg.num_key_value_heads, cfg.head_dim) * cfg.num_hidden_layers
         message = (f"KV cache: {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}, "
                    f"{num_blocks * block_size * per_token / GIB:.2f} GiB) stored as {_name(kv_format.storage_dtype)}")
+        if self.draft is not None:
+            draft_bytes = kv_bytes_per_block(self.draft.model, block_size, kv_format) * num_blocks
+            message += f", and the draft model's for the same tokens ({draft_bytes / GIB:.2f} GiB)"
         if kv_format.quantized:
             dense = KVCacheFormat.of("auto", self.dtype).bytes_per_token(cfg.num_key_value_heads, cfg.head_dim)
             ratio = dense * cfg.num_hidden_layers / per_token
@@ -119,6 +148,8 @@ class Worker:
         if cc.num_kv_blocks:
             return cc.num_kv_blocks
         bytes_per_block = kv_bytes_per_block(self.model, cc.block_size, attention.kv_format)
+        if self.draft is not None:  # its cache mirrors the target's blocks
+            bytes_per_block += kv_bytes_per_block(self.draft.model, cc.block_size, attention.kv_format)
         if self.device == "cuda":
             device = torch.device(self.device)
             largest_graph = capture_sizes(sc.max_num_seqs)[-1]
@@ -151,13 +182,26 @@ class Worker:
         return self.encoder.encode(rows)
 
 
-def draft_proposer(spec: SpeculativeConfig | None) -> NgramProposer | None:
-    if spec is None:
-        return None
-    if spec.method != "ngram":
-        raise ValueError(f"speculative_config.method {spec.method} is not supported yet; use ngram")
-    assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None  # set by its checks
-    return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
+def load_draft_model(spec: SpeculativeConfig, target: LoadedModel, dtype: torch.dtype, load_format: str, seed: int,
+                     device: str, keep_gguf_quants: bool) -> LoadedModel:
+    """The draft model, in the target's dtype (random weights when the target's are), refused unless it
+    speaks the target's tokenizer: its token ids are the target's."""
+    assert spec.model is not None  # checked with the config
+    try:
+        draft = load_model(spec.model, dtype, "dummy" if load_format == "dummy" else "auto", seed=seed,
+                           device=device, keep_gguf_quants=keep_gguf_quants)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"speculative_config.model {spec.model!r} could not be loaded: {exc}") from None
+    if draft.arch.vocab_size != target.arch.vocab_size:
+        raise ValueError(f"speculative_config.model {spec.model!r} has a vocabulary of {draft.arch.vocab_size} "
+                         f"tokens, the target {target.arch.vocab_size}: a draft model needs the target's tokenizer")
+    if draft.tokenizer.tokenizer.get_vocab() != target.tokenizer.tokenizer.get_vocab():
+        raise ValueError(f"speculative_config.model {spec.model!r} has another tokenizer than the target's "
+                         "(different token ids): a draft model needs the target's tokenizer")
+    logger.info("draft model: %s (%d layers, hidden %d)", draft.name, draft.arch.num_hidden_layers,
+                draft.arch.hidden_size)
+    draft.model.eval()
+    return draft
 
 
 def _name(dtype: torch.dtype) -> str:
