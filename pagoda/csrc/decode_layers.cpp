@@ -224,6 +224,14 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
                   static_cast<int64_t>(kv_scales.size()) == 2 * layers &&
                   (qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == layers),
               "decode_layers: per-layer lists of the wrong lengths");
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && seq_lens.size(0) == hidden.size(0) &&
+                  slots.size(0) == hidden.size(0),
+              "decode_layers: contiguous block tables, one slot and sequence length per row");
+  pagoda_kv::check_paged_indices(block_tables, seq_lens, caches[0].size(1), caches[0].size(2), "decode_layers");
+  const int64_t* slot_ids = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < slots.size(0); ++r)
+    TORCH_CHECK(slot_ids[r] >= 0 && slot_ids[r] < caches[0].size(1) * caches[0].size(2), "decode_layers: slot ",
+                slot_ids[r], " outside the cache");
   const int64_t n = hidden.size(1), q_size = heads * head_dim;
   const int64_t ins[4] = {n, q_size, n, intermediate};
   std::vector<Projection> projections;

@@ -18,6 +18,23 @@
 
 namespace pagoda_kv {
 
+// A paged read past a sequence's block table, or a block id outside the cache, would read (or write) memory
+// that is not the cache: refuse it with an error instead. block_tables: [rows, max_blocks], seq_lens: [rows].
+inline void check_paged_indices(const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                                int64_t num_cache_blocks, int64_t block_size, const char* kernel) {
+  const int64_t rows = seq_lens.size(0), width = block_tables.size(1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == rows, kernel, ": one block table row per sequence");
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= width * block_size, kernel, ": sequence ", r, " has length ", lens[r],
+                " but its block table holds ", width * block_size, " slots");
+    for (int64_t b = 0; b < (lens[r] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[r * width + b] >= 0 && tables[r * width + b] < num_cache_blocks, kernel, ": block id ",
+                  tables[r * width + b], " outside the cache's ", num_cache_blocks, " blocks");
+  }
+}
+
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);

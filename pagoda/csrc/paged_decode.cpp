@@ -278,6 +278,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
+  TORCH_CHECK(seq_lens.size(0) == q.size(0), "one sequence length per query row");
+  pagoda_kv::check_paged_indices(block_tables, seq_lens, k_cache.size(0), k_cache.size(1), "paged_decode_attention");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     if (cache_type == at::kChar) {

@@ -83,3 +83,5 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # With speculative decoding: per scheduled request, the drafts proposed to follow its tokens (often none).
     spec_token_ids: list[list[int]] | None = None
+    # With a draft model: (tokens, seconds) of each of its forwards this step, which the policy prices apart.
+    draft_forwards: list[tuple[int, float]] = field(default_factory=list)

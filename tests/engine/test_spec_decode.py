@@ -12,7 +12,7 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.engine.core.draft_policy import DraftPolicy, StepCost
+from pagoda.engine.core.draft_policy import EXPLORE_EVERY, MIN_STEPS, DraftPolicy, StepCost
 from pagoda.engine.core.request import Request
 from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.engine.worker.verify import Verification
@@ -105,12 +105,48 @@ def test_step_cost_fit_and_the_policy_it_drives() -> None:
     assert trimmed(0.002, batch=1, accepted=10, rejected=90) == [0]  # mostly wrong: not worth a row
     assert trimmed(0.0008, batch=64, accepted=80, rejected=20) == [0] * 64  # a row costs its share at batch 64
     assert trimmed(0.0, batch=64, accepted=50, rejected=50) == [4] * 64  # rows for free: verify everything
+    # Steps that always verify as many rows leave a row's cost a guess: now and then a step verifies none.
+    policy = DraftPolicy(adaptive=True)
+    for _ in range(MIN_STEPS):
+        policy.observe_step(4, 0.012)
+    cleared = []
+    for _ in range(2 * EXPLORE_EVERY):
+        running = [Request("r", [1, 2], SamplingParams(), frozenset())]
+        running[0].spec_token_ids = [3, 4, 5]
+        policy.trim(running)
+        cleared.append(not running[0].spec_token_ids)
+    assert sum(cleared) == 2
+    policy.observe_step(1, 0.006)
+    assert policy.cost.slope_measured and policy.cost.per_row > 0.0015
+
     fixed = DraftPolicy(adaptive=False)  # "adaptive": false verifies every draft, whatever it costs
     fixed.cost = StepCost(fixed=0.010, per_row=0.01, steps=100)
     running = [Request("r", [1, 2], SamplingParams(), frozenset())]
     running[0].spec_token_ids = [3, 4, 5]
     fixed.trim(running)
     assert running[0].spec_token_ids == [3, 4, 5] and fixed.draft_limit(running) is None
+
+
+def test_a_draft_models_forwards_decide_how_deep_it_drafts() -> None:
+    """A draft model's forwards are timed apart from the target's step; the proposal depth is the one with
+    the most expected tokens per second: all of them for a cheap draft that is often right, none for a draft
+    as costly as the target (the bundled model as its own draft on a CPU), fewer in a large batch."""
+
+    def depth(draft_seconds: float, batch: int, accepted: int = 90, rejected: int = 10) -> int | None:
+        policy = DraftPolicy(adaptive=True, max_drafts=5)
+        for step in range(40):
+            rows = batch + (step % 3) * batch
+            policy.observe_step(rows, 0.006 + 0.0018 * rows + draft_seconds, [(batch, draft_seconds)])
+        assert policy.cost.fixed == pytest.approx(0.006, rel=1e-3)  # the draft's time is not the target's
+        running = [Request(str(i), [1, 2], SamplingParams(), frozenset()) for i in range(batch)]
+        for r in running:
+            r.num_accepted_drafts, r.num_rejected_drafts = accepted, rejected
+        return policy.draft_limit(running)
+
+    assert depth(0.0005, batch=1) == 5
+    assert depth(0.0065, batch=1) == 0  # as costly as a target step
+    assert depth(0.0005, batch=1, accepted=10, rejected=90) == 0
+    assert 0 < depth(0.0005, batch=4) < 5
 
 
 # ---- the engine ----------------------------------------------------------------------------------

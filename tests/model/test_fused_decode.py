@@ -4,10 +4,12 @@ of them one sequence's (drafts to verify, a short prompt chunk); and where it mu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
+from pagoda.model.attention.base import AttentionMetadata
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.fused_decode import FusedDecode
 from pagoda.model.layers.linear import configure_linear
@@ -118,3 +120,23 @@ def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None
         assert not fused.fits(hidden)
     finally:
         configure_linear(batch_invariant=False)
+
+
+def test_paged_reads_outside_a_block_table_are_refused(make_tiny_model) -> None:
+    """A sequence longer than its block table (a bookkeeping fault upstream) is an error from both decode
+    kernels, never a read or write outside the cache."""
+    folder, _ = make_tiny_model("llama", seed=3, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(folder), dtype="float32", quantization="int8", num_kv_blocks=32, block_size=4)
+    runner, model = llm.engine.runner, llm.engine.runner.model
+    metadata = AttentionMetadata(slot_mapping=torch.tensor([9]), query_lens=np.array([1]), seq_lens=np.array([10]),
+                                 block_tables=torch.tensor([[0, 1]]), block_size=4, pad_slot=runner.pad_slot,
+                                 device=torch.device("cpu"))
+    saved = model.fused_decode
+    for fused, kernel in ((saved, "decode_layers"), (None, "paged_decode_attention")):
+        model.fused_decode = fused
+        runner.attention.prepare(metadata)
+        try:
+            with pytest.raises(RuntimeError, match=f"{kernel}: sequence 0 has length 10 but its block table holds 8"):
+                model(torch.tensor([5]), torch.tensor([9]), runner.kv_caches, runner.attention, metadata)
+        finally:
+            model.fused_decode = saved

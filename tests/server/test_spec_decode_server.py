@@ -1,5 +1,5 @@
-"""`pagoda serve --speculative-config`: drafts verified behind the OpenAI API, the same text as without, the
-spec-decode metrics, and the per-request opt-out."""
+"""`pagoda serve --speculative-config`: drafts (prompt lookup, a draft model) verified behind the OpenAI API, the
+same text as without, the spec-decode metrics, and the per-request opt-out."""
 
 from __future__ import annotations
 
@@ -26,13 +26,16 @@ def metric(url: str, name: str) -> float:
 @pytest.mark.slow
 def test_served_with_prompt_lookup(tmp_path: Path) -> None:
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4})
+    draft = json.dumps({"method": "draft_model", "model": "smollm2-135m", "num_speculative_tokens": 2,
+                        "adaptive": False})
     servers = [start_server(tmp_path, "--kv-cache-gib", "0.25", "--max-model-len", "1024", *extra)
-               for extra in ((), ("--speculative-config", spec))]
+               for extra in ((), ("--speculative-config", spec), ("--speculative-config", draft))]
     try:
-        plain, speculative = (openai.OpenAI(base_url=f"{s.url}/v1", api_key="none") for s in servers)
+        plain, speculative, drafted = (openai.OpenAI(base_url=f"{s.url}/v1", api_key="none") for s in servers)
         texts = [c.chat.completions.create(model="smollm2-135m", messages=MESSAGES, temperature=0, max_tokens=64)
-                 .choices[0].message.content for c in (plain, speculative)]
-        assert texts[0] == texts[1] and len(texts[1]) > 100
+                 .choices[0].message.content for c in (plain, speculative, drafted)]
+        assert texts[0] == texts[1] == texts[2] and len(texts[1]) > 100
+        assert metric(servers[2].url, "pagoda:spec_decode_num_accepted_tokens_total") > 30  # the model as its draft
         url = servers[1].url
         drafts, accepted = metric(url, "pagoda:spec_decode_num_draft_tokens_total"), \
             metric(url, "pagoda:spec_decode_num_accepted_tokens_total")

@@ -7,6 +7,13 @@ j-th draft adds ``alpha ** j`` expected tokens for ``b`` seconds. Drafts are tak
 raise the step's expected tokens per second: at batch 1, where a step is mostly reading weights, most are;
 in a large batch, where each row costs nearly its share, only requests that are very often right keep any,
 and none when verification would cost more than it saves.
+
+A draft model also costs its own forwards, one per draft depth over every request still drafting, timed apart
+by the worker and fitted the same way (``fixed + per_token * tokens``). That cost is spent when drafts are
+proposed, so it decides how deep the next proposal goes (``draft_limit``: the depth whose expected tokens per
+second, target and draft steps together, are highest, 0 when no depth beats decoding alone), while ``trim``
+weighs only the verification rows. When every step verifies as many rows (drafts always kept), the fit cannot
+tell a row's cost from the step's: one step in ``EXPLORE_EVERY`` then verifies no drafts, which measures it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ PRIOR_WEIGHT = 2.0  # drafts' worth of evidence the engine-wide rate counts for 
 PRIOR_ROW_COST = 0.1
 DECAY = 0.98  # weight of the older step timings at each new one (about the last 50 steps count)
 MIN_STEPS = 8  # timed decode steps before the fitted costs are trusted
+EXPLORE_EVERY = 16  # while the row cost is a guess, one step in this many verifies no drafts
 
 
 @dataclass
@@ -31,6 +39,7 @@ class StepCost:
     fixed: float = 0.0
     per_row: float = 0.0
     steps: int = 0
+    slope_measured: bool = False  # steps of different sizes were seen (else per_row is the prior's)
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, y, xx, xy
 
     def observe(self, rows: int, seconds: float) -> None:
@@ -41,7 +50,8 @@ class StepCost:
         w, x, y, xx, xy = s
         mean_x, mean_y = x / w, y / w
         spread = xx / w - mean_x * mean_x
-        if spread > 0.05:  # steps of different sizes were seen: fit the slope
+        self.slope_measured = spread > 0.05
+        if self.slope_measured:
             self.per_row = max(0.0, (xy / w - mean_x * mean_y) / spread)
         elif self.per_row == 0.0:
             self.per_row = PRIOR_ROW_COST * mean_y / (1 + PRIOR_ROW_COST * mean_x)
@@ -51,7 +61,10 @@ class StepCost:
 @dataclass
 class DraftPolicy:
     adaptive: bool
-    cost: StepCost = field(default_factory=StepCost)
+    max_drafts: int = MAX_SPECULATIVE_TOKENS  # num_speculative_tokens
+    cost: StepCost = field(default_factory=StepCost)  # the target's decode steps, draft forwards left out
+    draft_cost: StepCost = field(default_factory=StepCost)  # the draft model's forwards (none by prompt lookup)
+    steps_since_exploring: int = 0
     num_drafts: int = 0  # requests' steps that verified drafts
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
@@ -72,8 +85,12 @@ class DraftPolicy:
         for j in range(accepted):
             self.accepted_per_position[j] += 1
 
-    def observe_step(self, rows: int, seconds: float) -> None:
-        """A timed decode step (no prompt tokens) of ``rows`` rows."""
+    def observe_step(self, rows: int, seconds: float, draft_forwards: list[tuple[int, float]] = ()) -> None:
+        """A timed decode step (no prompt tokens) of ``rows`` rows, which ran ``draft_forwards`` (tokens,
+        seconds) of a draft model within its ``seconds``."""
+        for tokens, spent in draft_forwards:
+            self.draft_cost.observe(tokens, spent)
+            seconds -= spent
         self.cost.observe(rows, seconds)
 
     def acceptance(self, req: Request) -> float:
@@ -89,6 +106,8 @@ class DraftPolicy:
         proposers are not even run."""
         if not self.adaptive or self.cost.steps < MIN_STEPS or not running:
             return None
+        if self.draft_cost.steps:
+            return self._best_depth(running)
         alpha = max(self.acceptance(r) for r in running)
         seconds = self.cost.fixed + self.cost.per_row * len(running)
         limit, gain = 0, alpha
@@ -97,12 +116,35 @@ class DraftPolicy:
             gain *= alpha
         return limit
 
+    def _best_depth(self, running: list[Request]) -> int:
+        """With a draft model: the proposal depth with the most expected tokens per second of target and
+        draft steps, every speculating request drafting that deep."""
+        batch = len(running)
+        rates = [self.acceptance(r) for r in running if r.sampling_params.speculative_decoding]
+        target, draft = self.cost, self.draft_cost
+        gains = [1.0] * len(rates)
+        best, best_rate, tokens = 0, batch / (target.fixed + target.per_row * batch), float(batch)
+        for depth in range(1, self.max_drafts + 1):
+            gains = [g * a for g, a in zip(gains, rates)]
+            tokens += sum(gains)
+            seconds = (target.fixed + target.per_row * (batch + depth * len(rates))
+                       + depth * (draft.fixed + draft.per_row * len(rates)))
+            if tokens / seconds > best_rate:
+                best, best_rate = depth, tokens / seconds
+        return best
+
     def trim(self, running: list[Request]) -> None:
         """Cut each running request's drafts to those worth verifying in the next step."""
         if not self.adaptive or self.cost.steps < MIN_STEPS:
             return
         drafted = [r for r in running if r.spec_token_ids]
         if not drafted:
+            return
+        self.steps_since_exploring += 1
+        if not self.cost.slope_measured and self.steps_since_exploring >= EXPLORE_EVERY:
+            self.steps_since_exploring = 0
+            for req in drafted:
+                req.spec_token_ids = []
             return
         fixed, per_row = self.cost.fixed, self.cost.per_row
         tokens = float(len(running))  # expected tokens of the step: one per request before any draft

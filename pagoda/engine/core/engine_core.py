@@ -279,7 +279,8 @@ class EngineCore:
             started = time.perf_counter()
             result = self.executor.execute_model(out)
             if self.scheduler.spec.adaptive and not out.num_prompt_tokens:  # decode steps fit a draft row's cost
-                self.scheduler.spec.observe_step(out.total_num_scheduled_tokens, time.perf_counter() - started)
+                self.scheduler.spec.observe_step(out.total_num_scheduled_tokens, time.perf_counter() - started,
+                                                 result.draft_forwards)
         except Exception as exc:  # fail this step's requests, keep the engine alive
             logger.error("model step failed: %s", traceback.format_exc())
             ended = []

@@ -43,7 +43,8 @@ class Scheduler:
         self._seq = itertools.count()
         self.num_preemptions = 0
         self._finished: list[str] = []  # ended since the last step, for the worker to forget
-        self.spec = DraftPolicy(adaptive=speculative is not None and speculative.adaptive)
+        self.spec = DraftPolicy(adaptive=False) if speculative is None \
+            else DraftPolicy(speculative.adaptive, speculative.num_speculative_tokens)
         # A draft model writes its drafts' KV past a request's step before they are verified: slots held for them.
         self.lookahead = speculative.num_speculative_tokens \
             if speculative is not None and speculative.method == "draft_model" else 0

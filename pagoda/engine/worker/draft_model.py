@@ -18,6 +18,8 @@ prompt in the draft (rewriting, in shared blocks, the values another request's d
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -37,12 +39,17 @@ class DraftModelProposer:
         self.max_catch_up_tokens = max_catch_up_tokens  # tokens the first forward computes at most
         self.device = device
         self.pad_slot = (kv_caches[0].shape[1] - 1) * block_size
+        self.forwards: list[tuple[int, float]] = []  # (tokens, seconds) of the forwards of the last proposal
 
     @torch.inference_mode()
     def propose_batch(self, batch: InputBatch, states: list[CachedRequestState], limits: list[int]) -> list[list[int]]:
         """Up to ``limits[i]`` drafts to follow each of ``states``' known tokens (none where the limit is 0, or
         where the draft has not caught up with a long prompt within this step's token budget)."""
         proposals: list[list[int]] = [[] for _ in states]
+        self.forwards = []
+        # The m-th draft is written at position num_tokens + m - 2: within the slots the scheduler held.
+        limits = [min(limit, int(batch.num_blocks[s.slot]) * self.block_size - s.num_tokens + 1)
+                  for s, limit in zip(states, limits)]
         wanted = [i for i, limit in enumerate(limits) if limit > 0]
         if not wanted:
             return proposals
@@ -96,7 +103,8 @@ class DraftModelProposer:
     def _forward(self, batch: InputBatch, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
                  known: np.ndarray) -> list[int]:
         """Run the draft over tokens ``starts[i]:starts[i] + counts[i]`` of the requests in slots ``rows``; the
-        draft's argmax after each request's last token."""
+        draft's argmax after each request's last token. Timed (reading the tokens back waits for the device)."""
+        started = time.perf_counter()
         arrays = step_arrays(batch.token_ids, batch.block_table, batch.num_blocks, rows, starts, counts, known,
                              self.block_size)
         metadata = AttentionMetadata(
@@ -112,4 +120,6 @@ class DraftModelProposer:
         hidden = self.model(torch.from_numpy(arrays.input_ids).to(self.device),
                             torch.from_numpy(arrays.positions).to(self.device), self.kv_caches, self.attention, metadata)
         logits = self.model.compute_logits(hidden[torch.from_numpy(arrays.sample_rows).to(self.device)])
-        return logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1).tolist()
+        self.forwards.append((len(arrays.input_ids), time.perf_counter() - started))
+        return tokens

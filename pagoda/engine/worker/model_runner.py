@@ -180,6 +180,7 @@ class ModelRunner:
         sampled: list[list[int]] = [[] for _ in states]
         logprobs: list[list[PositionLogprobs]] | None = None
         proposals = None
+        draft_forwards: list[tuple[int, float]] = []
         if sampling:
             owner_rows = np.arange(len(states)) if everyone else arrays.sampling
             tokens, row_logprobs = self._sample(out, logits, sampling, verification)
@@ -194,12 +195,15 @@ class ModelRunner:
                 for i, entries in zip(owner_rows.tolist(), row_logprobs):
                     logprobs[i] = entries
             if self.proposer is not None and out.max_spec_tokens != 0:
-                limit = self.proposer.num_tokens if out.max_spec_tokens is None else out.max_spec_tokens
+                limit = self.proposer.num_tokens if out.max_spec_tokens is None else \
+                    min(self.proposer.num_tokens, out.max_spec_tokens)
                 limits = [min(limit, self.draft_room(s)) if s.speculates else 0 for s in sampling]
                 proposals = [[] for _ in states]
                 for i, proposal in zip(owner_rows.tolist(), self.proposer.propose_batch(self.batch, sampling, limits)):
                     proposals[i] = proposal
-        return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs, proposals)
+                if isinstance(self.proposer, DraftModelProposer):
+                    draft_forwards = self.proposer.forwards
+        return ModelRunnerOutput(list(out.req_ids), sampled, logprobs, prompt_logprobs, proposals, draft_forwards)
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor, sampling: list[CachedRequestState],
                 verification: Verification | None) -> tuple[list[list[int]], list[list[PositionLogprobs]] | None]:
