@@ -123,3 +123,18 @@ def test_a_draft_that_does_not_fit_is_refused_by_name(tmp_path: Path, make_tiny_
     (short / "tokenizer.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another tokenizer"):
         LLM(speculative_config={**SELF_DRAFT, "model": str(short)}, **{**common, "max_model_len": 256})
+
+
+@pytest.mark.slow
+def test_triton_backend_runs_the_draft(make_tiny_model) -> None:
+    """The draft's forwards go through the Triton kernels too (here under TRITON_INTERPRET=1, tiny sizes)."""
+    folder, _ = make_tiny_model("llama", seed=11, vocab_size=96)
+    common = {"dtype": "float32", "attention_backend": "triton", "num_kv_blocks": 64, "block_size": 4}
+    off = LLM(str(folder), **common)
+    on = LLM(str(folder), speculative_config={**SELF_DRAFT, "model": str(folder)}, **common)
+    prompts = [{"prompt_token_ids": [30 + (i * 7 + j) % 11 for j in range(20)]} for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    assert outputs(on, prompts, params) == outputs(off, prompts, params)
+    accepted, proposed = drafts_kept(on)
+    assert proposed > 10 and accepted > 0.9 * proposed
+    assert all_blocks_free(on)
