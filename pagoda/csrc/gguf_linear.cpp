@@ -203,20 +203,21 @@ inline XOrder x_order(int64_t qtype) {
 }
 
 // One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
-// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads.
+// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads. Per row
+// and group: two dot products, and the blocks' scales (the weights' times x's, laid out per lane) applied in
+// one multiply-add; the weights' offsets meet x's block sums afterwards, sixteen blocks at a time.
 template <int64_t QType, int R>
 void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
   const int8_t* xrow[R];
   const float* dx[R];
   const float* dxsum[R];
   __m512 acc[R];
-  __m128 offset[R];  // per block lane: the weights' offsets times the block's sum of x
   for (int r = 0; r < R; ++r) {
     xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
+    dx[r] = QType == kQ8_0 ? xq.d.data() + (r0 + r) * xq.padded_blocks
+                           : xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
     dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
     acc[r] = _mm512_setzero_ps();
-    offset[r] = _mm_setzero_ps();
   }
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   // Lane l of a dot product belongs to block l / 4 of the group (Q4), to block l / 8 of its half (Q8_0).
@@ -228,7 +229,7 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
     const __m128 dw = load_halves(w.d + b, present);
     if constexpr (QType == kQ8_0) {
       // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
-      // the second term taken away once at the end through the blocks' d * sum(x).
+      // the second term taken away at the end through the blocks' d * sum(x).
       const uint8_t* qs = w.qs + b * kBlock;
       const __m512i w_lo = load_bytes(qs, 32 * present);
       const __m512i w_hi = load_bytes(qs + 64, 32 * (present - 2));
@@ -239,28 +240,40 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
         const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(q8_lanes_lo, scale), acc[r]);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(q8_lanes_hi, scale), acc[r]);
-        offset[r] = _mm_fmadd_ps(dw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
       }
     } else {
       const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
       const __m512i lo = _mm512_and_si512(packed, low_nibbles);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-      // Q4_0's offset is -8 d (applied once at the end); Q4_1 stores its own.
-      const __m128 mw = QType == kQ4_1 ? load_halves(w.m + b, present) : dw;
+      const __m512 dw_lanes = _mm512_permutexvar_ps(q4_lanes, _mm512_castps128_ps512(dw));
       for (int r = 0; r < R; ++r) {
         const int8_t* xg = xrow[r] + b * kBlock;
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
                                                 hi, _mm512_loadu_si512(xg + 64));
-        const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(q4_lanes, scale), acc[r]);
-        offset[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, _mm512_loadu_ps(dx[r] + 4 * b)),
+                                 acc[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float offsets = hsum128(offset[r]);
-    result[r] = _mm512_reduce_add_ps(acc[r]) + (QType == kQ4_0 ? -8.f * offsets : QType == kQ8_0 ? -128.f * offsets : offsets);
+  // Offsets: the sum over blocks of the block's offset times x's d * sum(q), into the same accumulators. Q4_1
+  // stores its offsets; Q4_0's is -8 d, and Q8_0's stored quants carry +128 d: both from the scales.
+  constexpr float factor = QType == kQ4_0 ? -8.f : QType == kQ8_0 ? -128.f : 1.f;
+  const uint16_t* offsets = QType == kQ4_1 ? w.m : w.d;
+  for (int64_t b = 0; b < blocks; b += 16) {
+    const int64_t present = std::min<int64_t>(16, blocks - b);
+    const __mmask16 mask = present == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << present) - 1);
+    __m512 mw = _mm512_cvtph_ps(present == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b))
+                                              : _mm256_maskz_loadu_epi16(mask, offsets + b));
+    if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(mw, present == 16 ? _mm512_loadu_ps(dxsum[r] + b) : _mm512_maskz_loadu_ps(mask, dxsum[r] + b),
+                               acc[r]);
   }
+  const __m512 zero = _mm512_setzero_ps();
+  float sums[4];
+  _mm_storeu_ps(sums, reduce_add4(acc[0], R > 1 ? acc[R > 1 ? 1 : 0] : zero, R > 2 ? acc[R > 2 ? 2 : 0] : zero,
+                                  R > 3 ? acc[R > 3 ? 3 : 0] : zero));
+  for (int r = 0; r < R; ++r) result[r] = sums[r];
 }
 
 inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }

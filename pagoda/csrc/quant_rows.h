@@ -118,6 +118,9 @@ struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> d, dsum;
   int64_t padded_k, padded_blocks;
+  // kNibbles order only: per group of four blocks, 16 lanes holding block l / 4's scale in lane l (where
+  // a dot product of four blocks' nibbles leaves block l / 4's sums), so that a row's scales are one load.
+  std::vector<float> d_lanes;
 };
 
 enum class XOrder {
@@ -132,7 +135,8 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
   const int64_t blocks = k / kBlock, padded_blocks = (blocks + kGroup - 1) / kGroup * kGroup;
   const int64_t padded_k = padded_blocks * kBlock;
   QuantizedRows out{std::vector<int8_t>(rows * padded_k, 0), std::vector<float>(rows * padded_blocks, 0.f),
-                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks};
+                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks,
+                    std::vector<float>(order == XOrder::kNibbles ? rows * padded_blocks * 4 : 0, 0.f)};
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -160,6 +164,7 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(group + at_hi), _mm512_cvtepi32_epi8(q_hi));
       out.d[r * padded_blocks + b] = d;
       out.dsum[r * padded_blocks + b] = d * static_cast<float>(sum);
+      if (order == XOrder::kNibbles) std::fill_n(out.d_lanes.data() + (r * padded_blocks + b) * 4, 4, d);
     }
   }
   return out;
@@ -177,6 +182,19 @@ inline __m512i load_bytes(const void* p, int64_t count) {
 inline __m128 load_halves(const uint16_t* p, int64_t count) {
   if (count >= 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << count) - 1), p));
+}
+
+// The sums of the 16 lanes of each of a, b, c, d, as the four lanes of the result: one reduction for four
+// rows' accumulators (short weight rows, as a 576-wide model's, spend a good part of their time reducing).
+inline __m128 reduce_add4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // 128-bit chunks: [a0+a2, a1+a3, b0+b2, b1+b3] and the same of c and d.
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // Chunk i: four partial sums of a, b, c, d (i = 0 .. 3).
+  const __m512 parts = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m512 pairs = _mm512_add_ps(parts, _mm512_shuffle_ps(parts, parts, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 sums = _mm512_add_ps(pairs, _mm512_shuffle_ps(pairs, pairs, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), sums));
 }
 
 inline float hsum128(__m128 v) {
