@@ -1,30 +1,35 @@
-"""The gateway's HTTP server (aiohttp): the OpenAI routes through the proxy, its own /health, /metrics and
-/v1/models, and the admin routes (reload, rollback, upstreams, drain) behind the admin key."""
+"""The gateway's HTTP server (aiohttp): the OpenAI routes through the proxy (behind keys and rate limits when
+the policy requires keys), its own /health, /metrics and /v1/models, and the admin routes (reload, rollback,
+upstreams, drain, keys) behind the admin key or a key with an admin role."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from aiohttp import web
+from pydantic import ValidationError
 
 from pagoda.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, parse_config
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.metrics import GatewayMetrics
-from pagoda.gateway.proxy import Proxy
+from pagoda.gateway.policy.guard import Guard, open_store, used_tokens
+from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Principal
+from pagoda.gateway.policy.store import StoreUnavailable
+from pagoda.gateway.proxy import Proxy, prompt_text
 from pagoda.gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 STATE = web.AppKey("state", GatewayState)
+T = TypeVar("T")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -59,21 +64,52 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         return GatewayError(exc.status, exc.reason or "error").response()
 
 
-def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics) -> web.Application:
+def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard: Guard) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=state.config.max_request_body_bytes)
     app[STATE] = state
     started = int(time.time())
 
+    async def caller(request: web.Request, right: str) -> Principal | None:
+        """The request's principal when keys are required (None when they are not), allowed ``right``."""
+        if not guard.config.require_keys:
+            return None
+        principal = await guard.principal(request)
+        guard.authorize(principal, right)
+        return principal
+
     async def openai_route(request: web.Request) -> web.StreamResponse:
+        principal = await caller(request, "infer")
         body = await _body(request)
-        reply = await proxy.forward(request, state.table, body, request["raw_body"])
+        ticket = None
+        if principal is not None:
+            model = body.get("model")
+            group = state.table.resolve(model) if isinstance(model, str) else None
+            if group is not None:
+                guard.check_model(principal, {model, group.config.name, group.config.key})
+            ticket = await guard.admit(principal, guard.estimate_tokens(body, prompt_text(body)))
+        used: int | None = None
+        try:
+            reply = await proxy.forward(request, state.table, body, request["raw_body"],
+                                        ticket.headers if ticket is not None else None)
+            used = used_tokens(reply)
+            if used is None and reply.status >= 400:
+                used = 0  # refused upstream: nothing was generated
+        except GatewayError:
+            used = 0
+            raise
+        finally:
+            if ticket is not None:
+                await guard.finish(ticket, used)
         metrics.requests.labels(request.path, str(reply.status)).inc()
         return reply
 
     async def models(request: web.Request) -> web.Response:
+        principal = await caller(request, "models")
         table = state.table
+        allowed = None if principal is None or principal.models is None else set(principal.models)
         data = [{"id": name, "object": "model", "created": started, "owned_by": "pagoda-gateway",
-                 "root": table.names[name]} for name in table.public_names()]
+                 "root": table.names[name]} for name in table.public_names()
+                if allowed is None or name in allowed or table.names[name] in allowed]
         return _json({"object": "list", "data": data})
 
     async def health(request: web.Request) -> web.Response:
@@ -82,17 +118,17 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics) -> web
         return _json({"status": "ok" if ok else "unavailable", "available_upstreams": groups}, 200 if ok else 503)
 
     async def metrics_page(request: web.Request) -> web.Response:
+        await caller(request, "read")
         return web.Response(body=metrics.render(state.table.all_upstreams()),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def admin(handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def admin(handler: Callable[[web.Request], Awaitable[web.Response]],
+              right: str = "administer") -> Callable[[web.Request], Awaitable[web.Response]]:
+        """An /admin/ route: the gateway's admin key, or a key whose role has ``right`` (reading or administering)."""
         async def guarded(request: web.Request) -> web.Response:
-            key = state.config.resolved_admin_key()
-            if key is None:
+            if state.config.resolved_admin_key() is None and not guard.config.require_keys:
                 raise GatewayError(403, "the admin routes are off: start the gateway with an admin key")
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                raise GatewayError(401, "a valid admin key is required (Authorization: Bearer …)")
+            guard.authorize(await guard.principal(request), right)
             try:
                 return await handler(request)
             except (GatewayConfigError, ValueError) as exc:
@@ -157,6 +193,48 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics) -> web
             u.draining = on
         return _json({"url": url, "draining": on, "in_flight": sum(u.in_flight for u in matched)})
 
+    async def create_key(request: web.Request) -> web.Response:
+        body = await _body(request)
+        try:
+            spec = KeySpec.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = ".".join(str(p) for p in first["loc"]) or None
+            raise GatewayError(400, f"{name}: {first['msg']}", name) from None
+        return _json(await _issue(spec), 201)
+
+    async def _issue(spec: KeySpec) -> dict[str, Any]:
+        key, record = KeyRecord.issue(spec)
+        await _stored(guard.store.save_key(record))
+        return {"key": key, **record.public()}
+
+    async def list_keys(request: web.Request) -> web.Response:
+        return _json({"keys": [r.public() for r in await _stored(guard.store.keys())]})
+
+    async def _record(request: web.Request) -> KeyRecord:
+        key_id = request.match_info["key_id"]
+        record = await _stored(guard.store.key_by_id(key_id))
+        if record is None:
+            raise GatewayError(404, f"no key {key_id!r}", "key_id")
+        return record
+
+    async def revoke_key(request: web.Request) -> web.Response:
+        record = await _record(request)
+        if record.revoked is None:
+            record.revoked = time.time()
+            await _stored(guard.store.save_key(record))
+        return _json(record.public())
+
+    async def rotate_key(request: web.Request) -> web.Response:
+        """A new key with the old one's tenant, role, models and limits; the old one is revoked."""
+        record = await _record(request)
+        if record.revoked is not None:
+            raise GatewayError(409, f"key {record.key_id} is revoked", "key_id")
+        issued = await _issue(record.spec())
+        record.revoked = time.time()
+        await _stored(guard.store.save_key(record))
+        return _json({**issued, "replaces": record.key_id}, 201)
+
     for path in OPENAI_ROUTES:
         app.router.add_post(path, openai_route)
     app.router.add_get("/v1/models", models)
@@ -164,12 +242,24 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics) -> web
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/admin/reload", admin(reload))
     app.router.add_post("/admin/rollback", admin(rollback))
-    app.router.add_get("/admin/config", admin(show_config))
-    app.router.add_get("/admin/upstreams", admin(upstreams))
+    app.router.add_get("/admin/config", admin(show_config, "read"))
+    app.router.add_get("/admin/upstreams", admin(upstreams, "read"))
+    app.router.add_post("/admin/keys", admin(create_key))
+    app.router.add_get("/admin/keys", admin(list_keys, "read"))
+    app.router.add_delete("/admin/keys/{key_id}", admin(revoke_key))
+    app.router.add_post("/admin/keys/{key_id}/rotate", admin(rotate_key))
     app.router.add_post("/admin/upstreams", admin(add_upstream))
     app.router.add_delete("/admin/upstreams", admin(remove_upstream))
     app.router.add_post("/admin/drain", admin(drain))
     return app
+
+
+async def _stored(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except StoreUnavailable as exc:
+        raise GatewayError(503, f"the policy store is unavailable ({exc})", code="policy_store_unavailable",
+                           headers={"Retry-After": "1"}) from None
 
 
 def _field(body: dict[str, Any], name: str) -> str:
@@ -191,7 +281,8 @@ async def serve(config: GatewayConfig, path: Path | None = None, ready: Callable
         state = GatewayState(config, session, path)
         await state.apply(config)
         metrics = GatewayMetrics()
-        app = build_app(state, Proxy(session, metrics), metrics)
+        store = open_store(config.policy)
+        app = build_app(state, Proxy(session, metrics), metrics, Guard(lambda: state.config, store))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port)
@@ -210,6 +301,7 @@ async def serve(config: GatewayConfig, path: Path | None = None, ready: Callable
         await state.stop_probing()
         await runner.shutdown()  # stop taking requests, then let those in flight finish
         await runner.cleanup()
+        await store.close()
 
 
 async def _reload_logged(state: GatewayState) -> None:

@@ -28,6 +28,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 4000)")
     parser.add_argument("--admin-key", default=None, help="key for the /admin/ routes (or env:NAME)")
+    parser.add_argument("--require-keys", action="store_true", default=None,
+                        help="every route but /health wants a key made through POST /admin/keys")
+    parser.add_argument("--redis-url", default=None,
+                        help="keep keys and rate limits in this Redis, shared by gateways (default: in process)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -40,6 +44,9 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
                        ("admin_key", args.admin_key)):
         if value is not None:
             base[key] = value
+    for key, value in (("require_keys", args.require_keys), ("redis_url", args.redis_url)):
+        if value is not None:
+            base["policy"] = {**base.get("policy", {}), key: value}
     return parse_config(base, str(args.config or "command line"))
 
 
@@ -120,7 +127,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"pagoda up: {args.replicas} replicas ({', '.join(urls)}); gateway on http://127.0.0.1:{args.port}",
               flush=True)
         gateway = argparse.Namespace(config=None, upstream=urls, policy=args.policy, host=None, port=args.port,
-                                     admin_key=None, log_level="info")
+                                     admin_key=None, require_keys=None, redis_url=None, log_level="info")
         return run_gateway(gateway)
     finally:
         for child in children:

@@ -16,6 +16,10 @@ that name the field. Every default lives here once; ``pagoda gateway --upstream 
             weight: 2
             api_key_env: OPENAI_API_KEY   # a cloud upstream's key, read from the environment
             max_concurrency: 64
+    policy:                        # keys, roles and rate limits (pagoda/gateway/policy/)
+      require_keys: true
+      redis_url: redis://127.0.0.1:6379/0
+      tenants: {acme: {rpm: 600, tpm: 200000, max_concurrency: 32}}
 """
 
 from __future__ import annotations
@@ -126,6 +130,28 @@ class SessionConfig(_Strict):
     load_bound: float = Field(1.25, gt=1)
 
 
+class TenantConfig(_Strict):
+    """A tenant's limits, shared by all its keys (None: unlimited)."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+
+
+class PolicyConfig(_Strict):
+    # Every route but /health wants a key (its role decides which routes); off, only /admin/ routes do.
+    require_keys: bool = False
+    # Keys and rate-limit windows in this Redis, shared by every gateway that names it; unset, in this process.
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_prefix: str = Field("pagoda", min_length=1)
+    redis_timeout_s: float = Field(1.0, gt=0)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    # Tokens a request is charged at admission: its prompt's characters over this, plus its max_tokens (this
+    # when it sets none), corrected to its reported usage when it ends.
+    chars_per_token: float = Field(4.0, gt=0)
+    estimate_max_tokens: int = Field(512, ge=1)
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(4000, ge=0, le=65535)
@@ -145,6 +171,7 @@ class GatewayConfig(_Strict):
     admin_key: str | None = None
     # Seconds a retired config's requests get to finish before its connections are closed.
     drain_timeout_s: float = Field(30.0, ge=0)
+    policy: PolicyConfig = PolicyConfig()
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> GatewayConfig:

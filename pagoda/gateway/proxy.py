@@ -47,7 +47,9 @@ class Proxy:
         self.session = session
         self.metrics = metrics
 
-    async def forward(self, request: web.Request, table: RoutingTable, body: dict[str, Any], raw: bytes) -> web.StreamResponse:
+    async def forward(self, request: web.Request, table: RoutingTable, body: dict[str, Any], raw: bytes,
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
+        """``headers``: the gateway's own to add to the answer (the rate-limit headers)."""
         model = body.get("model")
         if not isinstance(model, str):
             raise GatewayError(400, "model must be a string naming one of the gateway's models", "model")
@@ -68,7 +70,7 @@ class Proxy:
                     self.metrics.retries.labels(upstream.url).inc()
                 attempts += 1
                 outcome = await self._attempt(request, upstream, body, raw, model, stream, request_id,
-                                              table.config.timeouts)
+                                              table.config.timeouts, headers)
                 if not isinstance(outcome, _Retryable):
                     candidate_group.policy.routed(upstream, ctx)
                     return outcome
@@ -84,7 +86,8 @@ class Proxy:
                            "service_unavailable", {"Retry-After": RETRY_AFTER_S, "X-Request-Id": request_id})
 
     async def _attempt(self, request: web.Request, upstream: Upstream, body: dict[str, Any], raw: bytes, model: str,
-                       stream: bool, request_id: str, timeouts: TimeoutConfig) -> web.StreamResponse | _Retryable:
+                       stream: bool, request_id: str, timeouts: TimeoutConfig,
+                       own_headers: dict[str, str] | None) -> web.StreamResponse | _Retryable:
         if upstream.model != model:
             body = dict(body, model=upstream.model)
             raw = orjson.dumps(body)
@@ -118,6 +121,8 @@ class Proxy:
                 self.metrics.responses.labels(upstream.url, f"{answer.status // 100}xx").inc()
                 passed = {k: v for k, v in answer.headers.items() if k.lower() not in OWN_HEADERS}
                 passed["X-Request-Id"] = request_id
+                if own_headers:
+                    passed.update(own_headers)
                 if answer.status in RETRYABLE_STATUS or not stream or answer.status != 200:
                     try:
                         content = await answer.read()

@@ -46,6 +46,10 @@ def _table(config: GatewayConfig) -> RoutingTable:
     ({"port": 70000, "discover": [{"url": "http://a"}]}, "port"),
     ({"discover": [{"url": "http://a"}], "typo": 1}, "typo"),
     ({"health": {"interval_s": -1}, "discover": [{"url": "http://a"}]}, "health.interval_s"),
+    ({"policy": {"tenants": {"acme": {"rpm": 0}}}, "discover": [{"url": "http://a"}]}, "policy.tenants.acme.rpm"),
+    ({"policy": {"tenants": {"acme": {"tpm": "lots"}}}, "discover": [{"url": "http://a"}]}, "policy.tenants.acme.tpm"),
+    ({"policy": {"redis_url": "http://a"}, "discover": [{"url": "http://a"}]}, "policy.redis_url"),
+    ({"policy": {"require_key": True}, "discover": [{"url": "http://a"}]}, "policy.require_key"),
 ])
 def test_config_errors_name_the_field(raw, named) -> None:
     with pytest.raises(GatewayConfigError, match=named):
