@@ -159,6 +159,14 @@ def build_parser(with_bench_options: bool = True) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start N local `pagoda serve` replicas and a gateway in front of them")
     add_up_arguments(up)
     up.set_defaults(func=run_up)
+    from pagoda.gateway.policy.cli import add_audit_arguments, add_usage_arguments, run_audit, run_usage
+
+    usage = sub.add_parser("usage", help="a gateway's requests, tokens and cost by key, tenant or model")
+    add_usage_arguments(usage)
+    usage.set_defaults(func=run_usage)
+    audit = sub.add_parser("audit", help="the gateway's audit log: verify its hash chain")
+    add_audit_arguments(audit)
+    audit.set_defaults(func=run_audit)
     from pagoda.quantize.cli import add_arguments as add_quantize_arguments, run as run_quantize
 
     quant = sub.add_parser("quantize", help="write a GPTQ / AWQ / int8 / int4 checkpoint of a model")

@@ -52,6 +52,10 @@ def build_app(args: argparse.Namespace) -> web.Application:
             await reply.write(b"data: " + orjson.dumps(delta) + b"\n\n")
             if args.chunk_delay_ms:
                 await asyncio.sleep(args.chunk_delay_ms / 1000)
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):  # as OpenAI: a last chunk with the usage
+            usage = {"prompt_tokens": 1, "completion_tokens": args.stream_chunks, "total_tokens": 1 + args.stream_chunks}
+            await reply.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
         await reply.write(b"data: [DONE]\n\n")
         await reply.write_eof()
         return reply

@@ -20,10 +20,12 @@ from pydantic import ValidationError
 from pagoda.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, parse_config
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.metrics import GatewayMetrics
-from pagoda.gateway.policy.guard import Guard, open_store, used_tokens
+from pagoda.gateway.policy.guard import Guard, open_store
 from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Principal
+from pagoda.gateway.policy.records import GROUP_BY
 from pagoda.gateway.policy.store import StoreUnavailable
-from pagoda.gateway.proxy import Proxy, prompt_text
+from pagoda.gateway.policy.usage import usage_rows
+from pagoda.gateway.proxy import Proxy
 from pagoda.gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -78,28 +80,16 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
         return principal
 
     async def openai_route(request: web.Request) -> web.StreamResponse:
-        principal = await caller(request, "infer")
         body = await _body(request)
-        ticket = None
-        if principal is not None:
-            model = body.get("model")
-            group = state.table.resolve(model) if isinstance(model, str) else None
-            if group is not None:
-                guard.check_model(principal, {model, group.config.name, group.config.key})
-            ticket = await guard.admit(principal, guard.estimate_tokens(body, prompt_text(body)))
-        used: int | None = None
-        try:
-            reply = await proxy.forward(request, state.table, body, request["raw_body"],
-                                        ticket.headers if ticket is not None else None)
-            used = used_tokens(reply)
-            if used is None and reply.status >= 400:
-                used = 0  # refused upstream: nothing was generated
-        except GatewayError:
-            used = 0
-            raise
-        finally:
-            if ticket is not None:
-                await guard.finish(ticket, used)
+        table = state.table
+
+        def forward(headers: dict[str, str] | None) -> Awaitable[web.StreamResponse]:
+            return proxy.forward(request, table, body, request["raw_body"], headers)
+
+        if guard.config.require_keys:
+            reply = await guard.handle(request, body, table, forward)
+        else:
+            reply = await forward(None)
         metrics.requests.labels(request.path, str(reply.status)).inc()
         return reply
 
@@ -126,13 +116,21 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
               right: str = "administer") -> Callable[[web.Request], Awaitable[web.Response]]:
         """An /admin/ route: the gateway's admin key, or a key whose role has ``right`` (reading or administering)."""
         async def guarded(request: web.Request) -> web.Response:
-            if state.config.resolved_admin_key() is None and not guard.config.require_keys:
-                raise GatewayError(403, "the admin routes are off: start the gateway with an admin key")
-            guard.authorize(await guard.principal(request), right)
+            principal = None
             try:
-                return await handler(request)
-            except (GatewayConfigError, ValueError) as exc:
-                raise GatewayError(400, str(exc)) from None
+                if state.config.resolved_admin_key() is None and not guard.config.require_keys:
+                    raise GatewayError(403, "the admin routes are off: start the gateway with an admin key")
+                principal = await guard.principal(request)
+                guard.authorize(principal, right)
+                try:
+                    reply = await handler(request)
+                except (GatewayConfigError, ValueError) as exc:
+                    raise GatewayError(400, str(exc)) from None
+            except GatewayError as exc:
+                guard.audit_admin(request, principal, exc.status)
+                raise
+            guard.audit_admin(request, principal, reply.status, **request.get("audit", {}))
+            return reply
         return guarded
 
     async def reload(request: web.Request) -> web.Response:
@@ -208,6 +206,11 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
         await _stored(guard.store.save_key(record))
         return {"key": key, **record.public()}
 
+    async def create_key_audited(request: web.Request) -> web.Response:
+        reply = await create_key(request)
+        request["audit"] = {"target": orjson.loads(reply.body)["key_id"]}  # type: ignore[arg-type]
+        return reply
+
     async def list_keys(request: web.Request) -> web.Response:
         return _json({"keys": [r.public() for r in await _stored(guard.store.keys())]})
 
@@ -220,10 +223,33 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
 
     async def revoke_key(request: web.Request) -> web.Response:
         record = await _record(request)
+        request["audit"] = {"target": record.key_id}
         if record.revoked is None:
             record.revoked = time.time()
             await _stored(guard.store.save_key(record))
+            guard.forget_key(record)
         return _json(record.public())
+
+    async def usage(request: web.Request) -> web.Response:
+        """Rows of requests, tokens and cost per key, tenant or model over [start, end) (Unix seconds; default
+        the last 24 hours), at the hour buckets the store keeps."""
+        group_by = request.query.get("group_by", "tenant")
+        if group_by not in GROUP_BY:
+            raise GatewayError(400, f"group_by must be one of {', '.join(GROUP_BY)}", "group_by")
+        now = time.time()
+        bounds = []
+        for name, default in (("start", now - 86400), ("end", now)):
+            raw = request.query.get(name)
+            try:
+                bounds.append(float(raw) if raw is not None else default)
+            except ValueError:
+                raise GatewayError(400, f"{name} must be a Unix time in seconds", name) from None
+        start, end = bounds
+        if not start < end:
+            raise GatewayError(400, "start must be before end", "start")
+        await guard.ledger.flush()  # this gateway's latest records count too
+        rows = usage_rows(await _stored(guard.store.usage(group_by, start, end)))
+        return _json({"group_by": group_by, "start": start, "end": end, "data": rows})
 
     async def rotate_key(request: web.Request) -> web.Response:
         """A new key with the old one's tenant, role, models and limits; the old one is revoked."""
@@ -233,6 +259,8 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
         issued = await _issue(record.spec())
         record.revoked = time.time()
         await _stored(guard.store.save_key(record))
+        guard.forget_key(record)
+        request["audit"] = {"target": record.key_id, "new_key_id": issued["key_id"]}
         return _json({**issued, "replaces": record.key_id}, 201)
 
     for path in OPENAI_ROUTES:
@@ -244,7 +272,8 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
     app.router.add_post("/admin/rollback", admin(rollback))
     app.router.add_get("/admin/config", admin(show_config, "read"))
     app.router.add_get("/admin/upstreams", admin(upstreams, "read"))
-    app.router.add_post("/admin/keys", admin(create_key))
+    app.router.add_post("/admin/keys", admin(create_key_audited))
+    app.router.add_get("/admin/usage", admin(usage, "read"))
     app.router.add_get("/admin/keys", admin(list_keys, "read"))
     app.router.add_delete("/admin/keys/{key_id}", admin(revoke_key))
     app.router.add_post("/admin/keys/{key_id}/rotate", admin(rotate_key))
@@ -282,7 +311,8 @@ async def serve(config: GatewayConfig, path: Path | None = None, ready: Callable
         await state.apply(config)
         metrics = GatewayMetrics()
         store = open_store(config.policy)
-        app = build_app(state, Proxy(session, metrics), metrics, Guard(lambda: state.config, store))
+        guard = Guard(lambda: state.config, store, metrics)
+        app = build_app(state, Proxy(session, metrics), metrics, guard)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port)
@@ -290,6 +320,7 @@ async def serve(config: GatewayConfig, path: Path | None = None, ready: Callable
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         logger.info("pagoda gateway on http://%s:%d: models %s", config.host, port, ", ".join(state.table.public_names()))
         state.start_probing()
+        guard.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -301,6 +332,7 @@ async def serve(config: GatewayConfig, path: Path | None = None, ready: Callable
         await state.stop_probing()
         await runner.shutdown()  # stop taking requests, then let those in flight finish
         await runner.cleanup()
+        await guard.stop()  # the last usage records flushed
         await store.close()
 
 

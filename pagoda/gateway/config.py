@@ -130,12 +130,39 @@ class SessionConfig(_Strict):
     load_bound: float = Field(1.25, gt=1)
 
 
+class BudgetConfig(_Strict):
+    """Tokens and dollars per UTC day and month (None: no budget); past one, requests get 429 insufficient_quota."""
+
+    daily_tokens: int | None = Field(None, ge=1)
+    monthly_tokens: int | None = Field(None, ge=1)
+    daily_cost: float | None = Field(None, gt=0)
+    monthly_cost: float | None = Field(None, gt=0)
+
+
 class TenantConfig(_Strict):
-    """A tenant's limits, shared by all its keys (None: unlimited)."""
+    """A tenant's limits and budget, shared by all its keys (None: unlimited)."""
 
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
+    budget: BudgetConfig | None = None
+
+
+class PriceConfig(_Strict):
+    """Dollars for a model group: per million input / output tokens, and (local replicas) per replica-hour,
+    spread over the tokens the group served in the last hour."""
+
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+    replica_hour: float = Field(0.0, ge=0)
+
+
+class AuditConfig(_Strict):
+    # Append-only JSON Lines, hash-chained (`pagoda audit verify PATH`); one file per gateway process.
+    path: Path
+    max_bytes: int = Field(64 * 2**20, ge=4096)  # rotated to PATH.1, PATH.2, ... past this size
+    keep: int = Field(10, ge=1)
+    include_prompts: bool = False  # the request's prompt text in its entry
 
 
 class PolicyConfig(_Strict):
@@ -150,6 +177,13 @@ class PolicyConfig(_Strict):
     # when it sets none), corrected to its reported usage when it ends.
     chars_per_token: float = Field(4.0, gt=0)
     estimate_max_tokens: int = Field(512, ge=1)
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)  # by model group name
+    # When the store (Redis) cannot be reached: "open" goes on with this gateway's own limits and the keys it
+    # has seen; "closed" answers 503 until it is back.
+    on_store_error: Literal["open", "closed"] = "closed"
+    # Seconds a key's record is reused without asking the store (a revoked key stops within this).
+    key_cache_s: float = Field(5.0, ge=0)
+    audit: AuditConfig | None = None
 
 
 class GatewayConfig(_Strict):

@@ -1,4 +1,5 @@
-"""The gateway's Prometheus metrics, per upstream (labels bounded by the configured upstreams)."""
+"""The gateway's Prometheus metrics, per upstream (labels bounded by the configured upstreams) and per tenant
+(bounded by MAX_TENANT_LABELS)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from pagoda.gateway.upstream import Upstream
 
+MAX_TENANT_LABELS = 100
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -26,6 +28,27 @@ class GatewayMetrics:
                              registry=r)
         self.requests = Counter("pagoda_gateway_requests", "Requests by route and status", ["route", "status"],
                                 registry=r)
+        self.tenant_requests = Counter("pagoda_gateway_tenant_requests", "Requests by tenant and policy decision "
+                                       "(allowed, limited, denied)", ["tenant", "decision"], registry=r)
+        self.tenant_tokens = Counter("pagoda_gateway_tenant_tokens", "Tokens by tenant", ["tenant", "kind"], registry=r)
+        self.tenant_cost = Counter("pagoda_gateway_tenant_cost_dollars", "Cost by tenant", ["tenant"], registry=r)
+        self.tenants: set[str] = set()
+
+    def _tenant(self, tenant: str) -> str:
+        """Tenants beyond MAX_TENANT_LABELS share one label: keys made through the API cannot grow the series."""
+        if tenant in self.tenants or len(self.tenants) < MAX_TENANT_LABELS:
+            self.tenants.add(tenant)
+            return tenant
+        return "other"
+
+    def tenant_decision(self, tenant: str, decision: str) -> None:
+        self.tenant_requests.labels(self._tenant(tenant), decision).inc()
+
+    def tenant_usage(self, tenant: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        label = self._tenant(tenant)
+        self.tenant_tokens.labels(label, "prompt").inc(prompt_tokens)
+        self.tenant_tokens.labels(label, "completion").inc(completion_tokens)
+        self.tenant_cost.labels(label).inc(cost)
 
     def render(self, upstreams: list[Upstream]) -> bytes:
         for u in upstreams:

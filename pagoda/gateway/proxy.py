@@ -73,6 +73,7 @@ class Proxy:
                                               table.config.timeouts, headers)
                 if not isinstance(outcome, _Retryable):
                     candidate_group.policy.routed(upstream, ctx)
+                    request["upstream"] = upstream.url  # for the usage record
                     return outcome
                 failures.append(outcome)
         return self._give_up(failures, request_id)
@@ -161,6 +162,7 @@ class Proxy:
         chunks = answer.content.iter_any()
         wait: float | None = first_byte_s
         verdict: bool | None = True
+        usage = request["stream_usage"] = StreamUsage()
         while True:
             try:
                 chunk = await (asyncio.wait_for(chunks.__anext__(), wait) if wait else chunks.__anext__())
@@ -173,6 +175,7 @@ class Proxy:
                                    "type": "upstream_error", "param": None, "code": "upstream_disconnected"}}
                 chunk, verdict = b"data: " + orjson.dumps(event) + b"\n\n", False
             wait = None
+            usage.feed(chunk)
             try:
                 await reply.write(chunk)
             except (ConnectionError, RuntimeError):  # the client's connection is closing
@@ -185,6 +188,30 @@ class Proxy:
         except (ConnectionError, RuntimeError):
             return reply, None
         return reply, verdict
+
+
+class StreamUsage:
+    """What a relayed SSE stream says of its tokens: its data events (about one token each) and the usage
+    object of its last chunk, when the client asked for one (stream_options.include_usage)."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.usage: dict[str, Any] | None = None
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *events, self._tail = (self._tail + chunk).split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                continue
+            self.events += 1
+            if b'"usage"' in event:
+                try:
+                    usage = orjson.loads(event[6:]).get("usage")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(usage, dict):
+                    self.usage = usage
 
 
 def _route_context(request: web.Request, body: dict[str, Any], group: ModelGroup, table: RoutingTable) -> RouteContext:

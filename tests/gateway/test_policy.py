@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +16,14 @@ import httpx
 import openai
 import pytest
 
+from pagoda.gateway.config import AuditConfig, PriceConfig
+from pagoda.gateway.policy.audit import AuditLog, verify
 from pagoda.gateway.policy.guard import duration, rate_limit_headers
 from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, digest
 from pagoda.gateway.policy.local_redis import LocalRedis
+from pagoda.gateway.policy.records import UsageRecord
 from pagoda.gateway.policy.store import MemoryStore, RedisStore, Scope
+from pagoda.gateway.policy.usage import CostModel
 from tests.gateway.conftest import ADMIN, Gateway, responder
 
 LEASE_S = 30.0
@@ -238,3 +246,143 @@ def test_four_gateways_sharing_redis_admit_exactly_the_limit(tmp_path: Path, ups
     finally:
         for g in gateways:
             g.stop()
+
+
+# ---- usage, cost, budgets, audit -------------------------------------------------------------------
+
+
+def _record(ts: float, key: str, tenant: str, model: str, prompt: int, completion: int, cost: float) -> UsageRecord:
+    return UsageRecord(ts, "r", key, tenant, model, "http://u", prompt, completion, cost, 1.0, 200)
+
+
+def test_usage_adds_up_per_hour_and_spend_per_day_and_month(store) -> None:
+    day1 = 1_796_601_600.0  # 2026-12-07 00:00 UTC
+    records = [_record(day1 + 10, "k1", "acme", "echo", 10, 5, 0.5), _record(day1 + 20, "k1", "acme", "other", 1, 1, 0.25),
+               _record(day1 + 4000, "k2", "acme", "echo", 100, 0, 1.0), _record(day1 + 90000, "k1", "acme", "echo", 2, 2, 2.0)]
+
+    async def go():  # type: ignore[no-untyped-def]
+        await store.add_usage(records[:2])
+        await store.add_usage(records[2:])
+        out = (await store.usage("key", day1, day1 + 3600), await store.usage("model", day1, day1 + 86400),
+               await store.usage("tenant", day1 - 3600, day1 + 2 * 86400), await store.spent(["key:k1", "tenant:acme"], day1 + 50))
+        if isinstance(store, RedisStore):
+            await store.client.aclose()
+        return out
+
+    by_key, by_model, by_tenant, spent = run(go())
+    assert {k: (t.requests, t.tokens) for k, t in by_key.items()} == {"k1": (2, 17)}  # the first hour only
+    assert {k: (t.requests, t.prompt_tokens, t.completion_tokens) for k, t in by_model.items()} == \
+        {"echo": (2, 110, 5), "other": (1, 1, 1)}
+    assert by_tenant["acme"].requests == 4 and by_tenant["acme"].cost == pytest.approx(3.75)
+    (key_day, key_month), (tenant_day, tenant_month) = spent
+    assert (key_day.tokens, key_month.tokens, tenant_day.tokens, tenant_month.tokens) == (17, 21, 117, 121)
+    assert tenant_month.cost == pytest.approx(3.75)
+
+
+def test_prices_per_token_and_per_replica_hour() -> None:
+    prices = {"cloud": PriceConfig(input_per_million=2.0, output_per_million=8.0),
+              "local": PriceConfig(replica_hour=3.6)}
+    costs = CostModel(lambda: prices)
+    assert costs.cost("cloud", 1000, 500, 1, T0) == pytest.approx(0.006)
+    assert costs.cost("free", 1000, 500, 1, T0) == 0.0
+    costs.cost("local", 0, 0, 2, T0)  # first seen
+    # Half an hour later, 2 replicas at $3.60/h cost $3.60 so far; the 1,000 tokens of the hour carry it.
+    assert costs.cost("local", 600, 400, 2, T0 + 1800) == pytest.approx(3.6)
+    assert costs.cost("local", 600, 400, 2, T0 + 1800) == pytest.approx(1.8)  # now shared by 2,000 tokens
+
+
+def test_the_audit_chain_detects_edits_removals_and_survives_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=path, max_bytes=4096, keep=20))
+    for i in range(60):
+        log.append("request", key_id=f"k{i}", status=200, decision="allowed")
+    log.close()
+    assert len(list(tmp_path.glob("audit.jsonl.*"))) >= 2  # rotated by size
+    ok, message = verify(path)
+    assert ok and message.startswith("60 entries"), message
+    reopened = AuditLog(AuditConfig(path=path, max_bytes=4096, keep=20))  # a restart continues the chain
+    reopened.append("admin", route="/admin/keys", status=201)
+    reopened.close()
+    assert verify(path)[0]
+    lines = path.read_bytes().splitlines()
+    edited = lines[:]
+    edited[0] = edited[0].replace(b'"status":200', b'"status":201')
+    path.write_bytes(b"\n".join(edited) + b"\n")
+    ok, message = verify(path)
+    assert not ok and "changed" in message and f"{path}:1" in message
+    path.write_bytes(b"\n".join(lines[:1] + lines[2:]) + b"\n")  # a line removed
+    ok, message = verify(path)
+    assert not ok and "chain is broken" in message
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert subprocess.run([sys.executable, "-m", "pagoda.cli", "audit", "verify", str(path)]).returncode == 0
+
+
+def test_usage_cost_budgets_audit_and_tenant_metrics(tmp_path: Path, upstream: str) -> None:
+    audit = tmp_path / "audit.jsonl"
+    gateway = Gateway(tmp_path, gateway_config(
+        upstream, prices={"echo": {"input_per_million": 1000, "output_per_million": 2000}},
+        tenants={"capped": {"budget": {"daily_tokens": 10}}}, audit={"path": str(audit)}))
+    try:
+        acme = gateway.admin("POST", "/admin/keys", json={"tenant": "acme", "budget": {"daily_cost": 1}}).json()
+        capped = gateway.admin("POST", "/admin/keys", json={"tenant": "capped"}).json()
+        for _ in range(3):
+            assert chat(gateway.url, acme["key"]).status_code == 200
+        stream = chat(gateway.url, acme["key"], stream=True, stream_options={"include_usage": True})
+        assert stream.status_code == 200 and "x-ratelimit-limit-requests" not in stream.headers  # no limits set
+        assert chat(gateway.url, acme["key"], model="other").status_code == 200
+        assert chat(gateway.url, None).status_code == 401
+        assert chat(gateway.url, capped["key"]).status_code == 200  # 2 tokens: under 10
+        for _ in range(4):
+            chat(gateway.url, capped["key"])
+        time.sleep(1.5)  # the usage buffer flushes every second
+        over = chat(gateway.url, capped["key"])
+        assert over.status_code == 429 and over.json()["error"]["type"] == "insufficient_quota"
+        assert over.json()["error"]["code"] == "insufficient_quota" and "daily tokens" in over.json()["error"]["message"]
+        rows = {r["group"]: r for r in gateway.admin("GET", "/admin/usage", params={"group_by": "model"}).json()["data"]}
+        assert rows["echo"]["requests"] == 9 and rows["other"]["requests"] == 1
+        # The responder's answers report 1 + 1 tokens, its stream 1 + 4 (in the usage chunk asked for).
+        assert rows["echo"]["cost"] == pytest.approx((8 * (1000 + 2000) + 1000 + 4 * 2000) / 1e6)
+        by_key = {r["group"]: r for r in gateway.admin("GET", "/admin/usage", params={"group_by": "key"}).json()["data"]}
+        assert by_key[acme["key_id"]]["requests"] == 5 and by_key[capped["key_id"]]["requests"] == 5
+        assert gateway.admin("GET", "/admin/usage", params={"group_by": "color"}).json()["error"]["param"] == "group_by"
+        printed = subprocess.run([sys.executable, "-m", "pagoda.cli", "usage", "--url", gateway.url, "--admin-key", ADMIN,
+                                  "--group-by", "tenant"], capture_output=True, text=True, check=True).stdout
+        assert "acme" in printed and "capped" in printed and "cost ($)" in printed
+        metrics = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        assert 'pagoda_gateway_tenant_requests_total{decision="limited",tenant="capped"} 1.0' in metrics
+        assert 'pagoda_gateway_tenant_requests_total{decision="denied",tenant="unknown"} 1.0' in metrics
+    finally:
+        gateway.stop()
+    ok, message = verify(audit)
+    assert ok, message
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    decisions = [e["decision"] for e in entries if e["event"] == "request"]
+    assert decisions.count("allowed") == 10 and decisions.count("limited") == 1 and decisions.count("denied") == 1
+    assert [e["route"] for e in entries if e["event"] == "admin"][:2] == ["/admin/keys", "/admin/keys"]
+    assert all("prompt" not in e for e in entries) and all(ADMIN not in line for line in audit.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_redis_stopped_mid_load_fails_open_or_closed_and_loses_no_usage(tmp_path: Path, upstream: str) -> None:
+    server = LocalRedis(tmp_path / "redis", persist=True).start()
+    config = gateway_config(upstream, redis_url=server.url, redis_prefix="outage", redis_timeout_s=0.5)
+    closed = Gateway(tmp_path, config)
+    opened = Gateway(tmp_path, {**config, "policy": {**config["policy"], "on_store_error": "open"}})
+    try:
+        key = closed.admin("POST", "/admin/keys", json={"tenant": "t", "rpm": 1000}).json()["key"]
+        served = [chat(g.url, key).status_code for g in (closed, opened)]
+        server.stop(kill=True)
+        during = [chat(closed.url, key).status_code, chat(opened.url, key).status_code, chat(opened.url, key).status_code]
+        assert during[0] == 503 and during[1:] == [200, 200]  # closed refuses; open goes on with its own limits
+        server.start()
+        time.sleep(1.5)  # the open gateway's buffered records flush
+        after = [chat(g.url, key).status_code for g in (closed, opened)]
+        assert served == [200, 200] and after == [200, 200]
+        allowed = served.count(200) + during.count(200) + after.count(200)
+        closed.admin("GET", "/admin/usage")  # each gateway flushes its own buffer before it answers
+        rows = opened.admin("GET", "/admin/usage", params={"group_by": "tenant"}).json()["data"]
+        assert rows[0]["group"] == "t" and rows[0]["requests"] == allowed  # none lost
+    finally:
+        closed.stop()
+        opened.stop()
+        server.stop()

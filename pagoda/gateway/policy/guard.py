@@ -1,5 +1,10 @@
 """The policy on a request's path: who sent it (its key), whether its role may use the route and its model,
-and whether its key's and tenant's windows take it (with OpenAI's x-ratelimit-* headers either way)."""
+whether its budgets have room and its key's and tenant's windows take it (with OpenAI's x-ratelimit-*
+headers either way); then what it used and cost, recorded, and every decision in the audit log.
+
+When the store cannot be reached the configured mode applies: "closed" answers 503; "open" goes on with keys
+seen in the last lookups and this gateway's own windows, and the usage records wait in the buffer.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,19 @@ import hmac
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from pagoda.gateway.config import GatewayConfig, PolicyConfig
+from pagoda.gateway.config import BudgetConfig, GatewayConfig, PolicyConfig
 from pagoda.gateway.errors import GatewayError
-from pagoda.gateway.policy.keys import Limits, Principal, Role, digest
+from pagoda.gateway.metrics import GatewayMetrics
+from pagoda.gateway.policy.audit import AuditLog
+from pagoda.gateway.policy.keys import KeyRecord, Limits, Principal, Role, digest
+from pagoda.gateway.policy.records import Totals, UsageRecord
 from pagoda.gateway.policy.store import (
     KIND_CONCURRENCY,
     KIND_REQUESTS,
@@ -28,12 +36,15 @@ from pagoda.gateway.policy.store import (
     StoreUnavailable,
     Verdict,
 )
+from pagoda.gateway.policy.usage import CostModel, UsageLedger
+from pagoda.gateway.proxy import StreamUsage, prompt_text
+from pagoda.gateway.router import RoutingTable
 
 ADMIN_TENANT = "admin"
 # What each role may reach: inference (the OpenAI POST routes), reading (GET routes, admin views included),
 # administering (every admin route).
 ROLE_RIGHTS: dict[Role, frozenset[str]] = {
-    "admin": frozenset({"infer", "read", "administer"}),
+    "admin": frozenset({"infer", "read", "administer", "models"}),
     "user": frozenset({"infer", "models"}),
     "read-only": frozenset({"read", "models"}),
 }
@@ -47,17 +58,26 @@ def open_store(config: PolicyConfig) -> Store:
 
 @dataclass
 class Ticket:
-    """An admitted request: what to settle and release when it ends."""
+    """An admitted request: what to settle and release when it ends, and where (the shared store, or this
+    gateway's own when it was admitted with the store away)."""
 
     request_id: str
     scopes: list[Scope]
     headers: dict[str, str]
+    store: Store
 
 
 class Guard:
-    def __init__(self, settings: Callable[[], GatewayConfig], store: Store) -> None:
-        self.settings = settings  # the live config (reloads change tenants' limits and the admin key)
+    def __init__(self, settings: Callable[[], GatewayConfig], store: Store, metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings  # the live config (reloads change tenants, prices and the admin key)
         self.store = store
+        self.metrics = metrics
+        self.local = MemoryStore()  # the windows of "open" mode while the store is away
+        self.ledger = UsageLedger(store)
+        self.costs = CostModel(lambda: self.config.prices)
+        audit = settings().policy.audit
+        self.audit = AuditLog(audit) if audit is not None else None
+        self.key_cache: dict[str, tuple[KeyRecord, float]] = {}
 
     @property
     def config(self) -> PolicyConfig:
@@ -68,6 +88,15 @@ class Guard:
         """A request in flight longer than its total timeout has been given up: its slot frees itself."""
         return self.settings().timeouts.total_s + 60
 
+    def start(self) -> None:
+        self.ledger.start()
+
+    async def stop(self) -> None:
+        await self.ledger.stop()
+        if self.audit is not None:
+            self.audit.close()
+
+    # ---- who, and what they may do ------------------------------------------------------------------
     async def principal(self, request: web.Request) -> Principal:
         """The request's key, or 401. Any text after "Bearer " is hashed and looked up once: a malformed key
         takes the same path as an unknown one."""
@@ -78,13 +107,31 @@ class Guard:
         admin_key = self.settings().resolved_admin_key()
         if admin_key is not None and hmac.compare_digest(key.encode(), admin_key.encode()):
             return Principal("admin", ADMIN_TENANT, "admin")
-        try:
-            record = await self.store.key_for(digest(key))
-        except StoreUnavailable as exc:
-            raise self._unavailable(exc) from None
+        record = await self._record(digest(key))
         if record is None or record.revoked is not None:
             raise GatewayError(401, "the API key is not valid (unknown or revoked)", code="invalid_api_key")
         return Principal.of(record)
+
+    async def _record(self, key_digest: str) -> KeyRecord | None:
+        cached = self.key_cache.get(key_digest)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.config.key_cache_s:
+            return cached[0]
+        try:
+            record = await self.store.key_for(key_digest)
+        except StoreUnavailable as exc:
+            if self.config.on_store_error == "open" and cached is not None:
+                return cached[0]  # known before the store went away
+            raise self._unavailable(exc) from None
+        if record is not None:
+            if len(self.key_cache) > 100_000:
+                self.key_cache.clear()
+            self.key_cache[key_digest] = (record, now)
+        return record
+
+    def forget_key(self, record: KeyRecord) -> None:
+        """A key revoked through this gateway stops here at once (elsewhere within key_cache_s)."""
+        self.key_cache.pop(record.digest, None)
 
     @staticmethod
     def authorize(principal: Principal, right: str) -> None:
@@ -98,33 +145,67 @@ class Guard:
             raise GatewayError(403, f"this key may not use the model {sorted(names)[0]!r}; its models: "
                                     f"{', '.join(principal.models)}", "model", "model_not_allowed")
 
+    # ---- admission ---------------------------------------------------------------------------------
     def scopes(self, principal: Principal) -> list[Scope]:
         scopes = []
         if _limited(principal.limits):
             scopes.append(Scope(f"key:{principal.key_id}", principal.limits))
         tenant = self.config.tenants.get(principal.tenant)
-        if tenant is not None and _limited(tenant):
-            scopes.append(Scope(f"tenant:{principal.tenant}", tenant))
+        if tenant is not None:
+            limits = Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=tenant.max_concurrency)
+            if _limited(limits):
+                scopes.append(Scope(f"tenant:{principal.tenant}", limits))
         return scopes
 
     def estimate_tokens(self, body: dict[str, Any], prompt: str) -> int:
         """Tokens charged at admission: the prompt's by its length, and the completion's limit."""
+        return self.prompt_tokens(prompt) + self._completion_limit(body)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return math.ceil(len(prompt) / self.config.chars_per_token)
+
+    def _completion_limit(self, body: dict[str, Any]) -> int:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         completion = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 \
             else self.config.estimate_max_tokens
         n = body.get("n", 1)
-        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-        return math.ceil(len(prompt) / self.config.chars_per_token) + completion * choices
+        return completion * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
+
+    async def check_budgets(self, principal: Principal) -> None:
+        """429 insufficient_quota once a key's or its tenant's day or month is spent."""
+        tenant = self.config.tenants.get(principal.tenant)
+        budgets = [(f"key:{principal.key_id}", "key", principal.budget),
+                   (f"tenant:{principal.tenant}", "tenant", tenant.budget if tenant is not None else None)]
+        budgets = [b for b in budgets if b[2] is not None]
+        if not budgets:
+            return
+        try:
+            spent = await self.store.spent([scope for scope, _, _ in budgets], time.time())
+        except StoreUnavailable as exc:
+            if self.config.on_store_error == "open":
+                return
+            raise self._unavailable(exc) from None
+        for (_, who, budget), (day, month) in zip(budgets, spent):
+            assert budget is not None
+            over = _over_budget(budget, day, month)
+            if over:
+                raise GatewayError(429, f"You exceeded your current quota: this {who}'s {over}. Ask an admin to "
+                                        "raise the budget, or wait for the next period.", None,
+                                   "insufficient_quota", kind="insufficient_quota")
 
     async def admit(self, principal: Principal, cost: int) -> Ticket:
         scopes = self.scopes(principal)
-        ticket = Ticket(uuid.uuid4().hex, scopes, {})
+        ticket = Ticket(uuid.uuid4().hex, scopes, {}, self.store)
         if not scopes:
             return ticket
+        now = time.time()
         try:
-            verdict = await self.store.admit(ticket.request_id, scopes, cost, time.time(), self.lease_s)
+            verdict = await self.store.admit(ticket.request_id, scopes, cost, now, self.lease_s)
         except StoreUnavailable as exc:
-            raise self._unavailable(exc) from None
+            if self.config.on_store_error != "open":
+                raise self._unavailable(exc) from None
+            ticket.store = self.local
+            verdict = await self.local.admit(ticket.request_id, scopes, cost, now, self.lease_s)
         ticket.headers = rate_limit_headers(scopes, verdict)
         if not verdict.allowed:
             raise _refusal(scopes, verdict, cost, ticket.headers)
@@ -136,8 +217,8 @@ class Guard:
             return
         try:
             if used_tokens is not None:
-                await self.store.settle(ticket.request_id, ticket.scopes, used_tokens)
-            await self.store.release(ticket.request_id, ticket.scopes)
+                await ticket.store.settle(ticket.request_id, ticket.scopes, used_tokens)
+            await ticket.store.release(ticket.request_id, ticket.scopes)
         except StoreUnavailable:
             pass  # the lease expires on its own; the estimate stands
 
@@ -145,9 +226,101 @@ class Guard:
         return GatewayError(503, f"the policy store is unavailable ({exc}); try again", code="policy_store_unavailable",
                             headers={"Retry-After": "1"})
 
+    # ---- one request, start to end --------------------------------------------------------------------
+    async def handle(self, request: web.Request, body: dict[str, Any], table: RoutingTable,
+                     forward: Callable[[dict[str, str]], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Authenticate, authorize, check budgets, admit; forward; then settle, record and audit."""
+        started = time.perf_counter()
+        model = body.get("model") if isinstance(body.get("model"), str) else ""
+        prompt = prompt_text(body)
+        principal: Principal | None = None
+        try:
+            principal = await self.principal(request)
+            self.authorize(principal, "infer")
+            group = table.resolve(model) if model else None
+            if group is not None:
+                self.check_model(principal, {model, group.config.name, group.config.key})
+            await self.check_budgets(principal)
+            ticket = await self.admit(principal, self.estimate_tokens(body, prompt))
+        except GatewayError as exc:
+            decision = "limited" if exc.status == 429 else "denied"
+            self._decided(request, principal, model, exc.status, decision, exc.code, prompt)
+            raise
+        reply: web.StreamResponse | None = None
+        status = 500
+        try:
+            reply = await forward(ticket.headers)
+            status = reply.status
+            return reply
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        finally:
+            prompt_tokens, completion_tokens = self._usage(request, reply, prompt, status)
+            await self.finish(ticket, prompt_tokens + completion_tokens)
+            group = table.resolve(model)
+            replicas = len(group.upstreams) if group is not None else 1
+            name = group.config.name if group is not None else model
+            cost = self.costs.cost(name, prompt_tokens, completion_tokens, replicas, time.time())
+            record = UsageRecord(time.time(), ticket.request_id, principal.key_id, principal.tenant, name,
+                                 request.get("upstream", ""), prompt_tokens, completion_tokens, cost,
+                                 round((time.perf_counter() - started) * 1000, 3), status)
+            self.ledger.add(record)
+            if self.metrics is not None:
+                self.metrics.tenant_usage(principal.tenant, prompt_tokens, completion_tokens, cost)
+            self._decided(request, principal, model, status, "allowed", None, prompt, record)
+
+    def _usage(self, request: web.Request, reply: web.StreamResponse | None, prompt: str,
+               status: int) -> tuple[int, int]:
+        """(prompt, completion) tokens: as the answer reports them, else estimated (a stream's events, the
+        prompt's length; nothing generated for an error)."""
+        reported = reply_usage(reply) if reply is not None else None
+        stream: StreamUsage | None = request.get("stream_usage")
+        if reported is None and stream is not None and stream.usage is not None:
+            reported = _usage_pair(stream.usage)
+        if reported is not None:
+            return reported
+        if status >= 400:
+            return 0, 0
+        return self.prompt_tokens(prompt), stream.events if stream is not None else 0
+
+    def _decided(self, request: web.Request, principal: Principal | None, model: str, status: int, decision: str,
+                 reason: str | None, prompt: str, record: UsageRecord | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.tenant_decision(principal.tenant if principal else "unknown", decision)
+        if self.audit is None:
+            return
+        fields: dict[str, Any] = {
+            "key_id": principal.key_id if principal else None, "tenant": principal.tenant if principal else None,
+            "route": request.path, "model": model, "status": status, "decision": decision}
+        if reason:
+            fields["reason"] = reason
+        if record is not None:
+            fields.update(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                          cost=round(record.cost, 8), latency_ms=record.latency_ms, upstream=record.upstream)
+        if self.audit.config.include_prompts:
+            fields["prompt"] = prompt
+        self.audit.append("request", **fields)
+
+    def audit_admin(self, request: web.Request, principal: Principal | None, status: int, **detail: Any) -> None:
+        if self.audit is not None:
+            self.audit.append("admin", key_id=principal.key_id if principal else None,
+                              tenant=principal.tenant if principal else None, method=request.method,
+                              route=request.path, status=status, **detail)
+
 
 def _limited(limits: Limits) -> bool:
     return limits.rpm is not None or limits.tpm is not None or limits.max_concurrency is not None
+
+
+def _over_budget(budget: BudgetConfig, day: Totals, month: Totals) -> str | None:
+    for spent, limit, what in ((day.tokens, budget.daily_tokens, "daily tokens"),
+                               (month.tokens, budget.monthly_tokens, "monthly tokens"),
+                               (day.cost, budget.daily_cost, "daily cost"),
+                               (month.cost, budget.monthly_cost, "monthly cost")):
+        if limit is not None and spent >= limit:
+            return f"{what}: {spent:g} of {limit:g} spent"
+    return None
 
 
 def duration(seconds: float) -> str:
@@ -199,13 +372,20 @@ def _refusal(scopes: list[Scope], verdict: Verdict, cost: int, headers: dict[str
                         {**headers, "Retry-After": str(max(1, math.ceil(retry)))})
 
 
-def used_tokens(reply: web.StreamResponse) -> int | None:
-    """The tokens an answer reports in its usage (a whole JSON answer; a stream's usage is not seen here)."""
+def _usage_pair(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+        return None
+    return prompt, completion
+
+
+def reply_usage(reply: web.StreamResponse) -> tuple[int, int] | None:
+    """(prompt, completion) tokens a whole JSON answer reports in its usage."""
     if not isinstance(reply, web.Response) or not reply.body or reply.content_type != "application/json":
         return None
     try:
-        usage = orjson.loads(reply.body).get("usage")  # type: ignore[arg-type]
+        return _usage_pair(orjson.loads(reply.body).get("usage"))  # type: ignore[arg-type]
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return None
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) and total >= 0 else None

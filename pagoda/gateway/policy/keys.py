@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pagoda.gateway.config import BudgetConfig
+
 Role = Literal["admin", "user", "read-only"]
 KEY_PREFIX = "pk-"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"
@@ -35,6 +37,7 @@ class KeySpec(Limits):
     tenant: str = Field(pattern=NAME_PATTERN)
     role: Role = "user"
     models: list[str] | None = Field(None, min_length=1)  # None: every model
+    budget: BudgetConfig | None = None
 
 
 @dataclass
@@ -49,18 +52,21 @@ class KeyRecord:
     max_concurrency: int | None
     created: float
     revoked: float | None = None  # when
+    budget: dict[str, Any] | None = None  # a BudgetConfig's fields
 
     @classmethod
     def issue(cls, spec: KeySpec) -> tuple[str, KeyRecord]:
         """A new key (the only time its text exists) and its record."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         record = cls(secrets.token_hex(8), digest(key), spec.tenant, spec.role, spec.models, spec.rpm, spec.tpm,
-                     spec.max_concurrency, time.time())
+                     spec.max_concurrency, time.time(),
+                     budget=None if spec.budget is None else spec.budget.model_dump(exclude_none=True))
         return key, record
 
     def spec(self) -> KeySpec:
         return KeySpec(tenant=self.tenant, role=self.role, models=self.models, rpm=self.rpm, tpm=self.tpm,
-                       max_concurrency=self.max_concurrency)
+                       max_concurrency=self.max_concurrency,
+                       budget=None if self.budget is None else BudgetConfig(**self.budget))
 
     def limits(self) -> Limits:
         return Limits(rpm=self.rpm, tpm=self.tpm, max_concurrency=self.max_concurrency)
@@ -90,7 +96,9 @@ class Principal:
     role: Role
     models: list[str] | None = None
     limits: Limits = field(default_factory=Limits)
+    budget: BudgetConfig | None = None
 
     @classmethod
     def of(cls, record: KeyRecord) -> Principal:
-        return cls(record.key_id, record.tenant, record.role, record.models, record.limits())
+        return cls(record.key_id, record.tenant, record.role, record.models, record.limits(),
+                   None if record.budget is None else BudgetConfig(**record.budget))

@@ -14,13 +14,14 @@ START_TIMEOUT_S = 10.0
 
 
 class LocalRedis:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server (scripts/test.sh does)")
         self.binary = binary
         self.workdir = workdir
         self.port = port or _free_port()
+        self.persist = persist  # an append-only file, fsynced per write: what it held survives a restart
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -32,8 +33,10 @@ class LocalRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / f"redis-{self.port}.log").open("ab")
         self.process = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes"], stdout=log, stderr=subprocess.STDOUT)
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--appenddirname", f"aof-{self.port}", "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -47,9 +50,13 @@ class LocalRedis:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {START_TIMEOUT_S:g} s")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Terminate (or, ``kill``, SIGKILL: a crash)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
             self.process.wait(10)
         self.process = None
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import orjson
 
 from pagoda.gateway.policy.keys import KeyRecord, Limits
+from pagoda.gateway.policy.records import HOUR_S, Totals, UsageRecord, aggregate, day_of, month_of
 
 WINDOW_S = 60.0
 KIND_REQUESTS, KIND_TOKENS, KIND_CONCURRENCY = "requests", "tokens", "concurrency"
@@ -88,7 +89,19 @@ class Store(Protocol):
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict: ...
     async def settle(self, request_id: str, scopes: list[Scope], tokens: int) -> None: ...
     async def release(self, request_id: str, scopes: list[Scope]) -> None: ...
+    async def add_usage(self, records: list[UsageRecord]) -> None: ...
+    async def usage(self, group_by: str, start: float, end: float) -> dict[str, Totals]: ...
+    async def spent(self, scopes: list[str], now: float) -> list[tuple[Totals, Totals]]: ...
     async def close(self) -> None: ...
+
+
+def _hours(start: float, end: float) -> range:
+    """The hour buckets a time range touches (usage is kept per hour)."""
+    return range(int(start // HOUR_S), int(-(-end // HOUR_S)))
+
+
+def _periods(now: float) -> tuple[str, str]:
+    return "d" + day_of(now), "m" + month_of(now)
 
 
 @dataclass
@@ -117,6 +130,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.records: dict[str, KeyRecord] = {}  # by digest
         self.windows: dict[str, _Window] = {}
+        self.hourly: dict[tuple[int, str, str], Totals] = {}
+        self.spend: dict[tuple[str, str], Totals] = {}
 
     async def save_key(self, record: KeyRecord) -> None:
         self.records[record.digest] = record
@@ -161,6 +176,24 @@ class MemoryStore:
             w = self.windows.get(scope.name)
             if w is not None:
                 w.leases.pop(request_id, None)
+
+    async def add_usage(self, records: list[UsageRecord]) -> None:
+        hourly, spend = aggregate(records)
+        for table, sums in ((self.hourly, hourly), (self.spend, spend)):
+            for k, t in sums.items():
+                table.setdefault(k, Totals()).merge(t)  # type: ignore[arg-type]
+
+    async def usage(self, group_by: str, start: float, end: float) -> dict[str, Totals]:
+        hours = _hours(start, end)
+        out: dict[str, Totals] = {}
+        for (hour, dim, value), t in self.hourly.items():
+            if dim == group_by and hour in hours:
+                out.setdefault(value, Totals()).merge(t)
+        return out
+
+    async def spent(self, scopes: list[str], now: float) -> list[tuple[Totals, Totals]]:
+        day, month = _periods(now)
+        return [(self.spend.get((day, s), Totals()), self.spend.get((month, s), Totals())) for s in scopes]
 
     async def close(self) -> None:
         return None
@@ -335,5 +368,59 @@ class RedisStore:
             pipe.zrem(self._scope_keys(s)[3], request_id)
         await self._call(pipe.execute())
 
+    async def add_usage(self, records: list[UsageRecord]) -> None:
+        """The batch's sums added in one transaction (so a failed flush adds nothing and can be retried)."""
+        hourly, spend = aggregate(records)
+        pipe = self.client.pipeline(transaction=True)
+        for (hour, dim, value), t in hourly.items():
+            key = f"{self.prefix}:usage:{hour}:{dim}:{value}"
+            _add_totals(pipe, key, t)
+            pipe.sadd(f"{self.prefix}:usage:{hour}:{dim}", value)
+            pipe.expire(f"{self.prefix}:usage:{hour}:{dim}", RETAIN_S)
+        for (period, scope), t in spend.items():
+            _add_totals(pipe, f"{self.prefix}:spend:{period}:{scope}", t)
+        await self._call(pipe.execute())
+
+    async def usage(self, group_by: str, start: float, end: float) -> dict[str, Totals]:
+        hours = list(_hours(start, end))
+        pipe = self.client.pipeline(transaction=False)
+        for hour in hours:
+            pipe.smembers(f"{self.prefix}:usage:{hour}:{group_by}")
+        members = await self._call(pipe.execute())
+        keys = [(v.decode(), f"{self.prefix}:usage:{hour}:{group_by}:{v.decode()}")
+                for hour, values in zip(hours, members) for v in values]
+        pipe = self.client.pipeline(transaction=False)
+        for _, key in keys:
+            pipe.hgetall(key)
+        out: dict[str, Totals] = {}
+        for (value, _), fields in zip(keys, await self._call(pipe.execute())):
+            out.setdefault(value, Totals()).merge(_totals(fields))
+        return out
+
+    async def spent(self, scopes: list[str], now: float) -> list[tuple[Totals, Totals]]:
+        day, month = _periods(now)
+        pipe = self.client.pipeline(transaction=False)
+        for s in scopes:
+            pipe.hgetall(f"{self.prefix}:spend:{day}:{s}")
+            pipe.hgetall(f"{self.prefix}:spend:{month}:{s}")
+        fields = await self._call(pipe.execute())
+        return [(_totals(fields[2 * i]), _totals(fields[2 * i + 1])) for i in range(len(scopes))]
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+RETAIN_S = 40 * 86400  # usage and spend kept in Redis this long after their last change
+
+
+def _add_totals(pipe, key: str, t: Totals) -> None:  # type: ignore[no-untyped-def]
+    pipe.hincrby(key, "requests", t.requests)
+    pipe.hincrby(key, "prompt_tokens", t.prompt_tokens)
+    pipe.hincrby(key, "completion_tokens", t.completion_tokens)
+    pipe.hincrbyfloat(key, "cost", t.cost)
+    pipe.expire(key, RETAIN_S)
+
+
+def _totals(fields: dict[bytes, bytes]) -> Totals:
+    return Totals(int(fields.get(b"requests", 0)), int(fields.get(b"prompt_tokens", 0)),
+                  int(fields.get(b"completion_tokens", 0)), float(fields.get(b"cost", 0.0)))
