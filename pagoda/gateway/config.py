@@ -146,6 +146,7 @@ class TenantConfig(_Strict):
     tpm: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     budget: BudgetConfig | None = None
+    weight: float = Field(1.0, gt=0)  # its share of saturated upstreams against other tenants'
 
 
 class PriceConfig(_Strict):
@@ -183,6 +184,9 @@ class PolicyConfig(_Strict):
     on_store_error: Literal["open", "closed"] = "closed"
     # Seconds a key's record is reused without asking the store (a revoked key stops within this).
     key_cache_s: float = Field(5.0, ge=0)
+    # Requests that wait for a saturated model group (fair queue) at most, and for at most this long.
+    max_queued: int = Field(1024, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
     audit: AuditConfig | None = None
 
 

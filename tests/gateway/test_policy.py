@@ -17,7 +17,9 @@ import openai
 import pytest
 
 from pagoda.gateway.config import AuditConfig, PriceConfig
+from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.policy.audit import AuditLog, verify
+from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.guard import duration, rate_limit_headers
 from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, digest
 from pagoda.gateway.policy.local_redis import LocalRedis
@@ -386,3 +388,102 @@ def test_redis_stopped_mid_load_fails_open_or_closed_and_loses_no_usage(tmp_path
         closed.stop()
         opened.stop()
         server.stop()
+
+
+# ---- fair shares when saturated ----------------------------------------------------------------------
+
+
+def _dispatch_order(requests: list[tuple[str, str, float, int]], capacity: int = 1) -> list[str]:
+    """Queue ``requests`` (name, tenant, weight, priority) behind one that holds the only slot, then let them
+    through one at a time: the order they got the slot in."""
+
+    async def scenario() -> list[str]:
+        queue, order, gates = FairQueue(), [], {}
+
+        async def request(name: str, tenant: str, weight: float, priority: int) -> None:
+            async with queue.slot(capacity, tenant, weight, priority, 1, 100, 10):
+                order.append(name)
+                gates[name] = asyncio.Event()
+                await gates[name].wait()
+
+        first = asyncio.create_task(request("first", "x", 1.0, 0))
+        await asyncio.sleep(0)
+        tasks = [first]
+        for r in requests:
+            tasks.append(asyncio.create_task(request(*r)))
+            await asyncio.sleep(0)
+        while len(order) < len(tasks) or any(not g.is_set() for g in gates.values()):
+            await asyncio.sleep(0)
+            for name in order:
+                if not gates[name].is_set():
+                    gates[name].set()
+                    break
+        await asyncio.gather(*tasks)
+        return order[1:]
+
+    return asyncio.run(scenario())
+
+
+def test_a_saturated_group_serves_tenants_fairly_by_weight_and_key_priority() -> None:
+    flood = [(f"a{i}", "a", 1.0, 0) for i in range(4)]
+    # b's requests came after a's flood, and are served between a's, not after them.
+    assert _dispatch_order(flood + [("b0", "b", 1.0, 0), ("b1", "b", 1.0, 0)]) == ["a0", "b0", "a1", "b1", "a2", "a3"]
+    assert _dispatch_order(flood + [("vip", "c", 1.0, 5)])[0] == "vip"  # a key's priority goes first
+    heavy = [(f"h{i}", "h", 3.0, 0) for i in range(6)] + [(f"l{i}", "l", 1.0, 0) for i in range(3)]
+    order = _dispatch_order(heavy)
+    assert [n[0] for n in order[:8]].count("h") == 6  # weight 3 against 1: three of every four slots
+
+
+def test_a_full_queue_and_a_long_wait_answer_503() -> None:
+    async def scenario() -> list[str]:
+        queue = FairQueue()
+        hold = asyncio.Event()
+
+        async def holder() -> None:
+            async with queue.slot(1, "a", 1.0, 0, 1, 1, 10):
+                await hold.wait()
+
+        async def waiter(timeout_s: float) -> str:
+            try:
+                async with queue.slot(1, "b", 1.0, 0, 1, 1, timeout_s):
+                    return "served"
+            except GatewayError as exc:
+                return exc.code or ""
+
+        task = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        slow = asyncio.create_task(waiter(0.05))
+        await asyncio.sleep(0)
+        full = await waiter(10)  # one already waits: the queue of 1 is full
+        timed_out = await slow
+        hold.set()
+        await task
+        return [full, timed_out, await waiter(1)]
+
+    assert asyncio.run(scenario()) == ["queue_full", "queue_timeout", "served"]
+
+
+def test_requests_wait_for_a_saturated_upstream_in_fair_order(tmp_path: Path) -> None:
+    url, process = responder(tmp_path, "slow", "--model", "slow", "--stream-chunks", "3", "--chunk-delay-ms", "150")
+    gateway = Gateway(tmp_path, {"models": [{"name": "slow", "upstreams": [{"url": url, "max_concurrency": 1}]}],
+                                 "policy": {"require_keys": True}})
+    try:
+        keys = {t: gateway.admin("POST", "/admin/keys", json={"tenant": t}).json()["key"] for t in ("a", "b")}
+        done: list[str] = []
+
+        def stream(name: str) -> int:
+            answer = chat(gateway.url, keys[name[0]], model="slow", stream=True)
+            done.append(name)
+            return answer.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            flood = [pool.submit(stream, f"a{i}") for i in range(4)]
+            time.sleep(0.2)  # a's flood holds the slot and the queue
+            late = pool.submit(stream, "b0")
+            statuses = [f.result() for f in flood] + [late.result()]
+        assert statuses == [200] * 5  # waited for the one slot instead of being refused
+        assert done.index("b0") <= 2  # b got the next slot but one, not the last
+    finally:
+        gateway.stop()
+        process.terminate()
+        process.wait(10)

@@ -23,6 +23,7 @@ from pagoda.gateway.config import BudgetConfig, GatewayConfig, PolicyConfig
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.metrics import GatewayMetrics
 from pagoda.gateway.policy.audit import AuditLog
+from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.keys import KeyRecord, Limits, Principal, Role, digest
 from pagoda.gateway.policy.records import Totals, UsageRecord
 from pagoda.gateway.policy.store import (
@@ -78,6 +79,7 @@ class Guard:
         audit = settings().policy.audit
         self.audit = AuditLog(audit) if audit is not None else None
         self.key_cache: dict[str, tuple[KeyRecord, float]] = {}
+        self.queues: dict[str, FairQueue] = {}  # by model group
 
     @property
     def config(self) -> PolicyConfig:
@@ -229,7 +231,8 @@ class Guard:
     # ---- one request, start to end --------------------------------------------------------------------
     async def handle(self, request: web.Request, body: dict[str, Any], table: RoutingTable,
                      forward: Callable[[dict[str, str]], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Authenticate, authorize, check budgets, admit; forward; then settle, record and audit."""
+        """Authenticate, authorize, check budgets, admit, wait for a fair share of a saturated group; forward;
+        then settle, record and audit."""
         started = time.perf_counter()
         model = body.get("model") if isinstance(body.get("model"), str) else ""
         prompt = prompt_text(body)
@@ -241,7 +244,8 @@ class Guard:
             if group is not None:
                 self.check_model(principal, {model, group.config.name, group.config.key})
             await self.check_budgets(principal)
-            ticket = await self.admit(principal, self.estimate_tokens(body, prompt))
+            estimate = self.estimate_tokens(body, prompt)
+            ticket = await self.admit(principal, estimate)
         except GatewayError as exc:
             decision = "limited" if exc.status == 429 else "denied"
             self._decided(request, principal, model, exc.status, decision, exc.code, prompt)
@@ -249,7 +253,16 @@ class Guard:
         reply: web.StreamResponse | None = None
         status = 500
         try:
-            reply = await forward(ticket.headers)
+            group = table.resolve(model)
+            if group is None:
+                reply = await forward(ticket.headers)  # the proxy names the unknown model
+            else:
+                tenant = self.config.tenants.get(principal.tenant)
+                capacity = max(1, sum(u.config.max_concurrency for u in group.upstreams if u.healthy))
+                async with self.queues.setdefault(group.config.key, FairQueue()).slot(
+                        capacity, principal.tenant, tenant.weight if tenant is not None else 1.0, principal.priority,
+                        estimate, self.config.max_queued, self.config.queue_timeout_s):
+                    reply = await forward(ticket.headers)
             status = reply.status
             return reply
         except GatewayError as exc:

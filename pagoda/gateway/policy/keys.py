@@ -38,6 +38,7 @@ class KeySpec(Limits):
     role: Role = "user"
     models: list[str] | None = Field(None, min_length=1)  # None: every model
     budget: BudgetConfig | None = None
+    priority: int = Field(0, ge=-100, le=100)  # higher goes first when its model's upstreams are saturated
 
 
 @dataclass
@@ -53,6 +54,7 @@ class KeyRecord:
     created: float
     revoked: float | None = None  # when
     budget: dict[str, Any] | None = None  # a BudgetConfig's fields
+    priority: int = 0
 
     @classmethod
     def issue(cls, spec: KeySpec) -> tuple[str, KeyRecord]:
@@ -60,13 +62,14 @@ class KeyRecord:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         record = cls(secrets.token_hex(8), digest(key), spec.tenant, spec.role, spec.models, spec.rpm, spec.tpm,
                      spec.max_concurrency, time.time(),
-                     budget=None if spec.budget is None else spec.budget.model_dump(exclude_none=True))
+                     budget=None if spec.budget is None else spec.budget.model_dump(exclude_none=True),
+                     priority=spec.priority)
         return key, record
 
     def spec(self) -> KeySpec:
         return KeySpec(tenant=self.tenant, role=self.role, models=self.models, rpm=self.rpm, tpm=self.tpm,
                        max_concurrency=self.max_concurrency,
-                       budget=None if self.budget is None else BudgetConfig(**self.budget))
+                       budget=None if self.budget is None else BudgetConfig(**self.budget), priority=self.priority)
 
     def limits(self) -> Limits:
         return Limits(rpm=self.rpm, tpm=self.tpm, max_concurrency=self.max_concurrency)
@@ -97,8 +100,9 @@ class Principal:
     models: list[str] | None = None
     limits: Limits = field(default_factory=Limits)
     budget: BudgetConfig | None = None
+    priority: int = 0
 
     @classmethod
     def of(cls, record: KeyRecord) -> Principal:
         return cls(record.key_id, record.tenant, record.role, record.models, record.limits(),
-                   None if record.budget is None else BudgetConfig(**record.budget))
+                   None if record.budget is None else BudgetConfig(**record.budget), record.priority)
