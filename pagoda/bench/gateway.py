@@ -1,5 +1,6 @@
 """`pagoda bench gateway`: the latency a gateway adds, measured against an upstream that answers at once
-(and, with ``--mode routing``, what prefix-aware routing gains over round robin: pagoda.bench.gateway_routing).
+(and, with ``--mode routing``, what prefix-aware routing gains over round robin: pagoda.bench.gateway_routing;
+with ``--mode policy``, what keys, limits and accounting add: pagoda.bench.gateway_policy).
 
     pagoda bench gateway --rates 100 500 --duration-s 10 --out results/gateway.json
     pagoda bench gateway --mode routing --out results/routing.json
@@ -162,9 +163,10 @@ def measure(target: Target, rate: float, duration_s: float, warmup_s: float) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["overhead", "routing"], default="overhead",
+    parser.add_argument("--mode", choices=["overhead", "routing", "policy"], default="overhead",
                         help="overhead: added latency over an instant upstream; routing: prefix-aware against "
-                             "round robin over two pagoda serve replicas")
+                             "round robin over two pagoda serve replicas; policy: keys, limits and accounting on "
+                             "against off, and a limit's exactness across 4 gateways sharing a redis-server")
     parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 500.0], help="requests per second")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per target and rate")
     parser.add_argument("--warmup-s", type=float, default=1.0)
@@ -172,6 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument("--litellm-venv", type=Path, default=DEFAULT_LITELLM_VENV)
     parser.add_argument("--out", default=None, help="write the results here as JSON")
+    parser.add_argument("--exact-limit", type=int, default=50,
+                        help="policy mode: the requests-per-minute limit the 4-gateway burst is checked against")
     routing = parser.add_argument_group("routing mode")
     routing.add_argument("--requests", type=int, default=96, help="per run")
     routing.add_argument("--prefixes", type=int, default=12, help="system prompts of the shared-prefix workload")
@@ -186,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
         from pagoda.bench.gateway_routing import run_routing
 
         return run_routing(args)
+    if args.mode == "policy":
+        from pagoda.bench.gateway_policy import run_policy
+
+        return run_policy(args)
     for rate in args.rates:
         if rate <= 0:
             raise ValueError(f"--rates must be > 0, got {rate}")

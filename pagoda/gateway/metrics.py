@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pagoda.gateway.upstream import Upstream
@@ -33,6 +35,8 @@ class GatewayMetrics:
         self.tenant_tokens = Counter("pagoda_gateway_tenant_tokens", "Tokens by tenant", ["tenant", "kind"], registry=r)
         self.tenant_cost = Counter("pagoda_gateway_tenant_cost_dollars", "Cost by tenant", ["tenant"], registry=r)
         self.tenants: set[str] = set()
+        self._decisions: dict[tuple[str, str], Any] = {}
+        self._usage: dict[str, tuple[Any, Any, Any]] = {}
 
     def _tenant(self, tenant: str) -> str:
         """Tenants beyond MAX_TENANT_LABELS share one label: keys made through the API cannot grow the series."""
@@ -42,13 +46,22 @@ class GatewayMetrics:
         return "other"
 
     def tenant_decision(self, tenant: str, decision: str) -> None:
-        self.tenant_requests.labels(self._tenant(tenant), decision).inc()
+        key = (self._tenant(tenant), decision)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.tenant_requests.labels(*key)
+        child.inc()
 
     def tenant_usage(self, tenant: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         label = self._tenant(tenant)
-        self.tenant_tokens.labels(label, "prompt").inc(prompt_tokens)
-        self.tenant_tokens.labels(label, "completion").inc(completion_tokens)
-        self.tenant_cost.labels(label).inc(cost)
+        children = self._usage.get(label)
+        if children is None:  # the labelled series, looked up once per tenant (the hot path's share)
+            children = self._usage[label] = (self.tenant_tokens.labels(label, "prompt"),
+                                              self.tenant_tokens.labels(label, "completion"),
+                                              self.tenant_cost.labels(label))
+        children[0].inc(prompt_tokens)
+        children[1].inc(completion_tokens)
+        children[2].inc(cost)
 
     def render(self, upstreams: list[Upstream]) -> bytes:
         for u in upstreams:

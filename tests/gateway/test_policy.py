@@ -79,20 +79,14 @@ def test_tokens_per_minute_are_charged_corrected_and_refunded(store) -> None:
     assert admit(store, key, "a", 400).allowed and admit(store, key, "b", 400, at=10).allowed
     refused = admit(store, key, "c", 400, at=20)
     assert refused.denied_kind == "tokens" and refused.retry_after_s == pytest.approx(40)
-    run(_settle(store, "a", key, 100))  # it used fewer than estimated
+    run(_finish(store, "a", key, 400, 100))  # it used fewer than estimated
     assert admit(store, key, "c", 400, at=21).allowed
     too_big = admit(store, key, "d", 5000, at=22)
     assert too_big.denied_kind == "tokens" and too_big.retry_after_s == pytest.approx(60)
 
 
-async def _settle(store, rid: str, scopes: list[Scope], tokens: int) -> None:  # type: ignore[no-untyped-def]
-    await store.settle(rid, scopes, tokens)
-    if isinstance(store, RedisStore):
-        await store.client.aclose()
-
-
-async def _release(store, rid: str, scopes: list[Scope]) -> None:  # type: ignore[no-untyped-def]
-    await store.release(rid, scopes)
+async def _finish(store, rid: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:  # type: ignore[no-untyped-def]
+    await store.finish(rid, scopes, charged, tokens)
     if isinstance(store, RedisStore):
         await store.client.aclose()
 
@@ -101,7 +95,7 @@ def test_requests_in_flight_are_leases(store) -> None:
     key = [Scope("key:c", Limits(max_concurrency=2))]
     assert admit(store, key, "a").allowed and admit(store, key, "b").allowed
     assert admit(store, key, "c").denied_kind == "concurrency"
-    run(_release(store, "a", key))
+    run(_finish(store, "a", key, 1, None))
     assert admit(store, key, "c").allowed
     assert admit(store, key, "d", at=LEASE_S + 1).allowed  # the leases of a gateway that died have expired
 

@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
 
 
+def canonical(entry: dict[str, Any]) -> bytes:
+    """An entry's fields but its own hash, as canonical JSON (sorted keys): what its hash is taken over."""
+    return orjson.dumps({k: v for k, v in entry.items() if k != "hash"}, option=orjson.OPT_SORT_KEYS)
+
+
 def entry_hash(entry: dict[str, Any]) -> str:
-    """The hash of an entry's fields but its own hash (canonical JSON: sorted keys)."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return hashlib.sha256(canonical(entry)).hexdigest()
 
 
 def _last_entry(path: Path) -> dict[str, Any] | None:
@@ -49,13 +52,13 @@ class AuditLog:
         return self.path.with_name(f"{self.path.name}.{n}")
 
     def append(self, event: str, **fields: Any) -> None:
-        entry = {"seq": self.seq, "ts": round(time.time(), 6), "event": event, **fields, "prev": self.prev}
-        entry["hash"] = entry_hash(entry)
-        line = orjson.dumps(entry) + b"\n"
+        body = canonical({"seq": self.seq, "ts": round(time.time(), 6), "event": event, **fields, "prev": self.prev})
+        digest = hashlib.sha256(body).hexdigest()
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'  # the same object with its hash last
         if self.file.tell() + len(line) > self.config.max_bytes and self.file.tell() > 0:
             self._rotate()
         self.file.write(line)
-        self.prev, self.seq = entry["hash"], self.seq + 1
+        self.prev, self.seq = digest, self.seq + 1
 
     def flush(self) -> None:
         self.file.flush()

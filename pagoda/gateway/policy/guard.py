@@ -8,10 +8,12 @@ seen in the last lookups and this gateway's own windows, and the usage records w
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import itertools
 import math
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +66,7 @@ class Ticket:
 
     request_id: str
     scopes: list[Scope]
+    charged: int  # tokens, at admission
     headers: dict[str, str]
     store: Store
 
@@ -80,6 +83,12 @@ class Guard:
         self.audit = AuditLog(audit) if audit is not None else None
         self.key_cache: dict[str, tuple[KeyRecord, float]] = {}
         self.queues: dict[str, FairQueue] = {}  # by model group
+        self._scopes_of: PolicyConfig | None = None
+        self._tenant_scopes: dict[str, Scope] = {}
+        self.pending: set[asyncio.Future[None]] = set()
+        # Request ids unique across gateways sharing a store: this process's random prefix and a count.
+        self.instance = secrets.token_hex(6)
+        self.request_ids = itertools.count()
 
     @property
     def config(self) -> PolicyConfig:
@@ -94,6 +103,7 @@ class Guard:
         self.ledger.start()
 
     async def stop(self) -> None:
+        await asyncio.gather(*self.pending)
         await self.ledger.stop()
         if self.audit is not None:
             self.audit.close()
@@ -152,12 +162,21 @@ class Guard:
         scopes = []
         if _limited(principal.limits):
             scopes.append(Scope(f"key:{principal.key_id}", principal.limits))
-        tenant = self.config.tenants.get(principal.tenant)
+        tenant = self._tenant_scope(principal.tenant)
         if tenant is not None:
-            limits = Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=tenant.max_concurrency)
-            if _limited(limits):
-                scopes.append(Scope(f"tenant:{principal.tenant}", limits))
+            scopes.append(tenant)
         return scopes
+
+    def _tenant_scope(self, tenant: str) -> Scope | None:
+        """The tenant's limits as a scope, built once per config version."""
+        config = self.config
+        if config is not self._scopes_of:
+            self._scopes_of, self._tenant_scopes = config, {}
+            for name, t in config.tenants.items():
+                limits = Limits(rpm=t.rpm, tpm=t.tpm, max_concurrency=t.max_concurrency)
+                if _limited(limits):
+                    self._tenant_scopes[name] = Scope(f"tenant:{name}", limits)
+        return self._tenant_scopes.get(tenant)
 
     def estimate_tokens(self, body: dict[str, Any], prompt: str) -> int:
         """Tokens charged at admission: the prompt's by its length, and the completion's limit."""
@@ -197,7 +216,7 @@ class Guard:
 
     async def admit(self, principal: Principal, cost: int) -> Ticket:
         scopes = self.scopes(principal)
-        ticket = Ticket(uuid.uuid4().hex, scopes, {}, self.store)
+        ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         if not scopes:
             return ticket
         now = time.time()
@@ -215,14 +234,16 @@ class Guard:
 
     async def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
         """The request ended: its tokens corrected to what it used (when known) and its slot freed."""
-        if not ticket.scopes:
-            return
         try:
-            if used_tokens is not None:
-                await ticket.store.settle(ticket.request_id, ticket.scopes, used_tokens)
-            await ticket.store.release(ticket.request_id, ticket.scopes)
+            await ticket.store.finish(ticket.request_id, ticket.scopes, ticket.charged, used_tokens)
         except StoreUnavailable:
             pass  # the lease expires on its own; the estimate stands
+
+    def _in_background(self, call: Awaitable[None]) -> None:
+        """Work after the answer (the store's correction of a finished request): off the response's path."""
+        task = asyncio.ensure_future(call)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
     def _unavailable(self, exc: StoreUnavailable) -> GatewayError:
         return GatewayError(503, f"the policy store is unavailable ({exc}); try again", code="policy_store_unavailable",
@@ -270,7 +291,8 @@ class Guard:
             raise
         finally:
             prompt_tokens, completion_tokens = self._usage(request, reply, prompt, status)
-            await self.finish(ticket, prompt_tokens + completion_tokens)
+            if ticket.scopes:
+                self._in_background(self.finish(ticket, prompt_tokens + completion_tokens))
             group = table.resolve(model)
             replicas = len(group.upstreams) if group is not None else 1
             name = group.config.name if group is not None else model
@@ -348,17 +370,16 @@ def duration(seconds: float) -> str:
 
 def rate_limit_headers(scopes: list[Scope], verdict: Verdict) -> dict[str, str]:
     """The x-ratelimit-* trios of whichever scope has the least left of each kind."""
+    requests: tuple[int, int, float] | None = None
+    tokens: tuple[int, int, float] | None = None
+    for scope, state in zip(scopes, verdict.states):
+        rpm, tpm = scope.limits.rpm, scope.limits.tpm
+        if rpm is not None and (requests is None or rpm - state.requests < requests[1]):
+            requests = (rpm, max(0, rpm - state.requests), state.requests_reset_s)
+        if tpm is not None and (tokens is None or tpm - state.tokens < tokens[1]):
+            tokens = (tpm, max(0, tpm - state.tokens), state.tokens_reset_s)
     headers: dict[str, str] = {}
-    for kind, limit_of, used_of, reset_of in (
-            ("requests", lambda s: s.limits.rpm, lambda st: st.requests, lambda st: st.requests_reset_s),
-            ("tokens", lambda s: s.limits.tpm, lambda st: st.tokens, lambda st: st.tokens_reset_s)):
-        tightest = None
-        for scope, state in zip(scopes, verdict.states):
-            limit = limit_of(scope)
-            if limit is not None:
-                left = max(0, limit - used_of(state))
-                if tightest is None or left < tightest[1]:
-                    tightest = (limit, left, reset_of(state))
+    for kind, tightest in (("requests", requests), ("tokens", tokens)):
         if tightest is not None:
             headers[f"x-ratelimit-limit-{kind}"] = str(tightest[0])
             headers[f"x-ratelimit-remaining-{kind}"] = str(tightest[1])

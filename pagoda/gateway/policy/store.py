@@ -11,13 +11,15 @@ Both stores run the same decision (``_decide`` here, the Lua script below) on th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from pagoda.gateway.policy.keys import KeyRecord, Limits
+from pagoda.gateway.policy.resp import RespConnection, RespError
 from pagoda.gateway.policy.records import HOUR_S, Totals, UsageRecord, aggregate, day_of, month_of
 
 WINDOW_S = 60.0
@@ -87,8 +89,7 @@ class Store(Protocol):
     async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def keys(self) -> list[KeyRecord]: ...
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict: ...
-    async def settle(self, request_id: str, scopes: list[Scope], tokens: int) -> None: ...
-    async def release(self, request_id: str, scopes: list[Scope]) -> None: ...
+    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None: ...
     async def add_usage(self, records: list[UsageRecord]) -> None: ...
     async def usage(self, group_by: str, start: float, end: float) -> dict[str, Totals]: ...
     async def spent(self, scopes: list[str], now: float) -> list[tuple[Totals, Totals]]: ...
@@ -164,18 +165,17 @@ class MemoryStore:
                 w.leases[request_id] = now + lease_s
         return Verdict(True, [w.state(now) for w in windows])
 
-    async def settle(self, request_id: str, scopes: list[Scope], tokens: int) -> None:
+    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:
+        """The request ended: its charge corrected to ``tokens`` (None: unknown, the estimate stands) and its
+        lease ended."""
         for scope in scopes:
             w = self.windows.get(scope.name)
-            if w is not None and request_id in w.costs:
+            if w is None:
+                continue
+            if tokens is not None and request_id in w.costs:
                 w.tokens += tokens - w.costs[request_id]
                 w.costs[request_id] = tokens
-
-    async def release(self, request_id: str, scopes: list[Scope]) -> None:
-        for scope in scopes:
-            w = self.windows.get(scope.name)
-            if w is not None:
-                w.leases.pop(request_id, None)
+            w.leases.pop(request_id, None)
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         hourly, spend = aggregate(records)
@@ -199,49 +199,47 @@ class MemoryStore:
         return None
 
 
-# KEYS: per scope its request log (zset: request id by arrival ms), token charges (hash), token total, and
-# leases (zset: request id by lease end ms). ARGV: now ms, window ms, request id, lease end ms, then per
+# KEYS: per scope its request log (zset of "<request id>:<tokens charged>" by arrival ms), its token total and
+# its leases (zset: request id by lease end ms). ARGV: now ms, window ms, request id, lease end ms, then per
 # scope rpm, tpm, max concurrency (-1: none) and the request's tokens. Returns allowed, the refusing scope
 # (1-based, 0: none), its kind, the retry ms, then per scope: requests, tokens, in flight, reset ms.
 ADMIT_LUA = """
 local now, window, rid, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local n = #KEYS / 4
-local counts, used, inflight, oldest = {}, {}, {}, {}
-local function expire(log, charges, total)
-  while true do
-    local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
-    if #old == 0 then return end
-    local freed = 0
-    for _, c in ipairs(redis.call('HMGET', charges, unpack(old))) do freed = freed + (tonumber(c) or 0) end
-    redis.call('ZREM', log, unpack(old))
-    redis.call('HDEL', charges, unpack(old))
-    if freed ~= 0 then redis.call('DECRBY', total, freed) end
-  end
-end
+local n = #KEYS / 3
+local counts, used, inflight = {}, {}, {}
+local function charge(member) return tonumber(string.match(member, ':(%d+)$')) end
 for i = 1, n do
-  local log, charges, total, leases = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
-  expire(log, charges, total)
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  local log, total, leases = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  while true do  -- the entries that left the window, oldest first
+    local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 1000)
+    if #old == 0 then break end
+    local freed = 0
+    for _, m in ipairs(old) do freed = freed + charge(m) end
+    redis.call('ZREMRANGEBYRANK', log, 0, #old - 1)
+    redis.call('DECRBY', total, freed)
+    if #old < 1000 then break end
+  end
   counts[i] = redis.call('ZCARD', log)
   used[i] = tonumber(redis.call('GET', total) or '0')
-  inflight[i] = redis.call('ZCARD', leases)
-end
-local function reset(i)
-  local first = redis.call('ZRANGE', KEYS[4*i-3], 0, 0, 'WITHSCORES')
-  if #first == 0 then return 0 end
-  return math.max(0, tonumber(first[2]) + window - now)
+  inflight[i] = 0
+  if tonumber(ARGV[3+4*i]) >= 0 then
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+    inflight[i] = redis.call('ZCARD', leases)
+  end
 end
 local function states(out)
   for i = 1, n do
-    local r = reset(i)
-    table.insert(out, counts[i]); table.insert(out, used[i]); table.insert(out, inflight[i]); table.insert(out, r)
+    local first = redis.call('ZRANGE', KEYS[3*i-2], 0, 0, 'WITHSCORES')
+    local reset = 0
+    if #first > 0 then reset = math.max(0, tonumber(first[2]) + window - now) end
+    table.insert(out, counts[i]); table.insert(out, used[i]); table.insert(out, inflight[i]); table.insert(out, reset)
   end
   return out
 end
 for i = 1, n do
   local rpm, tpm, conc, cost = tonumber(ARGV[1+4*i]), tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i])
   local kind, retry = nil, 1000
-  local log = KEYS[4*i-3]
+  local log = KEYS[3*i-2]
   if rpm >= 0 and counts[i] + 1 > rpm then
     kind = 'requests'
     local nth = redis.call('ZRANGE', log, counts[i] - rpm, counts[i] - rpm, 'WITHSCORES')
@@ -254,7 +252,7 @@ for i = 1, n do
       local need, freed = used[i] + cost - tpm, 0
       local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
       for j = 1, #entries, 2 do
-        freed = freed + (tonumber(redis.call('HGET', KEYS[4*i-2], entries[j])) or 0)
+        freed = freed + charge(entries[j])
         if freed >= need then retry = math.max(0, tonumber(entries[j+1]) + window - now); break end
       end
     end
@@ -265,12 +263,12 @@ for i = 1, n do
 end
 for i = 1, n do
   local rpm, tpm, conc, cost = tonumber(ARGV[1+4*i]), tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i])
-  local log, charges, total, leases = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
+  local log, total, leases = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   if rpm >= 0 or tpm >= 0 then
-    redis.call('ZADD', log, now, rid)
-    redis.call('HSET', charges, rid, cost)
+    redis.call('ZADD', log, now, rid .. ':' .. cost)
     redis.call('INCRBY', total, cost)
-    for _, k in ipairs({log, charges, total}) do redis.call('PEXPIRE', k, window + 1000) end
+    redis.call('PEXPIRE', log, window + 1000)
+    redis.call('PEXPIRE', total, window + 1000)
     counts[i] = counts[i] + 1
     used[i] = used[i] + cost
   end
@@ -283,14 +281,21 @@ end
 return states({1, 0, '', 0})
 """
 
-# KEYS: per scope its token charges and total. ARGV: request id, the tokens it used.
-SETTLE_LUA = """
-for i = 1, #KEYS / 2 do
-  local old = redis.call('HGET', KEYS[2*i-1], ARGV[1])
-  if old then
-    redis.call('HSET', KEYS[2*i-1], ARGV[1], ARGV[2])
-    redis.call('INCRBY', KEYS[2*i], tonumber(ARGV[2]) - tonumber(old))
+# KEYS: per scope its log, token total and leases. ARGV: request id, the tokens charged, the tokens used (-1:
+# unknown: the charge stands).
+FINISH_LUA = """
+local rid, charged, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, #KEYS / 3 do
+  if used >= 0 and used ~= charged then
+    local member = rid .. ':' .. charged
+    local at = redis.call('ZSCORE', KEYS[3*i-2], member)
+    if at then
+      redis.call('ZREM', KEYS[3*i-2], member)
+      redis.call('ZADD', KEYS[3*i-2], at, rid .. ':' .. used)
+      redis.call('INCRBY', KEYS[3*i-1], used - charged)
+    end
   end
+  redis.call('ZREM', KEYS[3*i], rid)
 end
 return 0
 """
@@ -306,8 +311,20 @@ class RedisStore:
         self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, asyncio.TimeoutError)
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = prefix
-        self._admit = self.client.register_script(ADMIT_LUA)
-        self._settle = self.client.register_script(SETTLE_LUA)
+        self.fast = RespConnection(url, timeout_s)  # the per-request scripts
+
+    async def _script(self, script: str, keys: list[str], args: list[int | str]) -> Any:
+        """Run one of the scripts by its SHA-1 (sent whole the first time after Redis lost it)."""
+        sha = SCRIPT_SHAS[script]
+        try:
+            try:
+                return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+            except RespError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                return await self.fast.call("EVAL", script, len(keys), *keys, *args)
+        except (OSError, ConnectionError, asyncio.TimeoutError, RespError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
 
     async def _call(self, coroutine):  # type: ignore[no-untyped-def]
         try:
@@ -341,7 +358,7 @@ class RedisStore:
 
     def _scope_keys(self, scope: Scope) -> list[str]:
         base = f"{self.prefix}:rl:{scope.name}"
-        return [f"{base}:log", f"{base}:charges", f"{base}:tokens", f"{base}:leases"]
+        return [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
 
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
         keys = [k for s in scopes for k in self._scope_keys(s)]
@@ -350,7 +367,7 @@ class RedisStore:
             lim = s.limits
             args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
                      -1 if lim.max_concurrency is None else lim.max_concurrency, cost]
-        out = await self._call(self._admit(keys=keys, args=args))
+        out = await self._script(ADMIT_LUA, keys, args)
         states = [ScopeState(int(out[i]), int(out[i + 1]), int(out[i + 2]), int(out[i + 3]) / 1000,
                              int(out[i + 3]) / 1000) for i in range(4, len(out), 4)]
         if int(out[0]):
@@ -358,15 +375,9 @@ class RedisStore:
         kind = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
         return Verdict(False, states, int(out[1]) - 1, kind, int(out[3]) / 1000)
 
-    async def settle(self, request_id: str, scopes: list[Scope], tokens: int) -> None:
-        keys = [k for s in scopes for k in self._scope_keys(s)[1:3]]
-        await self._call(self._settle(keys=keys, args=[request_id, tokens]))
-
-    async def release(self, request_id: str, scopes: list[Scope]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for s in scopes:
-            pipe.zrem(self._scope_keys(s)[3], request_id)
-        await self._call(pipe.execute())
+    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:
+        keys = [k for s in scopes for k in self._scope_keys(s)]
+        await self._script(FINISH_LUA, keys, [request_id, charged, -1 if tokens is None else tokens])
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         """The batch's sums added in one transaction (so a failed flush adds nothing and can be retried)."""
@@ -407,9 +418,11 @@ class RedisStore:
         return [(_totals(fields[2 * i]), _totals(fields[2 * i + 1])) for i in range(len(scopes))]
 
     async def close(self) -> None:
+        await self.fast.close()
         await self.client.aclose()
 
 
+SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT_LUA, FINISH_LUA)}
 RETAIN_S = 40 * 86400  # usage and spend kept in Redis this long after their last change
 
 
