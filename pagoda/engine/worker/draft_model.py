@@ -23,8 +23,9 @@ import time
 import numpy as np
 import torch
 
+from pagoda.engine.worker.forward import HostStaging, forward_arrays
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, step_arrays
-from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.attention.base import AttentionBackend
 from pagoda.model.llama import LlamaForCausalLM
 
 
@@ -37,7 +38,7 @@ class DraftModelProposer:
         self.block_size = block_size
         self.num_tokens = num_tokens  # drafts proposed at most
         self.max_catch_up_tokens = max_catch_up_tokens  # tokens the first forward computes at most
-        self.device = device
+        self.staging = HostStaging(device)  # its own buffers: the target's may still be in flight
         self.pad_slot = (kv_caches[0].shape[1] - 1) * block_size
         self.forwards: list[tuple[int, float]] = []  # (tokens, seconds) of the forwards of the last proposal
 
@@ -107,19 +108,9 @@ class DraftModelProposer:
         started = time.perf_counter()
         arrays = step_arrays(batch.token_ids, batch.block_table, batch.num_blocks, rows, starts, counts, known,
                              self.block_size)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(arrays.slot_mapping).to(self.device),
-            query_lens=arrays.query_lens,
-            seq_lens=arrays.seq_lens,
-            block_tables=torch.from_numpy(arrays.block_tables),
-            block_size=self.block_size,
-            pad_slot=self.pad_slot,
-            device=self.device,
-        )
-        self.attention.prepare(metadata)
-        hidden = self.model(torch.from_numpy(arrays.input_ids).to(self.device),
-                            torch.from_numpy(arrays.positions).to(self.device), self.kv_caches, self.attention, metadata)
-        logits = self.model.compute_logits(hidden[torch.from_numpy(arrays.sample_rows).to(self.device)])
+        hidden = forward_arrays(self.model, self.kv_caches, self.attention, arrays, self.block_size, self.pad_slot,
+                                self.staging)
+        logits = self.model.compute_logits(hidden[self.staging("sample_rows", arrays.sample_rows)])
         tokens = logits.argmax(dim=-1).tolist()
         self.forwards.append((len(arrays.input_ids), time.perf_counter() - started))
         return tokens

@@ -10,13 +10,14 @@ import torch
 
 from pagoda.api.outputs import PositionLogprobs
 from pagoda.engine.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
-from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
+from pagoda.model.attention.base import AttentionBackend
 from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
 from pagoda.engine.worker.draft_model import DraftModelProposer
+from pagoda.engine.worker.forward import HostStaging, forward_arrays
 from pagoda.engine.worker.ngram_proposer import NgramProposer
 from pagoda.engine.worker.sampler import Sampler, position_logprobs
 from pagoda.engine.worker.verify import Verification
@@ -43,28 +44,6 @@ class PromptHidden:
     state: CachedRequestState
     hidden: torch.Tensor  # [rows, hidden]
     first_target: int  # the prompt position the first row predicts
-
-
-class HostStaging:
-    """Host arrays to the model's device. On CUDA through pinned buffers reused every step, so the copies
-    are asynchronous (each step ends by reading its tokens back, after which the buffers are free again);
-    on the CPU the arrays are used as they are."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pinned: dict[str, torch.Tensor] = {}
-
-    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cpu":
-            return host
-        buffer = self.pinned.get(name)
-        if buffer is None or buffer.numel() < host.numel() or buffer.dtype != host.dtype:
-            size = max(host.numel(), 2 * (buffer.numel() if buffer is not None else 0))
-            buffer = self.pinned[name] = torch.empty(size, dtype=host.dtype, pin_memory=True)
-        staged = buffer[: host.numel()].view(host.shape)
-        staged.copy_(host)
-        return staged.to(self.device, non_blocking=True)
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, mask: GrammarBitmask, req_ids: list[str]) -> torch.Tensor:
@@ -252,18 +231,8 @@ class ModelRunner:
 
     def _forward(self, arrays: StepArrays) -> torch.Tensor:
         """Final hidden states of every token of the step."""
-        metadata = AttentionMetadata(
-            slot_mapping=self.staging("slots", arrays.slot_mapping),
-            query_lens=arrays.query_lens,
-            seq_lens=arrays.seq_lens,
-            block_tables=torch.from_numpy(arrays.block_tables),
-            block_size=self.block_size,
-            pad_slot=self.pad_slot,
-            device=self.device,
-        )
-        self.attention.prepare(metadata)
-        return self.model(self.staging("input_ids", arrays.input_ids), self.staging("positions", arrays.positions),
-                          self.kv_caches, self.attention, metadata)
+        return forward_arrays(self.model, self.kv_caches, self.attention, arrays, self.block_size, self.pad_slot,
+                              self.staging)
 
     def _prompt_logprobs(self, item: PromptHidden) -> list[PositionLogprobs]:
         """Logprobs of the raw distribution for the prompt tokens ``item`` predicts, a block of rows at a time."""
