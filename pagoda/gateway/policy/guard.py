@@ -290,20 +290,27 @@ class Guard:
             status = exc.status
             raise
         finally:
-            prompt_tokens, completion_tokens = self._usage(request, reply, prompt, status)
-            if ticket.scopes:
-                self._in_background(self.finish(ticket, prompt_tokens + completion_tokens))
-            group = table.resolve(model)
-            replicas = len(group.upstreams) if group is not None else 1
-            name = group.config.name if group is not None else model
-            cost = self.costs.cost(name, prompt_tokens, completion_tokens, replicas, time.time())
-            record = UsageRecord(time.time(), ticket.request_id, principal.key_id, principal.tenant, name,
-                                 request.get("upstream", ""), prompt_tokens, completion_tokens, cost,
-                                 round((time.perf_counter() - started) * 1000, 3), status)
-            self.ledger.add(record)
-            if self.metrics is not None:
-                self.metrics.tenant_usage(principal.tenant, prompt_tokens, completion_tokens, cost)
-            self._decided(request, principal, model, status, "allowed", None, prompt, record)
+            # The bookkeeping runs once the answer is on its way (the next turn of the event loop).
+            asyncio.get_running_loop().call_soon(self._ended, request, reply, status, ticket, principal, model,
+                                                 prompt, table, (time.perf_counter() - started) * 1000)
+
+    def _ended(self, request: web.Request, reply: web.StreamResponse | None, status: int, ticket: Ticket,
+               principal: Principal, model: str, prompt: str, table: RoutingTable, latency_ms: float) -> None:
+        """An admitted request ended: its tokens settled in the store, its usage recorded, its decision audited."""
+        prompt_tokens, completion_tokens = self._usage(request, reply, prompt, status)
+        if ticket.scopes:
+            self._in_background(self.finish(ticket, prompt_tokens + completion_tokens))
+        group = table.resolve(model)
+        replicas = len(group.upstreams) if group is not None else 1
+        name = group.config.name if group is not None else model
+        cost = self.costs.cost(name, prompt_tokens, completion_tokens, replicas, time.time())
+        record = UsageRecord(time.time(), ticket.request_id, principal.key_id, principal.tenant, name,
+                             request.get("upstream", ""), prompt_tokens, completion_tokens, cost, round(latency_ms, 3),
+                             status)
+        self.ledger.add(record)
+        if self.metrics is not None:
+            self.metrics.tenant_usage(principal.tenant, prompt_tokens, completion_tokens, cost)
+        self._decided(request, principal, model, status, "allowed", None, prompt, record)
 
     def _usage(self, request: web.Request, reply: web.StreamResponse | None, prompt: str,
                status: int) -> tuple[int, int]:
