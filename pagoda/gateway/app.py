@@ -80,16 +80,15 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
         return principal
 
     async def openai_route(request: web.Request) -> web.StreamResponse:
-        body = await _body(request)
         table = state.table
 
-        def forward(headers: dict[str, str] | None) -> Awaitable[web.StreamResponse]:
+        def forward(body: dict[str, Any], headers: dict[str, str] | None) -> Awaitable[web.StreamResponse]:
             return proxy.forward(request, table, body, request["raw_body"], headers)
 
         if guard.config.require_keys:
-            reply = await guard.handle(request, body, table, forward)
+            reply = await guard.handle(request, lambda: _body(request), table, forward)
         else:
-            reply = await forward(None)
+            reply = await forward(await _body(request), None)
         metrics.requests.labels(request.path, str(reply.status)).inc()
         return reply
 

@@ -20,11 +20,12 @@ from pagoda.gateway.config import AuditConfig, PriceConfig
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.policy.audit import AuditLog, verify
 from pagoda.gateway.policy.fair_queue import FairQueue
-from pagoda.gateway.policy.guard import duration, rate_limit_headers
+from pagoda.gateway.policy.answers import duration, rate_limit_headers
 from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, digest
 from pagoda.gateway.policy.local_redis import LocalRedis
 from pagoda.gateway.policy.records import UsageRecord
-from pagoda.gateway.policy.store import MemoryStore, RedisStore, Scope
+from pagoda.gateway.policy.redis_store import RedisStore
+from pagoda.gateway.policy.store import MemoryStore, Scope
 from pagoda.gateway.policy.usage import CostModel
 from tests.gateway.conftest import ADMIN, Gateway, responder
 
@@ -179,6 +180,10 @@ def test_keys_roles_models_revocation_and_rotation(tmp_path: Path, upstream: str
         for bad in (None, "pk-" + "A" * 43, "not a key at all", user["key"] + "x"):
             answer = chat(gateway.url, bad)
             assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error", bad
+        garbled = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
+        assert httpx.post(f"{gateway.url}/v1/chat/completions", **garbled).status_code == 401  # the key comes first
+        assert httpx.post(f"{gateway.url}/v1/chat/completions", **{**garbled, "headers": {
+            **garbled["headers"], "Authorization": f"Bearer {user['key']}"}}).status_code == 400
         assert chat(gateway.url, viewer["key"]).status_code == 403  # read-only: no inference
         assert httpx.get(f"{gateway.url}/admin/keys", headers={"Authorization": f"Bearer {viewer['key']}"}).status_code == 200
         assert httpx.post(f"{gateway.url}/admin/keys", json={"tenant": "x"},

@@ -24,21 +24,13 @@ from aiohttp import web
 from pagoda.gateway.config import BudgetConfig, GatewayConfig, PolicyConfig
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.metrics import GatewayMetrics
+from pagoda.gateway.policy.answers import rate_limit_headers, refusal
 from pagoda.gateway.policy.audit import AuditLog
 from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.keys import KeyRecord, Limits, Principal, Role, digest
 from pagoda.gateway.policy.records import Totals, UsageRecord
-from pagoda.gateway.policy.store import (
-    KIND_CONCURRENCY,
-    KIND_REQUESTS,
-    KIND_TOKENS,
-    MemoryStore,
-    RedisStore,
-    Scope,
-    Store,
-    StoreUnavailable,
-    Verdict,
-)
+from pagoda.gateway.policy.redis_store import RedisStore
+from pagoda.gateway.policy.store import MemoryStore, Scope, Store, StoreUnavailable
 from pagoda.gateway.policy.usage import CostModel, UsageLedger
 from pagoda.gateway.proxy import StreamUsage, prompt_text
 from pagoda.gateway.router import RoutingTable
@@ -229,7 +221,7 @@ class Guard:
             verdict = await self.local.admit(ticket.request_id, scopes, cost, now, self.lease_s)
         ticket.headers = rate_limit_headers(scopes, verdict)
         if not verdict.allowed:
-            raise _refusal(scopes, verdict, cost, ticket.headers)
+            raise refusal(scopes, verdict, cost, ticket.headers)
         return ticket
 
     async def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
@@ -250,17 +242,21 @@ class Guard:
                             headers={"Retry-After": "1"})
 
     # ---- one request, start to end --------------------------------------------------------------------
-    async def handle(self, request: web.Request, body: dict[str, Any], table: RoutingTable,
-                     forward: Callable[[dict[str, str]], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Authenticate, authorize, check budgets, admit, wait for a fair share of a saturated group; forward;
-        then settle, record and audit."""
+    async def handle(self, request: web.Request, read_body: Callable[[], Awaitable[dict[str, Any]]],
+                     table: RoutingTable,
+                     forward: Callable[[dict[str, Any], dict[str, str]], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        """Authenticate and authorize (before the body is read), check budgets, admit, wait for a fair share
+        of a saturated group; forward; then settle, record and audit."""
         started = time.perf_counter()
-        model = body.get("model") if isinstance(body.get("model"), str) else ""
-        prompt = prompt_text(body)
+        model, prompt = "", ""
         principal: Principal | None = None
         try:
             principal = await self.principal(request)
             self.authorize(principal, "infer")
+            body = await read_body()
+            model = body["model"] if isinstance(body.get("model"), str) else ""
+            prompt = prompt_text(body)
             group = table.resolve(model) if model else None
             if group is not None:
                 self.check_model(principal, {model, group.config.name, group.config.key})
@@ -276,14 +272,14 @@ class Guard:
         try:
             group = table.resolve(model)
             if group is None:
-                reply = await forward(ticket.headers)  # the proxy names the unknown model
+                reply = await forward(body, ticket.headers)  # the proxy names the unknown model
             else:
                 tenant = self.config.tenants.get(principal.tenant)
                 capacity = max(1, sum(u.config.max_concurrency for u in group.upstreams if u.healthy))
                 async with self.queues.setdefault(group.config.key, FairQueue()).slot(
                         capacity, principal.tenant, tenant.weight if tenant is not None else 1.0, principal.priority,
                         estimate, self.config.max_queued, self.config.queue_timeout_s):
-                    reply = await forward(ticket.headers)
+                    reply = await forward(body, ticket.headers)
             status = reply.status
             return reply
         except GatewayError as exc:
@@ -363,54 +359,6 @@ def _over_budget(budget: BudgetConfig, day: Totals, month: Totals) -> str | None
         if limit is not None and spent >= limit:
             return f"{what}: {spent:g} of {limit:g} spent"
     return None
-
-
-def duration(seconds: float) -> str:
-    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{seconds:.3g}s"
-    minutes = int(seconds // 60)
-    return f"{minutes}m{seconds - 60 * minutes:.0f}s"
-
-
-def rate_limit_headers(scopes: list[Scope], verdict: Verdict) -> dict[str, str]:
-    """The x-ratelimit-* trios of whichever scope has the least left of each kind."""
-    requests: tuple[int, int, float] | None = None
-    tokens: tuple[int, int, float] | None = None
-    for scope, state in zip(scopes, verdict.states):
-        rpm, tpm = scope.limits.rpm, scope.limits.tpm
-        if rpm is not None and (requests is None or rpm - state.requests < requests[1]):
-            requests = (rpm, max(0, rpm - state.requests), state.requests_reset_s)
-        if tpm is not None and (tokens is None or tpm - state.tokens < tokens[1]):
-            tokens = (tpm, max(0, tpm - state.tokens), state.tokens_reset_s)
-    headers: dict[str, str] = {}
-    for kind, tightest in (("requests", requests), ("tokens", tokens)):
-        if tightest is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(tightest[0])
-            headers[f"x-ratelimit-remaining-{kind}"] = str(tightest[1])
-            headers[f"x-ratelimit-reset-{kind}"] = duration(tightest[2])
-    return headers
-
-
-def _refusal(scopes: list[Scope], verdict: Verdict, cost: int, headers: dict[str, str]) -> GatewayError:
-    assert verdict.denied_scope is not None and verdict.denied_kind is not None
-    scope, state = scopes[verdict.denied_scope], verdict.states[verdict.denied_scope]
-    who = scope.name.split(":", 1)[0]
-    retry = verdict.retry_after_s
-    if verdict.denied_kind == KIND_REQUESTS:
-        detail = f"requests per minute: limit {scope.limits.rpm}, used {state.requests}, requested 1"
-    elif verdict.denied_kind == KIND_TOKENS:
-        detail = f"tokens per minute: limit {scope.limits.tpm}, used {state.tokens}, requested {cost}"
-        if scope.limits.tpm is not None and cost > scope.limits.tpm:
-            detail += " (more than the limit: lower max_tokens or the prompt)"
-    else:
-        assert verdict.denied_kind == KIND_CONCURRENCY
-        detail = f"requests in flight: limit {scope.limits.max_concurrency}, in flight {state.in_flight}"
-    return GatewayError(429, f"Rate limit reached for this {who}'s {detail}. Please try again in {duration(retry)}.",
-                        None, "rate_limit_exceeded",
-                        {**headers, "Retry-After": str(max(1, math.ceil(retry)))})
 
 
 def _usage_pair(usage: Any) -> tuple[int, int] | None:
