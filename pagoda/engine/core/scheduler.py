@@ -94,7 +94,7 @@ class Scheduler:
             num_new = known + len(req.spec_token_ids) if req.spec_token_ids else known
             if num_new > budget:
                 num_new = budget
-            reserve = num_new + self._lookahead(req, computed + num_new)
+            reserve = num_new + self._lookahead(req, computed + num_new) if self.lookahead else num_new
             # The common decode step has room in its last block: no call into the KV manager.
             if computed + reserve > len(req.block_ids) * bs:
                 while not self.kv.allocate(req, reserve):
