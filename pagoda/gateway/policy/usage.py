@@ -63,6 +63,7 @@ class UsageLedger:
     buffer: list[UsageRecord] = field(default_factory=list)
     dropped: int = 0
     _task: asyncio.Task[None] | None = None
+    _flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def add(self, record: UsageRecord) -> None:
         self.buffer.append(record)
@@ -72,17 +73,19 @@ class UsageLedger:
             logger.error("usage buffer full while the store is away: %d records dropped so far", self.dropped)
 
     async def flush(self) -> bool:
-        """Hand the buffer to the store; on failure keep it (with what came meanwhile) for the next try."""
-        if not self.buffer:
-            return True
-        batch, self.buffer = self.buffer, []
-        try:
-            await self.store.add_usage(batch)
-            return True
-        except StoreUnavailable as exc:
-            self.buffer = batch + self.buffer
-            logger.warning("usage not flushed, %d records kept: %s", len(self.buffer), exc)
-            return False
+        """Hand the buffer to the store; on failure keep it (with what came meanwhile) for the next try. One
+        flush at a time: a reader of the usage (``/admin/usage``) waits for the batch already on its way."""
+        async with self._flushing:
+            if not self.buffer:
+                return True
+            batch, self.buffer = self.buffer, []
+            try:
+                await self.store.add_usage(batch)
+                return True
+            except StoreUnavailable as exc:
+                self.buffer = batch + self.buffer
+                logger.warning("usage not flushed, %d records kept: %s", len(self.buffer), exc)
+                return False
 
     def start(self) -> None:
         async def loop() -> None:
