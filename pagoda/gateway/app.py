@@ -25,7 +25,7 @@ from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Principal
 from pagoda.gateway.policy.records import GROUP_BY
 from pagoda.gateway.policy.store import StoreUnavailable
 from pagoda.gateway.policy.usage import usage_rows
-from pagoda.gateway.proxy import Proxy
+from pagoda.gateway.proxy import OwnHeaders, Proxy
 from pagoda.gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def build_app(state: GatewayState, proxy: Proxy, metrics: GatewayMetrics, guard:
     async def openai_route(request: web.Request) -> web.StreamResponse:
         table = state.table
 
-        def forward(body: dict[str, Any], headers: dict[str, str] | None) -> Awaitable[web.StreamResponse]:
+        def forward(body: dict[str, Any], headers: OwnHeaders | None) -> Awaitable[web.StreamResponse]:
             return proxy.forward(request, table, body, request["raw_body"], headers)
 
         if guard.config.require_keys:

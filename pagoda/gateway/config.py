@@ -187,6 +187,10 @@ class PolicyConfig(_Strict):
     # Requests that wait for a saturated model group (fair queue) at most, and for at most this long.
     max_queued: int = Field(1024, ge=0)
     queue_timeout_s: float = Field(30.0, gt=0)
+    # Forward a request while the store decides its admission when its key's and tenant's windows had ample
+    # room at their last admission here; its answer waits for the decision (a refusal still answers 429 and
+    # closes the upstream request). Off, every request waits for its admission before it is forwarded.
+    overlap_admission: bool = True
     audit: AuditConfig | None = None
 
 

@@ -34,6 +34,9 @@ class GatewayMetrics:
                                        "(allowed, limited, denied)", ["tenant", "decision"], registry=r)
         self.tenant_tokens = Counter("pagoda_gateway_tenant_tokens", "Tokens by tenant", ["tenant", "kind"], registry=r)
         self.tenant_cost = Counter("pagoda_gateway_tenant_cost_dollars", "Cost by tenant", ["tenant"], registry=r)
+        self.overlaps = Counter("pagoda_gateway_admission_overlaps", "Requests forwarded while their admission was "
+                                "decided, by its outcome (a refused one was closed at the upstream)", ["outcome"],
+                                registry=r)
         self.tenants: set[str] = set()
         self._decisions: dict[tuple[str, str], Any] = {}
         self._usage: dict[str, tuple[Any, Any, Any]] = {}

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,11 @@ OWN_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "conte
                          "upgrade", "proxy-authenticate", "date", "server", "x-request-id"})
 RETRY_AFTER_S = "1"
 
+# The gateway's own headers for the answer (the rate-limit headers), awaited once the upstream answered and
+# before anything reaches the client: a request whose admission is still being decided is forwarded meanwhile,
+# and its answer held back until it is admitted (a refusal raises, and the upstream request is closed).
+OwnHeaders = Callable[[], Awaitable[dict[str, str]]]
+
 
 @dataclass
 class _Retryable:
@@ -48,8 +54,7 @@ class Proxy:
         self.metrics = metrics
 
     async def forward(self, request: web.Request, table: RoutingTable, body: dict[str, Any], raw: bytes,
-                      headers: dict[str, str] | None = None) -> web.StreamResponse:
-        """``headers``: the gateway's own to add to the answer (the rate-limit headers)."""
+                      headers: OwnHeaders | None = None) -> web.StreamResponse:
         model = body.get("model")
         if not isinstance(model, str):
             raise GatewayError(400, "model must be a string naming one of the gateway's models", "model")
@@ -88,7 +93,7 @@ class Proxy:
 
     async def _attempt(self, request: web.Request, upstream: Upstream, body: dict[str, Any], raw: bytes, model: str,
                        stream: bool, request_id: str, timeouts: TimeoutConfig,
-                       own_headers: dict[str, str] | None) -> web.StreamResponse | _Retryable:
+                       own_headers: OwnHeaders | None) -> web.StreamResponse | _Retryable:
         if upstream.model != model:
             body = dict(body, model=upstream.model)
             raw = orjson.dumps(body)
@@ -122,8 +127,8 @@ class Proxy:
                 self.metrics.responses.labels(upstream.url, f"{answer.status // 100}xx").inc()
                 passed = {k: v for k, v in answer.headers.items() if k.lower() not in OWN_HEADERS}
                 passed["X-Request-Id"] = request_id
-                if own_headers:
-                    passed.update(own_headers)
+                if own_headers is not None:
+                    passed.update(await own_headers())
                 if answer.status in RETRYABLE_STATUS or not stream or answer.status != 200:
                     try:
                         content = await answer.read()

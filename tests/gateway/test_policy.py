@@ -16,16 +16,17 @@ import httpx
 import openai
 import pytest
 
-from pagoda.gateway.config import AuditConfig, PriceConfig
+from pagoda.gateway.config import AuditConfig, GatewayConfig, PriceConfig
 from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.policy.audit import AuditLog, verify
 from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.answers import duration, rate_limit_headers
-from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, digest
+from pagoda.gateway.policy.guard import SETTLE_AFTER_S, Guard, Ticket
+from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, Principal, digest
 from pagoda.gateway.policy.local_redis import LocalRedis
 from pagoda.gateway.policy.records import UsageRecord
 from pagoda.gateway.policy.redis_store import RedisStore
-from pagoda.gateway.policy.store import MemoryStore, Scope
+from pagoda.gateway.policy.store import Ended, MemoryStore, Scope
 from pagoda.gateway.policy.usage import CostModel
 from tests.gateway.conftest import ADMIN, Gateway, responder
 
@@ -87,7 +88,7 @@ def test_tokens_per_minute_are_charged_corrected_and_refunded(store) -> None:
 
 
 async def _finish(store, rid: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:  # type: ignore[no-untyped-def]
-    await store.finish(rid, scopes, charged, tokens)
+    await store.finish([Ended(rid, scopes, charged, tokens)])
     if isinstance(store, RedisStore):
         await store.client.aclose()
 
@@ -247,6 +248,98 @@ def test_four_gateways_sharing_redis_admit_exactly_the_limit(tmp_path: Path, ups
     finally:
         for g in gateways:
             g.stop()
+
+
+def test_a_request_forwarded_while_admitted_is_held_back_when_refused(tmp_path: Path, upstream: str,
+                                                                        redis_server: LocalRedis) -> None:
+    """Overlap: a gateway that last heard of ample room forwards a request while Redis decides. Another gateway
+    filled the window meanwhile: the answer is the 429 (not a byte of the upstream's stream), the upstream saw
+    the request, and the next request, with no room heard of, waits for its admission."""
+    audit = tmp_path / "audit.jsonl"
+    config = gateway_config(upstream, redis_url=redis_server.url, redis_prefix="overlap")
+    first = Gateway(tmp_path, {**config, "policy": {**config["policy"], "audit": {"path": str(audit)}}})
+    second = Gateway(tmp_path, config)
+    try:
+        limit = 40
+        key = first.admin("POST", "/admin/keys", json={"tenant": "o", "rpm": limit}).json()["key"]
+        assert chat(first.url, key).status_code == 200  # first hears: 39 left
+        assert [chat(second.url, key).status_code for _ in range(limit - 1)] == [200] * (limit - 1)
+        seen = httpx.get(f"{upstream}/health").json()["requests"]
+        refused = chat(first.url, key, stream=True)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0" and "data:" not in refused.text
+        assert httpx.get(f"{upstream}/health").json()["requests"] == seen + 1  # it was forwarded, then closed
+        assert chat(first.url, key).status_code == 429
+        assert httpx.get(f"{upstream}/health").json()["requests"] == seen + 1  # now 0 left was heard: held
+        metrics = first.admin("GET", "/metrics").text
+        assert 'pagoda_gateway_admission_overlaps_total{outcome="refused"} 1.0' in metrics
+        overlapped = second.admin("GET", "/metrics").text
+        assert 'pagoda_gateway_admission_overlaps_total{outcome="admitted"}' in overlapped  # the room was ample
+    finally:
+        first.stop()
+        second.stop()
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["decision"] for e in entries if e["event"] == "request"] == ["allowed", "limited", "limited"]
+
+
+def test_a_client_gone_before_its_admission_frees_its_slot() -> None:
+    """The client leaves while the store decides: the slot the decision takes is given back once it comes (with
+    the gateway's next admission, which settles ended requests before it decides)."""
+
+    async def scenario() -> bool:
+        config = GatewayConfig(models=[{"name": "m", "upstreams": [{"url": "http://127.0.0.1:9"}]}],
+                               policy={"require_keys": True})
+        guard = Guard(lambda: config, MemoryStore())
+        scopes = [Scope("key:k", Limits(max_concurrency=1))]
+        principal = Principal("k", "t", "user", limits=Limits(max_concurrency=1))
+        decided = asyncio.Event()
+
+        async def slow_admit() -> Ticket:
+            await decided.wait()
+            return await guard.admit(principal, scopes, 1)
+
+        waiting = asyncio.ensure_future(guard._admitted(asyncio.ensure_future(slow_admit()), None))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        decided.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        try:
+            await guard.admit(principal, scopes, 1)
+        except GatewayError:
+            return False
+        return True
+
+    assert asyncio.run(scenario())  # the abandoned request's slot was freed: the next one fits
+
+
+def test_ended_requests_settle_with_the_next_admission_or_on_their_own(store) -> None:
+    """A sequential client limited to one request at a time: its next request finds the slot its last one freed
+    (the admission settles first), and with no next request the settlement goes alone within SETTLE_AFTER_S."""
+
+    async def scenario() -> tuple[int, int]:
+        config = GatewayConfig(models=[{"name": "m", "upstreams": [{"url": "http://127.0.0.1:9"}]}],
+                               policy={"require_keys": True})
+        guard = Guard(lambda: config, store)
+        limits = Limits(max_concurrency=1, tpm=100)
+        principal = Principal("seq", "t", "user", limits=limits)
+        scopes = guard.scopes(principal)
+        admitted = 0
+        for _ in range(3):
+            ticket = await guard.admit(principal, scopes, 50)  # GatewayError (429) if refused
+            guard.settle(ticket, 10)  # used fewer tokens than charged
+            admitted += 1
+        await asyncio.sleep(SETTLE_AFTER_S * 4)
+        verdict = await store.admit("probe", scopes, 1, time.time(), LEASE_S)
+        await guard.stop()
+        if isinstance(store, RedisStore):
+            await store.client.aclose()
+        return admitted, verdict.states[0].tokens
+
+    admitted, tokens = asyncio.run(scenario())
+    assert admitted == 3  # 3 x 50 charged against 100 a minute: only the corrections let them in
+    assert tokens == 3 * 10 + 1  # each corrected to its use, the last one by the timer; the probe's 1
 
 
 # ---- usage, cost, budgets, audit -------------------------------------------------------------------

@@ -30,12 +30,16 @@ from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.keys import KeyRecord, Limits, Principal, Role, digest
 from pagoda.gateway.policy.records import Totals, UsageRecord
 from pagoda.gateway.policy.redis_store import RedisStore
-from pagoda.gateway.policy.store import MemoryStore, Scope, Store, StoreUnavailable
+from pagoda.gateway.policy.room import RoomSeen
+from pagoda.gateway.policy.store import Ended, MemoryStore, Scope, Store, StoreUnavailable
 from pagoda.gateway.policy.usage import CostModel, UsageLedger
-from pagoda.gateway.proxy import StreamUsage, prompt_text
-from pagoda.gateway.router import RoutingTable
+from pagoda.gateway.proxy import OwnHeaders, StreamUsage, prompt_text
+from pagoda.gateway.router import ModelGroup, RoutingTable
 
 ADMIN_TENANT = "admin"
+# A request's end waits at most this long for the next admission to carry it to the shared store: until then
+# other gateways still count its lease and its estimated tokens.
+SETTLE_AFTER_S = 0.005
 # What each role may reach: inference (the OpenAI POST routes), reading (GET routes, admin views included),
 # administering (every admin route).
 ROLE_RIGHTS: dict[Role, frozenset[str]] = {
@@ -75,6 +79,9 @@ class Guard:
         self.audit = AuditLog(audit) if audit is not None else None
         self.key_cache: dict[str, tuple[KeyRecord, float]] = {}
         self.queues: dict[str, FairQueue] = {}  # by model group
+        self.room = RoomSeen()
+        self.ended: list[Ended] = []  # requests ended here, to settle in the shared store
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._scopes_of: PolicyConfig | None = None
         self._tenant_scopes: dict[str, Scope] = {}
         self.pending: set[asyncio.Future[None]] = set()
@@ -95,6 +102,7 @@ class Guard:
         self.ledger.start()
 
     async def stop(self) -> None:
+        self._settle_now()
         await asyncio.gather(*self.pending)
         await self.ledger.stop()
         if self.audit is not None:
@@ -206,30 +214,69 @@ class Guard:
                                         "raise the budget, or wait for the next period.", None,
                                    "insufficient_quota", kind="insufficient_quota")
 
-    async def admit(self, principal: Principal, cost: int) -> Ticket:
-        scopes = self.scopes(principal)
+    async def admit(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket:
         ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         if not scopes:
             return ticket
         now = time.time()
+        ended, self.ended = self.ended, []
         try:
-            verdict = await self.store.admit(ticket.request_id, scopes, cost, now, self.lease_s)
+            verdict = await self.store.admit(ticket.request_id, scopes, cost, now, self.lease_s, ended)
         except StoreUnavailable as exc:
+            self.room.forget()
             if self.config.on_store_error != "open":
                 raise self._unavailable(exc) from None
             ticket.store = self.local
             verdict = await self.local.admit(ticket.request_id, scopes, cost, now, self.lease_s)
+        else:
+            self.room.hear(scopes, verdict.states, time.monotonic())
         ticket.headers = rate_limit_headers(scopes, verdict)
         if not verdict.allowed:
             raise refusal(scopes, verdict, cost, ticket.headers)
         return ticket
 
-    async def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
-        """The request ended: its tokens corrected to what it used (when known) and its slot freed."""
+    async def _admitted(self, admission: asyncio.Task[Ticket], forwarding: asyncio.Task[Any] | None) -> Ticket:
+        """The admission's ticket. A refusal closes the request forwarded meanwhile; a client gone before the
+        decision closes it too, and frees the slot the decision may still take."""
         try:
-            await ticket.store.finish(ticket.request_id, ticket.scopes, ticket.charged, used_tokens)
+            return await asyncio.shield(admission)
+        except BaseException:
+            if forwarding is not None:
+                forwarding.cancel()
+                await asyncio.gather(forwarding, return_exceptions=True)
+            if not admission.done():
+                admission.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, admission: asyncio.Task[Ticket]) -> None:
+        if not admission.cancelled() and admission.exception() is None:
+            self.settle(admission.result(), None)
+
+    def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
+        """The request ended: its tokens corrected to what it used (when known) and its slot freed. In the shared
+        store this rides on this gateway's next admission script (which settles before it decides, so a
+        client's next request finds its slot free), or goes alone after SETTLE_AFTER_S."""
+        if not ticket.scopes:
+            return
+        ended = Ended(ticket.request_id, ticket.scopes, ticket.charged, used_tokens)
+        if ticket.store is not self.store:
+            self._in_background(self._finish(ticket.store, [ended]))
+            return
+        self.ended.append(ended)
+        if self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._settle_now)
+
+    def _settle_now(self) -> None:
+        self._settle_timer = None
+        ended, self.ended = self.ended, []
+        if ended:
+            self._in_background(self._finish(self.store, ended))
+
+    async def _finish(self, store: Store, ended: list[Ended]) -> None:
+        try:
+            await store.finish(ended)
         except StoreUnavailable:
-            pass  # the lease expires on its own; the estimate stands
+            pass  # the leases expire on their own; the estimates stand
 
     def _in_background(self, call: Awaitable[None]) -> None:
         """Work after the answer (the store's correction of a finished request): off the response's path."""
@@ -244,13 +291,15 @@ class Guard:
     # ---- one request, start to end --------------------------------------------------------------------
     async def handle(self, request: web.Request, read_body: Callable[[], Awaitable[dict[str, Any]]],
                      table: RoutingTable,
-                     forward: Callable[[dict[str, Any], dict[str, str]], Awaitable[web.StreamResponse]]
+                     forward: Callable[[dict[str, Any], OwnHeaders], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
         """Authenticate and authorize (before the body is read), check budgets, admit, wait for a fair share
-        of a saturated group; forward; then settle, record and audit."""
+        of a saturated group; forward (while the admission is decided, when the windows have ample room); then
+        settle, record and audit."""
         started = time.perf_counter()
         model, prompt = "", ""
         principal: Principal | None = None
+        forwarding: asyncio.Task[web.StreamResponse] | None = None
         try:
             principal = await self.principal(request)
             self.authorize(principal, "infer")
@@ -262,24 +311,28 @@ class Guard:
                 self.check_model(principal, {model, group.config.name, group.config.key})
             await self.check_budgets(principal)
             estimate = self.estimate_tokens(body, prompt)
-            ticket = await self.admit(principal, estimate)
+            scopes = self.scopes(principal)
+            admission: asyncio.Task[Ticket] | None = None
+            if self._overlaps(scopes, estimate, group):
+                forwarding = asyncio.ensure_future(self._forward(
+                    principal, estimate, group, forward, body, lambda: _headers_of(admission)))
+            admission = asyncio.ensure_future(self.admit(principal, scopes, estimate))
+            ticket = await self._admitted(admission, forwarding)
+            if forwarding is not None and self.metrics is not None:
+                self.metrics.overlaps.labels("admitted").inc()
         except GatewayError as exc:
+            if forwarding is not None and self.metrics is not None:
+                self.metrics.overlaps.labels("refused").inc()
             decision = "limited" if exc.status == 429 else "denied"
             self._decided(request, principal, model, exc.status, decision, exc.code, prompt)
             raise
         reply: web.StreamResponse | None = None
         status = 500
         try:
-            group = table.resolve(model)
-            if group is None:
-                reply = await forward(body, ticket.headers)  # the proxy names the unknown model
-            else:
-                tenant = self.config.tenants.get(principal.tenant)
-                capacity = max(1, sum(u.config.max_concurrency for u in group.upstreams if u.healthy))
-                async with self.queues.setdefault(group.config.key, FairQueue()).slot(
-                        capacity, principal.tenant, tenant.weight if tenant is not None else 1.0, principal.priority,
-                        estimate, self.config.max_queued, self.config.queue_timeout_s):
-                    reply = await forward(body, ticket.headers)
+            if forwarding is None:
+                forwarding = asyncio.ensure_future(self._forward(
+                    principal, estimate, table.resolve(model), forward, body, lambda: _ready(ticket.headers)))
+            reply = await forwarding
             status = reply.status
             return reply
         except GatewayError as exc:
@@ -290,12 +343,37 @@ class Guard:
             asyncio.get_running_loop().call_soon(self._ended, request, reply, status, ticket, principal, model,
                                                  prompt, table, (time.perf_counter() - started) * 1000)
 
+    async def _forward(self, principal: Principal, estimate: int, group: ModelGroup | None,
+                       forward: Callable[[dict[str, Any], OwnHeaders], Awaitable[web.StreamResponse]],
+                       body: dict[str, Any], headers: OwnHeaders) -> web.StreamResponse:
+        """Forward, holding a fair share of the model group's upstreams."""
+        if group is None:
+            return await forward(body, headers)  # the proxy names the unknown model
+        tenant = self.config.tenants.get(principal.tenant)
+        async with self._queue(group).slot(
+                _capacity(group), principal.tenant, tenant.weight if tenant is not None else 1.0, principal.priority,
+                estimate, self.config.max_queued, self.config.queue_timeout_s):
+            return await forward(body, headers)
+
+    def _queue(self, group: ModelGroup) -> FairQueue:
+        return self.queues.setdefault(group.config.key, FairQueue())
+
+    def _overlaps(self, scopes: list[Scope], estimate: int, group: ModelGroup | None) -> bool:
+        """Whether to forward while the admission is decided: the windows had ample room when this gateway
+        last admitted into them (so a refusal is rare: other gateways must have used the room since), and the
+        group has a free slot (nothing waits in its fair queue)."""
+        if not scopes or group is None or not self.config.overlap_admission:
+            return False
+        queue = self._queue(group)
+        if queue.waiting or queue.in_flight >= _capacity(group):
+            return False
+        return self.room.ample(scopes, estimate, time.monotonic())
+
     def _ended(self, request: web.Request, reply: web.StreamResponse | None, status: int, ticket: Ticket,
                principal: Principal, model: str, prompt: str, table: RoutingTable, latency_ms: float) -> None:
         """An admitted request ended: its tokens settled in the store, its usage recorded, its decision audited."""
         prompt_tokens, completion_tokens = self._usage(request, reply, prompt, status)
-        if ticket.scopes:
-            self._in_background(self.finish(ticket, prompt_tokens + completion_tokens))
+        self.settle(ticket, prompt_tokens + completion_tokens)
         group = table.resolve(model)
         replicas = len(group.upstreams) if group is not None else 1
         name = group.config.name if group is not None else model
@@ -345,6 +423,19 @@ class Guard:
             self.audit.append("admin", key_id=principal.key_id if principal else None,
                               tenant=principal.tenant if principal else None, method=request.method,
                               route=request.path, status=status, **detail)
+
+
+async def _headers_of(admission: asyncio.Task[Ticket] | None) -> dict[str, str]:
+    assert admission is not None  # created before the forwarded request can be answered
+    return (await admission).headers
+
+
+async def _ready(headers: dict[str, str]) -> dict[str, str]:
+    return headers
+
+
+def _capacity(group: ModelGroup) -> int:
+    return max(1, sum(u.config.max_concurrency for u in group.upstreams if u.healthy))
 
 
 def _limited(limits: Limits) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from pagoda.gateway.policy.records import Totals, UsageRecord, aggregate
 from pagoda.gateway.policy.resp import RespConnection, RespError
 from pagoda.gateway.policy.store import (
     WINDOW_S,
+    Ended,
     Scope,
     ScopeState,
     StoreUnavailable,
@@ -23,14 +25,43 @@ from pagoda.gateway.policy.store import (
     hour_buckets,
 )
 
+# Settles ended requests: ARGV from ``a``: their count, then per request its id, the tokens charged, the tokens
+# used (-1: unknown: the charge stands) and its number of scopes; KEYS from ``k``: per scope its request log,
+# token total and leases. The charge is corrected to what was used and the lease ended.
+SETTLE_LUA = """
+local function settle(a, k)
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, count do
+    local rid, charged, used, scopes = ARGV[a], tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
+    a = a + 4
+    for _ = 1, scopes do
+      if used >= 0 and used ~= charged then
+        local member = rid .. ':' .. charged
+        local at = redis.call('ZSCORE', KEYS[k], member)
+        if at then
+          redis.call('ZREM', KEYS[k], member)
+          redis.call('ZADD', KEYS[k], at, rid .. ':' .. used)
+          redis.call('INCRBY', KEYS[k+1], used - charged)
+        end
+      end
+      redis.call('ZREM', KEYS[k+2], rid)
+      k = k + 3
+    end
+  end
+end
+"""
 
-# KEYS: per scope its request log (zset of "<request id>:<tokens charged>" by arrival ms), its token total and
-# its leases (zset: request id by lease end ms). ARGV: now ms, window ms, request id, lease end ms, then per
-# scope rpm, tpm, max concurrency (-1: none) and the request's tokens. Returns allowed, the refusing scope
-# (1-based, 0: none), its kind, the retry ms, then per scope: requests, tokens, in flight, reset ms.
-ADMIT_LUA = """
+# Settles the requests that ended since the last call (as SETTLE_LUA), then admits one. KEYS: per scope its
+# request log (zset of "<request id>:<tokens charged>" by arrival ms), its token total and its leases (zset:
+# request id by lease end ms), then the ended requests' keys. ARGV: now ms, window ms, request id, lease end ms,
+# its number of scopes n, per scope rpm, tpm, max concurrency (-1: none) and the request's tokens, then the
+# ended requests. Returns allowed, the refusing scope (1-based, 0: none), its kind, the retry ms, then per
+# scope: requests, tokens, in flight, reset ms.
+ADMIT_LUA = SETTLE_LUA + """
 local now, window, rid, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local n = #KEYS / 3
+local n = tonumber(ARGV[5])
+settle(6 + 4 * n, 3 * n + 1)
 local counts, used, inflight = {}, {}, {}
 local function charge(member) return tonumber(string.match(member, ':(%d+)$')) end
 for i = 1, n do
@@ -47,7 +78,7 @@ for i = 1, n do
   counts[i] = redis.call('ZCARD', log)
   used[i] = tonumber(redis.call('GET', total) or '0')
   inflight[i] = 0
-  if tonumber(ARGV[3+4*i]) >= 0 then
+  if tonumber(ARGV[4+4*i]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
     inflight[i] = redis.call('ZCARD', leases)
   end
@@ -62,7 +93,7 @@ local function states(out)
   return out
 end
 for i = 1, n do
-  local rpm, tpm, conc, cost = tonumber(ARGV[1+4*i]), tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i])
+  local rpm, tpm, conc, cost = tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i]), tonumber(ARGV[5+4*i])
   local kind, retry = nil, 1000
   local log = KEYS[3*i-2]
   if rpm >= 0 and counts[i] + 1 > rpm then
@@ -87,7 +118,7 @@ for i = 1, n do
   if kind then return states({0, i, kind, retry}) end
 end
 for i = 1, n do
-  local rpm, tpm, conc, cost = tonumber(ARGV[1+4*i]), tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i])
+  local rpm, tpm, conc, cost = tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i]), tonumber(ARGV[5+4*i])
   local log, total, leases = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   if rpm >= 0 or tpm >= 0 then
     redis.call('ZADD', log, now, rid .. ':' .. cost)
@@ -106,22 +137,8 @@ end
 return states({1, 0, '', 0})
 """
 
-# KEYS: per scope its log, token total and leases. ARGV: request id, the tokens charged, the tokens used (-1:
-# unknown: the charge stands).
-FINISH_LUA = """
-local rid, charged, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS / 3 do
-  if used >= 0 and used ~= charged then
-    local member = rid .. ':' .. charged
-    local at = redis.call('ZSCORE', KEYS[3*i-2], member)
-    if at then
-      redis.call('ZREM', KEYS[3*i-2], member)
-      redis.call('ZADD', KEYS[3*i-2], at, rid .. ':' .. used)
-      redis.call('INCRBY', KEYS[3*i-1], used - charged)
-    end
-  end
-  redis.call('ZREM', KEYS[3*i], rid)
-end
+FINISH_LUA = SETTLE_LUA + """
+settle(1, 1)
 return 0
 """
 
@@ -185,13 +202,16 @@ class RedisStore:
         base = f"{self.prefix}:rl:{scope.name}"
         return [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
 
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                    ended: Sequence[Ended] = ()) -> Verdict:
         keys = [k for s in scopes for k in self._scope_keys(s)]
-        args: list[int | str] = [int(now * 1000), int(WINDOW_S * 1000), request_id, int((now + lease_s) * 1000)]
+        args: list[int | str] = [int(now * 1000), int(WINDOW_S * 1000), request_id, int((now + lease_s) * 1000),
+                                 len(scopes)]
         for s in scopes:
             lim = s.limits
             args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
                      -1 if lim.max_concurrency is None else lim.max_concurrency, cost]
+        self._settling(ended, keys, args)
         out = await self._script(ADMIT_LUA, keys, args)
         states = [ScopeState(int(out[i]), int(out[i + 1]), int(out[i + 2]), int(out[i + 3]) / 1000,
                              int(out[i + 3]) / 1000) for i in range(4, len(out), 4)]
@@ -200,9 +220,18 @@ class RedisStore:
         kind = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
         return Verdict(False, states, int(out[1]) - 1, kind, int(out[3]) / 1000)
 
-    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:
-        keys = [k for s in scopes for k in self._scope_keys(s)]
-        await self._script(FINISH_LUA, keys, [request_id, charged, -1 if tokens is None else tokens])
+    async def finish(self, ended: Sequence[Ended]) -> None:
+        keys: list[str] = []
+        args: list[int | str] = []
+        self._settling(ended, keys, args)
+        await self._script(FINISH_LUA, keys, args)
+
+    def _settling(self, ended: Sequence[Ended], keys: list[str], args: list[int | str]) -> None:
+        """SETTLE_LUA's part of a script call's keys and arguments."""
+        args.append(len(ended))
+        for e in ended:
+            args += [e.request_id, e.charged, -1 if e.tokens is None else e.tokens, len(e.scopes)]
+            keys += [k for s in e.scopes for k in self._scope_keys(s)]
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         """The batch's sums added in one transaction (so a failed flush adds nothing and can be retried)."""

@@ -12,6 +12,7 @@ Both stores run the same decision (``_decide`` here, the Lua script in redis_sto
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +42,17 @@ class ScopeState:
     in_flight: int
     requests_reset_s: float  # until the oldest counted request leaves the window
     tokens_reset_s: float  # until the oldest counted tokens leave it
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A request that ended, to settle in its scopes: its charge corrected to the tokens it used (None: unknown,
+    the estimate stands) and its lease ended."""
+
+    request_id: str
+    scopes: list[Scope]
+    charged: int
+    tokens: int | None
 
 
 @dataclass
@@ -84,8 +96,15 @@ class Store(Protocol):
     async def key_for(self, digest: str) -> KeyRecord | None: ...
     async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def keys(self) -> list[KeyRecord]: ...
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict: ...
-    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None: ...
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                    ended: Sequence[Ended] = ()) -> Verdict:
+        """Settle ``ended`` (as ``finish``), then admit the request or not, atomically over all scopes."""
+        ...
+
+    async def finish(self, ended: Sequence[Ended]) -> None:
+        """Settle requests that ended: each charge corrected to the tokens used, each lease ended."""
+        ...
+
     async def add_usage(self, records: list[UsageRecord]) -> None: ...
     async def usage(self, group_by: str, start: float, end: float) -> dict[str, Totals]: ...
     async def spent(self, scopes: list[str], now: float) -> list[tuple[Totals, Totals]]: ...
@@ -142,7 +161,9 @@ class MemoryStore:
     async def keys(self) -> list[KeyRecord]:
         return sorted(self.records.values(), key=lambda r: r.created)
 
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                    ended: Sequence[Ended] = ()) -> Verdict:
+        await self.finish(ended)
         windows = [self.windows.setdefault(s.name, _Window()) for s in scopes]
         for w in windows:
             w.expire(now)
@@ -161,17 +182,16 @@ class MemoryStore:
                 w.leases[request_id] = now + lease_s
         return Verdict(True, [w.state(now) for w in windows])
 
-    async def finish(self, request_id: str, scopes: list[Scope], charged: int, tokens: int | None) -> None:
-        """The request ended: its charge corrected to ``tokens`` (None: unknown, the estimate stands) and its
-        lease ended."""
-        for scope in scopes:
-            w = self.windows.get(scope.name)
-            if w is None:
-                continue
-            if tokens is not None and request_id in w.costs:
-                w.tokens += tokens - w.costs[request_id]
-                w.costs[request_id] = tokens
-            w.leases.pop(request_id, None)
+    async def finish(self, ended: Sequence[Ended]) -> None:
+        for e in ended:
+            for scope in e.scopes:
+                w = self.windows.get(scope.name)
+                if w is None:
+                    continue
+                if e.tokens is not None and e.request_id in w.costs:
+                    w.tokens += e.tokens - w.costs[e.request_id]
+                    w.costs[e.request_id] = e.tokens
+                w.leases.pop(e.request_id, None)
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         hourly, spend = aggregate(records)
