@@ -77,7 +77,7 @@ class Guard:
         self.costs = CostModel(lambda: self.config.prices)
         audit = settings().policy.audit
         self.audit = AuditLog(audit) if audit is not None else None
-        self.key_cache: dict[str, tuple[KeyRecord, float]] = {}
+        self.key_cache: dict[str, tuple[KeyRecord, Principal, float]] = {}  # by digest: record, principal, when
         self.queues: dict[str, FairQueue] = {}  # by model group
         self.room = RoomSeen()
         self.ended: list[Ended] = []  # requests ended here, to settle in the shared store
@@ -119,27 +119,30 @@ class Guard:
         admin_key = self.settings().resolved_admin_key()
         if admin_key is not None and hmac.compare_digest(key.encode(), admin_key.encode()):
             return Principal("admin", ADMIN_TENANT, "admin")
-        record = await self._record(digest(key))
-        if record is None or record.revoked is not None:
+        known = await self._known(digest(key))
+        if known is None or known[0].revoked is not None:
             raise GatewayError(401, "the API key is not valid (unknown or revoked)", code="invalid_api_key")
-        return Principal.of(record)
+        return known[1]
 
-    async def _record(self, key_digest: str) -> KeyRecord | None:
+    async def _known(self, key_digest: str) -> tuple[KeyRecord, Principal] | None:
+        """The key's record and principal (built once per lookup, not per request)."""
         cached = self.key_cache.get(key_digest)
         now = time.monotonic()
-        if cached is not None and now - cached[1] < self.config.key_cache_s:
-            return cached[0]
+        if cached is not None and now - cached[2] < self.config.key_cache_s:
+            return cached[0], cached[1]
         try:
             record = await self.store.key_for(key_digest)
         except StoreUnavailable as exc:
             if self.config.on_store_error == "open" and cached is not None:
-                return cached[0]  # known before the store went away
+                return cached[0], cached[1]  # known before the store went away
             raise self._unavailable(exc) from None
-        if record is not None:
-            if len(self.key_cache) > 100_000:
-                self.key_cache.clear()
-            self.key_cache[key_digest] = (record, now)
-        return record
+        if record is None:
+            return None
+        if len(self.key_cache) > 100_000:
+            self.key_cache.clear()
+        principal = Principal.of(record)
+        self.key_cache[key_digest] = (record, principal, now)
+        return record, principal
 
     def forget_key(self, record: KeyRecord) -> None:
         """A key revoked through this gateway stops here at once (elsewhere within key_cache_s)."""
@@ -330,9 +333,10 @@ class Guard:
         status = 500
         try:
             if forwarding is None:
-                forwarding = asyncio.ensure_future(self._forward(
-                    principal, estimate, table.resolve(model), forward, body, lambda: _ready(ticket.headers)))
-            reply = await forwarding
+                reply = await self._forward(principal, estimate, table.resolve(model), forward, body,
+                                            lambda: _ready(ticket.headers))
+            else:
+                reply = await forwarding
             status = reply.status
             return reply
         except GatewayError as exc:

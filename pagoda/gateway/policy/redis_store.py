@@ -154,6 +154,7 @@ class RedisStore:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = prefix
         self.fast = RespConnection(url, timeout_s)  # the per-request scripts
+        self._keys_of: dict[str, list[str]] = {}  # a scope's Redis keys, by scope name
 
     async def _script(self, script: str, keys: list[str], args: list[int | str]) -> Any:
         """Run one of the scripts by its SHA-1 (sent whole the first time after Redis lost it)."""
@@ -199,8 +200,13 @@ class RedisStore:
         return sorted((KeyRecord.from_dict(orjson.loads(r)) for r in raws if r is not None), key=lambda r: r.created)
 
     def _scope_keys(self, scope: Scope) -> list[str]:
-        base = f"{self.prefix}:rl:{scope.name}"
-        return [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
+        keys = self._keys_of.get(scope.name)
+        if keys is None:
+            if len(self._keys_of) > 100_000:
+                self._keys_of.clear()
+            base = f"{self.prefix}:rl:{scope.name}"
+            keys = self._keys_of[scope.name] = [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
+        return keys
 
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
                     ended: Sequence[Ended] = ()) -> Verdict:

@@ -22,13 +22,11 @@ class RespError(Exception):
 
 
 def encode(args: tuple[Any, ...]) -> bytes:
-    out = bytearray(b"*%d\r\n" % len(args))
+    parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out += b"$%d\r\n" % len(data)
-        out += data
-        out += b"\r\n"
-    return bytes(out)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 class RespConnection:
