@@ -48,13 +48,13 @@ inline void unpack_q4_block(const uint8_t* bytes16, uint8_t* codes) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
 }
 
-// This thread's tiles: 0 and 1 hold 16 rows of x by one block (32 int8), 6 and 7 one block of 16 weight rows
-// in VNNI order (8 rows of 16 x 4 codes), 2-5 the 16 x 16 int32 products of four blocks: four independent
-// products in flight before the first is read back.
-inline void configure_tiles() {
+// This thread's tiles: 0 and 1 hold `x_rows` (at most 16) rows of x by one block (32 int8), 6 and 7 one block
+// of 16 weight rows in VNNI order (8 rows of 16 x 4 codes), 2-5 the x_rows x 16 int32 products of four blocks:
+// four independent products in flight before the first is read back.
+inline void configure_tiles(int64_t x_rows = kTile) {
   TileConfig config;
   for (int x_tile : {0, 1}) {
-    config.rows[x_tile] = kTile;
+    config.rows[x_tile] = static_cast<uint8_t>(x_rows);
     config.colsb[x_tile] = kBlock;
   }
   for (int w_tile : {6, 7}) {
@@ -62,7 +62,7 @@ inline void configure_tiles() {
     config.colsb[w_tile] = kTile * 4;
   }
   for (int sum_tile = 2; sum_tile <= 5; ++sum_tile) {
-    config.rows[sum_tile] = kTile;
+    config.rows[sum_tile] = static_cast<uint8_t>(x_rows);
     config.colsb[sum_tile] = kTile * 4;
   }
   _tile_loadconfig(&config);
@@ -71,7 +71,7 @@ inline void configure_tiles() {
 constexpr int64_t kSums = kTile * kTile;  // int32 products of one block-tile
 
 // The int32 sums of `count` (1-4) consecutive blocks from b: x tile rows at x (stride x_stride bytes), weight
-// tiles packed from w, into sums[i * kSums ..].
+// tiles packed from w, into sums[i * kSums ..] (rows of 16 int32, as many as the x tiles were configured with).
 inline void block_sums(const int8_t* x, int64_t x_stride, const uint8_t* w, int count, int32_t* sums) {
   constexpr int64_t w_stride = kTile * 4;
   _tile_loadd(0, x, x_stride);
@@ -102,6 +102,24 @@ inline void block_sums(const int8_t* x, int64_t x_stride, const uint8_t* w, int 
   if (count > 3) _tile_stored(5, sums + 3 * kSums, w_stride);
 }
 
+// out[r, c0 + c] = acc[r][c] + bias[c0 + c] for r < rows, c < cols (a tile's last columns may be missing).
+template <typename T>
+void store_outputs(const __m512* acc, int64_t rows, const float* bias, int64_t c0, int64_t cols, int64_t n, T* out) {
+  const __mmask16 col_mask = cols >= kTile ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 vb = bias != nullptr ? _mm512_maskz_loadu_ps(col_mask, bias + c0) : _mm512_setzero_ps();
+  alignas(64) float tail[kTile];
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = out + r * n + c0;
+    const __m512 v = _mm512_add_ps(acc[r], vb);
+    if (cols == kTile) {
+      pagoda::store16(dst, v);
+    } else {
+      _mm512_store_ps(tail, v);
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(tail[c]);
+    }
+  }
+}
+
 // out[r, c] = x[r] . W[c] + bias[c] for x [rows, k] (fp32 or bf16), W of n rows described by `source`:
 //   source.unpack(c, b, uint8_t* codes32)  block b of weight row c as 32 unsigned codes, in order;
 //   source.params(c, b, float* d, float* m)  that block's scale and offset.
@@ -121,7 +139,6 @@ void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bia
     std::vector<float> dw(blocks * kTile), mw(blocks * kTile);
     alignas(64) uint8_t codes[kTile][kBlock];
     alignas(64) int32_t sums[4 * kSums];
-    alignas(64) float tail[kTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * kTile, cols = std::min(kTile, n - c0);
       for (int64_t b = 0; b < blocks; ++b) {
@@ -158,19 +175,117 @@ void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bia
             }
           }
         }
-        const __m512 vb = bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cols) - 1), bias + c0)
-                               : _mm512_setzero_ps();
-        for (int64_t r = 0; r < kTile && r0 + r < rows; ++r) {
-          T* dst = out + (r0 + r) * n + c0;
-          const __m512 v = _mm512_add_ps(acc[r], vb);
-          if (cols == kTile) {
-            pagoda::store16(dst, v);
-          } else {
-            _mm512_store_ps(tail, v);
-            for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(tail[c]);
+        store_outputs(acc, std::min(kTile, rows - r0), bias, c0, cols, n, out + r0 * n);
+      }
+    }
+    _tile_release();
+  });
+}
+
+// r[c] = row c of a 16 x 16 matrix of 32-bit words -> r[j] = word j of every row.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 16; g += 8) {
+    for (int e = 0; e < 4; ++e) {
+      t[g + e] = _mm512_shuffle_i32x4(r[g + e], r[g + 4 + e], 0x88);
+      t[g + 4 + e] = _mm512_shuffle_i32x4(r[g + e], r[g + 4 + e], 0xdd);
+    }
+  }
+  for (int e = 0; e < 8; ++e) {
+    r[e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0x88);
+    r[8 + e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0xdd);
+  }
+}
+
+// Four Q4 blocks (b0 .. b0 + 3) of 16 regrouped weight rows (row c at rows + c * row_bytes: quants, then fp16
+// scales, then Q4_1's fp16 offsets) into the weight tiles' VNNI order, and their scales and offsets per block
+// as 16 lanes. A block's 16 quant bytes are 4 words; word j's low nibbles are codes 4j .. 4j + 3, its high
+// nibbles codes 16 + 4j ..: so packed row j of block i is word 4i + j of every row (low nibbles), packed row
+// j + 4 the same words' high nibbles. `cols` < 16 or fewer than four blocks: the missing ones read as zeros.
+inline void pack_q4_blocks(const uint8_t* rows, int64_t row_bytes, int64_t qtype, int64_t k, int64_t b0, int count,
+                           int64_t cols, uint8_t* packed, __m512 d[4], __m512 m[4]) {
+  const int64_t blocks = k / kBlock, quant_bytes = k / 2;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __mmask16 col_mask = cols >= kTile ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(row_bytes)));
+  __m512i words[16];
+  if (count == 4 && cols == kTile) {
+    for (int c = 0; c < kTile; ++c) words[c] = _mm512_loadu_si512(rows + c * row_bytes + b0 * 16);
+    transpose16x16(words);
+  } else {
+    for (int j = 0; j < 16; ++j)
+      words[j] = j / 4 < count ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), col_mask, offsets,
+                                                              rows + (b0 + j / 4) * 16 + 4 * (j % 4), 1)
+                               : _mm512_setzero_si512();
+  }
+  for (int j = 0; j < 16; ++j) {
+    uint8_t* block = packed + (j / 4) * kPackedBlockBytes;
+    _mm512_store_si512(block + 64 * (j % 4), _mm512_and_si512(words[j], low_nibbles));
+    _mm512_store_si512(block + 64 * (j % 4 + 4), _mm512_and_si512(_mm512_srli_epi16(words[j], 4), low_nibbles));
+  }
+  // A block's fp16 scale of every row: a 32-bit gather ending at it (2 bytes before: never past the row's end),
+  // the high half.
+  for (int i = 0; i < 4; ++i) {
+    if (i >= count) {
+      d[i] = m[i] = _mm512_setzero_ps();
+      continue;
+    }
+    auto halves = [&](int64_t at) {
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), col_mask, offsets, rows + at - 2, 1);
+      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+    };
+    d[i] = halves(quant_bytes + 2 * (b0 + i));
+    m[i] = qtype == kQ4_1 ? halves(quant_bytes + 2 * blocks + 2 * (b0 + i)) : _mm512_mul_ps(d[i], _mm512_set1_ps(-8.f));
+  }
+}
+
+// out[r, c] = x[r] . W[c] (+ bias[c]) for a few rows of x (1-16: a decode batch, a token and its drafts) on
+// Q4_0 / Q4_1 regrouped weight rows, through tiles configured for exactly those rows: each 16 weight rows'
+// blocks are packed four at a time (pack_q4_blocks), multiplied, and the int32 sums of each block scaled into
+// 16 output lanes per row. xq: the rows quantized in natural order. Each row's outputs depend on that row alone.
+template <typename T>
+void amx_q4_rows(const uint8_t* w, int64_t row_bytes, int64_t qtype, int64_t k, int64_t n, const QuantizedRows& xq,
+                 int64_t rows, const float* bias, T* out) {
+  const int64_t blocks = k / kBlock, n_tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles(rows);
+    alignas(64) uint8_t packed[4 * kPackedBlockBytes];
+    alignas(64) int32_t sums[4 * kSums];
+    __m512 d[4], m[4];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * kTile, cols = std::min(kTile, n - c0);
+      const uint8_t* tile_rows = w + c0 * row_bytes;
+      // The next 16 weight rows requested while these are multiplied: read 64 bytes a row at a time, 16 rows
+      // apart, they would otherwise wait on memory (a decode step streams the model's weights).
+      if (t + 2 < end)
+        for (int64_t c = 0; c < std::min(kTile, n - c0 - 2 * kTile); ++c) prefetch_row(tile_rows + (2 * kTile + c) * row_bytes, row_bytes);
+      __m512 acc[kTile];
+      for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
+        const int count = static_cast<int>(std::min<int64_t>(4, blocks - b0));
+        pack_q4_blocks(tile_rows, row_bytes, qtype, k, b0, count, cols, packed, d, m);
+        block_sums(xq.q.data() + b0 * kBlock, xq.padded_k, packed, count, sums);
+        for (int i = 0; i < count; ++i) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t at = r * xq.padded_blocks + b0 + i;
+            const __m512 block = _mm512_cvtepi32_ps(_mm512_load_si512(sums + i * kSums + r * kTile));
+            acc[r] = _mm512_fmadd_ps(block, _mm512_mul_ps(d[i], _mm512_set1_ps(xq.d[at])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m[i], _mm512_set1_ps(xq.dsum[at]), acc[r]);
           }
         }
       }
+      store_outputs(acc, rows, bias, c0, cols, n, out);
     }
     _tile_release();
   });

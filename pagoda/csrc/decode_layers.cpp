@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "kv_rows.h"
 #include "quant_rows.h"
 #include "token_rows.h"
@@ -37,8 +38,11 @@ struct Projection {
   const uint8_t* weight;
   int64_t kind, group, out, in, row_bytes;
   const float* bias;
+  bool tiles = false;  // on AMX int8 tiles (amx_q4_rows), x in natural order; else VNNI dot products
 
-  XOrder order() const { return kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind); }
+  XOrder order() const {
+    return tiles ? XOrder::kNatural : kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind);
+  }
 
   // kRowTile rows of x at a time: the weight row stays in L1 for the next tile.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
@@ -63,6 +67,9 @@ Projection projection(const torch::Tensor& w, int64_t kind, int64_t group, int64
 // out[r, :] = x[r] . W^T (+ bias), the columns split over the threads; x already quantized in p's order.
 template <typename T>
 void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out) {
+#if defined(PAGODA_AMX)
+  if (p.tiles) return amx_q4_rows(p.weight, p.row_bytes, p.kind, p.in, p.out, xq, rows, p.bias, out);
+#endif
   at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {
     float result[kMaxRows];
     for (int64_t col = begin; col < end; ++col) {
@@ -209,12 +216,14 @@ bool decode_layers_supported() {
 // ids, 1000 = int4) and int4 group sizes, 2 norm weights (then the final norm's), the KV cache [2, blocks,
 // block_size, kv_heads, row width] (model dtype, int8 rows or fp8) and its two fp8 scales; qkv_biases: one
 // fp32 [qkv rows] per layer, or none. cos / sin: [rows, head_dim / 2] fp32; slots [rows], block_tables
-// [rows, max_blocks], seq_lens [rows]: int64, the sequences' lengths with this token.
+// [rows, max_blocks], seq_lens [rows]: int64, the sequences' lengths with this token. tile_min_rows: steps of
+// at least this many rows run their Q4_0 / Q4_1 projections on AMX int8 tiles (0: never).
 void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
                    std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
                    std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
                    torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
-                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps) {
+                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps,
+                   int64_t tile_min_rows) {
 #if defined(PAGODA_VNNI)
   const int64_t layers = static_cast<int64_t>(caches.size());
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1 && hidden.size(0) <= kMaxRows && hidden.is_contiguous(),
@@ -234,11 +243,19 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
                 slot_ids[r], " outside the cache");
   const int64_t n = hidden.size(1), q_size = heads * head_dim;
   const int64_t ins[4] = {n, q_size, n, intermediate};
+  const bool tiles = tile_min_rows > 0 && hidden.size(0) >= tile_min_rows;
+#if defined(PAGODA_AMX)
+  TORCH_CHECK(!tiles || amx_permitted(), "decode_layers: tile_min_rows set, but this process has no AMX tile state");
+#else
+  TORCH_CHECK(!tiles, "decode_layers: tile_min_rows set, but these kernels were built without AMX int8");
+#endif
   std::vector<Projection> projections;
   for (int64_t l = 0; l < layers; ++l)
-    for (int64_t j = 0; j < 4; ++j)
+    for (int64_t j = 0; j < 4; ++j) {
       projections.push_back(projection(weights[4 * l + j], kinds[4 * l + j], groups[4 * l + j], ins[j],
                                        j == 0 && !qkv_biases.empty() ? &qkv_biases[l] : nullptr));
+      projections.back().tiles = tiles && (kinds[4 * l + j] == kQ4_0 || kinds[4 * l + j] == kQ4_1);
+    }
   const Step st{hidden.size(0), n, heads, kv_heads, head_dim, intermediate, caches[0].size(2),
                 block_tables.size(1), cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(),
                 block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),

@@ -30,8 +30,6 @@ namespace {
 
 using namespace pagoda_quant;
 
-// GGML's type ids, as GGUF files store them.
-enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 constexpr int64_t kSuperBlock = 256;  // weights per K-quant super-block
 
 inline bool is_k_quant(int64_t qtype) { return qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K; }
@@ -517,11 +515,23 @@ bool amx_available() {
 }
 
 // As gguf_linear for Q4_0 / Q4_1 / Q8_0 rows, through AMX int8 tiles (amx_tiles.h): for prompts, where
-// gguf_linear's one-row-at-a-time dot products would be compute-bound.
+// gguf_linear's one-row-at-a-time dot products would be compute-bound, and for Q4_0 / Q4_1 steps of a few
+// rows (up to 16: a token and its drafts, decode batches) through tiles of exactly those rows (amx_q4_rows).
 torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
 #if defined(PAGODA_AMX)
   TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "gguf_linear_amx: GGML type ", qtype,
               " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  if (qtype != kQ8_0 && x.dim() == 2 && x.size(0) <= kTile) {  // a few rows: tiles of exactly those rows
+    TORCH_CHECK(amx_permitted(), "gguf_linear_amx: the kernel did not grant this process AMX tile state");
+    return quantized_linear(
+        x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
+        [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
+          using T = decltype(tag);
+          const QuantizedRows xq = quantize_rows(xc.data_ptr<T>(), xc.size(0), xc.size(1), XOrder::kNatural);
+          amx_q4_rows(w.data_ptr<uint8_t>(), w.size(1), qtype, xc.size(1), w.size(0), xq, xc.size(0), bp,
+                      out.data_ptr<T>());
+        });
+  }
   return amx_quantized_linear(
       x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
       [&](int64_t k) { return GgufBlocks{w.data_ptr<uint8_t>(), w.size(1), k, qtype}; });

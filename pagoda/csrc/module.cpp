@@ -25,7 +25,8 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
                    std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
                    std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
                    torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
-                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps);
+                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps,
+                   int64_t tile_min_rows);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -45,6 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_amx", &int4_linear_amx, "int4_linear through AMX int8 tiles (prompts)");
   m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");
   m.def("decode_layers_supported", &decode_layers_supported, "whether decode_layers runs on this CPU (AVX-512 VNNI)");
-  m.def("decode_layers", &decode_layers, "a decode step of up to 4 rows through every decoder layer, in place");
+  m.def("decode_layers", &decode_layers, "a step of up to 16 rows through every decoder layer, in place");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in place for each token a grammar bitmask forbids");
 }

@@ -24,6 +24,9 @@
 
 namespace pagoda_quant {
 
+// GGML's type ids, as GGUF files store them.
+enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 4;  // blocks per step of the vector loops (128 weights)
 constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)

@@ -19,11 +19,12 @@ import torch
 
 from pagoda.model.attention.base import AttentionMetadata, per_token_context
 from pagoda.model.layers.linear import Linear, batch_invariant
-from pagoda.model.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.model.layers.quantization.gguf import GGUFLinearMethod, tile_min_rows
 from pagoda.model.layers.quantization.int4 import Int4LinearMethod
 from pagoda.model.layers.rotary import RotaryAngles
 
 MAX_ROWS = 16  # as the quantized kernels' int8-activation path (NATIVE_MAX_ROWS), four rows per pass
+
 INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
 MAX_HEADS = 256  # query heads the kernel's attention takes
 
@@ -53,6 +54,8 @@ class FusedDecode:
     intermediate: int
     scale: float
     eps: float
+    tile_min_rows: int  # steps of this many rows or more run Q4_0/Q4_1 projections on AMX tiles (0: never), as
+    # the layer-by-layer path (gguf.py's tile_min_rows)
 
     @classmethod
     def of(cls, model, ops: ModuleType | None) -> FusedDecode | None:  # noqa: ANN001 - a LlamaForCausalLM
@@ -82,7 +85,8 @@ class FusedDecode:
         kv_scales = [scale for layer in model.layers for scale in layer.kv_scales]
         first = model.layers[0]
         return cls(ops, weights, kinds, groups, biases, norms, kv_scales, cfg.num_attention_heads,
-                   cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, first.scale, first.input_layernorm.eps)
+                   cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, first.scale, first.input_layernorm.eps,
+                   tile_min_rows(ops))
 
     def fits(self, hidden: torch.Tensor) -> bool:
         """A step of few enough tokens (decode tokens, or a decode token and the drafts that follow it),
@@ -102,5 +106,5 @@ class FusedDecode:
         self.ops.decode_layers(
             hidden, self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
             angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping, tables.contiguous(), seq_lens,
-            self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps)
+            self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps, self.tile_min_rows)
         return hidden

@@ -10,10 +10,13 @@ import torch
 
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.layers.quantization import int4
+from pagoda.model.layers.linear import configure_linear
 from pagoda.model.layers.quantization.gguf import (
     AMX_MAX_ROWS,
     AMX_TYPES,
     NATIVE_MAX_ROWS,
+    TILE_MIN_ROWS_ENV,
+    TILE_TYPES,
     GGUFLinearMethod,
     regroup_rows,
 )
@@ -48,6 +51,49 @@ def test_gguf_rows_on_tiles_match_the_vnni_kernel_and_the_weights(qtype, dtype: 
     ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
     got = OPS.gguf_linear_amx(x, grouped, int(qtype), bias)
     _close(got, OPS.gguf_linear(x, grouped, int(qtype), bias), ref, dtype)
+
+
+TILE_Q4 = [t for t in AMX_TYPES if t in TILE_TYPES]
+
+
+@pytest.mark.parametrize("qtype", TILE_Q4, ids=[t.name for t in TILE_Q4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("in_features", [192, 576])
+def test_a_few_q4_rows_on_tiles_of_their_own_match_the_vnni_kernel(qtype, dtype: torch.dtype, rows: int,  # noqa: ANN001
+                                                                   in_features: int) -> None:
+    """amx_q4_rows: tiles of exactly the step's rows (a token and its drafts); 192 = one whole group of four
+    blocks and a partial one, 576 = 18 blocks; 67 weight rows = four whole tiles of 16 and a partial one."""
+    raw, w = _quantized(qtype, 67, in_features, seed=rows + in_features)
+    grouped = regroup_rows(raw, qtype)
+    torch.manual_seed(rows)
+    x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(67)
+    ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
+    got = OPS.gguf_linear_amx(x, grouped, int(qtype), bias)
+    _close(got, OPS.gguf_linear(x, grouped, int(qtype), bias), ref, dtype)
+    alone = OPS.gguf_linear_amx(x[-1:], grouped, int(qtype), bias)  # a row's outputs: the same beside others
+    assert torch.equal(alone, got[-1:])
+
+
+def test_steps_of_a_few_rows_take_their_own_tiles_from_tile_min_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    qtype = TILE_Q4[-1]
+    raw, _ = _quantized(qtype, 48, 96, seed=9)
+    few, one = torch.randn(3, 96), torch.randn(1, 96)
+    default = filled_linear(GGUFLinearMethod(qtype, OPS), raw, 96, [48], torch.float32)
+    assert torch.equal(default(few), OPS.gguf_linear(few, default.weight, int(qtype), None))  # off by default
+    monkeypatch.setenv(TILE_MIN_ROWS_ENV, "3")
+    layer = filled_linear(GGUFLinearMethod(qtype, OPS), raw, 96, [48], torch.float32)
+    assert torch.equal(layer(few), OPS.gguf_linear_amx(few, layer.weight, int(qtype), None))
+    assert torch.equal(layer(one), OPS.gguf_linear(one, layer.weight, int(qtype), None))
+    configure_linear(batch_invariant=True)  # every row count the VNNI kernel's way
+    try:
+        assert torch.equal(layer(few), OPS.gguf_linear(few, layer.weight, int(qtype), None))
+    finally:
+        configure_linear(batch_invariant=False)
+    for bad in ("many", "17", "-1"):
+        monkeypatch.setenv(TILE_MIN_ROWS_ENV, bad)
+        with pytest.raises(ValueError, match=TILE_MIN_ROWS_ENV):
+            GGUFLinearMethod(qtype, OPS)
 
 
 @pytest.mark.parametrize(("k", "group"), [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 576), (96, 64)])

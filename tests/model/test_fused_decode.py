@@ -140,3 +140,25 @@ def test_paged_reads_outside_a_block_table_are_refused(make_tiny_model) -> None:
                 model(torch.tensor([5]), torch.tensor([9]), runner.kv_caches, runner.attention, metadata)
         finally:
             model.fused_decode = saved
+
+
+@pytest.mark.skipif(OPS is None or not OPS.amx_available(), reason="no AMX int8 here (CPU, OS or build)")
+def test_a_token_and_its_drafts_on_amx_tiles_as_on_vnni(bundled_gguf, monkeypatch) -> None:
+    """PAGODA_TILE_MIN_ROWS: a step of that many rows runs the Q4_1 projections on AMX tiles of its own rows.
+    Only the order of the fp32 sums differs from the VNNI kernel's, which bf16 outputs round apart through
+    30 layers: every row's final hidden state points the same way."""
+    monkeypatch.setenv("PAGODA_TILE_MIN_ROWS", "6")
+    llm = LLM(str(bundled_gguf), num_kv_blocks=16, block_size=16)
+    runner, fused = llm.engine.runner, llm.engine.runner.model.fused_decode
+    assert fused is not None and fused.tile_min_rows == 6
+    tokens = list(range(1000, 1030))
+    runner.hidden_states(tokens, 0, 20, [0, 1])
+
+    def chunk(tile_min_rows: int) -> torch.Tensor:
+        fused.tile_min_rows = tile_min_rows
+        return runner.hidden_states(tokens, 20, 6, [0, 1]).clone()
+
+    tiles, vnni = chunk(6), chunk(0)
+    assert not torch.equal(tiles, vnni)  # the tiles ran
+    cosine = torch.nn.functional.cosine_similarity(tiles.float(), vnni.float(), dim=-1)
+    assert cosine.min() > 0.999, cosine  # ~0.9998 here; a block scaled wrong is far off

@@ -46,6 +46,10 @@ AMX_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizat
 # block by block, 256 of them per 16 x 16 x 32 tile product: over the bundled model's layers it beats the
 # dequantized tiles by 25-35% at 24-64 rows and loses from ~96 (BENCHMARKS.md).
 AMX_MAX_ROWS = 64
+# What amx_q4_rows (amx_tiles.h) takes: inputs of a few rows (a token and its drafts, decode batches) on AMX
+# tiles of exactly those rows, an alternative to the VNNI kernel (tile_min_rows).
+TILE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+TILE_MIN_ROWS_ENV = "PAGODA_TILE_MIN_ROWS"
 # Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul). Over
 # every layer of the bundled model the kernel is faster up to ~20 rows for Q4_1, int4 and int8 alike (16
 # rows: 34-42 ms against 44-51 ms on 2 Xeon cores with AMX; BENCHMARKS.md): decode batches of a few
@@ -102,6 +106,21 @@ def amx_tiles(ops: ModuleType | None) -> bool:
     return ops is not None and os.environ.get("PAGODA_DISABLE_AMX") != "1" and ops.amx_available()
 
 
+def tile_min_rows(ops: ModuleType | None) -> int:
+    """Q4_0 / Q4_1 inputs of this many rows up to NATIVE_MAX_ROWS go to AMX tiles of their own instead of the
+    VNNI kernel (0: never). Opt-in through PAGODA_TILE_MIN_ROWS (e.g. 6) on a CPU with AMX: on the bundled
+    model a decode step of 6-16 rows runs 5-55% faster there, fewer rows slower (BENCHMARKS.md), and the
+    changed order of fp32 sums moves bf16 outputs against the one-row path's."""
+    raw = os.environ.get(TILE_MIN_ROWS_ENV, "0")
+    try:
+        rows = int(raw)
+    except ValueError:
+        raise ValueError(f"{TILE_MIN_ROWS_ENV} must be a row count (0: off), got {raw!r}") from None
+    if not 0 <= rows <= NATIVE_MAX_ROWS:
+        raise ValueError(f"{TILE_MIN_ROWS_ENV} must be 0 (off) to {NATIVE_MAX_ROWS}, got {rows}")
+    return rows if rows and amx_tiles(ops) else 0
+
+
 def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """Regrouped rows -> [rows, in_features] of ``dtype`` (the C++ kernel, or torch without it)."""
@@ -120,6 +139,7 @@ class GGUFLinearMethod:
             raise ValueError(f"no native kernel for GGUF type {qtype.name}; native: {[t.name for t in NATIVE_TYPES]}")
         self.qtype = qtype
         self.ops = ops
+        self.tile_min_rows = tile_min_rows(ops)
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
                        dtype: torch.dtype) -> None:
@@ -147,7 +167,11 @@ class GGUFLinearMethod:
         if kernel is not None:
             return kernel.quantized_linear(x.contiguous(), layer.weight, int(self.qtype), layer.in_features,
                                            layer.bias)
-        if x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant():  # the kernel is row-independent
+        if batch_invariant():  # the VNNI kernel computes each row alone, at every row count the same way
+            return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
+        if x.shape[0] <= NATIVE_MAX_ROWS:
+            if self.tile_min_rows and x.shape[0] >= self.tile_min_rows and self.qtype in TILE_TYPES:
+                return self.ops.gguf_linear_amx(x, layer.weight, int(self.qtype), layer.bias)
             return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
         if x.shape[0] <= AMX_MAX_ROWS and self.qtype in AMX_TYPES and amx_tiles(self.ops):
             return self.ops.gguf_linear_amx(x, layer.weight, int(self.qtype), layer.bias)
