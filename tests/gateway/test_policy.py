@@ -473,9 +473,17 @@ def test_redis_stopped_mid_load_fails_open_or_closed_and_loses_no_usage(tmp_path
         after = [chat(g.url, key).status_code for g in (closed, opened)]
         assert served == [200, 200] and after == [200, 200]
         allowed = served.count(200) + during.count(200) + after.count(200)
-        closed.admin("GET", "/admin/usage")  # each gateway flushes its own buffer before it answers
-        rows = opened.admin("GET", "/admin/usage", params={"group_by": "tenant"}).json()["data"]
-        assert rows[0]["group"] == "t" and rows[0]["requests"] == allowed  # none lost
+        # Each gateway flushes its own buffer before it answers /admin/usage; a flush that meets a connection
+        # Redis dropped keeps its records for the next one, so the sum arrives within a few flushes.
+        counted: list[int] = []
+        for _ in range(20):
+            closed.admin("GET", "/admin/usage")
+            rows = opened.admin("GET", "/admin/usage", params={"group_by": "tenant"}).json()["data"]
+            counted.append(rows[0]["requests"] if rows and rows[0]["group"] == "t" else 0)
+            if counted[-1] >= allowed:
+                break
+            time.sleep(0.25)
+        assert counted[-1] == allowed and max(counted) == allowed, counted  # none lost, none counted twice
     finally:
         closed.stop()
         opened.stop()
