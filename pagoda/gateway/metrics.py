@@ -37,6 +37,11 @@ class GatewayMetrics:
         self.overlaps = Counter("pagoda_gateway_admission_overlaps", "Requests forwarded while their admission was "
                                 "decided, by its outcome (a refused one was closed at the upstream)", ["outcome"],
                                 registry=r)
+        self.admissions = Counter("pagoda_gateway_admissions", "Rate-limit decisions by where they were made: here "
+                                  "(the in-process store, or a window share of Redis's) or store (a Redis call)",
+                                  ["where"], registry=r)
+        self.shares = Counter("pagoda_gateway_window_shares", "Window shares asked of Redis, by outcome (granted, "
+                              "declined: too little room or too large a share of a limit)", ["outcome"], registry=r)
         self.tenants: set[str] = set()
         self._decisions: dict[tuple[str, str], Any] = {}
         self._usage: dict[str, tuple[Any, Any, Any]] = {}

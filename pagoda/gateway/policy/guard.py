@@ -85,6 +85,10 @@ class Guard:
         self._scopes_of: PolicyConfig | None = None
         self._tenant_scopes: dict[str, Scope] = {}
         self.pending: set[asyncio.Future[None]] = set()
+        self._decided_here = metrics.admissions.labels("here") if metrics is not None else None
+        self._decided_in_store = metrics.admissions.labels("store") if metrics is not None else None
+        if metrics is not None and isinstance(store, RedisStore):
+            store.on_share = lambda outcome: metrics.shares.labels(outcome).inc()
         # Request ids unique across gateways sharing a store: this process's random prefix and a count.
         self.instance = secrets.token_hex(6)
         self.request_ids = itertools.count()
@@ -217,10 +221,30 @@ class Guard:
                                         "raise the budget, or wait for the next period.", None,
                                    "insufficient_quota", kind="insufficient_quota")
 
-    async def admit(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket:
+    def admit_now(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket | None:
+        """Admitted, or refused (429), where the store decides without a round trip (its windows are in this
+        process, or a window share it holds has room); None: the store must be asked."""
         ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         if not scopes:
             return ticket
+        ended, self.ended = self.ended, []
+        verdict = self.store.admit_here(ticket.request_id, scopes, cost, time.time(), self.lease_s, ended)
+        if verdict is None:
+            return None
+        if self._decided_here is not None:
+            self._decided_here.inc()
+        self.room.hear(scopes, verdict.states, time.monotonic())
+        ticket.headers = rate_limit_headers(scopes, verdict)
+        if not verdict.allowed:
+            raise refusal(scopes, verdict, cost, ticket.headers)
+        return ticket
+
+    async def admit(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket:
+        ticket = self.admit_now(principal, scopes, cost)
+        return ticket if ticket is not None else await self._admit_in_store(principal, scopes, cost)
+
+    async def _admit_in_store(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket:
+        ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         now = time.time()
         ended, self.ended = self.ended, []
         try:
@@ -232,6 +256,8 @@ class Guard:
             ticket.store = self.local
             verdict = await self.local.admit(ticket.request_id, scopes, cost, now, self.lease_s)
         else:
+            if self._decided_in_store is not None:
+                self._decided_in_store.inc()
             self.room.hear(scopes, verdict.states, time.monotonic())
         ticket.headers = rate_limit_headers(scopes, verdict)
         if not verdict.allowed:
@@ -315,14 +341,17 @@ class Guard:
             await self.check_budgets(principal)
             estimate = self.estimate_tokens(body, prompt)
             scopes = self.scopes(principal)
-            admission: asyncio.Task[Ticket] | None = None
-            if self._overlaps(scopes, estimate, group):
-                forwarding = asyncio.ensure_future(self._forward(
-                    principal, estimate, group, forward, body, lambda: _headers_of(admission)))
-            admission = asyncio.ensure_future(self.admit(principal, scopes, estimate))
-            ticket = await self._admitted(admission, forwarding)
-            if forwarding is not None and self.metrics is not None:
-                self.metrics.overlaps.labels("admitted").inc()
+            decided = self.admit_now(principal, scopes, estimate)
+            if decided is None:
+                admission: asyncio.Task[Ticket] | None = None
+                if self._overlaps(scopes, estimate, group):
+                    forwarding = asyncio.ensure_future(self._forward(
+                        principal, estimate, group, forward, body, lambda: _headers_of(admission)))
+                admission = asyncio.ensure_future(self._admit_in_store(principal, scopes, estimate))
+                decided = await self._admitted(admission, forwarding)
+                if forwarding is not None and self.metrics is not None:
+                    self.metrics.overlaps.labels("admitted").inc()
+            ticket = decided
         except GatewayError as exc:
             if forwarding is not None and self.metrics is not None:
                 self.metrics.overlaps.labels("refused").inc()
@@ -333,8 +362,7 @@ class Guard:
         status = 500
         try:
             if forwarding is None:
-                reply = await self._forward(principal, estimate, table.resolve(model), forward, body,
-                                            lambda: _ready(ticket.headers))
+                reply = await self._forward(principal, estimate, group, forward, body, lambda: _ready(ticket.headers))
             else:
                 reply = await forwarding
             status = reply.status

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -14,6 +17,7 @@ import orjson
 from pagoda.gateway.policy.keys import KeyRecord
 from pagoda.gateway.policy.records import Totals, UsageRecord, aggregate
 from pagoda.gateway.policy.resp import RespConnection, RespError
+from pagoda.gateway.policy.shares import MAX_FRACTION, ROOM_LEFT, SHARE_S, Share, ShareAsk, ShareBook
 from pagoda.gateway.policy.store import (
     WINDOW_S,
     Ended,
@@ -25,9 +29,12 @@ from pagoda.gateway.policy.store import (
     hour_buckets,
 )
 
-# Settles ended requests: ARGV from ``a``: their count, then per request its id, the tokens charged, the tokens
-# used (-1: unknown: the charge stands) and its number of scopes; KEYS from ``k``: per scope its request log,
-# token total and leases. The charge is corrected to what was used and the lease ended.
+# Settles ended requests, then closed window shares (shares.py). ARGV from ``a``: the requests' count, then per
+# request its id, the tokens charged, the tokens used (-1: unknown: the charge stands) and its number of scopes;
+# the shares' count, then per share its id, the request slots used and reserved, the tokens reserved and
+# charged now, its number of scopes. KEYS from ``k``: per scope its request log, token total and leases. A
+# request's charge is corrected to what it used and its lease ended; a share's unused slots leave the log and
+# its slot 1 is charged what its requests were. Returns where the next arguments and keys start.
 SETTLE_LUA = """
 local function settle(a, k)
   local count = tonumber(ARGV[a])
@@ -49,22 +56,40 @@ local function settle(a, k)
       k = k + 3
     end
   end
+  count = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, count do
+    local sid, used, reserved = ARGV[a], tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
+    local reserved_tokens, charged, scopes = tonumber(ARGV[a+3]), tonumber(ARGV[a+4]), tonumber(ARGV[a+5])
+    a = a + 6
+    for _ = 1, scopes do
+      local log, total = KEYS[k], KEYS[k+1]
+      for j = math.max(used + 1, 2), reserved do redis.call('ZREM', log, sid .. '.' .. j .. ':0') end
+      local first = sid .. '.1:' .. reserved_tokens
+      if used == 0 then
+        if redis.call('ZREM', log, first) == 1 then redis.call('DECRBY', total, reserved_tokens) end
+      elseif charged ~= reserved_tokens then
+        local at = redis.call('ZSCORE', log, first)
+        if at then
+          redis.call('ZREM', log, first)
+          redis.call('ZADD', log, at, sid .. '.1:' .. charged)
+          redis.call('INCRBY', total, charged - reserved_tokens)
+        end
+      end
+      k = k + 3
+    end
+  end
+  return a, k
 end
 """
 
-# Settles the requests that ended since the last call (as SETTLE_LUA), then admits one. KEYS: per scope its
-# request log (zset of "<request id>:<tokens charged>" by arrival ms), its token total and its leases (zset:
-# request id by lease end ms), then the ended requests' keys. ARGV: now ms, window ms, request id, lease end ms,
-# its number of scopes n, per scope rpm, tpm, max concurrency (-1: none) and the request's tokens, then the
-# ended requests. Returns allowed, the refusing scope (1-based, 0: none), its kind, the retry ms, then per
-# scope: requests, tokens, in flight, reset ms.
-ADMIT_LUA = SETTLE_LUA + """
-local now, window, rid, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local n = tonumber(ARGV[5])
-settle(6 + 4 * n, 3 * n + 1)
-local counts, used, inflight = {}, {}, {}
+# Scope i's window (KEYS 3i-2..3i: its request log, zset of "<request id>:<tokens charged>" by arrival ms; its
+# token total; its leases, zset of request ids by lease end ms) rid of what left it, and what it holds: requests,
+# tokens, requests in flight (counted only where ``concurrency`` is limited). ``states`` appends each scope's
+# numbers and the ms until its oldest request leaves.
+WINDOW_LUA = """
 local function charge(member) return tonumber(string.match(member, ':(%d+)$')) end
-for i = 1, n do
+local function open_window(i, now, window, concurrency)
   local log, total, leases = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   while true do  -- the entries that left the window, oldest first
     local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 1000)
@@ -75,15 +100,14 @@ for i = 1, n do
     redis.call('DECRBY', total, freed)
     if #old < 1000 then break end
   end
-  counts[i] = redis.call('ZCARD', log)
-  used[i] = tonumber(redis.call('GET', total) or '0')
-  inflight[i] = 0
-  if tonumber(ARGV[4+4*i]) >= 0 then
+  local inflight = 0
+  if concurrency then
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-    inflight[i] = redis.call('ZCARD', leases)
+    inflight = redis.call('ZCARD', leases)
   end
+  return redis.call('ZCARD', log), tonumber(redis.call('GET', total) or '0'), inflight
 end
-local function states(out)
+local function states(out, n, counts, used, inflight, now, window)
   for i = 1, n do
     local first = redis.call('ZRANGE', KEYS[3*i-2], 0, 0, 'WITHSCORES')
     local reset = 0
@@ -91,6 +115,20 @@ local function states(out)
     table.insert(out, counts[i]); table.insert(out, used[i]); table.insert(out, inflight[i]); table.insert(out, reset)
   end
   return out
+end
+"""
+
+# Settles (SETTLE_LUA), then admits one request. KEYS: per scope its three window keys, then the settled ones'.
+# ARGV: now ms, window ms, request id, lease end ms, its number of scopes n, per scope rpm, tpm, max concurrency
+# (-1: none) and the request's tokens, then what to settle. Returns allowed, the refusing scope (1-based, 0:
+# none), its kind, the retry ms, then per scope: requests, tokens, in flight, reset ms.
+ADMIT_LUA = SETTLE_LUA + WINDOW_LUA + """
+local now, window, rid, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
+settle(6 + 4 * n, 3 * n + 1)
+local counts, used, inflight = {}, {}, {}
+for i = 1, n do
+  counts[i], used[i], inflight[i] = open_window(i, now, window, tonumber(ARGV[4+4*i]) >= 0)
 end
 for i = 1, n do
   local rpm, tpm, conc, cost = tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i]), tonumber(ARGV[5+4*i])
@@ -115,7 +153,7 @@ for i = 1, n do
   elseif conc >= 0 and inflight[i] + 1 > conc then
     kind = 'concurrency'
   end
-  if kind then return states({0, i, kind, retry}) end
+  if kind then return states({0, i, kind, retry}, n, counts, used, inflight, now, window) end
 end
 for i = 1, n do
   local rpm, tpm, conc, cost = tonumber(ARGV[2+4*i]), tonumber(ARGV[3+4*i]), tonumber(ARGV[4+4*i]), tonumber(ARGV[5+4*i])
@@ -134,13 +172,59 @@ for i = 1, n do
     inflight[i] = inflight[i] + 1
   end
 end
-return states({1, 0, '', 0})
+return states({1, 0, '', 0}, n, counts, used, inflight, now, window)
+"""
+
+# Settles (SETTLE_LUA), then grants a window share (shares.py) or not. KEYS: per scope its three window keys,
+# then the settled ones'. ARGV: now ms, window ms, share id, its end ms, its concurrency slots' lease end ms, its
+# number of scopes n, the share of each limit that must stay unreserved, the most of a limit one share may
+# take, the requests, tokens and concurrency slots asked for, per scope rpm, tpm, max concurrency (-1: none), then
+# what to settle. Granted, its request slots are logged at its end (slot 1 carrying the tokens) and its
+# concurrency slots leased. Returns granted (1/0), then per scope: requests, tokens, in flight, reset ms.
+SHARE_LUA = SETTLE_LUA + WINDOW_LUA + """
+local now, window, sid, share_end, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local n, room, fraction = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local want = {tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])}
+settle(12 + 3 * n, 3 * n + 1)
+local counts, used, inflight, limits = {}, {}, {}, {}
+local granted = 1
+for i = 1, n do
+  limits[i] = {tonumber(ARGV[9+3*i]), tonumber(ARGV[10+3*i]), tonumber(ARGV[11+3*i])}
+  counts[i], used[i], inflight[i] = open_window(i, now, window, limits[i][3] >= 0)
+  local have = {counts[i], used[i], inflight[i]}
+  for x = 1, 3 do
+    if limits[i][x] >= 0 and (have[x] + want[x] > room * limits[i][x] or want[x] > fraction * limits[i][x]) then
+      granted = 0
+    end
+  end
+end
+if granted == 1 then
+  for i = 1, n do
+    local log, total, leases = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+    if limits[i][1] >= 0 or limits[i][2] >= 0 then
+      redis.call('ZADD', log, share_end, sid .. '.1:' .. want[2])
+      for j = 2, want[1] do redis.call('ZADD', log, share_end, sid .. '.' .. j .. ':0') end
+      redis.call('INCRBY', total, want[2])
+      redis.call('PEXPIRE', log, share_end - now + window + 1000)
+      redis.call('PEXPIRE', total, share_end - now + window + 1000)
+      counts[i] = counts[i] + want[1]
+      used[i] = used[i] + want[2]
+    end
+    if limits[i][3] >= 0 then
+      for j = 1, want[3] do redis.call('ZADD', leases, lease_until, sid .. '.c' .. j) end
+      redis.call('PEXPIRE', leases, lease_until - now + 1000)
+      inflight[i] = inflight[i] + want[3]
+    end
+  end
+end
+return states({granted}, n, counts, used, inflight, now, window)
 """
 
 FINISH_LUA = SETTLE_LUA + """
 settle(1, 1)
 return 0
 """
+FLUSH_SHARES_S = 0.05
 
 
 class RedisStore:
@@ -155,6 +239,13 @@ class RedisStore:
         self.prefix = prefix
         self.fast = RespConnection(url, timeout_s)  # the per-request scripts
         self._keys_of: dict[str, list[str]] = {}  # a scope's Redis keys, by scope name
+        self.unsent: list[Ended] = []  # ended requests to settle with the next script call
+        self.shares = ShareBook()
+        self.instance = secrets.token_hex(6)  # share ids unique across gateways
+        self._share_ids = itertools.count()
+        self._background: set[asyncio.Future[None]] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.on_share: Callable[[str], None] | None = None  # told "granted" or "declined" (metrics)
 
     async def _script(self, script: str, keys: list[str], args: list[int | str]) -> Any:
         """Run one of the scripts by its SHA-1 (sent whole the first time after Redis lost it)."""
@@ -208,8 +299,19 @@ class RedisStore:
             keys = self._keys_of[scope.name] = [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
         return keys
 
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                   ended: Sequence[Ended] = ()) -> Verdict | None:
+        """Admitted from the key's window share without a round trip, or None (``admit`` asks Redis). ``ended``
+        is settled here (its share's) or with the next script call."""
+        self._ended(ended)
+        verdict = self.shares.admit(request_id, scopes, cost, now)
+        if verdict is not None:
+            self._note(scopes, cost, now, lease_s)
+        return verdict
+
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
                     ended: Sequence[Ended] = ()) -> Verdict:
+        self._ended(ended)
         keys = [k for s in scopes for k in self._scope_keys(s)]
         args: list[int | str] = [int(now * 1000), int(WINDOW_S * 1000), request_id, int((now + lease_s) * 1000),
                                  len(scopes)]
@@ -217,27 +319,103 @@ class RedisStore:
             lim = s.limits
             args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
                      -1 if lim.max_concurrency is None else lim.max_concurrency, cost]
-        self._settling(ended, keys, args)
+        self._settling(keys, args)
         out = await self._script(ADMIT_LUA, keys, args)
-        states = [ScopeState(int(out[i]), int(out[i + 1]), int(out[i + 2]), int(out[i + 3]) / 1000,
-                             int(out[i + 3]) / 1000) for i in range(4, len(out), 4)]
+        states = _states(out, 4)
         if int(out[0]):
+            self._note(scopes, cost, now, lease_s)
             return Verdict(True, states)
         kind = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
         return Verdict(False, states, int(out[1]) - 1, kind, int(out[3]) / 1000)
 
     async def finish(self, ended: Sequence[Ended]) -> None:
+        """Settle ``ended``: those admitted from a share here, the others (and closed shares) in Redis."""
+        self._ended(ended)
+        if not self.unsent and not self.shares.withdrawals and not self.shares.releases:
+            return
         keys: list[str] = []
         args: list[int | str] = []
-        self._settling(ended, keys, args)
+        self._settling(keys, args)
         await self._script(FINISH_LUA, keys, args)
 
-    def _settling(self, ended: Sequence[Ended], keys: list[str], args: list[int | str]) -> None:
-        """SETTLE_LUA's part of a script call's keys and arguments."""
+    def _ended(self, ended: Sequence[Ended]) -> None:
+        self.unsent += [e for e in ended if not self.shares.end(e)]
+
+    def _settling(self, keys: list[str], args: list[int | str]) -> None:
+        """SETTLE_LUA's part of a script call's keys and arguments: what waits to be settled, taken (a call that
+        fails loses it: leases expire, estimates and reservations stand until they leave the window)."""
+        withdrawals, releases = self.shares.take_pending()
+        ended, self.unsent = self.unsent + releases, []
         args.append(len(ended))
         for e in ended:
             args += [e.request_id, e.charged, -1 if e.tokens is None else e.tokens, len(e.scopes)]
             keys += [k for s in e.scopes for k in self._scope_keys(s)]
+        args.append(len(withdrawals))
+        for w in withdrawals:
+            args += [w.share_id, w.used, w.reserved, w.reserved_tokens, w.charged, len(w.scopes)]
+            keys += [k for s in w.scopes for k in self._scope_keys(s)]
+
+    # ---- window shares (shares.py) ----------------------------------------------------------------------
+    def _note(self, scopes: list[Scope], cost: int, now: float, lease_s: float) -> None:
+        """An admission counted towards the key's demand; a share asked for in the background when it is due."""
+        ask = self.shares.note(scopes, cost, now)
+        if ask is not None:
+            task = asyncio.ensure_future(self._take_share(scopes, ask, lease_s))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _take_share(self, scopes: list[Scope], ask: ShareAsk, lease_s: float) -> None:
+        share_id = f"s{self.instance}-{next(self._share_ids)}"
+        now = time.time()
+        until = now + SHARE_S
+        keys = [k for s in scopes for k in self._scope_keys(s)]
+        args: list[int | str] = [int(now * 1000), int(WINDOW_S * 1000), share_id, int(until * 1000),
+                                 int((until + lease_s) * 1000), len(scopes), 1 - ROOM_LEFT, MAX_FRACTION,
+                                 ask.requests, ask.tokens, ask.concurrency]
+        for s in scopes:
+            lim = s.limits
+            args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
+                     -1 if lim.max_concurrency is None else lim.max_concurrency]
+        self._settling(keys, args)
+        try:
+            out = await self._script(SHARE_LUA, keys, args)
+        except StoreUnavailable:
+            self.shares.declined(scopes, time.time())
+            return
+        if not int(out[0]):
+            self.shares.declined(scopes, time.time())
+            self._count_share("declined")
+            return
+        share = Share(share_id, scopes, ask, until, _states(out, 1))
+        self.shares.granted(share)
+        self._count_share("granted")
+        asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self._expired, share)
+        self._flush_soon()  # the share it replaced, if any, closed
+
+    def _count_share(self, outcome: str) -> None:
+        if self.on_share is not None:
+            self.on_share(outcome)
+
+    def _expired(self, share: Share) -> None:
+        self.shares.close(share)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Closed shares are told to Redis with the next script call, or alone within FLUSH_SHARES_S."""
+        if self._flush_timer is None and (self.shares.withdrawals or self.shares.releases):
+            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_SHARES_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        task = asyncio.ensure_future(self._finish_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _finish_quietly(self) -> None:
+        try:
+            await self.finish(())
+        except StoreUnavailable:
+            pass  # the reservations leave the window on their own
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         """The batch's sums added in one transaction (so a failed flush adds nothing and can be retried)."""
@@ -278,12 +456,22 @@ class RedisStore:
         return [(_totals(fields[2 * i]), _totals(fields[2 * i + 1])) for i in range(len(scopes))]
 
     async def close(self) -> None:
+        """Give the shares back (the gateway's requests have ended), then close the connections."""
+        self.shares.close_all()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._finish_quietly()
         await self.fast.close()
         await self.client.aclose()
 
 
-SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT_LUA, FINISH_LUA)}
+SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT_LUA, FINISH_LUA, SHARE_LUA)}
 RETAIN_S = 40 * 86400  # usage and spend kept in Redis this long after their last change
+
+
+def _states(out: list[Any], start: int) -> list[ScopeState]:
+    """Each scope's requests, tokens, in flight and reset ms, four numbers per scope from ``start``."""
+    return [ScopeState(int(out[i]), int(out[i + 1]), int(out[i + 2]), int(out[i + 3]) / 1000, int(out[i + 3]) / 1000)
+            for i in range(start, len(out), 4)]
 
 
 def _add_totals(pipe, key: str, t: Totals) -> None:  # type: ignore[no-untyped-def]

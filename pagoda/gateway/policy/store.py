@@ -96,6 +96,12 @@ class Store(Protocol):
     async def key_for(self, digest: str) -> KeyRecord | None: ...
     async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def keys(self) -> list[KeyRecord]: ...
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                   ended: Sequence[Ended] = ()) -> Verdict | None:
+        """The decision where it needs no round trip (this process's windows, a window share), else None:
+        then ``admit`` decides. ``ended`` is settled first, or with the store's next call."""
+        ...
+
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
                     ended: Sequence[Ended] = ()) -> Verdict:
         """Settle ``ended`` (as ``finish``), then admit the request or not, atomically over all scopes."""
@@ -163,7 +169,11 @@ class MemoryStore:
 
     async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
                     ended: Sequence[Ended] = ()) -> Verdict:
-        await self.finish(ended)
+        return self.admit_here(request_id, scopes, cost, now, lease_s, ended)
+
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
+                   ended: Sequence[Ended] = ()) -> Verdict:
+        self._settle(ended)
         windows = [self.windows.setdefault(s.name, _Window()) for s in scopes]
         for w in windows:
             w.expire(now)
@@ -183,6 +193,9 @@ class MemoryStore:
         return Verdict(True, [w.state(now) for w in windows])
 
     async def finish(self, ended: Sequence[Ended]) -> None:
+        self._settle(ended)
+
+    def _settle(self, ended: Sequence[Ended]) -> None:
         for e in ended:
             for scope in e.scopes:
                 w = self.windows.get(scope.name)

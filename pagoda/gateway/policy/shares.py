@@ -1,0 +1,213 @@
+"""Shares of a rate-limit window: a gateway reserves, in one Redis script call, room for the next second's
+requests of a key (its scopes: the key's window and its tenant's), and admits them here without a round trip.
+
+Exact by construction: a share's requests, tokens and concurrency slots are counted in Redis from the moment it
+is granted, so the scopes never admit more than their limits across all gateways; the reserved requests are
+logged at the share's end time (the latest a request of the share can come), so they stay in the window at
+least as long as the requests themselves would. What a share costs is room held back: it is granted only while
+its scopes stay at least ROOM_LEFT of each limit below it and it is at most MAX_FRACTION of any limit (a key near
+its limit, or a small limit, is decided request by request), and its unused part is given back when it closes
+(at its end, spent, or replaced by the next share).
+
+Redis names a share's parts by its id: request slots "<id>.<j>:<tokens>" in the window's log (slot 1 carries the
+tokens), concurrency slots "<id>.c<j>" among the leases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pagoda.gateway.policy.store import Ended, Scope, ScopeState, Verdict
+
+SHARE_S = 1.0  # how long a share admits
+MIN_REQUESTS = 16  # the smallest share asked for
+MIN_DEMAND = 8  # admissions a second before a key's scopes are worth a share
+ROOM_LEFT = 0.25  # of each limit, left unreserved after a share is granted
+MAX_FRACTION = 0.05  # of each limit, the most one share may take
+MAX_BOOKED = 100_000  # key scopes whose demand is remembered
+
+
+@dataclass(frozen=True)
+class ShareAsk:
+    requests: int
+    tokens: int
+    concurrency: int  # 0 when no scope limits concurrency
+
+
+@dataclass
+class Share:
+    share_id: str
+    scopes: list[Scope]
+    ask: ShareAsk
+    until: float  # wall time: it admits nothing after
+    states: list[ScopeState]  # its scopes' windows when granted (the reservation counted)
+    used: int = 0  # requests admitted from it
+    charged: int = 0  # their tokens: what the ended ones used, the estimate of those in flight
+    in_flight: int = 0
+    closed_charge: int | None = None  # slot 1's charge in Redis once closed
+
+    def admits(self, cost: int, now: float) -> bool:
+        if self.closed_charge is not None or now >= self.until or self.used >= self.ask.requests:
+            return False
+        if self.ask.concurrency and self.in_flight >= self.ask.concurrency:
+            return False
+        return self.charged + cost <= self.ask.tokens
+
+    def view(self) -> list[ScopeState]:
+        """Its scopes' windows as of the grant, with this gateway's use of the share since in place of the
+        reservation (what the rate-limit headers say)."""
+        return [ScopeState(s.requests - self.ask.requests + self.used, s.tokens - self.ask.tokens + self.charged,
+                           s.in_flight - self.ask.concurrency + self.in_flight, s.requests_reset_s, s.tokens_reset_s)
+                for s in self.states]
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """A share closed: its request slots from ``used + 1`` on leave the log, and slot 1's tokens go from the
+    reservation to what is charged now (all of it when none was used)."""
+
+    share_id: str
+    scopes: list[Scope]
+    used: int
+    reserved: int
+    reserved_tokens: int
+    charged: int
+
+
+@dataclass
+class _Demand:
+    """A key's admissions in the current and the last SHARE_S, to size its next share."""
+
+    period: int = 0
+    count: int = 0
+    last_count: int = 0
+    tokens: int = 0
+    peak_in_flight: int = 0
+
+    def add(self, cost: int, now: float) -> None:
+        period = int(now // SHARE_S)
+        if period != self.period:
+            self.last_count = self.count if period == self.period + 1 else 0
+            self.period, self.count, self.tokens = period, 0, 0
+        self.count += 1
+        self.tokens += cost
+
+    def ask(self, concurrency: bool) -> ShareAsk:
+        requests = max(MIN_REQUESTS, 2 * max(self.count, self.last_count))
+        per_request = math.ceil(self.tokens / max(self.count, 1))
+        return ShareAsk(requests, requests * per_request, max(4, 2 * self.peak_in_flight) if concurrency else 0)
+
+
+@dataclass
+class ShareBook:
+    """This gateway's shares: the open one per key (its tuple of scope names), the closed ones with requests
+    in flight, and what Redis must be told of them (sent with the store's next script call)."""
+
+    open: dict[tuple[str, ...], Share] = field(default_factory=dict)
+    by_request: dict[str, Share] = field(default_factory=dict)
+    demand: dict[tuple[str, ...], _Demand] = field(default_factory=dict)
+    asking: set[tuple[str, ...]] = field(default_factory=set)
+    declined_until: dict[tuple[str, ...], float] = field(default_factory=dict)
+    withdrawals: list[Withdrawal] = field(default_factory=list)
+    releases: list[Ended] = field(default_factory=list)  # slot 1's final charge, the concurrency slots
+
+    def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float) -> Verdict | None:
+        """Admitted from the key's open share, or None (the store decides)."""
+        share = self.open.get(_names(scopes))
+        if share is None or not share.admits(cost, now):
+            return None
+        share.used += 1
+        share.charged += cost
+        share.in_flight += 1
+        self.by_request[request_id] = share
+        demand = self.demand.get(_names(scopes))
+        if demand is not None:
+            demand.peak_in_flight = max(demand.peak_in_flight, share.in_flight)
+        return Verdict(True, share.view())
+
+    def note(self, scopes: list[Scope], cost: int, now: float) -> ShareAsk | None:
+        """Count an admission; the share to ask for when the key's demand is worth one and its open share (if
+        any) is half spent or half over."""
+        names = _names(scopes)
+        demand = self.demand.get(names)
+        if demand is None:
+            if len(self.demand) > MAX_BOOKED:
+                self.demand.clear()
+                self.declined_until.clear()
+            demand = self.demand[names] = _Demand()
+        demand.add(cost, now)
+        if names in self.asking or self.declined_until.get(names, 0.0) > now:
+            return None
+        if max(demand.count, demand.last_count) < MIN_DEMAND:
+            return None
+        share = self.open.get(names)
+        if share is not None and share.used * 2 < share.ask.requests and share.until - now > SHARE_S / 2:
+            return None
+        self.asking.add(names)
+        concurrency = any(s.limits.max_concurrency is not None for s in scopes)
+        return demand.ask(concurrency)
+
+    def granted(self, share: Share) -> None:
+        """A share replaces the key's open one, whose whole reservation the grant still counted: its view
+        counts what the closing one used instead."""
+        names = _names(share.scopes)
+        self.asking.discard(names)
+        previous = self.open.get(names)
+        if previous is not None:
+            self.close(previous)
+            unused_requests, unused_tokens = previous.ask.requests - previous.used, previous.ask.tokens - previous.charged
+            share.states = [ScopeState(s.requests - unused_requests, s.tokens - unused_tokens, s.in_flight,
+                                       s.requests_reset_s, s.tokens_reset_s) for s in share.states]
+        self.open[names] = share
+
+    def declined(self, scopes: list[Scope], now: float) -> None:
+        names = _names(scopes)
+        self.asking.discard(names)
+        self.declined_until[names] = now + SHARE_S
+
+    def close(self, share: Share) -> None:
+        """No more admissions from it: its unused part is given back (its slots in use are released as their
+        requests end)."""
+        if share.closed_charge is not None:
+            return
+        names = _names(share.scopes)
+        if self.open.get(names) is share:
+            del self.open[names]
+        self.withdrawals.append(Withdrawal(share.share_id, share.scopes, share.used, share.ask.requests,
+                                           share.ask.tokens, share.charged))
+        share.closed_charge = share.charged
+        if share.in_flight == 0:
+            self._release(share)
+
+    def end(self, ended: Ended) -> bool:
+        """Settle a request admitted from a share (False: not one of theirs)."""
+        share = self.by_request.pop(ended.request_id, None)
+        if share is None:
+            return False
+        share.in_flight -= 1
+        if ended.tokens is not None:
+            share.charged += ended.tokens - ended.charged
+        if share.closed_charge is not None and share.in_flight == 0:
+            self._release(share)
+        return True
+
+    def _release(self, share: Share) -> None:
+        assert share.closed_charge is not None
+        if share.used and share.charged != share.closed_charge:
+            self.releases.append(Ended(f"{share.share_id}.1", share.scopes, share.closed_charge, share.charged))
+        self.releases += [Ended(f"{share.share_id}.c{j}", share.scopes, 0, None)
+                          for j in range(1, share.ask.concurrency + 1)]
+
+    def close_all(self) -> None:
+        for share in list(self.open.values()):
+            self.close(share)
+
+    def take_pending(self) -> tuple[list[Withdrawal], list[Ended]]:
+        withdrawals, releases = self.withdrawals, self.releases
+        self.withdrawals, self.releases = [], []
+        return withdrawals, releases
+
+
+def _names(scopes: list[Scope]) -> tuple[str, ...]:
+    return tuple(s.name for s in scopes)

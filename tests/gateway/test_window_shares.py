@@ -1,0 +1,162 @@
+"""Window shares (pagoda.gateway.policy.shares): a gateway reserves room for a busy key's next requests in one
+Redis call and admits them without a round trip; Redis counts the reservation from the start, gives the unused
+part back when the share closes, and the limits stay exact across gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pagoda.gateway.policy.keys import Limits
+from pagoda.gateway.policy.local_redis import LocalRedis
+from pagoda.gateway.policy.redis_store import RedisStore
+from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, ShareBook
+from pagoda.gateway.policy.store import Ended, Scope, ScopeState
+from tests.gateway.conftest import Gateway, responder
+
+LEASE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+async def _busy(store: RedisStore, scopes: list[Scope], cost: int, prefix: str) -> None:
+    """Enough admissions through Redis for the key to be worth a share, and the share's grant awaited."""
+    for i in range(MIN_DEMAND):
+        assert (await store.admit(f"{prefix}-{i}", scopes, cost, time.time(), LEASE_S)).allowed
+    await asyncio.gather(*store._background)
+
+
+PROBES: dict[str, int] = {}
+
+
+async def _window(store: RedisStore, scope: Scope) -> ScopeState:
+    """The scope's window as Redis holds it, less the probes that read it (each a request of no tokens, its
+    lease ended at once)."""
+    PROBES[scope.name] = PROBES.get(scope.name, 0) + 1
+    probe = f"probe-{PROBES[scope.name]}"
+    verdict = await store.admit(probe, [scope], 0, time.time(), LEASE_S)
+    if not verdict.allowed:  # a full window: not counted
+        PROBES[scope.name] -= 1
+    await store.finish([Ended(probe, [scope], 0, None)])
+    state = verdict.states[0]
+    return ScopeState(state.requests - PROBES[scope.name], state.tokens, state.in_flight - verdict.allowed, 0.0, 0.0)
+
+
+def test_a_share_is_counted_in_redis_from_its_grant_and_its_unused_part_given_back(redis_server: LocalRedis) -> None:
+    key = Scope("key:shared", Limits(rpm=10_000, tpm=10_000_000, max_concurrency=1_000))
+
+    async def scenario() -> None:
+        here, other = RedisStore(redis_server.url, "give-back"), RedisStore(redis_server.url, "give-back")
+        try:
+            await _busy(here, [key], 100, "warm")
+            for i in range(MIN_DEMAND):
+                await here.finish([Ended(f"warm-{i}", [key], 100, None)])
+            share = here.shares.open[(key.name,)]
+            reserved = share.ask
+            assert reserved.requests >= MIN_REQUESTS and reserved.tokens == 100 * reserved.requests
+            assert (await _window(other, key)) == ScopeState(MIN_DEMAND + reserved.requests,
+                                                             100 * (MIN_DEMAND + reserved.requests),
+                                                             reserved.concurrency, 0.0, 0.0)
+            verdicts = [here.admit_here(f"local-{i}", [key], 100, time.time(), LEASE_S) for i in range(4)]
+            assert all(v is not None and v.allowed for v in verdicts)
+            assert verdicts[-1] is not None and verdicts[-1].states[0].requests == MIN_DEMAND + 4  # the headers' view
+            assert reserved.concurrency == 4  # and all four are in flight: the next one asks Redis
+            assert here.admit_here("local-4", [key], 100, time.time(), LEASE_S) is None
+            await here.finish([Ended(f"local-{i}", [key], 100, 40) for i in range(2)])  # used less than charged
+            here.shares.close(share)
+            await here.finish([])
+            # Closed: its 4 used slots stay, the rest left; slot 1 carries 2 x 40 + 2 x 100; 2 requests in flight.
+            assert (await _window(other, key)) == ScopeState(MIN_DEMAND + 4, 100 * MIN_DEMAND + 280, 4, 0.0, 0.0)
+            await here.finish([Ended(f"local-{i}", [key], 100, 10) for i in (2, 3)])
+            assert (await _window(other, key)) == ScopeState(MIN_DEMAND + 4, 100 * MIN_DEMAND + 100, 0, 0.0, 0.0)
+        finally:
+            await here.close()
+            await other.close()
+
+    asyncio.run(scenario())
+
+
+def test_shares_are_declined_near_a_limit_and_for_small_limits(redis_server: LocalRedis) -> None:
+    async def scenario(limits: Limits, before: int) -> tuple[ShareBook, int]:
+        prefix = f"decline-{time.monotonic_ns()}"
+        store, other = RedisStore(redis_server.url, prefix), RedisStore(redis_server.url, prefix)
+        scope = Scope("key:k", limits)
+        try:
+            for i in range(before):  # another gateway's
+                await other.admit(f"pre-{i}", [scope], 1, time.time(), LEASE_S)
+            await _busy(store, [scope], 1, "busy")
+            return store.shares, len(store.shares.open)
+        finally:
+            await store.close()
+            await other.close()
+
+    assert asyncio.run(scenario(Limits(rpm=10_000), 0))[1] == 1
+    assert asyncio.run(scenario(Limits(rpm=200), 0))[1] == 0  # 16 requests would be 8% of the limit
+    assert asyncio.run(scenario(Limits(rpm=1_000), 730))[1] == 0  # over 75% of the window would be held
+    assert asyncio.run(scenario(Limits(rpm=10_000, max_concurrency=50), 0))[1] == 0  # 4 slots are 8% of 50
+    book, _ = asyncio.run(scenario(Limits(rpm=200), 0))
+    assert book.declined_until  # not asked again within SHARE_S
+
+
+def test_two_gateways_with_shares_admit_exactly_the_limit(redis_server: LocalRedis) -> None:
+    """Two stores (as two gateways) take turns with 10 x the limit; shares decide many of the admissions, and
+    exactly the limit is admitted; once the shares closed Redis counts exactly what was admitted."""
+    limit = 400
+    scope = Scope("tenant:burst", Limits(rpm=limit))
+
+    async def scenario() -> tuple[int, int, int]:
+        stores = [RedisStore(redis_server.url, "exact-shares") for _ in range(2)]
+        allowed = here = 0
+        try:
+            for i in range(10 * limit):
+                store = stores[i % 2]
+                verdict = store.admit_here(f"r{i}", [scope], 1, time.time(), LEASE_S)
+                here += verdict is not None
+                if verdict is None:
+                    verdict = await store.admit(f"r{i}", [scope], 1, time.time(), LEASE_S)
+                allowed += verdict.allowed
+                await asyncio.sleep(0)  # the shares' grants come in
+            await asyncio.sleep(SHARE_S + 0.2)  # the shares' ends: their unused slots given back
+            counted = (await _window(stores[0], scope)).requests
+        finally:
+            for store in stores:
+                await store.close()
+        return allowed, here, counted
+
+    allowed, here, counted = asyncio.run(scenario())
+    assert allowed == limit and counted == limit
+    assert here >= MIN_REQUESTS  # shares did decide
+
+
+def test_a_busy_key_is_admitted_from_shares_at_the_gateway(tmp_path: Path, redis_server: LocalRedis) -> None:
+    upstream, process = responder(tmp_path, "echo", "--model", "echo")
+    gateway = Gateway(tmp_path, {"models": [{"name": "echo", "upstreams": [{"url": upstream, "model": "echo"}]}],
+                                 "policy": {"require_keys": True, "redis_url": redis_server.url,
+                                            "redis_prefix": "gw-shares"}})
+    try:
+        key = gateway.admin("POST", "/admin/keys", json={"tenant": "t", "rpm": 100_000}).json()["key"]
+        remaining = []
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3 * MIN_REQUESTS):
+                answer = client.post(f"{gateway.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                     json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+                assert answer.status_code == 200
+                remaining.append(int(answer.headers["x-ratelimit-remaining-requests"]))
+        metrics = gateway.admin("GET", "/metrics").text
+    finally:
+        gateway.stop()
+        process.terminate()
+        process.wait(10)
+    assert 'pagoda_gateway_window_shares_total{outcome="granted"}' in metrics
+    here = next(line for line in metrics.splitlines() if line.startswith('pagoda_gateway_admissions_total{where="here"}'))
+    assert float(here.split()[-1]) >= MIN_REQUESTS // 2
+    assert remaining == list(range(99_999, 99_999 - 3 * MIN_REQUESTS, -1))  # what was used, not what is reserved
