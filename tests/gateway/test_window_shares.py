@@ -85,6 +85,26 @@ def test_a_share_is_counted_in_redis_from_its_grant_and_its_unused_part_given_ba
     asyncio.run(scenario())
 
 
+def test_a_share_closed_and_ended_in_one_call_is_settled_in_order(redis_server: LocalRedis) -> None:
+    """Its closing and its last request's correction reach Redis in the same script call."""
+    key = Scope("key:once", Limits(tpm=10_000_000))
+
+    async def scenario() -> ScopeState:
+        here, other = RedisStore(redis_server.url, "once"), RedisStore(redis_server.url, "once")
+        try:
+            await _busy(here, [key], 100, "warm")
+            share = here.shares.open[(key.name,)]
+            assert here.admit_here("local", [key], 100, time.time(), LEASE_S) is not None
+            here.shares.close(share)
+            await here.finish([Ended("local", [key], 100, 7)])
+            return await _window(other, key)
+        finally:
+            await here.close()
+            await other.close()
+
+    assert asyncio.run(scenario()).tokens == 100 * MIN_DEMAND + 7
+
+
 def test_shares_are_declined_near_a_limit_and_for_small_limits(redis_server: LocalRedis) -> None:
     async def scenario(limits: Limits, before: int) -> tuple[ShareBook, int]:
         prefix = f"decline-{time.monotonic_ns()}"

@@ -29,34 +29,16 @@ from pagoda.gateway.policy.store import (
     hour_buckets,
 )
 
-# Settles ended requests, then closed window shares (shares.py). ARGV from ``a``: the requests' count, then per
-# request its id, the tokens charged, the tokens used (-1: unknown: the charge stands) and its number of scopes;
-# the shares' count, then per share its id, the request slots used and reserved, the tokens reserved and
-# charged now, its number of scopes. KEYS from ``k``: per scope its request log, token total and leases. A
-# request's charge is corrected to what it used and its lease ended; a share's unused slots leave the log and
-# its slot 1 is charged what its requests were. Returns where the next arguments and keys start.
+# Settles closed window shares (shares.py), then ended requests (a share's last requests' correction of its slot 1
+# comes after its closing). ARGV from ``a``: the shares' count, then per share its id, the request slots used and
+# reserved, the tokens reserved and charged now, its number of scopes; the requests' count, then per request its
+# id, the tokens charged, the tokens used (-1: unknown: the charge stands) and its number of scopes. KEYS from
+# ``k``: per scope its request log, token total and leases. A share's unused slots leave the log and its slot 1
+# is charged what its requests were; a request's charge is corrected to what it used and its lease ended.
+# Returns where the next arguments and keys start.
 SETTLE_LUA = """
 local function settle(a, k)
   local count = tonumber(ARGV[a])
-  a = a + 1
-  for _ = 1, count do
-    local rid, charged, used, scopes = ARGV[a], tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
-    a = a + 4
-    for _ = 1, scopes do
-      if used >= 0 and used ~= charged then
-        local member = rid .. ':' .. charged
-        local at = redis.call('ZSCORE', KEYS[k], member)
-        if at then
-          redis.call('ZREM', KEYS[k], member)
-          redis.call('ZADD', KEYS[k], at, rid .. ':' .. used)
-          redis.call('INCRBY', KEYS[k+1], used - charged)
-        end
-      end
-      redis.call('ZREM', KEYS[k+2], rid)
-      k = k + 3
-    end
-  end
-  count = tonumber(ARGV[a])
   a = a + 1
   for _ = 1, count do
     local sid, used, reserved = ARGV[a], tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
@@ -76,6 +58,25 @@ local function settle(a, k)
           redis.call('INCRBY', total, charged - reserved_tokens)
         end
       end
+      k = k + 3
+    end
+  end
+  count = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, count do
+    local rid, charged, used, scopes = ARGV[a], tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
+    a = a + 4
+    for _ = 1, scopes do
+      if used >= 0 and used ~= charged then
+        local member = rid .. ':' .. charged
+        local at = redis.call('ZSCORE', KEYS[k], member)
+        if at then
+          redis.call('ZREM', KEYS[k], member)
+          redis.call('ZADD', KEYS[k], at, rid .. ':' .. used)
+          redis.call('INCRBY', KEYS[k+1], used - charged)
+        end
+      end
+      redis.call('ZREM', KEYS[k+2], rid)
       k = k + 3
     end
   end
@@ -245,6 +246,7 @@ class RedisStore:
         self._share_ids = itertools.count()
         self._background: set[asyncio.Future[None]] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self.on_share: Callable[[str], None] | None = None  # told "granted" or "declined" (metrics)
 
     async def _script(self, script: str, keys: list[str], args: list[int | str]) -> Any:
@@ -346,14 +348,14 @@ class RedisStore:
         fails loses it: leases expire, estimates and reservations stand until they leave the window)."""
         withdrawals, releases = self.shares.take_pending()
         ended, self.unsent = self.unsent + releases, []
-        args.append(len(ended))
-        for e in ended:
-            args += [e.request_id, e.charged, -1 if e.tokens is None else e.tokens, len(e.scopes)]
-            keys += [k for s in e.scopes for k in self._scope_keys(s)]
         args.append(len(withdrawals))
         for w in withdrawals:
             args += [w.share_id, w.used, w.reserved, w.reserved_tokens, w.charged, len(w.scopes)]
             keys += [k for s in w.scopes for k in self._scope_keys(s)]
+        args.append(len(ended))
+        for e in ended:
+            args += [e.request_id, e.charged, -1 if e.tokens is None else e.tokens, len(e.scopes)]
+            keys += [k for s in e.scopes for k in self._scope_keys(s)]
 
     # ---- window shares (shares.py) ----------------------------------------------------------------------
     def _note(self, scopes: list[Scope], cost: int, now: float, lease_s: float) -> None:
@@ -407,6 +409,8 @@ class RedisStore:
 
     def _flush(self) -> None:
         self._flush_timer = None
+        if self._closed:
+            return
         task = asyncio.ensure_future(self._finish_quietly())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -460,6 +464,7 @@ class RedisStore:
         self.shares.close_all()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._finish_quietly()
+        self._closed = True
         await self.fast.close()
         await self.client.aclose()
 
