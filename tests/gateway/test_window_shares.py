@@ -14,8 +14,8 @@ import pytest
 
 from pagoda.gateway.policy.keys import Limits
 from pagoda.gateway.policy.local_redis import LocalRedis
-from pagoda.gateway.policy.redis_store import RedisStore
-from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, ShareBook
+from pagoda.gateway.policy.redis_store import FLUSH_AFTER_S, RedisStore
+from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, ShareAsk, ShareBook
 from pagoda.gateway.policy.store import Ended, Scope, ScopeState
 from tests.gateway.conftest import Gateway, responder
 
@@ -74,9 +74,12 @@ def test_a_share_is_counted_in_redis_from_its_grant_and_its_unused_part_given_ba
             await here.finish([Ended(f"local-{i}", [key], 100, 40) for i in range(2)])  # used less than charged
             here.shares.close(share)
             await here.finish([])
-            # Closed: its 4 used slots stay, the rest left; slot 1 carries 2 x 40 + 2 x 100; 2 requests in flight.
-            assert (await _window(other, key)) == ScopeState(MIN_DEMAND + 4, 100 * MIN_DEMAND + 280, 4, 0.0, 0.0)
-            await here.finish([Ended(f"local-{i}", [key], 100, 10) for i in (2, 3)])
+            # Closed: its 4 used slots stay, the rest left; slot 1 carries 2 x 40 + 2 x 100; the concurrency
+            # slots of the 2 requests in flight stay.
+            assert (await _window(other, key)) == ScopeState(MIN_DEMAND + 4, 100 * MIN_DEMAND + 280, 2, 0.0, 0.0)
+            await here.finish([Ended("local-2", [key], 100, 10)])
+            assert (await _window(other, key)).in_flight == 1
+            await here.finish([Ended("local-3", [key], 100, 10)])
             assert (await _window(other, key)) == ScopeState(MIN_DEMAND + 4, 100 * MIN_DEMAND + 100, 0, 0.0, 0.0)
         finally:
             await here.close()
@@ -121,8 +124,9 @@ def test_shares_are_declined_near_a_limit_and_for_small_limits(redis_server: Loc
 
     assert asyncio.run(scenario(Limits(rpm=10_000), 0))[1] == 1
     assert asyncio.run(scenario(Limits(rpm=200), 0))[1] == 0  # 16 requests would be 8% of the limit
+    assert asyncio.run(scenario(Limits(tpm=300), 0))[1] == 0  # 16 requests' tokens would be 5%
     assert asyncio.run(scenario(Limits(rpm=1_000), 730))[1] == 0  # over 75% of the window would be held
-    assert asyncio.run(scenario(Limits(rpm=10_000, max_concurrency=50), 0))[1] == 0  # 4 slots are 8% of 50
+    assert asyncio.run(scenario(Limits(rpm=10_000, max_concurrency=10), 0))[1] == 0  # not one slot is 5% of 10
     book, _ = asyncio.run(scenario(Limits(rpm=200), 0))
     assert book.declined_until  # not asked again within SHARE_S
 
@@ -180,3 +184,44 @@ def test_a_busy_key_is_admitted_from_shares_at_the_gateway(tmp_path: Path, redis
     here = next(line for line in metrics.splitlines() if line.startswith('pagoda_gateway_admissions_total{where="here"}'))
     assert float(here.split()[-1]) >= MIN_REQUESTS // 2
     assert remaining == list(range(99_999, 99_999 - 3 * MIN_REQUESTS, -1))  # what was used, not what is reserved
+
+
+def test_a_share_is_sized_by_recent_demand_and_its_limits() -> None:
+    book = ShareBook()
+    scopes = [Scope("key:k", Limits(rpm=100_000, max_concurrency=1_000))]
+    ask = None
+    for i in range(MIN_DEMAND):
+        ask = book.note(scopes, 10, 100.0 + i / 100)
+    assert ask is not None and (ask.requests, ask.tokens, ask.concurrency) == (MIN_REQUESTS, 10 * MIN_REQUESTS, 4)
+    demand = book.demand[("key:k",)]
+    demand.in_flight(20, 100.5)
+    assert demand.ask(scopes) == ShareAsk(MIN_REQUESTS, 10 * MIN_REQUESTS, 40)
+    demand.in_flight(1, 101.5)  # the next second: the last one's peak still counts
+    assert demand.ask(scopes) is not None and demand.ask(scopes).concurrency == 40  # type: ignore[union-attr]
+    demand.in_flight(1, 102.5)  # two seconds on: forgotten
+    assert demand.ask(scopes) is not None and demand.ask(scopes).concurrency == 4  # type: ignore[union-attr]
+    small = [Scope("key:k", Limits(rpm=100_000, max_concurrency=200))]
+    demand.in_flight(100, 102.6)
+    assert demand.ask(small) is not None and demand.ask(small).concurrency == 10  # type: ignore[union-attr]
+
+
+def test_requests_ended_while_shares_admit_are_settled_within_moments(redis_server: LocalRedis) -> None:
+    """A request admitted through Redis ends while the key's later requests are admitted from a share (no script
+    call to ride on): its lease still reaches Redis within FLUSH_AFTER_S."""
+    key = Scope("key:flush", Limits(rpm=100_000, max_concurrency=1_000))
+
+    async def scenario() -> tuple[int, int]:
+        here, other = RedisStore(redis_server.url, "flush"), RedisStore(redis_server.url, "flush")
+        try:
+            await _busy(here, [key], 1, "warm")
+            before = (await _window(other, key)).in_flight
+            assert here.admit_here("local", [key], 1, time.time(), LEASE_S,
+                                   [Ended("warm-0", [key], 1, None)]) is not None
+            await asyncio.sleep(FLUSH_AFTER_S * 4)
+            return before, (await _window(other, key)).in_flight
+        finally:
+            await here.close()
+            await other.close()
+
+    before, after = asyncio.run(scenario())
+    assert after == before - 1  # warm-0's lease ended; the share's slots unchanged

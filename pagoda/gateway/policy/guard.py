@@ -233,7 +233,6 @@ class Guard:
             return None
         if self._decided_here is not None:
             self._decided_here.inc()
-        self.room.hear(scopes, verdict.states, time.monotonic())
         ticket.headers = rate_limit_headers(scopes, verdict)
         if not verdict.allowed:
             raise refusal(scopes, verdict, cost, ticket.headers)

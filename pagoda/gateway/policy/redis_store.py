@@ -225,7 +225,7 @@ FINISH_LUA = SETTLE_LUA + """
 settle(1, 1)
 return 0
 """
-FLUSH_SHARES_S = 0.05
+FLUSH_AFTER_S = 0.005
 
 
 class RedisStore:
@@ -246,6 +246,7 @@ class RedisStore:
         self._share_ids = itertools.count()
         self._background: set[asyncio.Future[None]] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.on_share: Callable[[str], None] | None = None  # told "granted" or "declined" (metrics)
 
@@ -333,7 +334,7 @@ class RedisStore:
     async def finish(self, ended: Sequence[Ended]) -> None:
         """Settle ``ended``: those admitted from a share here, the others (and closed shares) in Redis."""
         self._ended(ended)
-        if not self.unsent and not self.shares.withdrawals and not self.shares.releases:
+        if not self.unsent and not self.shares.pending:
             return
         keys: list[str] = []
         args: list[int | str] = []
@@ -342,6 +343,7 @@ class RedisStore:
 
     def _ended(self, ended: Sequence[Ended]) -> None:
         self.unsent += [e for e in ended if not self.shares.end(e)]
+        self._flush_soon()
 
     def _settling(self, keys: list[str], args: list[int | str]) -> None:
         """SETTLE_LUA's part of a script call's keys and arguments: what waits to be settled, taken (a call that
@@ -379,19 +381,25 @@ class RedisStore:
             args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
                      -1 if lim.max_concurrency is None else lim.max_concurrency]
         self._settling(keys, args)
+        granted = False
         try:
             out = await self._script(SHARE_LUA, keys, args)
+            granted = bool(int(out[0]))
         except StoreUnavailable:
-            self.shares.declined(scopes, time.time())
-            return
-        if not int(out[0]):
-            self.shares.declined(scopes, time.time())
+            pass
+        finally:
+            if not granted:  # (whatever went wrong: the key may ask again after SHARE_S)
+                self.shares.declined(scopes, time.time())
+        if not granted:
             self._count_share("declined")
             return
         share = Share(share_id, scopes, ask, until, _states(out, 1))
         self.shares.granted(share)
         self._count_share("granted")
-        asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self._expired, share)
+        if self._closed:  # granted while the store closed: given back at once
+            self.shares.close(share)
+        else:
+            asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self._expired, share)
         self._flush_soon()  # the share it replaced, if any, closed
 
     def _count_share(self, outcome: str) -> None:
@@ -403,9 +411,13 @@ class RedisStore:
         self._flush_soon()
 
     def _flush_soon(self) -> None:
-        """Closed shares are told to Redis with the next script call, or alone within FLUSH_SHARES_S."""
-        if self._flush_timer is None and (self.shares.withdrawals or self.shares.releases):
-            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_SHARES_S, self._flush)
+        """What waits to be settled (ended requests, closed shares) goes with the next script call, or alone
+        within FLUSH_AFTER_S."""
+        if not self.unsent and not self.shares.pending:
+            return
+        loop = asyncio.get_running_loop()
+        if self._flush_timer is None or self._flush_loop is not loop:  # (a timer of a finished loop never fires)
+            self._flush_timer, self._flush_loop = loop.call_later(FLUSH_AFTER_S, self._flush), loop
 
     def _flush(self) -> None:
         self._flush_timer = None
@@ -461,10 +473,10 @@ class RedisStore:
 
     async def close(self) -> None:
         """Give the shares back (the gateway's requests have ended), then close the connections."""
-        self.shares.close_all()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        await self._finish_quietly()
         self._closed = True
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.shares.close_all()
+        await self._finish_quietly()
         await self.fast.close()
         await self.client.aclose()
 

@@ -16,6 +16,7 @@ tokens), concurrency slots "<id>.c<j>" among the leases.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagoda.gateway.policy.store import Ended, Scope, ScopeState, Verdict
@@ -77,26 +78,50 @@ class Withdrawal:
 
 @dataclass
 class _Demand:
-    """A key's admissions in the current and the last SHARE_S, to size its next share."""
+    """A key's admissions, and the most of its share's requests in flight at once, in the current and the last
+    SHARE_S: what its next share is sized by."""
 
     period: int = 0
     count: int = 0
     last_count: int = 0
     tokens: int = 0
-    peak_in_flight: int = 0
+    peak: int = 0
+    last_peak: int = 0
 
     def add(self, cost: int, now: float) -> None:
-        period = int(now // SHARE_S)
-        if period != self.period:
-            self.last_count = self.count if period == self.period + 1 else 0
-            self.period, self.count, self.tokens = period, 0, 0
+        self._turn(now)
         self.count += 1
         self.tokens += cost
 
-    def ask(self, concurrency: bool) -> ShareAsk:
+    def in_flight(self, count: int, now: float) -> None:
+        self._turn(now)
+        self.peak = max(self.peak, count)
+
+    def _turn(self, now: float) -> None:
+        period = int(now // SHARE_S)
+        if period != self.period:
+            follows = period == self.period + 1
+            self.last_count, self.last_peak = (self.count, self.peak) if follows else (0, 0)
+            self.period, self.count, self.tokens, self.peak = period, 0, 0, 0
+
+    def ask(self, scopes: list[Scope]) -> ShareAsk | None:
+        """Twice the recent demand, each part at most MAX_FRACTION of its scopes' limits; None when that leaves
+        less than MIN_REQUESTS requests, a request's tokens or a concurrency slot."""
         requests = max(MIN_REQUESTS, 2 * max(self.count, self.last_count))
         per_request = math.ceil(self.tokens / max(self.count, 1))
-        return ShareAsk(requests, requests * per_request, max(4, 2 * self.peak_in_flight) if concurrency else 0)
+        concurrent = any(s.limits.max_concurrency is not None for s in scopes)
+        concurrency = max(4, 2 * max(self.peak, self.last_peak)) if concurrent else 0
+        for scope in scopes:
+            rpm, tpm, most = scope.limits.rpm, scope.limits.tpm, scope.limits.max_concurrency
+            if rpm is not None:
+                requests = min(requests, int(MAX_FRACTION * rpm))
+            if tpm is not None:
+                requests = min(requests, int(MAX_FRACTION * tpm) // max(per_request, 1))
+            if most is not None:
+                concurrency = min(concurrency, int(MAX_FRACTION * most))
+        if requests < MIN_REQUESTS or (concurrent and concurrency < 1):
+            return None
+        return ShareAsk(requests, requests * per_request, concurrency)
 
 
 @dataclass
@@ -123,7 +148,7 @@ class ShareBook:
         self.by_request[request_id] = share
         demand = self.demand.get(_names(scopes))
         if demand is not None:
-            demand.peak_in_flight = max(demand.peak_in_flight, share.in_flight)
+            demand.in_flight(share.in_flight, now)
         return Verdict(True, share.view())
 
     def note(self, scopes: list[Scope], cost: int, now: float) -> ShareAsk | None:
@@ -142,11 +167,15 @@ class ShareBook:
         if max(demand.count, demand.last_count) < MIN_DEMAND:
             return None
         share = self.open.get(names)
-        if share is not None and share.used * 2 < share.ask.requests and share.until - now > SHARE_S / 2:
+        if share is not None and share.until - now > SHARE_S / 2 and share.used * 2 < share.ask.requests \
+                and share.charged * 2 < share.ask.tokens:
+            return None
+        ask = demand.ask(scopes)
+        if ask is None:  # the limits are too small for a share worth having
+            self.declined_until[names] = now + SHARE_S
             return None
         self.asking.add(names)
-        concurrency = any(s.limits.max_concurrency is not None for s in scopes)
-        return demand.ask(concurrency)
+        return ask
 
     def granted(self, share: Share) -> None:
         """A share replaces the key's open one, whose whole reservation the grant still counted: its view
@@ -167,8 +196,8 @@ class ShareBook:
         self.declined_until[names] = now + SHARE_S
 
     def close(self, share: Share) -> None:
-        """No more admissions from it: its unused part is given back (its slots in use are released as their
-        requests end)."""
+        """No more admissions from it: its unused requests, tokens and concurrency slots are given back (the
+        slots in use as their requests end, slot 1's final charge after the last)."""
         if share.closed_charge is not None:
             return
         names = _names(share.scopes)
@@ -177,6 +206,7 @@ class ShareBook:
         self.withdrawals.append(Withdrawal(share.share_id, share.scopes, share.used, share.ask.requests,
                                            share.ask.tokens, share.charged))
         share.closed_charge = share.charged
+        self._release_slots(share, range(share.in_flight + 1, share.ask.concurrency + 1))
         if share.in_flight == 0:
             self._release(share)
 
@@ -188,16 +218,25 @@ class ShareBook:
         share.in_flight -= 1
         if ended.tokens is not None:
             share.charged += ended.tokens - ended.charged
-        if share.closed_charge is not None and share.in_flight == 0:
-            self._release(share)
+        if share.closed_charge is not None:
+            if share.in_flight < share.ask.concurrency:
+                self._release_slots(share, [share.in_flight + 1])
+            if share.in_flight == 0:
+                self._release(share)
         return True
 
+    def _release_slots(self, share: Share, slots: Iterable[int]) -> None:
+        self.releases += [Ended(f"{share.share_id}.c{j}", share.scopes, 0, None) for j in slots]
+
     def _release(self, share: Share) -> None:
+        """Its last request ended: slot 1 charged what its requests used."""
         assert share.closed_charge is not None
         if share.used and share.charged != share.closed_charge:
             self.releases.append(Ended(f"{share.share_id}.1", share.scopes, share.closed_charge, share.charged))
-        self.releases += [Ended(f"{share.share_id}.c{j}", share.scopes, 0, None)
-                          for j in range(1, share.ask.concurrency + 1)]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.withdrawals or self.releases)
 
     def close_all(self) -> None:
         for share in list(self.open.values()):
