@@ -35,7 +35,8 @@ class GatewayMetrics:
         self.tenant_tokens = Counter("pagoda_gateway_tenant_tokens", "Tokens by tenant", ["tenant", "kind"], registry=r)
         self.tenant_cost = Counter("pagoda_gateway_tenant_cost_dollars", "Cost by tenant", ["tenant"], registry=r)
         self.overlaps = Counter("pagoda_gateway_admission_overlaps", "Requests forwarded while their admission was "
-                                "decided, by its outcome (a refused one was closed at the upstream)", ["outcome"],
+                                "decided, by its outcome (admitted; refused, or unavailable: the store was away in closed mode; "
+                                "either was closed at the upstream)", ["outcome"],
                                 registry=r)
         self.admissions = Counter("pagoda_gateway_admissions", "Rate-limit decisions by where they were made: here "
                                   "(the in-process store, or a window share of Redis's) or store (a Redis call)",

@@ -353,7 +353,7 @@ class Guard:
             ticket = decided
         except GatewayError as exc:
             if forwarding is not None and self.metrics is not None:
-                self.metrics.overlaps.labels("refused").inc()
+                self.metrics.overlaps.labels("refused" if exc.status == 429 else "unavailable").inc()
             decision = "limited" if exc.status == 429 else "denied"
             self._decided(request, principal, model, exc.status, decision, exc.code, prompt)
             raise
