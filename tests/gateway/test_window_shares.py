@@ -15,7 +15,7 @@ import pytest
 from pagoda.gateway.policy.keys import Limits
 from pagoda.gateway.policy.local_redis import LocalRedis
 from pagoda.gateway.policy.redis_store import FLUSH_AFTER_S, RedisStore
-from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, ShareAsk, ShareBook
+from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, Share, ShareAsk, ShareBook
 from pagoda.gateway.policy.store import Ended, Scope, ScopeState
 from tests.gateway.conftest import Gateway, responder
 
@@ -225,3 +225,24 @@ def test_requests_ended_while_shares_admit_are_settled_within_moments(redis_serv
 
     before, after = asyncio.run(scenario())
     assert after == before - 1  # warm-0's lease ended; the share's slots unchanged
+
+
+def test_a_renewal_counts_what_the_share_before_it_used_even_if_it_closed_meanwhile() -> None:
+    """The grant's numbers hold the previous share's whole reservation when its call left; the headers of the
+    new share's requests count only what the previous one used, whether it closed before the grant came back
+    (its end, on the timer) or at it."""
+    scopes = [Scope("key:k", Limits(rpm=100_000))]
+    for closed_meanwhile in (False, True):
+        book = ShareBook()
+        first = Share("s1", scopes, ShareAsk(16, 16, 0), time.time() + SHARE_S, [ScopeState(8 + 16, 8 + 16, 0, 0, 0)])
+        book.granted(first, None)
+        for i in range(10):
+            assert book.admit(f"a{i}", scopes, 1, time.time()) is not None
+        if closed_meanwhile:
+            book.close(first)
+        second = Share("s2", scopes, ShareAsk(32, 32, 0), time.time() + SHARE_S,
+                       [ScopeState(8 + 16 + 32, 8 + 16 + 32, 0, 0, 0)])
+        book.granted(second, first)
+        verdict = book.admit("b", scopes, 1, time.time())
+        assert verdict is not None and verdict.states[0].requests == 8 + 10 + 1
+        assert [w.used for w in book.withdrawals] == [10]

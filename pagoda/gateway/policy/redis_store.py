@@ -381,6 +381,7 @@ class RedisStore:
             args += [-1 if lim.rpm is None else lim.rpm, -1 if lim.tpm is None else lim.tpm,
                      -1 if lim.max_concurrency is None else lim.max_concurrency]
         self._settling(keys, args)
+        previous = self.shares.open_share(scopes)  # open: its withdrawal is not in this call
         granted = False
         try:
             out = await self._script(SHARE_LUA, keys, args)
@@ -394,7 +395,7 @@ class RedisStore:
             self._count_share("declined")
             return
         share = Share(share_id, scopes, ask, until, _states(out, 1))
-        self.shares.granted(share)
+        self.shares.granted(share, previous)
         self._count_share("granted")
         if self._closed:  # granted while the store closed: given back at once
             self.shares.close(share)

@@ -177,15 +177,23 @@ class ShareBook:
         self.asking.add(names)
         return ask
 
-    def granted(self, share: Share) -> None:
-        """A share replaces the key's open one, whose whole reservation the grant still counted: its view
-        counts what the closing one used instead."""
+    def open_share(self, scopes: list[Scope]) -> Share | None:
+        return self.open.get(_names(scopes))
+
+    def granted(self, share: Share, previous: Share | None) -> None:
+        """A share replaces the key's open one. ``previous``: the share that was open when the grant's call
+        left (its reservation still whole in the grant's numbers, even if it closed since): it is closed, and
+        the new share's view counts what it used instead."""
         names = _names(share.scopes)
         self.asking.discard(names)
-        previous = self.open.get(names)
+        current = self.open.get(names)
+        if current is not None:
+            self.close(current)
         if previous is not None:
             self.close(previous)
-            unused_requests, unused_tokens = previous.ask.requests - previous.used, previous.ask.tokens - previous.charged
+            assert previous.closed_charge is not None
+            unused_requests = previous.ask.requests - previous.used
+            unused_tokens = previous.ask.tokens - previous.closed_charge
             share.states = [ScopeState(s.requests - unused_requests, s.tokens - unused_tokens, s.in_flight,
                                        s.requests_reset_s, s.tokens_reset_s) for s in share.states]
         self.open[names] = share
