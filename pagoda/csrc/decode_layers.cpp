@@ -44,11 +44,12 @@ struct Projection {
     return tiles ? XOrder::kNatural : kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind);
   }
 
-  // kRowTile rows of x at a time: the weight row stays in L1 for the next tile.
+  // The kernel's rows of x a pass at a time: the weight row stays in L1 for the next pass.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
     const uint8_t* row = weight + col * row_bytes;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int64_t count = std::min(kRowTile, rows - r0);
+    const int64_t per_pass = kind == kInt4Kind ? kRowTile : gguf_rows_per_pass(kind);
+    for (int64_t r0 = 0; r0 < rows; r0 += per_pass) {
+      const int64_t count = std::min(per_pass, rows - r0);
       if (kind == kInt4Kind) {
         int4_row_dot(row, in, group, xq, r0, count, result + r0);
       } else {

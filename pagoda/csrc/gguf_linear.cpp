@@ -268,9 +268,12 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
                                acc[r]);
   }
   const __m512 zero = _mm512_setzero_ps();
-  float sums[4];
+  float sums[8];
   _mm_storeu_ps(sums, reduce_add4(acc[0], R > 1 ? acc[R > 1 ? 1 : 0] : zero, R > 2 ? acc[R > 2 ? 2 : 0] : zero,
                                   R > 3 ? acc[R > 3 ? 3 : 0] : zero));
+  if constexpr (R > 4)
+    _mm_storeu_ps(sums + 4, reduce_add4(acc[R > 4 ? 4 : 0], R > 5 ? acc[R > 5 ? 5 : 0] : zero,
+                                        R > 6 ? acc[R > 6 ? 6 : 0] : zero, R > 7 ? acc[R > 7 ? 7 : 0] : zero));
   for (int r = 0; r < R; ++r) result[r] = sums[r];
 }
 
@@ -383,8 +386,16 @@ void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
     case 1: return row_dot_vnni<QType, 1>(w, blocks, xq, r0, result);
     case 2: return row_dot_vnni<QType, 2>(w, blocks, xq, r0, result);
     case 3: return row_dot_vnni<QType, 3>(w, blocks, xq, r0, result);
-    default: return row_dot_vnni<QType, 4>(w, blocks, xq, r0, result);
+    case 4: return row_dot_vnni<QType, 4>(w, blocks, xq, r0, result);
+    case 5: return row_dot_vnni<QType, 5>(w, blocks, xq, r0, result);
+    case 6: return row_dot_vnni<QType, 6>(w, blocks, xq, r0, result);
+    case 7: return row_dot_vnni<QType, 7>(w, blocks, xq, r0, result);
+    default: return row_dot_vnni<QType, 8>(w, blocks, xq, r0, result);
   }
+}
+
+int64_t rows_per_pass(int64_t qtype) {
+  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? kWideRowTile : kRowTile;
 }
 
 template <int64_t QType>
@@ -419,7 +430,7 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
     if (col + kPrefetchRows < n) prefetch_row(wp + (col + kPrefetchRows) * row_bytes, row_bytes);
     row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
-  });
+  }, rows_per_pass(qtype));
 }
 #else
 template <typename T>
@@ -455,6 +466,8 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* 
 
 #if defined(PAGODA_VNNI)
 XOrder pagoda_quant::gguf_x_order(int64_t qtype) { return x_order(qtype); }
+
+int64_t pagoda_quant::gguf_rows_per_pass(int64_t qtype) { return rows_per_pass(qtype); }
 
 void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
                                 int64_t r_count, float* result) {

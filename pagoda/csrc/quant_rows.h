@@ -30,6 +30,9 @@ enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 1
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 4;  // blocks per step of the vector loops (128 weights)
 constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)
+// Q4_0 / Q4_1 / Q8_0 rows take up to this many rows of x a pass (a token and its drafts in one pass: each pass
+// over a weight row costs its unpacking, offsets and reduction again).
+constexpr int64_t kWideRowTile = 8;
 
 #if defined(__F16C__)
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -54,14 +57,15 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
 }
 
 // out[r, col] = row_dot's result for rows r of x against weight row col, plus bias[col]; parallel over the
-// output columns, kRowTile rows of x per pass over a weight row.
+// output columns, row_tile (at most kWideRowTile) rows of x per pass over a weight row.
 // row_dot(col, r0, r_count, result) writes result[0 .. r_count).
 template <typename T, typename RowDot>
-void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const RowDot& row_dot) {
+void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const RowDot& row_dot,
+                     int64_t row_tile = kRowTile) {
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float result[kRowTile];
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int64_t r_count = std::min(kRowTile, rows - r0);
+    float result[kWideRowTile];
+    for (int64_t r0 = 0; r0 < rows; r0 += row_tile) {
+      const int64_t r_count = std::min(row_tile, rows - r0);
       for (int64_t col = begin; col < end; ++col) {
         row_dot(col, r0, r_count, result);
         const float b = bias ? bias[col] : 0.f;
@@ -208,6 +212,7 @@ inline float hsum128(__m128 v) {
 // The layers' row dot products (gguf_linear.cpp, int4_linear.cpp), for kernels that run whole layers
 // (decode_layers.cpp): one weight row against rows r0 .. r0 + r_count of x quantized in the row's order.
 XOrder gguf_x_order(int64_t qtype);
+int64_t gguf_rows_per_pass(int64_t qtype);  // kWideRowTile or kRowTile
 void gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
 void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
