@@ -23,7 +23,7 @@ from pagoda.gateway.policy.store import Ended, Scope, ScopeState, Verdict
 
 SHARE_S = 1.0  # how long a share admits
 MIN_REQUESTS = 16  # the smallest share asked for
-MIN_DEMAND = 8  # admissions a second before a key's scopes are worth a share
+MIN_DEMAND = 8  # admissions in this SHARE_S and the last before a key's scopes are worth a share
 ROOM_LEFT = 0.25  # of each limit, left unreserved after a share is granted
 MAX_FRACTION = 0.05  # of each limit, the most one share may take
 MAX_BOOKED = 100_000  # key scopes whose demand is remembered
@@ -164,7 +164,7 @@ class ShareBook:
         demand.add(cost, now)
         if names in self.asking or self.declined_until.get(names, 0.0) > now:
             return None
-        if max(demand.count, demand.last_count) < MIN_DEMAND:
+        if demand.count + demand.last_count < MIN_DEMAND:  # this second's and the last's
             return None
         share = self.open.get(names)
         if share is not None and share.until - now > SHARE_S / 2 and share.used * 2 < share.ask.requests \
