@@ -16,7 +16,7 @@ from pagoda.gateway.policy.keys import Limits
 from pagoda.gateway.policy.local_redis import LocalRedis
 from pagoda.gateway.policy.redis_store import FLUSH_AFTER_S, RedisStore
 from pagoda.gateway.policy.shares import MIN_DEMAND, MIN_REQUESTS, SHARE_S, Share, ShareAsk, ShareBook
-from pagoda.gateway.policy.store import Ended, Scope, ScopeState
+from pagoda.gateway.policy.store import Ended, Scope, ScopeState, StoreUnavailable
 from tests.gateway.conftest import Gateway, responder
 
 LEASE_S = 30.0
@@ -246,3 +246,39 @@ def test_a_renewal_counts_what_the_share_before_it_used_even_if_it_closed_meanwh
         verdict = book.admit("b", scopes, 1, time.time())
         assert verdict is not None and verdict.states[0].requests == 8 + 10 + 1
         assert [w.used for w in book.withdrawals] == [10]
+
+
+def test_a_share_in_hand_outlives_a_redis_outage_only_until_its_end(tmp_path: Path) -> None:
+    """Redis killed: the key's share keeps admitting until its end, then the store is unavailable (the guard's
+    failure mode applies); a share's closing that cannot reach Redis is dropped, not retried forever, and with
+    Redis back the key gets shares again."""
+    server = LocalRedis(tmp_path / "redis").start()
+    key = Scope("key:outage", Limits(rpm=100_000))
+
+    async def scenario() -> tuple[int, bool, bool, int]:
+        store = RedisStore(server.url, "outage", timeout_s=0.5)
+        try:
+            await _busy(store, [key], 1, "warm")
+            share = store.shares.open[(key.name,)]
+            server.stop(kill=True)
+            during = 0
+            while time.time() < share.until - 0.05:
+                during += store.admit_here(f"d{during}", [key], 1, time.time(), LEASE_S) is not None
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(max(0.0, share.until - time.time()) + 0.1)  # its end: closed, the flush fails
+            after_end = store.admit_here("late", [key], 1, time.time(), LEASE_S) is None
+            try:
+                await store.admit("late", [key], 1, time.time(), LEASE_S)
+                unavailable = False
+            except StoreUnavailable:
+                unavailable = True
+            server.start()
+            await asyncio.sleep(SHARE_S)  # the declined ask's pause
+            await _busy(store, [key], 1, "back")
+            return during, after_end, unavailable, len(store.shares.open)
+        finally:
+            await store.close()
+            server.stop()
+
+    during, after_end, unavailable, shares = asyncio.run(scenario())
+    assert during >= 1 and after_end and unavailable and shares == 1
