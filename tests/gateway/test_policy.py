@@ -21,11 +21,11 @@ from pagoda.gateway.errors import GatewayError
 from pagoda.gateway.policy.audit import AuditLog, verify
 from pagoda.gateway.policy.fair_queue import FairQueue
 from pagoda.gateway.policy.answers import duration, rate_limit_headers
-from pagoda.gateway.policy.guard import SETTLE_AFTER_S, Guard, Ticket
+from pagoda.gateway.policy.guard import Guard, Ticket
 from pagoda.gateway.policy.keys import KeyRecord, KeySpec, Limits, Principal, digest
 from pagoda.gateway.policy.local_redis import LocalRedis
 from pagoda.gateway.policy.records import UsageRecord
-from pagoda.gateway.policy.redis_store import RedisStore
+from pagoda.gateway.policy.redis_store import FLUSH_AFTER_S, RedisStore
 from pagoda.gateway.policy.store import Ended, MemoryStore, Scope
 from pagoda.gateway.policy.usage import CostModel
 from tests.gateway.conftest import ADMIN, Gateway, responder
@@ -316,7 +316,7 @@ def test_a_client_gone_before_its_admission_frees_its_slot() -> None:
 
 def test_ended_requests_settle_with_the_next_admission_or_on_their_own(store) -> None:
     """A sequential client limited to one request at a time: its next request finds the slot its last one freed
-    (the admission settles first), and with no next request the settlement goes alone within SETTLE_AFTER_S."""
+    (the admission settles first), and with no next request the settlement goes alone within FLUSH_AFTER_S."""
 
     async def scenario() -> tuple[int, int]:
         config = GatewayConfig(models=[{"name": "m", "upstreams": [{"url": "http://127.0.0.1:9"}]}],
@@ -330,7 +330,7 @@ def test_ended_requests_settle_with_the_next_admission_or_on_their_own(store) ->
             ticket = await guard.admit(principal, scopes, 50)  # GatewayError (429) if refused
             guard.settle(ticket, 10)  # used fewer tokens than charged
             admitted += 1
-        await asyncio.sleep(SETTLE_AFTER_S * 4)
+        await asyncio.sleep(FLUSH_AFTER_S * 4)
         verdict = await store.admit("probe", scopes, 1, time.time(), LEASE_S)
         await guard.stop()
         if isinstance(store, RedisStore):

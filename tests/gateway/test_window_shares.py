@@ -215,8 +215,8 @@ def test_requests_ended_while_shares_admit_are_settled_within_moments(redis_serv
         try:
             await _busy(here, [key], 1, "warm")
             before = (await _window(other, key)).in_flight
-            assert here.admit_here("local", [key], 1, time.time(), LEASE_S,
-                                   [Ended("warm-0", [key], 1, None)]) is not None
+            here.settle([Ended("warm-0", [key], 1, None)])
+            assert here.admit_here("local", [key], 1, time.time(), LEASE_S) is not None
             await asyncio.sleep(FLUSH_AFTER_S * 4)
             return before, (await _window(other, key)).in_flight
         finally:

@@ -37,9 +37,6 @@ from pagoda.gateway.proxy import OwnHeaders, StreamUsage, prompt_text
 from pagoda.gateway.router import ModelGroup, RoutingTable
 
 ADMIN_TENANT = "admin"
-# A request's end waits at most this long for the next admission to carry it to the shared store: until then
-# other gateways still count its lease and its estimated tokens.
-SETTLE_AFTER_S = 0.005
 # What each role may reach: inference (the OpenAI POST routes), reading (GET routes, admin views included),
 # administering (every admin route).
 ROLE_RIGHTS: dict[Role, frozenset[str]] = {
@@ -80,11 +77,8 @@ class Guard:
         self.key_cache: dict[str, tuple[KeyRecord, Principal, float]] = {}  # by digest: record, principal, when
         self.queues: dict[str, FairQueue] = {}  # by model group
         self.room = RoomSeen()
-        self.ended: list[Ended] = []  # requests ended here, to settle in the shared store
-        self._settle_timer: asyncio.TimerHandle | None = None
         self._scopes_of: PolicyConfig | None = None
         self._tenant_scopes: dict[str, Scope] = {}
-        self.pending: set[asyncio.Future[None]] = set()
         self._decided_here = metrics.admissions.labels("here") if metrics is not None else None
         self._decided_in_store = metrics.admissions.labels("store") if metrics is not None else None
         if metrics is not None and isinstance(store, RedisStore):
@@ -106,8 +100,6 @@ class Guard:
         self.ledger.start()
 
     async def stop(self) -> None:
-        self._settle_now()
-        await asyncio.gather(*self.pending)
         await self.ledger.stop()
         if self.audit is not None:
             self.audit.close()
@@ -227,8 +219,7 @@ class Guard:
         ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         if not scopes:
             return ticket
-        ended, self.ended = self.ended, []
-        verdict = self.store.admit_here(ticket.request_id, scopes, cost, time.time(), self.lease_s, ended)
+        verdict = self.store.admit_here(ticket.request_id, scopes, cost, time.time(), self.lease_s)
         if verdict is None:
             return None
         if self._decided_here is not None:
@@ -245,9 +236,8 @@ class Guard:
     async def _admit_in_store(self, principal: Principal, scopes: list[Scope], cost: int) -> Ticket:
         ticket = Ticket(f"{self.instance}-{next(self.request_ids)}", scopes, cost, {}, self.store)
         now = time.time()
-        ended, self.ended = self.ended, []
         try:
-            verdict = await self.store.admit(ticket.request_id, scopes, cost, now, self.lease_s, ended)
+            verdict = await self.store.admit(ticket.request_id, scopes, cost, now, self.lease_s)
         except StoreUnavailable as exc:
             self.room.forget()
             if self.config.on_store_error != "open":
@@ -281,36 +271,11 @@ class Guard:
             self.settle(admission.result(), None)
 
     def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
-        """The request ended: its tokens corrected to what it used (when known) and its slot freed. In the shared
-        store this rides on this gateway's next admission script (which settles before it decides, so a
-        client's next request finds its slot free), or goes alone after SETTLE_AFTER_S."""
-        if not ticket.scopes:
-            return
-        ended = Ended(ticket.request_id, ticket.scopes, ticket.charged, used_tokens)
-        if ticket.store is not self.store:
-            self._in_background(self._finish(ticket.store, [ended]))
-            return
-        self.ended.append(ended)
-        if self._settle_timer is None:
-            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._settle_now)
-
-    def _settle_now(self) -> None:
-        self._settle_timer = None
-        ended, self.ended = self.ended, []
-        if ended:
-            self._in_background(self._finish(self.store, ended))
-
-    async def _finish(self, store: Store, ended: list[Ended]) -> None:
-        try:
-            await store.finish(ended)
-        except StoreUnavailable:
-            pass  # the leases expire on their own; the estimates stand
-
-    def _in_background(self, call: Awaitable[None]) -> None:
-        """Work after the answer (the store's correction of a finished request): off the response's path."""
-        task = asyncio.ensure_future(call)
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        """The request ended: its tokens corrected to what it used (when known) and its slot freed, by the store
+        that admitted it (Redis: with this gateway's next script call, which settles before it decides, so a
+        client's next request finds its slot free)."""
+        if ticket.scopes:
+            ticket.store.settle([Ended(ticket.request_id, ticket.scopes, ticket.charged, used_tokens)])
 
     def _unavailable(self, exc: StoreUnavailable) -> GatewayError:
         return GatewayError(503, f"the policy store is unavailable ({exc}); try again", code="policy_store_unavailable",

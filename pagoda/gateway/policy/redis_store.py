@@ -225,6 +225,8 @@ FINISH_LUA = SETTLE_LUA + """
 settle(1, 1)
 return 0
 """
+# What waits to be settled (requests ended here, closed shares) waits at most this long for the next script
+# call to carry it: until then other gateways still count those leases, estimates and reservations.
 FLUSH_AFTER_S = 0.005
 
 
@@ -302,19 +304,14 @@ class RedisStore:
             keys = self._keys_of[scope.name] = [f"{base}:log", f"{base}:tokens", f"{base}:leases"]
         return keys
 
-    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                   ended: Sequence[Ended] = ()) -> Verdict | None:
-        """Admitted from the key's window share without a round trip, or None (``admit`` asks Redis). ``ended``
-        is settled here (its share's) or with the next script call."""
-        self._ended(ended)
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict | None:
+        """Admitted from the key's window share without a round trip, or None (``admit`` asks Redis)."""
         verdict = self.shares.admit(request_id, scopes, cost, now)
         if verdict is not None:
             self._note(scopes, cost, now, lease_s)
         return verdict
 
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                    ended: Sequence[Ended] = ()) -> Verdict:
-        self._ended(ended)
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
         keys = [k for s in scopes for k in self._scope_keys(s)]
         args: list[int | str] = [int(now * 1000), int(WINDOW_S * 1000), request_id, int((now + lease_s) * 1000),
                                  len(scopes)]
@@ -333,7 +330,7 @@ class RedisStore:
 
     async def finish(self, ended: Sequence[Ended]) -> None:
         """Settle ``ended``: those admitted from a share here, the others (and closed shares) in Redis."""
-        self._ended(ended)
+        self.settle(ended)
         if not self.unsent and not self.shares.pending:
             return
         keys: list[str] = []
@@ -341,7 +338,8 @@ class RedisStore:
         self._settling(keys, args)
         await self._script(FINISH_LUA, keys, args)
 
-    def _ended(self, ended: Sequence[Ended]) -> None:
+    def settle(self, ended: Sequence[Ended]) -> None:
+        """Those admitted from a share here; the others with the next script call (within FLUSH_AFTER_S)."""
         self.unsent += [e for e in ended if not self.shares.end(e)]
         self._flush_soon()
 

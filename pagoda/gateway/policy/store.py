@@ -96,19 +96,22 @@ class Store(Protocol):
     async def key_for(self, digest: str) -> KeyRecord | None: ...
     async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def keys(self) -> list[KeyRecord]: ...
-    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                   ended: Sequence[Ended] = ()) -> Verdict | None:
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict | None:
         """The decision where it needs no round trip (this process's windows, a window share), else None:
-        then ``admit`` decides. ``ended`` is settled first, or with the store's next call."""
+        then ``admit`` decides."""
         ...
 
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                    ended: Sequence[Ended] = ()) -> Verdict:
-        """Settle ``ended`` (as ``finish``), then admit the request or not, atomically over all scopes."""
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
+        """Admit the request or not, atomically over all scopes (what waits to be settled settled first)."""
+        ...
+
+    def settle(self, ended: Sequence[Ended]) -> None:
+        """Requests that ended, settled now or with the store's next call (each charge corrected to the tokens
+        used, each lease ended)."""
         ...
 
     async def finish(self, ended: Sequence[Ended]) -> None:
-        """Settle requests that ended: each charge corrected to the tokens used, each lease ended."""
+        """Settle ``ended`` and what waits to be settled, now."""
         ...
 
     async def add_usage(self, records: list[UsageRecord]) -> None: ...
@@ -167,13 +170,10 @@ class MemoryStore:
     async def keys(self) -> list[KeyRecord]:
         return sorted(self.records.values(), key=lambda r: r.created)
 
-    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                    ended: Sequence[Ended] = ()) -> Verdict:
-        return self.admit_here(request_id, scopes, cost, now, lease_s, ended)
+    async def admit(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
+        return self.admit_here(request_id, scopes, cost, now, lease_s)
 
-    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float,
-                   ended: Sequence[Ended] = ()) -> Verdict:
-        self._settle(ended)
+    def admit_here(self, request_id: str, scopes: list[Scope], cost: int, now: float, lease_s: float) -> Verdict:
         windows = [self.windows.setdefault(s.name, _Window()) for s in scopes]
         for w in windows:
             w.expire(now)
@@ -193,9 +193,9 @@ class MemoryStore:
         return Verdict(True, [w.state(now) for w in windows])
 
     async def finish(self, ended: Sequence[Ended]) -> None:
-        self._settle(ended)
+        self.settle(ended)
 
-    def _settle(self, ended: Sequence[Ended]) -> None:
+    def settle(self, ended: Sequence[Ended]) -> None:
         for e in ended:
             for scope in e.scopes:
                 w = self.windows.get(scope.name)
