@@ -6,7 +6,8 @@
 // calls per layer from Python, each allocating its output and fanning out to the threads, and every
 // projection quantizing its input again. Here a layer is ten phases over preallocated buffers: the tiny
 // ones (norms, rotary, the KV write, quantizing a projection's input once) on the calling thread, the
-// projections and attention split over the threads by output rows and by (sequence, KV head).
+// projections split over the threads by output rows, attention by (rows reading the same blocks, KV head,
+// chunk of keys) (row_attention.h).
 //
 // The arithmetic is the layer-by-layer path's: the same kernels' dot products on the same int8 activations,
 // outputs and the residual stream rounded to the model dtype where that path stores them, attention in fp32
@@ -21,10 +22,12 @@
 #include "amx_tiles.h"
 #include "kv_rows.h"
 #include "quant_rows.h"
+#include "row_attention.h"
 #include "token_rows.h"
 
 using namespace pagoda_quant;
 using namespace pagoda_kv;
+using namespace pagoda_attention;
 using namespace pagoda_rows;
 
 #if defined(PAGODA_VNNI)
@@ -32,7 +35,6 @@ namespace {
 
 constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
 constexpr int64_t kMaxRows = 16;  // a decode batch, or a decode token and its drafts (fused_decode.py)
-constexpr int64_t kMaxHeads = 256;  // query heads attention keeps sums for (fused_decode.py checks)
 
 struct Projection {
   const uint8_t* weight;
@@ -92,51 +94,6 @@ struct Step {
   float scale, eps;
 };
 
-// Attention of row b's query heads of KV head h over its cache, into out (T, [heads * dim] of row b). The
-// sequence's blocks are read front to back, the next block's rows of this head requested while one is
-// read: at batch 1 the KV rows come from memory (the weights streamed through the caches since the last
-// step), and without the requests ahead every row stalled.
-template <typename T, typename C>
-void attend(const Step& st, const T* q, const C* k_cache, const C* v_cache, int64_t row_width, float k_scale,
-            float v_scale, int64_t b, int64_t h, T* out, std::vector<float>& scratch) {
-  const int64_t group = st.heads / st.kv_heads, dim = st.dim, len = st.lens[b];
-  scratch.resize(group * dim + group * len + dim + group * dim);
-  float* qf = scratch.data();
-  float* scores = qf + group * dim;
-  float* row = scores + group * len;
-  float* acc = row + dim;
-  const float qk_scale = st.scale * k_scale;
-  for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(q[h * group * dim + i]) * qk_scale;
-  const int64_t* table = st.tables + b * st.max_blocks;
-  const int64_t token_stride = st.kv_heads * row_width, block_stride = st.block_size * token_stride;
-  const int64_t row_bytes = row_width * static_cast<int64_t>(sizeof(C));
-  auto for_each_row = [&](const C* cache, auto&& fn) {
-    for (int64_t blk = 0, t = 0; t < len; ++blk) {
-      const C* row_ptr = cache + table[blk] * block_stride + h * row_width;
-      const int64_t stop = std::min(len, t + st.block_size);
-      if (stop < len) {
-        const C* next = cache + table[blk + 1] * block_stride + h * row_width;
-        for (int64_t j = 0; j < st.block_size; ++j)
-          prefetch_row(reinterpret_cast<const uint8_t*>(next + j * token_stride), row_bytes);
-      }
-      for (; t < stop; ++t, row_ptr += token_stride) fn(t, row_ptr);
-    }
-  };
-  for_each_row(k_cache, [&](int64_t t, const C* k) {
-    load_row(k, row, 1, dim);
-    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf + g * dim, row, dim);
-  });
-  std::fill(acc, acc + group * dim, 0.f);
-  float inv_sum[kMaxHeads];
-  for (int64_t g = 0; g < group; ++g) inv_sum[g] = v_scale / softmax_numerators(scores + g * len, len);
-  for_each_row(v_cache, [&](int64_t t, const C* v) {
-    load_row(v, row, 1, dim);
-    for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], row, acc + g * dim, dim);
-  });
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < dim; ++i) out[(h * group + g) * dim + i] = static_cast<T>(acc[g * dim + i] * inv_sum[g]);
-}
-
 template <typename T, typename C>
 void run(torch::Tensor& hidden, const std::vector<Projection>& projections, const std::vector<torch::Tensor>& norms,
          const std::vector<torch::Tensor>& caches, const std::vector<double>& kv_scales, const Step& st) {
@@ -146,6 +103,8 @@ void run(torch::Tensor& hidden, const std::vector<Projection>& projections, cons
       gate_up(rows * 2 * st.intermediate), act(rows * st.intermediate);
   T* h = hidden.data_ptr<T>();  // the embeddings in, each layer's MLP output, the final normed states out
   const float eps = st.eps;
+  const StepRows step_rows{rows, st.heads, st.kv_heads, st.dim, st.block_size, st.max_blocks, st.tables, st.lens};
+  const std::vector<RowGroup> groups = row_groups(step_rows);  // the same blocks in every layer
   for (int64_t l = 0; l < layers; ++l) {
     const Projection* p = &projections[4 * l];
     const T* in_norm = norms[2 * l].data_ptr<T>();
@@ -180,14 +139,8 @@ void run(torch::Tensor& hidden, const std::vector<Projection>& projections, cons
         store_row(row + q_size + kv_size + kh * st.dim, v_dest, st.dim, v_scale);
       }
     }
-    at::parallel_for(0, rows * st.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / st.kv_heads, kh = item % st.kv_heads;
-        attend<T, C>(st, &qkv[r * qkv_width], k_cache, v_cache, row_width, k_scale, v_scale, r, kh, &attn[r * q_size],
-                     scratch);
-      }
-    });
+    attend_rows<T, C>(step_rows, groups, qkv.data(), qkv_width, k_cache, v_cache, row_width, st.scale, k_scale, v_scale,
+                      attn.data());
     project(p[1], quantize_rows(attn.data(), rows, q_size, p[1].order()), rows, h);
     for (int64_t r = 0; r < rows; ++r) add_norm_row(h + r * n, &residual[r * n], post_norm, &normed[r * n], n, eps);
     project(p[2], quantize_rows(normed.data(), rows, n, p[2].order()), rows, gate_up.data());
@@ -242,6 +195,8 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
   for (int64_t r = 0; r < slots.size(0); ++r)
     TORCH_CHECK(slot_ids[r] >= 0 && slot_ids[r] < caches[0].size(1) * caches[0].size(2), "decode_layers: slot ",
                 slot_ids[r], " outside the cache");
+  TORCH_CHECK(head_dim % 16 == 0 && heads % kv_heads == 0,
+              "decode_layers: head_dim must be a multiple of 16 and heads a multiple of kv_heads");
   const int64_t n = hidden.size(1), q_size = heads * head_dim;
   const int64_t ins[4] = {n, q_size, n, intermediate};
   const bool tiles = tile_min_rows > 0 && hidden.size(0) >= tile_min_rows;

@@ -67,13 +67,32 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 using pagoda::exp512;
 
-// In place: sc = exp(sc - max(sc)); returns the sum.
-inline float softmax_numerators(float* sc, int64_t n) {
+// Sixteen vectors -> one: lane j holds the sum of v[j]'s lanes (a transpose-and-add tree, ~3 ops a lane
+// instead of a full horizontal reduction per vector).
+inline __m512 sum16(__m512 v[16]) {
+  __m512 pairs[8];
+  for (int j = 0; j < 8; ++j)
+    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  __m512 quads[4];
+  for (int j = 0; j < 4; ++j)
+    quads[j] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// In place: sc = exp(sc - max(sc)); returns the sum (and the max through max_out).
+inline float softmax_numerators(float* sc, int64_t n, float* max_out = nullptr) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sc + i));
   float mx = _mm512_reduce_max_ps(vmax);
   for (; i < n; ++i) mx = std::max(mx, sc[i]);
+  if (max_out != nullptr) *max_out = mx;
   const __m512 vmx = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
   for (i = 0; i + 16 <= n; i += 16) {
@@ -116,8 +135,9 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-inline float softmax_numerators(float* sc, int64_t n) {
+inline float softmax_numerators(float* sc, int64_t n, float* max_out = nullptr) {
   const float mx = *std::max_element(sc, sc + n);
+  if (max_out != nullptr) *max_out = mx;
   float sum = 0.f;
   for (int64_t i = 0; i < n; ++i) {
     sc[i] = std::exp(sc[i] - mx);

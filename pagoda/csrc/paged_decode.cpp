@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kv_rows.h"
+#include "row_attention.h"
 #include "simd_math.h"
 
 namespace {
@@ -56,24 +57,6 @@ inline void score_row(const float* qf, const C* krow, const T* q_raw, float* row
 }
 
 #if defined(__AVX512BF16__)
-// Sixteen vectors -> one: lane j holds the sum of v[j]'s lanes (a transpose-and-add tree, ~3 ops a lane
-// instead of a full horizontal reduction per vector).
-inline __m512 sum16(__m512 v[16]) {
-  __m512 pairs[8];
-  for (int j = 0; j < 8; ++j)
-    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-  __m512 quads[4];
-  for (int j = 0; j < 4; ++j)
-    quads[j] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // Scores of up to 16 consecutive tokens (one cache block) for every query head, stored as vectors.
 inline void score_block_bf16(const at::BFloat16* q, const at::BFloat16* const* krows, int64_t n, float* scores,
                              int64_t t0, int64_t len, int64_t heads, int64_t group, int64_t dim, float scale) {
@@ -187,6 +170,21 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 #if defined(__AVX512BF16__)
   const ValuesFn values_kernel =
       std::is_same_v<T, at::BFloat16> && std::is_same_v<C, T> ? values_kernel_for(dim, group) : nullptr;
+#endif
+#if defined(__AVX512F__)
+  // Other than bf16's specialized path: the one-call decode's attention (row_attention.h), so that a decode
+  // row computes alike on both paths, its keys in chunks spread over the threads.
+#if defined(__AVX512BF16__)
+  const bool specialized = values_kernel != nullptr;
+#else
+  const bool specialized = false;
+#endif
+  if (dim % 16 == 0 && !specialized) {
+    const pagoda_attention::StepRows rows{num_seqs, heads, kv_heads, dim, block_size, max_blocks, tables, lens};
+    pagoda_attention::attend_rows<T, C>(rows, pagoda_attention::row_groups(rows), qp, heads * dim, kp, vp,
+                                        k_cache.size(3), fscale, 1.f, 1.f, op);
+    return;
+  }
 #endif
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_seqs);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {

@@ -26,7 +26,7 @@ from pagoda.model.layers.rotary import RotaryAngles
 MAX_ROWS = 16  # as the quantized kernels' int8-activation path (NATIVE_MAX_ROWS), four rows per pass
 
 INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
-MAX_HEADS = 256  # query heads the kernel's attention takes
+HEAD_DIM_MULTIPLE = 16  # the kernel's attention takes sixteen lanes of a head at a time
 
 
 def _kind(layer: Linear) -> tuple[int, int] | None:
@@ -65,7 +65,7 @@ class FusedDecode:
                 or model.embed_tokens.weight.device.type != "cpu"):
             return None
         cfg = model.config
-        if cfg.num_attention_heads > MAX_HEADS:
+        if cfg.head_dim % HEAD_DIM_MULTIPLE:
             return None
         weights, kinds, groups, biases, norms = [], [], [], [], []
         for layer in model.layers:
