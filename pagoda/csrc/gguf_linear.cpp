@@ -195,15 +195,18 @@ void dequantize_any_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
 
 #if defined(PAGODA_VNNI)
 inline XOrder x_order(int64_t qtype) {
-  if (qtype == kQ4_0 || qtype == kQ4_1) return XOrder::kNibbles;
+  if (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0) return XOrder::kNibbles;
   if (qtype == kQ4_K || qtype == kQ5_K) return XOrder::kPairs;
   return XOrder::kNatural;
 }
 
 // One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
-// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads. Per row
-// and group: two dot products, and the blocks' scales (the weights' times x's, laid out per lane) applied in
-// one multiply-add; the weights' offsets meet x's block sums afterwards, sixteen blocks at a time.
+// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads. A step
+// brings its four blocks' quants into two vectors whose lane l holds block l / 4's quants (Q4: the low and
+// the high nibbles; Q8_0: its two loads of two blocks each, 128-bit chunks shuffled into that order), once
+// for all R rows; then per row: two dot products into one sum, and the blocks' scales (the weights' times
+// x's, laid out per lane) applied in one multiply-add. The weights' offsets meet x's block sums afterwards,
+// sixteen blocks at a time.
 template <int64_t QType, int R>
 void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
   const int8_t* xrow[R];
@@ -212,45 +215,36 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
   __m512 acc[R];
   for (int r = 0; r < R; ++r) {
     xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = QType == kQ8_0 ? xq.d.data() + (r0 + r) * xq.padded_blocks
-                           : xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
+    dx[r] = xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
     dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
     acc[r] = _mm512_setzero_ps();
   }
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  // Lane l of a dot product belongs to block l / 4 of the group (Q4), to block l / 8 of its half (Q8_0).
-  const __m512i q4_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i q8_lanes_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i q8_lanes_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  // Lane l of a dot product belongs to block l / 4 of the group.
+  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t b = 0; b < blocks; b += kGroup) {
     const int64_t present = std::min(kGroup, blocks - b);
-    const __m128 dw = load_halves(w.d + b, present);
+    __m512i lo, hi;
     if constexpr (QType == kQ8_0) {
       // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
       // the second term taken away at the end through the blocks' d * sum(x).
       const uint8_t* qs = w.qs + b * kBlock;
-      const __m512i w_lo = load_bytes(qs, 32 * present);
-      const __m512i w_hi = load_bytes(qs + 64, 32 * (present - 2));
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xg = xrow[r] + b * kBlock;
-        const __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_lo, _mm512_loadu_si512(xg));
-        const __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_hi, _mm512_loadu_si512(xg + 64));
-        const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_lo), _mm512_permutexvar_ps(q8_lanes_lo, scale), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), _mm512_permutexvar_ps(q8_lanes_hi, scale), acc[r]);
-      }
+      const __m512i blocks01 = load_bytes(qs, 32 * present);
+      const __m512i blocks23 = load_bytes(qs + 64, 32 * (present - 2));
+      lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));  // each block's first 16
+      hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));  // each block's last 16
     } else {
       const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
-      const __m512i lo = _mm512_and_si512(packed, low_nibbles);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-      const __m512 dw_lanes = _mm512_permutexvar_ps(q4_lanes, _mm512_castps128_ps512(dw));
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xg = xrow[r] + b * kBlock;
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
-                                                hi, _mm512_loadu_si512(xg + 64));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, _mm512_loadu_ps(dx[r] + 4 * b)),
-                                 acc[r]);
-      }
+      lo = _mm512_and_si512(packed, low_nibbles);
+      hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+    }
+    const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(w.d + b, present)));
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xg = xrow[r] + b * kBlock;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
+                                              hi, _mm512_loadu_si512(xg + 64));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, _mm512_loadu_ps(dx[r] + 4 * b)),
+                               acc[r]);
     }
   }
   // Offsets: the sum over blocks of the block's offset times x's d * sum(q), into the same accumulators. Q4_1

@@ -126,14 +126,14 @@ struct QuantizedRows {
   std::vector<float> d, dsum;
   int64_t padded_k, padded_blocks;
   // kNibbles order only: per group of four blocks, 16 lanes holding block l / 4's scale in lane l (where
-  // a dot product of four blocks' nibbles leaves block l / 4's sums), so that a row's scales are one load.
+  // a dot product of four blocks' quants leaves block l / 4's sums), so that a row's scales are one load.
   std::vector<float> d_lanes;
 };
 
 enum class XOrder {
-  kNatural,  // Q8_0, Q6_K: in order
-  kNibbles,  // Q4_0/Q4_1: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with the
-             // low and the high nibbles of four blocks' 64 quant bytes
+  kNatural,  // Q6_K, AMX tiles: in order
+  kNibbles,  // Q4_0/Q4_1/Q8_0: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with
+             // the low and the high nibbles of four Q4 blocks' 64 quant bytes (Q8_0: its loads shuffled so)
   kPairs,    // Q4_K/Q5_K: [b0 b2 | b1 b3], lining up with the low and the high nibbles of two 32-byte chunks
 };
 

@@ -11,7 +11,7 @@ import torch
 from pagoda import LLM, SamplingParams
 from pagoda.model.attention.base import AttentionMetadata
 from pagoda.model.cpu_kernels import load_cpu_kernels
-from pagoda.model.fused_decode import FusedDecode
+from pagoda.model.fused_decode import MAX_ROWS, FusedDecode
 from pagoda.model.layers.linear import configure_linear
 from tests.model.test_gguf_native import AGREEMENT_TEXT, _decode_logits
 
@@ -61,7 +61,9 @@ def test_quantized_tiny_models_decode_as_layer_by_layer(make_tiny_model, arch: s
     folder, _ = make_tiny_model(arch, seed=7, hidden_size=128, intermediate_size=256)  # qwen2: q/k/v bias
     llm = LLM(str(folder), dtype="float32", quantization=quantization, quantization_group_size=32,
               num_kv_blocks=32, block_size=4)
-    fused, layered = _both(llm, list(range(200, 230)), 9)
+    # A prompt longer than the fused path's rows, so that both runs write its KV alike: a last-bit difference
+    # there may round one int8 activation code the other way in some later step, far above the tolerance.
+    fused, layered = _both(llm, list(range(200, 232)), MAX_ROWS + 1)
     torch.testing.assert_close(fused, layered, rtol=1e-3, atol=1e-3 * layered.abs().max().item())
 
 
