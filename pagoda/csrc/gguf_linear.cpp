@@ -271,6 +271,95 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
   for (int r = 0; r < R; ++r) result[r] = sums[r];
 }
 
+// kCols consecutive weight rows (Q4_0 / Q4_1 / Q8_0) against R (1-2) rows of x: for a row or two of x the
+// per-weight-row work of row_dot_vnni (its setup, the offsets' partial last chunk, a reduction of one or two
+// accumulators) cost as much as a 576-wide row's dot products; here it is shared by four weight rows (one
+// reduction for four accumulators) and x's quants and scales are loaded once for all four. The same
+// arithmetic in the same order as row_dot_vnni: a row's results do not depend on which path took them. result[r * kCols + c]: row r of x against weight row c.
+template <int64_t QType, int R>
+void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
+                   float* result) {
+  constexpr int C = kCols;
+  const int64_t blocks = k / kBlock;
+  const int64_t quant_bytes = QType == kQ8_0 ? k : k / 2;
+  const int8_t* xrow[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
+    dx[r] = xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
+    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t b = 0; b < blocks; b += kGroup) {
+    const int64_t present = std::min(kGroup, blocks - b);
+    __m512i xa[R], xb[R];
+    __m512 dxl[R];
+    for (int r = 0; r < R; ++r) {
+      xa[r] = _mm512_loadu_si512(xrow[r] + b * kBlock);
+      xb[r] = _mm512_loadu_si512(xrow[r] + b * kBlock + 64);
+      dxl[r] = _mm512_loadu_ps(dx[r] + 4 * b);
+    }
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* row = row0 + c * row_bytes;
+      __m512i lo, hi;
+      if constexpr (QType == kQ8_0) {
+        const __m512i blocks01 = load_bytes(row + b * kBlock, 32 * present);
+        const __m512i blocks23 = load_bytes(row + b * kBlock + 64, 32 * (present - 2));
+        lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));
+        hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));
+      } else {
+        const __m512i packed = load_bytes(row + b * 16, 16 * present);
+        lo = _mm512_and_si512(packed, low_nibbles);
+        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+      }
+      const auto* d = reinterpret_cast<const uint16_t*>(row + quant_bytes);
+      const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(d + b, present)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[r]), hi, xb[r]);
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, dxl[r]), acc[r][c]);
+      }
+    }
+  }
+  constexpr float factor = QType == kQ4_0 ? -8.f : QType == kQ8_0 ? -128.f : 1.f;
+  const int64_t offsets_at = QType == kQ4_1 ? quant_bytes + 2 * blocks : quant_bytes;
+  const int64_t whole = blocks / 16 * 16;
+  for (int64_t b = 0; b < whole; b += 16) {
+    for (int c = 0; c < C; ++c) {
+      const auto* offsets = reinterpret_cast<const __m256i*>(row0 + c * row_bytes + offsets_at + 2 * b);
+      __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets));
+      if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(dxsum[r] + b), acc[r][c]);
+    }
+  }
+  // The last < 16 blocks in the lanes row_dot_vnni gives them (so that a row sums alike on both paths), their
+  // offsets gathered four at a time without a masked load.
+  if (whole < blocks) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (blocks - whole)) - 1);
+    __m512 xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = _mm512_maskz_loadu_ps(mask, dxsum[r] + whole);
+    for (int c = 0; c < C; ++c) {
+      const auto* offsets = reinterpret_cast<const uint16_t*>(row0 + c * row_bytes + offsets_at);
+      __m512 mw = _mm512_setzero_ps();
+      for (int64_t b = whole; b < blocks; b += kGroup) {
+        const __m128 four = load_halves(offsets + b, std::min(kGroup, blocks - b));
+        switch ((b - whole) / kGroup) {
+          case 0: mw = _mm512_insertf32x4(mw, four, 0); break;
+          case 1: mw = _mm512_insertf32x4(mw, four, 1); break;
+          case 2: mw = _mm512_insertf32x4(mw, four, 2); break;
+          default: mw = _mm512_insertf32x4(mw, four, 3); break;
+        }
+      }
+      if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(mw, xs[r], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm_storeu_ps(result + r * C, reduce_add4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+}
+
 inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
 
 // One K-quant weight row against R quantized rows of x, a super-block (256 weights) a step. A 64-byte load
@@ -388,6 +477,26 @@ void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
   }
 }
 
+template <int64_t QType>
+void cols_dot_rows(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
+                   int64_t r_count, float* result) {
+  if (r_count == 1) return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, r0, result);
+  return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, r0, result);
+}
+
+bool cols_supported(int64_t qtype, int64_t rows) {
+  return rows <= kColsMaxRows && (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0);
+}
+
+void cols_dot_any(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k, const QuantizedRows& xq,
+                  int64_t r0, int64_t r_count, float* result) {
+  switch (qtype) {
+    case kQ4_0: return cols_dot_rows<kQ4_0>(row0, row_bytes, k, xq, r0, r_count, result);
+    case kQ4_1: return cols_dot_rows<kQ4_1>(row0, row_bytes, k, xq, r0, r_count, result);
+    default: return cols_dot_rows<kQ8_0>(row0, row_bytes, k, xq, r0, r_count, result);
+  }
+}
+
 int64_t rows_per_pass(int64_t qtype) {
   return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? kWideRowTile : kRowTile;
 }
@@ -420,11 +529,19 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t n = w.size(0);
-  for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
-    if (col + kPrefetchRows < n) prefetch_row(wp + (col + kPrefetchRows) * row_bytes, row_bytes);
+  const int64_t n = w.size(0), ahead = prefetch_rows_ahead(row_bytes);
+  const auto row_dot = [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
     row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
-  }, rows_per_pass(qtype));
+  };
+  if (cols_supported(qtype, rows)) {
+    for_each_output_by_cols(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, float* result) {
+      if (col + ahead + kCols <= n) prefetch_row_l2(wp + (col + ahead) * row_bytes, kCols * row_bytes);
+      cols_dot_any(wp + col * row_bytes, row_bytes, qtype, k, xq, 0, rows, result);
+    }, row_dot);
+  } else {
+    for_each_output(rows, n, bias, out.data_ptr<T>(), row_dot, rows_per_pass(qtype));
+  }
 }
 #else
 template <typename T>
@@ -462,6 +579,13 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* 
 XOrder pagoda_quant::gguf_x_order(int64_t qtype) { return x_order(qtype); }
 
 int64_t pagoda_quant::gguf_rows_per_pass(int64_t qtype) { return rows_per_pass(qtype); }
+
+bool pagoda_quant::gguf_cols_supported(int64_t qtype, int64_t rows) { return cols_supported(qtype, rows); }
+
+void pagoda_quant::gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k,
+                                 const QuantizedRows& xq, int64_t rows, float* result) {
+  cols_dot_any(row0, row_bytes, qtype, k, xq, 0, rows, result);
+}
 
 void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
                                 int64_t r_count, float* result) {

@@ -152,9 +152,9 @@ void run_int4_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t gro
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, XOrder::kNibbles);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t n = w.size(0);
+  const int64_t n = w.size(0), ahead = prefetch_rows_ahead(row_bytes);
   for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
-    if (col + kPrefetchRows < n) prefetch_row(wp + (col + kPrefetchRows) * row_bytes, row_bytes);
+    if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
     row_dot_int4_any(wp + col * row_bytes, k, group, xq, r0, r_count, result);
   });
 }

@@ -33,6 +33,9 @@ constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their 
 // Q4_0 / Q4_1 / Q8_0 rows take up to this many rows of x a pass (a token and its drafts in one pass: each pass
 // over a weight row costs its unpacking, offsets and reduction again).
 constexpr int64_t kWideRowTile = 8;
+// One or two rows of x take Q4_0 / Q4_1 / Q8_0 weight rows this many at a time (gguf_linear.cpp, cols_dot_vnni).
+constexpr int64_t kCols = 4;
+constexpr int64_t kColsMaxRows = 2;
 
 #if defined(__F16C__)
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -46,14 +49,21 @@ inline float load_half(const uint8_t* p) {
   return half_to_float(bits);
 }
 
-// Weight rows this far ahead of the one being multiplied are requested from memory now: at batch 1 a core
-// streaming its half of a layer alone kept too few reads in flight to reach the bandwidth (~5 GB/s a core).
-constexpr int64_t kPrefetchRows = 8;
+// Weight rows this many bytes ahead of the one being multiplied are requested into L2: at batch 1 a core
+// streaming its half of a layer alone keeps too few reads in flight to reach the bandwidth. (Two cores
+// streaming 576-wide Q4_1 rows: nothing 13 GB/s, 8 rows ahead into L1 17.7, 8 KB ahead into L2 27; a plain
+// read loop 23-27; 2.9 KB or 16 KB into L2 were slower than 8 KB end to end.)
+constexpr int64_t kPrefetchBytes = 8192;
 
+inline int64_t prefetch_rows_ahead(int64_t row_bytes) { return kPrefetchBytes / row_bytes + 1; }
+
+inline void prefetch_row_l2(const uint8_t* row, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T1);
+}
+
+// AMX tiles' rows, next tile's into L1.
 inline void prefetch_row(const uint8_t* row, int64_t bytes) {
-#if defined(__AVX512F__) || defined(__SSE__)
   for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
-#endif
 }
 
 // out[r, col] = row_dot's result for rows r of x against weight row col, plus bias[col]; parallel over the
@@ -71,6 +81,30 @@ void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const R
         const float b = bias ? bias[col] : 0.f;
         for (int64_t r = 0; r < r_count; ++r) out[(r0 + r) * n + col] = static_cast<T>(result[r] + b);
       }
+    }
+  });
+}
+
+// for_each_output for one or two rows of x, weight rows kCols at a time: cols_dot(col, result) writes
+// result[r * kCols + c] for weight rows col .. col + kCols - 1; a chunk's last < kCols columns take
+// row_dot(col, 0, rows, result).
+template <typename T, typename ColsDot, typename RowDot>
+void for_each_output_by_cols(int64_t rows, int64_t n, const float* bias, T* out, const ColsDot& cols_dot,
+                             const RowDot& row_dot) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float result[kColsMaxRows * kCols];
+    for (int64_t col = begin; col < end;) {
+      const int64_t cols = end - col >= kCols ? kCols : 1;
+      if (cols == kCols) {
+        cols_dot(col, result);
+      } else {
+        row_dot(col, 0, rows, result);
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        const float b = bias ? bias[col + c] : 0.f;
+        for (int64_t r = 0; r < rows; ++r) out[r * n + col + c] = static_cast<T>(result[r * cols + c] + b);
+      }
+      col += cols;
     }
   });
 }
@@ -177,18 +211,30 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
   return out;
 }
 
-// The first `count` bytes at p, zeros after. Only a partial group takes the masked load: on Zen a masked
-// load is several times slower than a plain one when it splits a page, which rows of 612 bytes often do.
+// The first `count` bytes at p, zeros after. Whole 16-byte chunks (every partial group of Q4/Q8 blocks) take
+// plain 128/256-bit loads: a masked load costs several plain ones on Zen, and rows of 360 or 612 bytes end in
+// a partial group in every row.
 inline __m512i load_bytes(const void* p, int64_t count) {
   if (count >= 64) return _mm512_loadu_si512(p);
   if (count <= 0) return _mm512_setzero_si512();
+  const auto* bytes = static_cast<const uint8_t*>(p);
+  switch (count) {
+    case 16: return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    case 32: return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+    case 48:
+      return _mm512_inserti32x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))),
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 32)), 2);
+  }
   return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, p);
 }
 
-// `count` (1-4) fp16 values at p as fp32, zeros after.
+// `count` (1-4) fp16 values at p as fp32, zeros after (scalar loads for a partial group: see load_bytes).
 inline __m128 load_halves(const uint16_t* p, int64_t count) {
   if (count >= 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << count) - 1), p));
+  uint64_t bits = p[0];
+  if (count >= 2) bits |= uint64_t{p[1]} << 16;
+  if (count == 3) bits |= uint64_t{p[2]} << 32;
+  return _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(bits)));
 }
 
 // The sums of the 16 lanes of each of a, b, c, d, as the four lanes of the result: one reduction for four
@@ -215,6 +261,11 @@ XOrder gguf_x_order(int64_t qtype);
 int64_t gguf_rows_per_pass(int64_t qtype);  // kWideRowTile or kRowTile
 void gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
+// Whether `rows` rows of x take qtype's weight rows kCols at a time, and those kCols rows from row0 on against
+// rows 0 .. rows - 1 of x: result[r * kCols + c].
+bool gguf_cols_supported(int64_t qtype, int64_t rows);
+void gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k, const QuantizedRows& xq,
+                   int64_t rows, float* result);
 void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
 #endif  // PAGODA_VNNI
