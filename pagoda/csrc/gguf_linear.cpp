@@ -271,11 +271,12 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
   for (int r = 0; r < R; ++r) result[r] = sums[r];
 }
 
-// kCols consecutive weight rows (Q4_0 / Q4_1 / Q8_0) against R (1-2) rows of x: for a row or two of x the
-// per-weight-row work of row_dot_vnni (its setup, the offsets' partial last chunk, a reduction of one or two
+// kCols consecutive weight rows (Q4_0 / Q4_1 / Q8_0) against R (1-4) rows of x. For a few rows of x the
+// per-weight-row work of row_dot_vnni (its setup, the offsets' partial last chunk, a reduction of mostly empty
 // accumulators) cost as much as a 576-wide row's dot products; here it is shared by four weight rows (one
 // reduction for four accumulators) and x's quants and scales are loaded once for all four. The same
-// arithmetic in the same order as row_dot_vnni: a row's results do not depend on which path took them. result[r * kCols + c]: row r of x against weight row c.
+// arithmetic in the same order as row_dot_vnni, so a row's results do not depend on which path took them.
+// result[r * kCols + c]: row r of x against weight row c.
 template <int64_t QType, int R>
 void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
                    float* result) {
@@ -480,8 +481,12 @@ void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
 template <int64_t QType>
 void cols_dot_rows(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
                    int64_t r_count, float* result) {
-  if (r_count == 1) return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, r0, result);
-  return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, r0, result);
+  switch (r_count) {
+    case 1: return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, r0, result);
+    case 2: return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, r0, result);
+    case 3: return cols_dot_vnni<QType, 3>(row0, row_bytes, k, xq, r0, result);
+    default: return cols_dot_vnni<QType, 4>(row0, row_bytes, k, xq, r0, result);
+  }
 }
 
 bool cols_supported(int64_t qtype, int64_t rows) {

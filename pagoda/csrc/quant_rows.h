@@ -33,9 +33,10 @@ constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their 
 // Q4_0 / Q4_1 / Q8_0 rows take up to this many rows of x a pass (a token and its drafts in one pass: each pass
 // over a weight row costs its unpacking, offsets and reduction again).
 constexpr int64_t kWideRowTile = 8;
-// One or two rows of x take Q4_0 / Q4_1 / Q8_0 weight rows this many at a time (gguf_linear.cpp, cols_dot_vnni).
+// Up to kColsMaxRows rows of x take Q4_0 / Q4_1 / Q8_0 weight rows this many at a time (gguf_linear.cpp,
+// cols_dot_vnni).
 constexpr int64_t kCols = 4;
-constexpr int64_t kColsMaxRows = 2;
+constexpr int64_t kColsMaxRows = 4;
 
 #if defined(__F16C__)
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -85,7 +86,7 @@ void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const R
   });
 }
 
-// for_each_output for one or two rows of x, weight rows kCols at a time: cols_dot(col, result) writes
+// for_each_output for up to kColsMaxRows rows of x, weight rows kCols at a time: cols_dot(col, result) writes
 // result[r * kCols + c] for weight rows col .. col + kCols - 1; a chunk's last < kCols columns take
 // row_dot(col, 0, rows, result).
 template <typename T, typename ColsDot, typename RowDot>

@@ -172,15 +172,16 @@ def test_batch_invariant_mode_keeps_every_row_on_the_kernel() -> None:
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0],
                          ids=["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("in_features", [96, 576, 736, 1536])  # blocks: 3; 16 + 2; 16 + 7; 48
-def test_one_or_two_rows_sum_as_they_do_beside_more_rows(qtype: GGMLQuantizationType, in_features: int) -> None:
-    """One or two rows of x take four weight rows a pass (a chunk's last one to three alone), more rows one
+def test_a_few_rows_sum_as_they_do_beside_more_rows(qtype: GGMLQuantizationType, in_features: int) -> None:
+    """Up to four rows of x take four weight rows a pass (a chunk's last one to three alone), more rows one
     weight row a pass: a row's outputs are bit for bit the same either way."""
     raw, w = _quantized(qtype, 67, in_features, seed=in_features)
     layer = _layer(qtype, raw, in_features, [67], torch.float32)
-    x = torch.randn(5, in_features)
+    x = torch.randn(6, in_features)
     beside = layer(x)
     assert torch.equal(layer(x[:1]), beside[:1])
     assert torch.equal(layer(x[1:3]), beside[1:3])
+    assert torch.equal(layer(x[2:6]), beside[2:6])
     torch.testing.assert_close(beside, _int8_blocks(x) @ w.T, rtol=1e-4, atol=1e-4 * beside.abs().max().item())
 
 
