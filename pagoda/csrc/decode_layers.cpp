@@ -74,10 +74,12 @@ void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out)
   if (p.tiles) return amx_q4_rows(p.weight, p.row_bytes, p.kind, p.in, p.out, xq, rows, p.bias, out);
 #endif
   const int64_t ahead = prefetch_rows_ahead(p.row_bytes);
-  if (p.kind != kInt4Kind && gguf_cols_supported(p.kind, rows)) {
+  if (p.kind == kInt4Kind ? rows <= kInt4ColsMaxRows : gguf_cols_supported(p.kind, rows)) {
     return for_each_output_by_cols(rows, p.out, p.bias, out, [&](int64_t col, float* result) {
       if (col + ahead + kCols <= p.out) prefetch_row_l2(p.weight + (col + ahead) * p.row_bytes, kCols * p.row_bytes);
-      gguf_cols_dot(p.weight + col * p.row_bytes, p.row_bytes, p.kind, p.in, xq, rows, result);
+      const uint8_t* row0 = p.weight + col * p.row_bytes;
+      if (p.kind == kInt4Kind) return int4_cols_dot(row0, p.row_bytes, p.in, p.group, xq, rows, result);
+      gguf_cols_dot(row0, p.row_bytes, p.kind, p.in, xq, rows, result);
     }, [&](int64_t col, int64_t, int64_t, float* result) { p.dot(col, xq, rows, result); });
   }
   at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {

@@ -68,8 +68,55 @@ enum class GroupSpan { kOne, kTwo, kWide };
 
 // `count` (1-4) uint8 values at p as fp32, zeros after.
 inline __m128 load_zeros(const uint8_t* p, int64_t count) {
-  const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << std::min<int64_t>(count, 4)) - 1), p);
-  return _mm_cvtepi32_ps(_mm_cvtepu8_epi32(bytes));
+  uint32_t bits = 0;  // (scalar loads: a masked load costs several plain ones on Zen)
+  for (int64_t i = 0; i < std::min<int64_t>(count, 4); ++i) bits |= uint32_t{p[i]} << (8 * i);
+  return _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(bits))));
+}
+
+// A step's four blocks of one weight row: their quants split into low and high nibbles (lane l of a dot
+// product belongs to block l / 4), each block's scale and its offset scale * zero (taken away at the end).
+struct Int4Step {
+  __m512i lo, hi;
+  __m128 dw, mw;
+};
+
+template <GroupSpan Span>
+inline Int4Step int4_step(const Int4Row& w, int64_t b, int64_t present, int64_t group_blocks) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m128 dw, zw;
+  if constexpr (Span == GroupSpan::kOne) {
+    dw = load_halves(w.scale + b, present);
+    zw = load_zeros(w.zero + b, present);
+  } else if constexpr (Span == GroupSpan::kTwo) {
+    const int64_t groups = (present + 1) / 2;
+    const __m128 d2 = load_halves(w.scale + b / 2, groups), z2 = load_zeros(w.zero + b / 2, groups);
+    dw = _mm_unpacklo_ps(d2, d2);  // (g0, g0, g1, g1)
+    zw = _mm_unpacklo_ps(z2, z2);
+  } else {
+    const int64_t g = b / group_blocks;
+    dw = _mm_set1_ps(half_to_float(w.scale[g]));
+    zw = _mm_set1_ps(static_cast<float>(w.zero[g]));
+  }
+  const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
+  return {_mm512_and_si512(packed, low_nibbles), _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles), dw,
+          _mm_mul_ps(dw, zw)};
+}
+
+// One x row's step against one weight row's: the blocks' int32 dot products times the weight and x scales into
+// acc, the offsets times the x blocks' d * sum(q) into offset.
+inline void int4_step_row(const Int4Step& w, const int8_t* xg, __m128 dx, __m128 dxsum, __m512& acc, __m128& offset) {
+  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.lo, _mm512_loadu_si512(xg)),
+                                          w.hi, _mm512_loadu_si512(xg + 64));
+  const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(w.dw, dx));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(block_lanes, scale), acc);
+  offset = _mm_fmadd_ps(w.mw, dxsum, offset);
+}
+
+// Four weight rows' (or x rows') sums: a's, b's, c's and d's lanes summed, less the four lanes of each offset.
+// The row and the column kernels end alike, so a row's result does not depend on which took it.
+inline __m128 int4_sums(__m512 a, __m512 b, __m512 c, __m512 d, __m128 oa, __m128 ob, __m128 oc, __m128 od) {
+  return _mm_sub_ps(reduce_add4(a, b, c, d), _mm_hadd_ps(_mm_hadd_ps(oa, ob), _mm_hadd_ps(oc, od)));
 }
 
 // One weight row against R quantized rows of x, four blocks a step, as the Q4_1 kernel: the int32 dot
@@ -78,50 +125,56 @@ inline __m128 load_zeros(const uint8_t* p, int64_t count) {
 template <GroupSpan Span, int R>
 void row_dot_int4(const Int4Row& w, int64_t blocks, int64_t group_blocks, const QuantizedRows& xq, int64_t r0,
                   float* result) {
-  const int8_t* xrow[R];
-  const float* dx[R];
-  const float* dxsum[R];
-  __m512 acc[R];
-  __m128 offset[R];
-  for (int r = 0; r < R; ++r) {
-    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
-    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+  __m512 acc[4];
+  __m128 offset[4];
+  for (int r = 0; r < 4; ++r) {
     acc[r] = _mm512_setzero_ps();
     offset[r] = _mm_setzero_ps();
   }
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t b = 0; b < blocks; b += kGroup) {
-    const int64_t present = std::min(kGroup, blocks - b);
-    __m128 dw, zw;  // per block lane of the step
-    if constexpr (Span == GroupSpan::kOne) {
-      dw = load_halves(w.scale + b, present);
-      zw = load_zeros(w.zero + b, present);
-    } else if constexpr (Span == GroupSpan::kTwo) {
-      const int64_t groups = (present + 1) / 2;
-      const __m128 d2 = load_halves(w.scale + b / 2, groups), z2 = load_zeros(w.zero + b / 2, groups);
-      dw = _mm_unpacklo_ps(d2, d2);  // (g0, g0, g1, g1)
-      zw = _mm_unpacklo_ps(z2, z2);
-    } else {
-      const int64_t g = b / group_blocks;
-      dw = _mm_set1_ps(half_to_float(w.scale[g]));
-      zw = _mm_set1_ps(static_cast<float>(w.zero[g]));
-    }
-    const __m128 mw = _mm_mul_ps(dw, zw);  // taken away at the end
-    const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
-    const __m512i lo = _mm512_and_si512(packed, low_nibbles);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+    const Int4Step step = int4_step<Span>(w, b, std::min(kGroup, blocks - b), group_blocks);
     for (int r = 0; r < R; ++r) {
-      const int8_t* xg = xrow[r] + b * kBlock;
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
-                                              hi, _mm512_loadu_si512(xg + 64));
-      const __m512 scale = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(dx[r] + b)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(block_lanes, scale), acc[r]);
-      offset[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(dxsum[r] + b), offset[r]);
+      const int64_t at = r0 + r;
+      int4_step_row(step, xq.q.data() + at * xq.padded_k + b * kBlock, _mm_loadu_ps(xq.d.data() + at * xq.padded_blocks + b),
+                    _mm_loadu_ps(xq.dsum.data() + at * xq.padded_blocks + b), acc[r], offset[r]);
     }
   }
-  for (int r = 0; r < R; ++r) result[r] = _mm512_reduce_add_ps(acc[r]) - hsum128(offset[r]);
+  float sums[4];
+  _mm_storeu_ps(sums, int4_sums(acc[0], acc[1], acc[2], acc[3], offset[0], offset[1], offset[2], offset[3]));
+  for (int r = 0; r < R; ++r) result[r] = sums[r];
+}
+
+// kCols consecutive weight rows against R (1-2) rows of x: each step's x blocks loaded once for the four, one
+// ending for four weight rows (see gguf_linear.cpp's cols_dot_vnni). result[r * kCols + c].
+template <GroupSpan Span, int R>
+void cols_dot_int4(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group, int64_t group_blocks,
+                   const QuantizedRows& xq, float* result) {
+  constexpr int C = kCols;
+  Int4Row w[C];
+  __m512 acc[R][C];
+  __m128 offset[R][C];
+  for (int c = 0; c < C; ++c) w[c] = int4_row(row0 + c * row_bytes, k, group);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      acc[r][c] = _mm512_setzero_ps();
+      offset[r][c] = _mm_setzero_ps();
+    }
+  const int64_t blocks = k / kBlock;
+  for (int64_t b = 0; b < blocks; b += kGroup) {
+    __m128 dx[R], dxsum[R];
+    for (int r = 0; r < R; ++r) {
+      dx[r] = _mm_loadu_ps(xq.d.data() + r * xq.padded_blocks + b);
+      dxsum[r] = _mm_loadu_ps(xq.dsum.data() + r * xq.padded_blocks + b);
+    }
+    for (int c = 0; c < C; ++c) {
+      const Int4Step step = int4_step<Span>(w[c], b, std::min(kGroup, blocks - b), group_blocks);
+      for (int r = 0; r < R; ++r)
+        int4_step_row(step, xq.q.data() + r * xq.padded_k + b * kBlock, dx[r], dxsum[r], acc[r][c], offset[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm_storeu_ps(result + r * C, int4_sums(acc[r][0], acc[r][1], acc[r][2], acc[r][3], offset[r][0], offset[r][1],
+                                            offset[r][2], offset[r][3]));
 }
 
 template <GroupSpan Span>
@@ -132,6 +185,21 @@ void row_dot_int4_rows(const Int4Row& w, int64_t blocks, int64_t group_blocks, c
     case 2: return row_dot_int4<Span, 2>(w, blocks, group_blocks, xq, r0, result);
     case 3: return row_dot_int4<Span, 3>(w, blocks, group_blocks, xq, r0, result);
     default: return row_dot_int4<Span, 4>(w, blocks, group_blocks, xq, r0, result);
+  }
+}
+
+void cols_dot_int4_any(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group, const QuantizedRows& xq,
+                       int64_t rows, float* result) {
+  const int64_t group_blocks = std::min(group, k) / kBlock;
+  const auto run = [&](auto span) {
+    constexpr GroupSpan S = decltype(span)::value;
+    if (rows == 1) return cols_dot_int4<S, 1>(row0, row_bytes, k, group, group_blocks, xq, result);
+    cols_dot_int4<S, 2>(row0, row_bytes, k, group, group_blocks, xq, result);
+  };
+  switch (group_blocks) {
+    case 1: return run(std::integral_constant<GroupSpan, GroupSpan::kOne>{});
+    case 2: return run(std::integral_constant<GroupSpan, GroupSpan::kTwo>{});
+    default: return run(std::integral_constant<GroupSpan, GroupSpan::kWide>{});
   }
 }
 
@@ -153,10 +221,15 @@ void run_int4_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t gro
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, XOrder::kNibbles);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t n = w.size(0), ahead = prefetch_rows_ahead(row_bytes);
-  for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+  const auto row_dot = [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
     if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
     row_dot_int4_any(wp + col * row_bytes, k, group, xq, r0, r_count, result);
-  });
+  };
+  if (rows > kInt4ColsMaxRows) return for_each_output(rows, n, bias, out.data_ptr<T>(), row_dot);
+  for_each_output_by_cols(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, float* result) {
+    if (col + ahead + kCols <= n) prefetch_row_l2(wp + (col + ahead) * row_bytes, kCols * row_bytes);
+    cols_dot_int4_any(wp + col * row_bytes, row_bytes, k, group, xq, rows, result);
+  }, row_dot);
 }
 #else
 template <typename T>
@@ -193,6 +266,11 @@ void check_int4_weight(const torch::Tensor& w, int64_t group, int64_t k, const c
 void pagoda_quant::int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0,
                                 int64_t r_count, float* result) {
   row_dot_int4_any(row, k, group, xq, r0, r_count, result);
+}
+
+void pagoda_quant::int4_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group,
+                                 const QuantizedRows& xq, int64_t rows, float* result) {
+  cols_dot_int4_any(row0, row_bytes, k, group, xq, rows, result);
 }
 #endif
 

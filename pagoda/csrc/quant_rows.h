@@ -37,6 +37,7 @@ constexpr int64_t kWideRowTile = 8;
 // cols_dot_vnni).
 constexpr int64_t kCols = 4;
 constexpr int64_t kColsMaxRows = 4;
+constexpr int64_t kInt4ColsMaxRows = 2;  // (its offsets take a register of their own per x row and weight row)
 
 #if defined(__F16C__)
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -269,6 +270,9 @@ void gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_
                    int64_t rows, float* result);
 void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
+// kCols int4 weight rows from row0 on against rows 0 .. rows - 1 (<= kInt4ColsMaxRows) of x: result[r * kCols + c].
+void int4_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group, const QuantizedRows& xq,
+                   int64_t rows, float* result);
 #endif  // PAGODA_VNNI
 
 }  // namespace pagoda_quant

@@ -82,6 +82,19 @@ def test_the_kernels_dequantization_matches_torchs(k: int, group: int) -> None:
         assert torch.equal(ours, torch_path)
 
 
+@pytest.mark.skipif(OPS is None, reason="no C++ kernels")
+@pytest.mark.parametrize(("k", "group"), SHAPES)
+def test_one_or_two_rows_sum_as_they_do_beside_more_rows(k: int, group: int) -> None:
+    """One or two rows of x take four weight rows a pass (a chunk's last one to three alone), more rows one
+    weight row a pass: a row's outputs are bit for bit the same either way."""
+    torch.manual_seed(k * group)
+    layer = _layer(torch.randn(67, k), [67], group, torch.float32, OPS)
+    x = torch.randn(5, k)
+    beside = layer(x)
+    assert torch.equal(layer(x[:1]), beside[:1])
+    assert torch.equal(layer(x[3:5]), beside[3:5])
+
+
 @pytest.mark.parametrize("ops", PATHS)
 def test_batch_invariant_mode_computes_each_row_alone(ops) -> None:  # noqa: ANN001
     layer = _layer(torch.randn(20, 128), [20], 64, torch.float32, ops)
