@@ -18,6 +18,7 @@ from torch import nn
 from pagoda.model.arch_config import ArchConfig
 from pagoda.model.attention.base import AttentionBackend, AttentionMetadata
 from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model import huge_pages
 from pagoda.model.fused_decode import FusedDecode
 from pagoda.model.layers.linear import Linear, LinearMethod, default_weight_loader
 from pagoda.model.layers.norm import RMSNorm
@@ -188,12 +189,14 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:
-        """Layers loaded in a checkpoint's layout (GPTQ, AWQ) take the form their kernels multiply; then the
-        one-call decode path is set up where every layer runs on the CPU's quantized kernels."""
+        """Layers loaded in a checkpoint's layout (GPTQ, AWQ) take the form their kernels multiply; the CPU
+        weights move to huge pages (huge_pages.py); then the one-call decode path is set up where every layer
+        runs on the CPU's quantized kernels."""
         for module in self.modules():
             finish = getattr(getattr(module, "method", None), "process_weights_after_loading", None)
             if finish is not None:
                 finish(module)
+        huge_pages.move_parameters(self)
         self.fused_decode = FusedDecode.of(self, load_cpu_kernels())
 
     def _locate(self, name: str) -> tuple[str | None, int | None]:

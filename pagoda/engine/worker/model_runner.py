@@ -13,6 +13,7 @@ from pagoda.engine.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutpu
 from pagoda.model.attention.base import AttentionBackend
 from pagoda.model.attention.kv_format import KVCacheFormat
 from pagoda.model.cpu_kernels import load_cpu_kernels
+from pagoda.model.huge_pages import huge_page_empty
 from pagoda.model.llama import LlamaForCausalLM
 from pagoda.engine.worker.cuda_graphs import DecodeGraphs
 from pagoda.engine.worker.input_batch import CachedRequestState, InputBatch, StepArrays, step_arrays
@@ -84,15 +85,18 @@ def allocate_kv_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int,
                       kv_format: KVCacheFormat) -> list[torch.Tensor]:
     """Per-layer [2, num_blocks + 1, block_size, kv_heads, row width] tensors of the format's storage dtype.
 
-    Left uninitialized (zeroing gigabytes costs most of a second at start-up): a slot is read only
+    On the CPU in huge pages (huge_pages.py). Left uninitialized (zeroing gigabytes costs most of a second at
+    start-up): a slot is read only
     after it is written. The one exception is the extra last block, never handed out and zeroed,
     which padded gathers point at so that masked-out positions hold finite values (0 * NaN = NaN).
     """
     cfg = model.config
-    cache = torch.empty(
-        cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads, kv_format.row_width(cfg.head_dim),
-        dtype=kv_format.storage_dtype, device=device,
-    )
+    shape = (cfg.num_hidden_layers, 2, num_blocks + 1, block_size, cfg.num_key_value_heads,
+             kv_format.row_width(cfg.head_dim))
+    if torch.device(device).type == "cpu":
+        cache = huge_page_empty(shape, kv_format.storage_dtype)
+    else:
+        cache = torch.empty(shape, dtype=kv_format.storage_dtype, device=device)
     cache[:, :, num_blocks].zero_()
     return list(cache.unbind(0))
 
