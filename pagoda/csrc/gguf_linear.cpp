@@ -200,6 +200,26 @@ inline XOrder x_order(int64_t qtype) {
   return XOrder::kNatural;
 }
 
+// A step's `present` (1-4) blocks from block b of a Q4_0 / Q4_1 / Q8_0 row's quants as two vectors whose lane l
+// holds block l / 4's quants: Q4's low and high nibbles; Q8_0's two loads of two blocks each, their 128-bit
+// chunks shuffled into that order. Missing blocks read as zeros.
+template <int64_t QType>
+inline void unpack_group(const uint8_t* qs, int64_t b, int64_t present, __m512i& lo, __m512i& hi) {
+  if constexpr (QType == kQ8_0) {
+    // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
+    // the second term taken away at the end through the blocks' d * sum(x).
+    const __m512i blocks01 = load_bytes(qs + b * kBlock, 32 * present);
+    const __m512i blocks23 = load_bytes(qs + b * kBlock + 64, 32 * (present - 2));
+    lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));  // each block's first 16
+    hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));  // each block's last 16
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    const __m512i packed = load_bytes(qs + b * 16, 16 * present);
+    lo = _mm512_and_si512(packed, low_nibbles);
+    hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+  }
+}
+
 // One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
 // registers), four blocks a step; the last group's missing blocks read as zeros through masked loads. A step
 // brings its four blocks' quants into two vectors whose lane l holds block l / 4's quants (Q4: the low and
@@ -219,25 +239,12 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
     dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
     acc[r] = _mm512_setzero_ps();
   }
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   // Lane l of a dot product belongs to block l / 4 of the group.
   const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t b = 0; b < blocks; b += kGroup) {
     const int64_t present = std::min(kGroup, blocks - b);
     __m512i lo, hi;
-    if constexpr (QType == kQ8_0) {
-      // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
-      // the second term taken away at the end through the blocks' d * sum(x).
-      const uint8_t* qs = w.qs + b * kBlock;
-      const __m512i blocks01 = load_bytes(qs, 32 * present);
-      const __m512i blocks23 = load_bytes(qs + 64, 32 * (present - 2));
-      lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));  // each block's first 16
-      hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));  // each block's last 16
-    } else {
-      const __m512i packed = load_bytes(w.qs + b * 16, 16 * present);
-      lo = _mm512_and_si512(packed, low_nibbles);
-      hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-    }
+    unpack_group<QType>(w.qs, b, present, lo, hi);
     const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(w.d + b, present)));
     for (int r = 0; r < R; ++r) {
       const int8_t* xg = xrow[r] + b * kBlock;
@@ -293,7 +300,6 @@ void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const Quan
     dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   }
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t b = 0; b < blocks; b += kGroup) {
     const int64_t present = std::min(kGroup, blocks - b);
@@ -307,16 +313,7 @@ void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const Quan
     for (int c = 0; c < C; ++c) {
       const uint8_t* row = row0 + c * row_bytes;
       __m512i lo, hi;
-      if constexpr (QType == kQ8_0) {
-        const __m512i blocks01 = load_bytes(row + b * kBlock, 32 * present);
-        const __m512i blocks23 = load_bytes(row + b * kBlock + 64, 32 * (present - 2));
-        lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));
-        hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));
-      } else {
-        const __m512i packed = load_bytes(row + b * 16, 16 * present);
-        lo = _mm512_and_si512(packed, low_nibbles);
-        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-      }
+      unpack_group<QType>(row, b, present, lo, hi);
       const auto* d = reinterpret_cast<const uint16_t*>(row + quant_bytes);
       const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(d + b, present)));
       for (int r = 0; r < R; ++r) {

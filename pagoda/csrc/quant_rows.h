@@ -60,12 +60,16 @@ constexpr int64_t kPrefetchBytes = 8192;
 inline int64_t prefetch_rows_ahead(int64_t row_bytes) { return kPrefetchBytes / row_bytes + 1; }
 
 inline void prefetch_row_l2(const uint8_t* row, int64_t bytes) {
+#if defined(__AVX512F__) || defined(__SSE__)
   for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T1);
+#endif
 }
 
 // AMX tiles' rows, next tile's into L1.
 inline void prefetch_row(const uint8_t* row, int64_t bytes) {
+#if defined(__AVX512F__) || defined(__SSE__)
   for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+#endif
 }
 
 // out[r, col] = row_dot's result for rows r of x against weight row col, plus bias[col]; parallel over the
