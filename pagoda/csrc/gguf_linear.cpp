@@ -285,8 +285,7 @@ void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
 // arithmetic in the same order as row_dot_vnni, so a row's results do not depend on which path took them.
 // result[r * kCols + c]: row r of x against weight row c.
 template <int64_t QType, int R>
-void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
-                   float* result) {
+void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, float* result) {
   constexpr int C = kCols;
   const int64_t blocks = k / kBlock;
   const int64_t quant_bytes = QType == kQ8_0 ? k : k / 2;
@@ -295,9 +294,9 @@ void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const Quan
   const float* dxsum[R];
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r) {
-    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
-    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
+    xrow[r] = xq.q.data() + r * xq.padded_k;
+    dx[r] = xq.d_lanes.data() + r * xq.padded_blocks * 4;
+    dxsum[r] = xq.dsum.data() + r * xq.padded_blocks;
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   }
   const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -476,13 +475,13 @@ void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int
 }
 
 template <int64_t QType>
-void cols_dot_rows(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t r0,
-                   int64_t r_count, float* result) {
-  switch (r_count) {
-    case 1: return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, r0, result);
-    case 2: return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, r0, result);
-    case 3: return cols_dot_vnni<QType, 3>(row0, row_bytes, k, xq, r0, result);
-    default: return cols_dot_vnni<QType, 4>(row0, row_bytes, k, xq, r0, result);
+void cols_dot_rows(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t rows,
+                   float* result) {
+  switch (rows) {
+    case 1: return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, result);
+    case 2: return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, result);
+    case 3: return cols_dot_vnni<QType, 3>(row0, row_bytes, k, xq, result);
+    default: return cols_dot_vnni<QType, 4>(row0, row_bytes, k, xq, result);
   }
 }
 
@@ -491,11 +490,11 @@ bool cols_supported(int64_t qtype, int64_t rows) {
 }
 
 void cols_dot_any(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k, const QuantizedRows& xq,
-                  int64_t r0, int64_t r_count, float* result) {
+                  int64_t rows, float* result) {
   switch (qtype) {
-    case kQ4_0: return cols_dot_rows<kQ4_0>(row0, row_bytes, k, xq, r0, r_count, result);
-    case kQ4_1: return cols_dot_rows<kQ4_1>(row0, row_bytes, k, xq, r0, r_count, result);
-    default: return cols_dot_rows<kQ8_0>(row0, row_bytes, k, xq, r0, r_count, result);
+    case kQ4_0: return cols_dot_rows<kQ4_0>(row0, row_bytes, k, xq, rows, result);
+    case kQ4_1: return cols_dot_rows<kQ4_1>(row0, row_bytes, k, xq, rows, result);
+    default: return cols_dot_rows<kQ8_0>(row0, row_bytes, k, xq, rows, result);
   }
 }
 
@@ -539,7 +538,7 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   if (cols_supported(qtype, rows)) {
     for_each_output_by_cols(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, float* result) {
       if (col + ahead + kCols <= n) prefetch_row_l2(wp + (col + ahead) * row_bytes, kCols * row_bytes);
-      cols_dot_any(wp + col * row_bytes, row_bytes, qtype, k, xq, 0, rows, result);
+      cols_dot_any(wp + col * row_bytes, row_bytes, qtype, k, xq, rows, result);
     }, row_dot);
   } else {
     for_each_output(rows, n, bias, out.data_ptr<T>(), row_dot, rows_per_pass(qtype));
@@ -586,7 +585,7 @@ bool pagoda_quant::gguf_cols_supported(int64_t qtype, int64_t rows) { return col
 
 void pagoda_quant::gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k,
                                  const QuantizedRows& xq, int64_t rows, float* result) {
-  cols_dot_any(row0, row_bytes, qtype, k, xq, 0, rows, result);
+  cols_dot_any(row0, row_bytes, qtype, k, xq, rows, result);
 }
 
 void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,

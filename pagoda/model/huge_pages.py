@@ -10,6 +10,7 @@ cache is allocated in one. ``PAGODA_DISABLE_HUGE_PAGES=1`` keeps torch's own all
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -41,11 +42,7 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
 
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU, in huge pages where possible."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return huge_page_bytes(numel * itemsize).view(dtype).view(shape)
+    return huge_page_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def move_parameters(module: nn.Module) -> int:
