@@ -3,11 +3,13 @@
 // Rows that read the same blocks (a decode token and the drafts after it, a short prompt chunk) form one
 // group, and each key and value row is read and widened to fp32 once for all of them: a step verifying four
 // drafts used to read the sequence's cache five times, which at a few hundred tokens of context cost as much
-// as a row of the projections. Keys are split into chunks of kKeyChunk, each (group, KV head, chunk) a work
-// item with its own softmax max and sum, merged per row afterwards (as flash-decoding splits keys), so that
-// one sequence's attention is spread over the threads too. Chunk bounds are multiples of kKeyChunk counted
-// from the sequence's start, so a row's result depends only on its own length and the cache, never on which
-// rows share its step.
+// as a row of the projections. Keys are split into chunks of kKeyChunk, each (group, chunk) a work item with
+// its own softmax max and sum per query head, merged per row afterwards (as flash-decoding splits keys), so
+// that one sequence's attention is spread over the threads too. An item takes every KV head of its tokens:
+// a token's cache row holds the heads side by side, and reading it whole, in address order, costs a third
+// less than reading one head's slice of each row per item (the cache is cold: the weights stream through
+// every cache level between two steps). Chunk bounds are multiples of kKeyChunk counted from the sequence's
+// start, so a row's result depends only on its own length and the cache, never on which rows share its step.
 #pragma once
 
 #include <torch/extension.h>
@@ -26,7 +28,7 @@ namespace pagoda_attention {
 
 using namespace pagoda_kv;
 
-constexpr int64_t kKeyChunk = 64;  // keys per work item (a multiple of 16: scores are computed 16 keys at once)
+constexpr int64_t kKeyChunk = 32;  // keys per work item (a multiple of 16: scores are computed 16 keys at once)
 
 // The step's rows as attention sees them: each row's query heads in qkv, its block table and its length
 // (keys up to and including its own token).
@@ -73,32 +75,36 @@ struct Partials {
   }
 };
 
-// One work item: the rows of group g, the query heads of KV head h, the keys of chunk c.
+// One work item: the rows of group g, every query head, the keys of chunk c.
 template <typename T, typename C>
-void attend_chunk(const StepRows& s, const RowGroup& g, int64_t h, int64_t c, const T* qkv, int64_t qkv_width,
+void attend_chunk(const StepRows& s, const RowGroup& g, int64_t c, const T* qkv, int64_t qkv_width,
                   const C* k_cache, const C* v_cache, int64_t row_width, float qk_scale, const Partials& partials,
                   std::vector<float>& scratch) {
   const int64_t dim = s.dim, group = s.heads / s.kv_heads;
   const int64_t t0 = c * kKeyChunk, t1 = std::min(t0 + kKeyChunk, g.max_len), n = t1 - t0;
-  const int64_t padded = (n + 15) / 16 * 16;
-  scratch.resize(2 * padded * dim + padded + dim);
-  float* keys = scratch.data();
-  float* values = keys + padded * dim;
-  float* scores = values + padded * dim;
+  const int64_t padded = (n + 15) / 16 * 16, head_floats = padded * dim;  // a KV head's keys (or values)
+  scratch.resize(2 * s.kv_heads * head_floats + padded + dim);
+  float* all_keys = scratch.data();  // [kv_heads, padded, dim]
+  float* all_values = all_keys + s.kv_heads * head_floats;
+  float* scores = all_values + s.kv_heads * head_floats;
   float* qf = scores + padded;
   const int64_t* table = s.tables + g.first * s.max_blocks;
   const int64_t token_stride = s.kv_heads * row_width, block_stride = s.block_size * token_stride;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t at = table[t / s.block_size] * block_stride + (t % s.block_size) * token_stride + h * row_width;
-    load_row(k_cache + at, keys + (t - t0) * dim, 1, dim);
-    load_row(v_cache + at, values + (t - t0) * dim, 1, dim);
+    const int64_t at = table[t / s.block_size] * block_stride + (t % s.block_size) * token_stride;
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      load_row(k_cache + at + h * row_width, all_keys + h * head_floats + (t - t0) * dim, 1, dim);
+      load_row(v_cache + at + h * row_width, all_values + h * head_floats + (t - t0) * dim, 1, dim);
+    }
   }
-  std::fill(keys + n * dim, keys + padded * dim, 0.f);  // scored with the rest, never used
+  for (int64_t h = 0; h < s.kv_heads; ++h)  // scored with the rest, never used
+    std::fill(all_keys + h * head_floats + n * dim, all_keys + (h + 1) * head_floats, 0.f);
   for (int64_t r = g.first; r < g.first + g.count; ++r) {
     const int64_t limit = std::min(t1, s.lens[r]) - t0;
     if (limit <= 0) continue;  // the row ends before this chunk: merge reads only its own chunks
-    for (int64_t j = 0; j < group; ++j) {
-      const int64_t hq = h * group + j;
+    for (int64_t hq = 0; hq < s.heads; ++hq) {
+      const float* keys = all_keys + hq / group * head_floats;
+      const float* values = all_values + hq / group * head_floats;
       const T* q = qkv + r * qkv_width + hq * dim;
       for (int64_t i = 0; i < dim; ++i) qf[i] = static_cast<float>(q[i]) * qk_scale;
       for (int64_t t = 0; t < limit; t += 16) {
@@ -160,15 +166,14 @@ void attend_rows(const StepRows& s, const std::vector<RowGroup>& groups, const T
                  const C* k_cache, const C* v_cache, int64_t row_width, float scale, float k_scale, float v_scale,
                  T* out) {
   struct Item {
-    int64_t group, kv_head, chunk;
+    int64_t group, chunk;
   };
   std::vector<Item> items;
   int64_t max_chunks = 0;
   for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
     const int64_t chunks = chunks_of(groups[gi].max_len);
     max_chunks = std::max(max_chunks, chunks);
-    for (int64_t h = 0; h < s.kv_heads; ++h)
-      for (int64_t c = 0; c < chunks; ++c) items.push_back({gi, h, c});
+    for (int64_t c = 0; c < chunks; ++c) items.push_back({gi, c});
   }
   // Kept from call to call: a large batch's partials run to megabytes, which a fresh allocation would fault in
   // page by page in every layer.
@@ -176,12 +181,12 @@ void attend_rows(const StepRows& s, const std::vector<RowGroup>& groups, const T
   buffer.resize(std::max<size_t>(buffer.size(), s.rows * s.heads * max_chunks * (s.dim + 2)));
   const Partials partials{buffer.data(), s.heads, max_chunks, s.dim};
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    // Kept too: a fresh one (33 kB for 64 keys of 64 dims) was allocated and zeroed in every layer, ~30% of a
-    // one-row step's attention with the cache in L2.
+    // Kept too: a fresh one (48 kB for 32 keys of 3 KV heads of 64 dims) allocated and zeroed in every layer
+    // cost ~30% of a one-row step's attention with the cache in L2.
     static thread_local std::vector<float> scratch;
     for (int64_t i = begin; i < end; ++i)
-      attend_chunk<T, C>(s, groups[items[i].group], items[i].kv_head, items[i].chunk, qkv, qkv_width, k_cache,
-                         v_cache, row_width, scale * k_scale, partials, scratch);
+      attend_chunk<T, C>(s, groups[items[i].group], items[i].chunk, qkv, qkv_width, k_cache, v_cache, row_width,
+                         scale * k_scale, partials, scratch);
   });
   merge_chunks(s, partials, v_scale, out, s.heads * s.dim);
 }
