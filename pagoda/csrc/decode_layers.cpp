@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "decode_layers.h"
 #include "kv_rows.h"
 #include "quant_rows.h"
 #include "row_attention.h"
@@ -31,7 +32,7 @@ using namespace pagoda_attention;
 using namespace pagoda_rows;
 
 #if defined(PAGODA_VNNI)
-namespace {
+namespace pagoda_decode {
 
 constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
 constexpr int64_t kMaxRows = 16;  // a decode batch, or a decode token and its drafts (fused_decode.py)
@@ -66,6 +67,11 @@ Projection projection(const torch::Tensor& w, int64_t kind, int64_t group, int64
   return {w.data_ptr<uint8_t>(), kind, group, w.size(0), in, w.size(1),
           bias != nullptr && bias->defined() ? bias->data_ptr<float>() : nullptr};
 }
+
+// Every layer's four projections, laid out once: reading them from the tensors took ~25 us a step.
+struct Plan {
+  std::vector<Projection> projections;
+};
 
 // out[r, :] = x[r] . W^T (+ bias), the columns split over the threads; x already quantized in p's order.
 template <typename T>
@@ -104,7 +110,7 @@ struct Step {
 };
 
 template <typename T, typename C>
-void run(torch::Tensor& hidden, const std::vector<Projection>& projections, const std::vector<torch::Tensor>& norms,
+void run_layers(torch::Tensor& hidden, const std::vector<Projection>& projections, const std::vector<torch::Tensor>& norms,
          const std::vector<torch::Tensor>& caches, const std::vector<double>& kv_scales, const Step& st) {
   const int64_t rows = st.rows, n = st.hidden, layers = static_cast<int64_t>(caches.size());
   const int64_t q_size = st.heads * st.dim, kv_size = st.kv_heads * st.dim;
@@ -163,7 +169,9 @@ void run(torch::Tensor& hidden, const std::vector<Projection>& projections, cons
   for (int64_t r = 0; r < rows; ++r) add_norm_row(h + r * n, &residual[r * n], final_norm, h + r * n, n, eps);
 }
 
-}  // namespace
+}  // namespace pagoda_decode
+
+using namespace pagoda_decode;
 #endif
 
 bool decode_layers_supported() {
@@ -174,28 +182,48 @@ bool decode_layers_supported() {
 #endif
 }
 
-// hidden: [rows <= 16, hidden] embeddings of the step's tokens (fp32 / bf16), overwritten with the final
-// normed hidden states. Per layer: 4 weights (qkv, o, gate_up, down: uint8 rows) with their kinds (GGML type
-// ids, 1000 = int4) and int4 group sizes, 2 norm weights (then the final norm's), the KV cache [2, blocks,
-// block_size, kv_heads, row width] (model dtype, int8 rows or fp8) and its two fp8 scales; qkv_biases: one
-// fp32 [qkv rows] per layer, or none. cos / sin: [rows, head_dim / 2] fp32; slots [rows], block_tables
-// [rows, max_blocks], seq_lens [rows]: int64, the sequences' lengths with this token. tile_min_rows: steps of
-// at least this many rows run their Q4_0 / Q4_1 projections on AMX int8 tiles (0: never).
-void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
-                   std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
-                   std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
-                   torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
-                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps,
-                   int64_t tile_min_rows) {
+DecodeLayers::DecodeLayers(std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
+                           std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases,
+                           std::vector<torch::Tensor> norms, std::vector<torch::Tensor> caches,
+                           std::vector<double> kv_scales, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                           int64_t intermediate, double scale, double eps)
+    : weights(std::move(weights)), kinds(std::move(kinds)), groups(std::move(groups)),
+      qkv_biases(std::move(qkv_biases)), norms(std::move(norms)), caches(std::move(caches)),
+      kv_scales(std::move(kv_scales)), heads(heads), kv_heads(kv_heads), head_dim(head_dim),
+      intermediate(intermediate), scale(scale), eps(eps) {
 #if defined(PAGODA_VNNI)
-  const int64_t layers = static_cast<int64_t>(caches.size());
+  const int64_t layers = static_cast<int64_t>(this->caches.size());
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(this->weights.size()) == 4 * layers &&
+                  this->kinds.size() == this->weights.size() && this->groups.size() == this->weights.size() &&
+                  static_cast<int64_t>(this->norms.size()) == 2 * layers + 1 &&
+                  static_cast<int64_t>(this->kv_scales.size()) == 2 * layers &&
+                  (this->qkv_biases.empty() || static_cast<int64_t>(this->qkv_biases.size()) == layers),
+              "decode_layers: per-layer lists of the wrong lengths");
+  TORCH_CHECK(head_dim % 16 == 0 && heads % kv_heads == 0,
+              "decode_layers: head_dim must be a multiple of 16 and heads a multiple of kv_heads");
+  const auto cache_type = this->caches[0].scalar_type();
+  for (const torch::Tensor& cache : this->caches)
+    TORCH_CHECK(cache.dim() == 5 && cache.scalar_type() == cache_type && cache.sizes() == this->caches[0].sizes(),
+                "decode_layers: every layer's KV cache [2, blocks, block_size, kv_heads, row width] alike");
+  const int64_t n = this->norms[0].size(0);
+  const int64_t ins[4] = {n, heads * head_dim, n, intermediate};
+  auto laid_out = std::make_shared<Plan>();
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t j = 0; j < 4; ++j)
+      laid_out->projections.push_back(projection(this->weights[4 * l + j], this->kinds[4 * l + j],
+                                                 this->groups[4 * l + j], ins[j],
+                                                 j == 0 && !this->qkv_biases.empty() ? &this->qkv_biases[l] : nullptr));
+  plan = std::move(laid_out);
+#else
+  TORCH_CHECK(false, "decode_layers needs AVX-512 VNNI (decode_layers_supported() is False here)");
+#endif
+}
+
+void DecodeLayers::run(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                       torch::Tensor block_tables, torch::Tensor seq_lens, int64_t tile_min_rows) const {
+#if defined(PAGODA_VNNI)
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) >= 1 && hidden.size(0) <= kMaxRows && hidden.is_contiguous(),
               "decode_layers: hidden must be contiguous [1..16, hidden]");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && kinds.size() == weights.size() &&
-                  groups.size() == weights.size() && static_cast<int64_t>(norms.size()) == 2 * layers + 1 &&
-                  static_cast<int64_t>(kv_scales.size()) == 2 * layers &&
-                  (qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == layers),
-              "decode_layers: per-layer lists of the wrong lengths");
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && seq_lens.size(0) == hidden.size(0) &&
                   slots.size(0) == hidden.size(0),
               "decode_layers: contiguous block tables, one slot and sequence length per row");
@@ -204,23 +232,20 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
   for (int64_t r = 0; r < slots.size(0); ++r)
     TORCH_CHECK(slot_ids[r] >= 0 && slot_ids[r] < caches[0].size(1) * caches[0].size(2), "decode_layers: slot ",
                 slot_ids[r], " outside the cache");
-  TORCH_CHECK(head_dim % 16 == 0 && heads % kv_heads == 0,
-              "decode_layers: head_dim must be a multiple of 16 and heads a multiple of kv_heads");
-  const int64_t n = hidden.size(1), q_size = heads * head_dim;
-  const int64_t ins[4] = {n, q_size, n, intermediate};
+  const int64_t n = hidden.size(1);
+  TORCH_CHECK(n == norms[0].size(0), "decode_layers: hidden has ", n, " features, the model ", norms[0].size(0));
   const bool tiles = tile_min_rows > 0 && hidden.size(0) >= tile_min_rows;
 #if defined(PAGODA_AMX)
   TORCH_CHECK(!tiles || amx_permitted(), "decode_layers: tile_min_rows set, but this process has no AMX tile state");
 #else
   TORCH_CHECK(!tiles, "decode_layers: tile_min_rows set, but these kernels were built without AMX int8");
 #endif
-  std::vector<Projection> projections;
-  for (int64_t l = 0; l < layers; ++l)
-    for (int64_t j = 0; j < 4; ++j) {
-      projections.push_back(projection(weights[4 * l + j], kinds[4 * l + j], groups[4 * l + j], ins[j],
-                                       j == 0 && !qkv_biases.empty() ? &qkv_biases[l] : nullptr));
-      projections.back().tiles = tiles && (kinds[4 * l + j] == kQ4_0 || kinds[4 * l + j] == kQ4_1);
-    }
+  std::vector<Projection> tiled;
+  if (tiles) {
+    tiled = plan->projections;
+    for (Projection& p : tiled) p.tiles = p.kind == kQ4_0 || p.kind == kQ4_1;
+  }
+  const std::vector<Projection>& projections = tiles ? tiled : plan->projections;
   const Step st{hidden.size(0), n, heads, kv_heads, head_dim, intermediate, caches[0].size(2),
                 block_tables.size(1), cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(),
                 block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
@@ -229,12 +254,12 @@ void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std
   auto dispatch = [&](auto model_tag) {
     using T = decltype(model_tag);
     if (cache_type == at::kChar) {
-      run<T, int8_t>(hidden, projections, norms, caches, kv_scales, st);
+      run_layers<T, int8_t>(hidden, projections, norms, caches, kv_scales, st);
     } else if (cache_type == at::kFloat8_e4m3fn) {
-      run<T, c10::Float8_e4m3fn>(hidden, projections, norms, caches, kv_scales, st);
+      run_layers<T, c10::Float8_e4m3fn>(hidden, projections, norms, caches, kv_scales, st);
     } else {
       TORCH_CHECK(cache_type == hidden.scalar_type(), "decode_layers: the cache must be int8, fp8 or the model dtype");
-      run<T, T>(hidden, projections, norms, caches, kv_scales, st);
+      run_layers<T, T>(hidden, projections, norms, caches, kv_scales, st);
     }
   };
   if (hidden.scalar_type() == at::kBFloat16) {

@@ -1,6 +1,8 @@
 // Python bindings of Pagoda's CPU kernels (one extension module, built once and cached by torch).
 #include <torch/extension.h>
 
+#include "decode_layers.h"
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
 torch::Tensor linear_rowwise(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
@@ -20,13 +22,7 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
-bool decode_layers_supported();
-void decode_layers(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<int64_t> kinds,
-                   std::vector<int64_t> groups, std::vector<torch::Tensor> qkv_biases, std::vector<torch::Tensor> norms,
-                   std::vector<torch::Tensor> caches, std::vector<double> kv_scales, torch::Tensor cos,
-                   torch::Tensor sin, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
-                   int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale, double eps,
-                   int64_t tile_min_rows);
+
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -46,6 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_amx", &int4_linear_amx, "int4_linear through AMX int8 tiles (prompts)");
   m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");
   m.def("decode_layers_supported", &decode_layers_supported, "whether decode_layers runs on this CPU (AVX-512 VNNI)");
-  m.def("decode_layers", &decode_layers, "a step of up to 16 rows through every decoder layer, in place");
+  py::class_<DecodeLayers>(m, "DecodeLayers", py::module_local(), "one model's decode steps of up to 16 rows through every layer")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t,
+                    int64_t, int64_t, double, double>())
+      .def("run", &DecodeLayers::run, "a step through every decoder layer, hidden overwritten in place");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in place for each token a grammar bitmask forbids");
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,8 @@ class FusedDecode:
     eps: float
     tile_min_rows: int  # steps of this many rows or more run Q4_0/Q4_1 projections on AMX tiles (0: never), as
     # the layer-by-layer path (gguf.py's tile_min_rows)
+    layers: Any = None  # the extension's DecodeLayers, made at the first step
+    layers_cache_ids: tuple[int, ...] = ()  # the data pointers of the KV caches it holds
 
     @classmethod
     def of(cls, model, ops: ModuleType | None) -> FusedDecode | None:  # noqa: ANN001 - a LlamaForCausalLM
@@ -103,8 +106,16 @@ class FusedDecode:
             # row attends, so each token attends as its own row over the keys up to itself.
             token_seq, seq_lens = per_token_context(metadata)
             tables = tables[token_seq]
-        self.ops.decode_layers(
-            hidden, self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
-            angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping, tables.contiguous(), seq_lens,
-            self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps, self.tile_min_rows)
+        self._layers(kv_caches).run(hidden, angles.cos.contiguous(), angles.sin.contiguous(), metadata.slot_mapping,
+                                    tables.contiguous(), seq_lens, self.tile_min_rows)
         return hidden
+
+    def _layers(self, kv_caches: list[torch.Tensor]) -> Any:  # noqa: ANN401 - the extension's DecodeLayers
+        """The kernel's model, made once for these caches (its weights and norms never change)."""
+        cache_ids = tuple(cache.data_ptr() for cache in kv_caches)
+        if self.layers is None or cache_ids != self.layers_cache_ids:
+            self.layers = self.ops.DecodeLayers(
+                self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
+                self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps)
+            self.layers_cache_ids = cache_ids
+        return self.layers

@@ -132,6 +132,26 @@ def test_a_row_attends_alike_alone_or_beside_its_drafts_over_several_key_chunks(
     torch.testing.assert_close(together, layered, rtol=1e-3, atol=1e-3 * layered.abs().max().item())
 
 
+def test_other_kv_caches_are_read_where_they_are(make_tiny_model) -> None:
+    """The kernel's model is made once with the caches it reads; handed other caches (copies, the originals then
+    zeroed), the fused path makes it again and decodes from those, as it did from the originals."""
+    folder, _ = make_tiny_model("llama", seed=3, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(folder), dtype="float32", quantization="int8", num_kv_blocks=32, block_size=4)
+    runner, fused = llm.engine.runner, llm.engine.runner.model.fused_decode
+    tokens, blocks = list(range(300, 320)), list(range(5))
+    runner.hidden_states(tokens, 0, 11, blocks)
+    made = fused.layers
+    want = runner.hidden_states(tokens, 11, 1, blocks).clone()
+    assert fused.layers is made  # the same caches: kept
+    originals = list(runner.kv_caches)
+    runner.kv_caches[:] = [cache.clone() for cache in originals]
+    for cache in originals:
+        cache.zero_()
+    got = runner.hidden_states(tokens, 11, 1, blocks).clone()
+    assert fused.layers is not made
+    assert torch.equal(got, want)
+
+
 def test_where_the_fused_path_does_not_run(make_tiny_model, monkeypatch) -> None:
     folder, _ = make_tiny_model("llama")
     assert LLM(str(folder), num_kv_blocks=16, block_size=4).engine.runner.model.fused_decode is None  # dense
