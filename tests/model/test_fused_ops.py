@@ -55,3 +55,21 @@ def test_rotary_in_place_on_a_strided_view(dtype: torch.dtype, dim: int) -> None
     ops.rotary_inplace(x, cos, sin)
     torch.testing.assert_close(x.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
     assert torch.equal(fused[:, heads * dim :], untouched)
+
+
+def test_rotary_angles_from_the_growing_table_are_those_computed() -> None:
+    """The CPU keeps the angles of the positions seen so far in tables that double as sequences grow: looked up,
+    they are bit for bit what computing them for the step's positions gives, before and after each growth."""
+    from pagoda.model.layers.rotary import RotaryEmbedding, inverse_frequencies
+
+    rotary = RotaryEmbedding(inverse_frequencies(64, 10000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                               "original_max_position_embeddings": 8192}))
+    sizes = []
+    for positions in ([0, 3, 1023], [1024, 5, 2047], [4096, 17], list(range(100))):
+        at = torch.tensor(positions)
+        looked_up = rotary.angles(at)
+        freqs = at.float()[:, None] * rotary.inv_freq[None, :]
+        assert torch.equal(looked_up.cos, freqs.cos()) and torch.equal(looked_up.sin, freqs.sin())
+        sizes.append(len(rotary.cos_table))
+    assert sizes == [1024, 2048, 4097, 4097]

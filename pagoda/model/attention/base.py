@@ -39,7 +39,8 @@ class AttentionBackend(Protocol):
     graph_capturable: bool
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        """Precompute per-step state (gather indices, masks) into ``metadata.backend_state``."""
+        """Per-step state (gather indices, masks) into ``metadata.backend_state``: here, or (torch) when a layer
+        first attends."""
 
     def forward(
         self,
