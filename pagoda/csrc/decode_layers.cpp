@@ -187,14 +187,13 @@ DecodeLayers::DecodeLayers(std::vector<torch::Tensor> weights, std::vector<int64
                            std::vector<torch::Tensor> norms, std::vector<torch::Tensor> caches,
                            std::vector<double> kv_scales, int64_t heads, int64_t kv_heads, int64_t head_dim,
                            int64_t intermediate, double scale, double eps)
-    : weights(std::move(weights)), kinds(std::move(kinds)), groups(std::move(groups)),
-      qkv_biases(std::move(qkv_biases)), norms(std::move(norms)), caches(std::move(caches)),
-      kv_scales(std::move(kv_scales)), heads(heads), kv_heads(kv_heads), head_dim(head_dim),
-      intermediate(intermediate), scale(scale), eps(eps) {
+    : weights(std::move(weights)), qkv_biases(std::move(qkv_biases)), norms(std::move(norms)),
+      caches(std::move(caches)), kv_scales(std::move(kv_scales)), heads(heads), kv_heads(kv_heads),
+      head_dim(head_dim), intermediate(intermediate), scale(scale), eps(eps) {
 #if defined(PAGODA_VNNI)
   const int64_t layers = static_cast<int64_t>(this->caches.size());
   TORCH_CHECK(layers >= 1 && static_cast<int64_t>(this->weights.size()) == 4 * layers &&
-                  this->kinds.size() == this->weights.size() && this->groups.size() == this->weights.size() &&
+                  kinds.size() == this->weights.size() && groups.size() == this->weights.size() &&
                   static_cast<int64_t>(this->norms.size()) == 2 * layers + 1 &&
                   static_cast<int64_t>(this->kv_scales.size()) == 2 * layers &&
                   (this->qkv_biases.empty() || static_cast<int64_t>(this->qkv_biases.size()) == layers),
@@ -210,8 +209,7 @@ DecodeLayers::DecodeLayers(std::vector<torch::Tensor> weights, std::vector<int64
   auto laid_out = std::make_shared<Plan>();
   for (int64_t l = 0; l < layers; ++l)
     for (int64_t j = 0; j < 4; ++j)
-      laid_out->projections.push_back(projection(this->weights[4 * l + j], this->kinds[4 * l + j],
-                                                 this->groups[4 * l + j], ins[j],
+      laid_out->projections.push_back(projection(this->weights[4 * l + j], kinds[4 * l + j], groups[4 * l + j], ins[j],
                                                  j == 0 && !this->qkv_biases.empty() ? &this->qkv_biases[l] : nullptr));
   plan = std::move(laid_out);
 #else

@@ -19,9 +19,8 @@ bool decode_layers_supported();
 // kv_heads, row width] (model dtype, int8 rows or fp8) with its two fp8 scales in kv_scales; qkv_biases: one
 // fp32 [qkv rows] a layer, or none.
 struct DecodeLayers {
-  std::vector<torch::Tensor> weights;
-  std::vector<int64_t> kinds, groups;
-  std::vector<torch::Tensor> qkv_biases, norms, caches;
+  std::vector<torch::Tensor> weights, qkv_biases;  // kept alive: the plan's projections point into them
+  std::vector<torch::Tensor> norms, caches;
   std::vector<double> kv_scales;
   int64_t heads, kv_heads, head_dim, intermediate;
   double scale, eps;
