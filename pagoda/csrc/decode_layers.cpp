@@ -110,8 +110,9 @@ struct Step {
 };
 
 template <typename T, typename C>
-void run_layers(torch::Tensor& hidden, const std::vector<Projection>& projections, const std::vector<torch::Tensor>& norms,
-         const std::vector<torch::Tensor>& caches, const std::vector<double>& kv_scales, const Step& st) {
+void run_layers(torch::Tensor& hidden, const std::vector<Projection>& projections,
+                const std::vector<torch::Tensor>& norms, const std::vector<torch::Tensor>& caches,
+                const std::vector<double>& kv_scales, const Step& st) {
   const int64_t rows = st.rows, n = st.hidden, layers = static_cast<int64_t>(caches.size());
   const int64_t q_size = st.heads * st.dim, kv_size = st.kv_heads * st.dim;
   std::vector<T> residual(rows * n), normed(rows * n), qkv(rows * (q_size + 2 * kv_size)), attn(rows * q_size),

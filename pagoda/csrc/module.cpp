@@ -23,7 +23,6 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, 
 torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
 
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
   m.def("linear_rowwise", &linear_rowwise, "row-independent linear (fp32/bf16)");

@@ -8,8 +8,9 @@
 // that one sequence's attention is spread over the threads too. An item takes every KV head of its tokens:
 // a token's cache row holds the heads side by side, and reading it whole, in address order, cost a quarter to
 // two fifths less at 160-400 tokens than reading one head's slice of each row per item (the cache is cold: the
-// weights stream through every cache level between two steps). Chunk bounds are multiples of kKeyChunk counted from the sequence's
-// start, so a row's result depends only on its own length and the cache, never on which rows share its step.
+// weights stream through every cache level between two steps). Chunk bounds are multiples of kKeyChunk counted
+// from the sequence's start, so a row's result depends only on its own length and the cache, never on which
+// rows share its step.
 #pragma once
 
 #include <torch/extension.h>
