@@ -9,6 +9,7 @@
 // of a row per 32-bit word) and then serve every 16 rows of x. Each row's outputs depend on that row alone.
 #pragma once
 
+#include "gguf_panels.h"
 #include "quant_rows.h"
 
 #if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -182,77 +183,34 @@ void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bia
   });
 }
 
-// r[c] = row c of a 16 x 16 matrix of 32-bit words -> r[j] = word j of every row.
-inline void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int g = 0; g < 16; g += 8) {
-    for (int e = 0; e < 4; ++e) {
-      t[g + e] = _mm512_shuffle_i32x4(r[g + e], r[g + 4 + e], 0x88);
-      t[g + 4 + e] = _mm512_shuffle_i32x4(r[g + e], r[g + 4 + e], 0xdd);
-    }
-  }
-  for (int e = 0; e < 8; ++e) {
-    r[e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0x88);
-    r[8 + e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0xdd);
-  }
-}
-
-// Four Q4 blocks (b0 .. b0 + 3) of 16 regrouped weight rows (row c at rows + c * row_bytes: quants, then fp16
-// scales, then Q4_1's fp16 offsets) into the weight tiles' VNNI order, and their scales and offsets per block
-// as 16 lanes. A block's 16 quant bytes are 4 words; word j's low nibbles are codes 4j .. 4j + 3, its high
-// nibbles codes 16 + 4j ..: so packed row j of block i is word 4i + j of every row (low nibbles), packed row
-// j + 4 the same words' high nibbles. `cols` < 16 or fewer than four blocks: the missing ones read as zeros.
-inline void pack_q4_blocks(const uint8_t* rows, int64_t row_bytes, int64_t qtype, int64_t k, int64_t b0, int count,
-                           int64_t cols, uint8_t* packed, __m512 d[4], __m512 m[4]) {
-  const int64_t blocks = k / kBlock, quant_bytes = k / 2;
+// Four Q4 blocks (b0 .. b0 + 3) of a panel (gguf_panels.h) into the weight tiles' VNNI order, and their scales
+// and offsets per block as 16 lanes. A panel's words already are that order: packed row j of block i is word j
+// of every row (low nibbles), packed row j + 4 the same words' high nibbles. A narrower panel or fewer than
+// four blocks: the missing ones read as zeros.
+inline void pack_q4_blocks(const Panel& p, int64_t b0, int count, uint8_t* packed, __m512 d[4], __m512 m[4]) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __mmask16 col_mask = cols >= kTile ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(row_bytes)));
-  __m512i words[16];
-  if (count == 4 && cols == kTile) {
-    for (int c = 0; c < kTile; ++c) words[c] = _mm512_loadu_si512(rows + c * row_bytes + b0 * 16);
-    transpose16x16(words);
-  } else {
-    for (int j = 0; j < 16; ++j)
-      words[j] = j / 4 < count ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), col_mask, offsets,
-                                                              rows + (b0 + j / 4) * 16 + 4 * (j % 4), 1)
-                               : _mm512_setzero_si512();
-  }
-  for (int j = 0; j < 16; ++j) {
-    uint8_t* block = packed + (j / 4) * kPackedBlockBytes;
-    _mm512_store_si512(block + 64 * (j % 4), _mm512_and_si512(words[j], low_nibbles));
-    _mm512_store_si512(block + 64 * (j % 4 + 4), _mm512_and_si512(_mm512_srli_epi16(words[j], 4), low_nibbles));
-  }
-  // A block's fp16 scale of every row: a 32-bit gather ending at it (2 bytes before: never past the row's end),
-  // the high half.
+  const __mmask16 mask = static_cast<__mmask16>((1u << p.width) - 1);
   for (int i = 0; i < 4; ++i) {
+    uint8_t* block = packed + i * kPackedBlockBytes;
     if (i >= count) {
+      std::memset(block, 0, kPackedBlockBytes);
       d[i] = m[i] = _mm512_setzero_ps();
       continue;
     }
-    auto halves = [&](int64_t at) {
-      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), col_mask, offsets, rows + at - 2, 1);
-      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
-    };
-    d[i] = halves(quant_bytes + 2 * (b0 + i));
-    m[i] = qtype == kQ4_1 ? halves(quant_bytes + 2 * blocks + 2 * (b0 + i)) : _mm512_mul_ps(d[i], _mm512_set1_ps(-8.f));
+    for (int j = 0; j < 4; ++j) {
+      const __m512i words = _mm512_maskz_loadu_epi32(mask, p.words(b0 + i, j));
+      _mm512_store_si512(block + 64 * j, _mm512_and_si512(words, low_nibbles));
+      _mm512_store_si512(block + 64 * (j + 4), _mm512_and_si512(_mm512_srli_epi16(words, 4), low_nibbles));
+    }
+    d[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.scales(b0 + i)));
+    m[i] = p.qtype == kQ4_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.offsets(b0 + i)))
+                            : _mm512_mul_ps(d[i], _mm512_set1_ps(panel_offset_factor(p.qtype)));
   }
 }
 
 // out[r, c] = x[r] . W[c] (+ bias[c]) for a few rows of x (1-16: a decode batch, a token and its drafts) on
-// Q4_0 / Q4_1 regrouped weight rows, through tiles configured for exactly those rows: each 16 weight rows'
-// blocks are packed four at a time (pack_q4_blocks), multiplied, and the int32 sums of each block scaled into
+// Q4_0 / Q4_1 panels (gguf_panels.h), through tiles configured for exactly those rows: each panel's blocks
+// are packed four at a time (pack_q4_blocks), multiplied, and the int32 sums of each block scaled into
 // 16 output lanes per row. xq: the rows quantized in natural order. Each row's outputs depend on that row alone.
 template <typename T>
 void amx_q4_rows(const uint8_t* w, int64_t row_bytes, int64_t qtype, int64_t k, int64_t n, const QuantizedRows& xq,
@@ -265,16 +223,18 @@ void amx_q4_rows(const uint8_t* w, int64_t row_bytes, int64_t qtype, int64_t k, 
     __m512 d[4], m[4];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * kTile, cols = std::min(kTile, n - c0);
-      const uint8_t* tile_rows = w + c0 * row_bytes;
-      // The next 16 weight rows requested while these are multiplied: read 64 bytes a row at a time, 16 rows
-      // apart, they would otherwise wait on memory (a decode step streams the model's weights).
-      if (t + 2 < end)
-        for (int64_t c = 0; c < std::min(kTile, n - c0 - 2 * kTile); ++c) prefetch_row(tile_rows + (2 * kTile + c) * row_bytes, row_bytes);
+      const Panel panel = panel_at(w, n, row_bytes, qtype, t);
+      // The panel after the next requested while this one is multiplied: it would otherwise wait on memory (a
+      // decode step streams the model's weights).
+      if (t + 2 < end) {
+        const Panel later = panel_at(w, n, row_bytes, qtype, t + 2);
+        prefetch_row(later.base, later.width * row_bytes);
+      }
       __m512 acc[kTile];
       for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
         const int count = static_cast<int>(std::min<int64_t>(4, blocks - b0));
-        pack_q4_blocks(tile_rows, row_bytes, qtype, k, b0, count, cols, packed, d, m);
+        pack_q4_blocks(panel, b0, count, packed, d, m);
         block_sums(xq.q.data() + b0 * kBlock, xq.padded_k, packed, count, sums);
         for (int i = 0; i < count; ++i) {
           for (int64_t r = 0; r < rows; ++r) {

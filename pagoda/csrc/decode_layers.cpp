@@ -21,6 +21,7 @@
 
 #include "amx_tiles.h"
 #include "decode_layers.h"
+#include "gguf_panels.h"
 #include "kv_rows.h"
 #include "quant_rows.h"
 #include "row_attention.h"
@@ -47,12 +48,11 @@ struct Projection {
     return tiles ? XOrder::kNatural : kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind);
   }
 
-  // The kernel's rows of x a pass at a time: the weight row stays in L1 for the next pass.
+  // One weight row (int4, K-quants), the kernel's rows of x a pass at a time: the row stays in L1 for the next.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
     const uint8_t* row = weight + col * row_bytes;
-    const int64_t per_pass = kind == kInt4Kind ? kRowTile : gguf_rows_per_pass(kind);
-    for (int64_t r0 = 0; r0 < rows; r0 += per_pass) {
-      const int64_t count = std::min(per_pass, rows - r0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+      const int64_t count = std::min(kRowTile, rows - r0);
       if (kind == kInt4Kind) {
         int4_row_dot(row, in, group, xq, r0, count, result + r0);
       } else {
@@ -79,13 +79,17 @@ void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out)
 #if defined(PAGODA_AMX)
   if (p.tiles) return amx_q4_rows(p.weight, p.row_bytes, p.kind, p.in, p.out, xq, rows, p.bias, out);
 #endif
+  if (is_panel_type(p.kind)) {
+    return for_each_output_by_panels(rows, p.out, p.bias, out, [&](int64_t panel, int64_t r0, int64_t count,
+                                                                   float* result) {
+      gguf_panel_dot(p.weight, p.out, p.row_bytes, p.kind, p.in, panel, xq, r0, count, result);
+    });
+  }
   const int64_t ahead = prefetch_rows_ahead(p.row_bytes);
-  if (p.kind == kInt4Kind ? rows <= kInt4ColsMaxRows : gguf_cols_supported(p.kind, rows)) {
+  if (p.kind == kInt4Kind && rows <= kInt4ColsMaxRows) {
     return for_each_output_by_cols(rows, p.out, p.bias, out, [&](int64_t col, float* result) {
       if (col + ahead + kCols <= p.out) prefetch_row_l2(p.weight + (col + ahead) * p.row_bytes, kCols * p.row_bytes);
-      const uint8_t* row0 = p.weight + col * p.row_bytes;
-      if (p.kind == kInt4Kind) return int4_cols_dot(row0, p.row_bytes, p.in, p.group, xq, rows, result);
-      gguf_cols_dot(row0, p.row_bytes, p.kind, p.in, xq, rows, result);
+      int4_cols_dot(p.weight + col * p.row_bytes, p.row_bytes, p.in, p.group, xq, rows, result);
     }, [&](int64_t col, int64_t, int64_t, float* result) { p.dot(col, xq, rows, result); });
   }
   at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {

@@ -4,17 +4,18 @@
 // the K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256 weights: 6-bit scales and mins per 32 for Q4_K/Q5_K,
 // int8 scales per 16 for Q6_K, fp16 super-scales).
 //
-// Layout: each row keeps its GGUF bytes. Q4_0/Q4_1/Q8_0 rows are regrouped at load
-// (pagoda/model/layers/quantization/gguf.py) from an array of blocks into [all quants | all scales | all
-// offsets], so that one 64-byte load holds the quants of four Q4 blocks (two Q8_0 blocks) and one load their
-// four scales; Q8_0's quants are stored plus 128 (as unsigned bytes, flipping the top bit), the operand
-// order of VNNI's unsigned-by-signed dot product. K-quant rows stay as stored: a super-block's quants are already 128 contiguous bytes.
+// Layout: Q4_0/Q4_1/Q8_0 weights are stored in panels of 16 output rows (gguf_panels.h), so that a vector's
+// 16 lanes are 16 outputs: each block of 32 inputs costs eight VNNI dot products (16 outputs x 4 inputs each)
+// and one scaling for 16 outputs. K-quant rows stay as stored: a super-block's quants are already 128
+// contiguous bytes, and their lanes are inputs.
 //
 // Each row of x is quantized on the fly to int8 blocks of 32 with an fp32 scale (as llama.cpp's Q8
 // activations), and the products run as AVX-512 VNNI dot products (vpdpbusd: unsigned x signed bytes, four
-// pairs summed into each int32 lane), scaled per block in fp32. Without VNNI a scalar path dequantizes each
-// weight row and takes fp32 dot products. Large row counts (prefill) dequantize tiles of W to bf16 instead
-// (gguf_dequantize) and use the dense matmul.
+// pairs summed into each int32 lane), scaled per block in fp32. Every output sums its blocks in order, one
+// multiply-add for the scale and one for the offset per block, whatever the number of rows of x: a row's
+// outputs do not depend on the rows beside it (nor on AMX tiles, amx_tiles.h, which scale alike). Without
+// VNNI a scalar path dequantizes each weight row and takes fp32 dot products. Large row counts (prefill)
+// dequantize tiles of W to bf16 instead (gguf_dequantize) and use the dense matmul.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "gguf_panels.h"
 #include "quant_rows.h"
 
 namespace {
@@ -49,59 +51,39 @@ int64_t block_bytes(int64_t qtype) {
   return 0;
 }
 
-// One regrouped weight row: quants first (Q4: block b's element j < 16 is the low nibble of byte 16b + j,
-// element j >= 16 the high nibble of byte 16b + j - 16, as in GGUF), then the scales, then Q4_1's offsets.
-struct RowView {
-  const uint8_t* qs;
-  const uint16_t* d;
-  const uint16_t* m;
-};
-
-inline RowView row_view(const uint8_t* row, int64_t qtype, int64_t k) {
-  const int64_t quant_bytes = qtype == kQ8_0 ? k : k / 2;
-  const auto* d = reinterpret_cast<const uint16_t*>(row + quant_bytes);
-  return {row, d, qtype == kQ4_1 ? d + k / kBlock : nullptr};
-}
-
+// Row c of a panel (gguf_panels.h) as weights: each block's words gathered back into the row's 16 (Q4) or
+// 32 (Q8_0) quant bytes, then w = d * code + m sixteen at a time.
 template <typename T>
-void dequantize_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
-  const RowView v = row_view(row, qtype, k);
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    const float d = half_to_float(v.d[b]);
+void dequantize_panel_row(const Panel& p, int64_t c, int64_t blocks, T* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    float d, m;
+    p.params(c, b, &d, &m);
     T* o = out + b * kBlock;
 #if defined(__AVX512F__)
-    // Sixteen weights an instruction (prompts dequantize every layer's tiles; the scalar loop below was a
-    // quarter of a 128-token prompt's time).
-    if (qtype == kQ8_0) {
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * kBlock)));
-      const __m512i q2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * kBlock + 16)));
-      const __m512i bias = _mm512_set1_epi32(128);
-      const __m512 vd = _mm512_set1_ps(d);
-      pagoda::store16(o, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, bias))));
-      pagoda::store16(o + 16, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, bias))));
+    // Sixteen weights an instruction (prompts dequantize every layer's tiles; a scalar loop was a quarter of a
+    // 128-token prompt's time).
+    const auto word = [&](int64_t t) {
+      int32_t bits;
+      std::memcpy(&bits, p.words(b, t) + 4 * c, 4);
+      return bits;
+    };
+    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    if (p.qtype == kQ8_0) {
+      const __m128i first = _mm_setr_epi32(word(0), word(1), word(2), word(3));
+      const __m128i last = _mm_setr_epi32(word(4), word(5), word(6), word(7));
+      pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first)), vm));
+      pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(last)), vm));
       continue;
     }
-    {
-      const float m = qtype == kQ4_0 ? -8.f * d : half_to_float(v.m[b]);
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.qs + b * 16)));
-      const __m512i nib = _mm512_set1_epi32(0x0F);
-      const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-      pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), vm));
-      pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vm));
-      continue;
-    }
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_setr_epi32(word(0), word(1), word(2), word(3)));
+    const __m512i nib = _mm512_set1_epi32(0x0F);
+    pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), vm));
+    pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vm));
+#else
+    uint8_t codes[kBlock];
+    p.codes(c, b, codes);
+    for (int j = 0; j < kBlock; ++j) o[j] = static_cast<T>(std::fma(d, static_cast<float>(codes[j]), m));
 #endif
-    if (qtype == kQ8_0) {  // stored offset by 128 (see the file note)
-      const uint8_t* q = v.qs + b * kBlock;
-      for (int j = 0; j < 32; ++j) o[j] = static_cast<T>(d * (static_cast<int>(q[j]) - 128));
-      continue;
-    }
-    const float m = qtype == kQ4_0 ? -8.f * d : half_to_float(v.m[b]);  // Q4_0's offset is -8 d
-    const uint8_t* qs = v.qs + b * 16;
-    for (int j = 0; j < 16; ++j) {
-      o[j] = static_cast<T>(d * (qs[j] & 0x0F) + m);
-      o[j + 16] = static_cast<T>(d * (qs[j] >> 4) + m);
-    }
   }
 }
 
@@ -187,174 +169,123 @@ void dequantize_row_k(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
   }
 }
 
+// Weight row `col` of a layer of n rows (panels for Q4_0 / Q4_1 / Q8_0, rows as stored for the K-quants).
 template <typename T>
-void dequantize_any_row(const uint8_t* row, int64_t qtype, int64_t k, T* out) {
-  if (is_k_quant(qtype)) dequantize_row_k(row, qtype, k, out);
-  else dequantize_row(row, qtype, k, out);
+void dequantize_weight_row(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t col,
+                           T* out) {
+  if (!is_panel_type(qtype)) return dequantize_row_k(w + col * row_bytes, qtype, k, out);
+  dequantize_panel_row(panel_at(w, n, row_bytes, qtype, col / kPanel), col % kPanel, k / kBlock, out);
 }
 
 #if defined(PAGODA_VNNI)
 inline XOrder x_order(int64_t qtype) {
-  if (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0) return XOrder::kNibbles;
   if (qtype == kQ4_K || qtype == kQ5_K) return XOrder::kPairs;
   return XOrder::kNatural;
 }
 
-// A step's `present` (1-4) blocks from block b of a Q4_0 / Q4_1 / Q8_0 row's quants as two vectors whose lane l
-// holds block l / 4's quants: Q4's low and high nibbles; Q8_0's two loads of two blocks each, their 128-bit
-// chunks shuffled into that order. Missing blocks read as zeros.
-template <int64_t QType>
-inline void unpack_group(const uint8_t* qs, int64_t b, int64_t present, __m512i& lo, __m512i& hi) {
-  if constexpr (QType == kQ8_0) {
-    // Quants stored as q + 128 (unsigned, what vpdpbusd wants): dot(q + 128, x) = dot(q, x) + 128 sum(x),
-    // the second term taken away at the end through the blocks' d * sum(x).
-    const __m512i blocks01 = load_bytes(qs + b * kBlock, 32 * present);
-    const __m512i blocks23 = load_bytes(qs + b * kBlock + 64, 32 * (present - 2));
-    lo = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(2, 0, 2, 0));  // each block's first 16
-    hi = _mm512_shuffle_i64x2(blocks01, blocks23, _MM_SHUFFLE(3, 1, 3, 1));  // each block's last 16
-  } else {
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-    const __m512i packed = load_bytes(qs + b * 16, 16 * present);
-    lo = _mm512_and_si512(packed, low_nibbles);
-    hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-  }
+// Word t of every row of a panel's block, as 16 lanes (a narrower panel: masked, the missing lanes zeros).
+template <bool Full>
+inline __m512i load_words(const uint8_t* p, __mmask16 mask) {
+  if constexpr (Full) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi32(mask, p);
 }
 
-// One weight row against R quantized rows of x (R a compile-time count, so that the accumulators stay in
-// registers), four blocks a step; the last group's missing blocks read as zeros through masked loads. A step
-// brings its four blocks' quants into two vectors whose lane l holds block l / 4's quants (Q4: the low and
-// the high nibbles; Q8_0: its two loads of two blocks each, 128-bit chunks shuffled into that order), once
-// for all R rows; then per row: two dot products into one sum, and the blocks' scales (the weights' times
-// x's, laid out per lane) applied in one multiply-add. The weights' offsets meet x's block sums afterwards,
-// sixteen blocks at a time.
-template <int64_t QType, int R>
-void row_dot_vnni(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
+template <bool Full>
+inline __m512 load_halves16(const uint16_t* p, __mmask16 mask) {
+  if constexpr (Full) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+
+inline __m512i broadcast_word(const int8_t* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  return _mm512_set1_epi32(bits);
+}
+
+// One panel (gguf_panels.h) against R rows of x from r0 (quantized in natural order): result[r * kPanel + c]
+// for row c of the panel. A block's eight words of 16 rows (Q4: four loads' low and high nibbles) meet x's
+// four bytes at a time broadcast, in two chains of four dot products; the block's int32 sums are then scaled
+// by d times x's d, and its offsets m meet x's d * sum(q).
+template <int64_t QType, int R, bool Full>
+void panel_dot(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << p.width) - 1);
   const int8_t* xrow[R];
   const float* dx[R];
   const float* dxsum[R];
   __m512 acc[R];
   for (int r = 0; r < R; ++r) {
     xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = xq.d_lanes.data() + (r0 + r) * xq.padded_blocks * 4;
+    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
     dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
     acc[r] = _mm512_setzero_ps();
   }
-  // Lane l of a dot product belongs to block l / 4 of the group.
-  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int64_t b = 0; b < blocks; b += kGroup) {
-    const int64_t present = std::min(kGroup, blocks - b);
-    __m512i lo, hi;
-    unpack_group<QType>(w.qs, b, present, lo, hi);
-    const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(w.d + b, present)));
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    // w[t]: inputs 4t .. 4t + 3 of each row (Q4: words 0-3's low nibbles, then their high nibbles).
+    __m512i w[8];
+    if constexpr (QType == kQ8_0) {
+      for (int t = 0; t < 8; ++t) w[t] = load_words<Full>(p.words(b, t), mask);
+    } else {
+      for (int t = 0; t < 4; ++t) {
+        const __m512i packed = load_words<Full>(p.words(b, t), mask);
+        w[t] = _mm512_and_si512(packed, low_nibbles);
+        w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+      }
+    }
+    const __m512 d = load_halves16<Full>(p.scales(b), mask);
+    const __m512 m = QType == kQ4_1 ? load_halves16<Full>(p.offsets(b), mask)
+                                    : _mm512_mul_ps(d, _mm512_set1_ps(panel_offset_factor(QType)));
     for (int r = 0; r < R; ++r) {
-      const int8_t* xg = xrow[r] + b * kBlock;
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
-                                              hi, _mm512_loadu_si512(xg + 64));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, _mm512_loadu_ps(dx[r] + 4 * b)),
-                               acc[r]);
+      const int8_t* xb = xrow[r] + b * kBlock;
+      __m512i first = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], broadcast_word(xb));
+      __m512i last = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], broadcast_word(xb + 16));
+      for (int t = 1; t < 4; ++t) {
+        first = _mm512_dpbusd_epi32(first, w[t], broadcast_word(xb + 4 * t));
+        last = _mm512_dpbusd_epi32(last, w[t + 4], broadcast_word(xb + 16 + 4 * t));
+      }
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(first, last));
+      acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(d, _mm512_set1_ps(dx[r][b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(dxsum[r][b]), acc[r]);
     }
   }
-  // Offsets: the sum over blocks of the block's offset times x's d * sum(q), into the same accumulators. Q4_1
-  // stores its offsets; Q4_0's is -8 d, and Q8_0's stored quants carry +128 d: both from the scales.
-  constexpr float factor = QType == kQ4_0 ? -8.f : QType == kQ8_0 ? -128.f : 1.f;
-  const uint16_t* offsets = QType == kQ4_1 ? w.m : w.d;
-  for (int64_t b = 0; b < blocks; b += 16) {
-    const int64_t present = std::min<int64_t>(16, blocks - b);
-    const __mmask16 mask = present == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << present) - 1);
-    __m512 mw = _mm512_cvtph_ps(present == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b))
-                                              : _mm256_maskz_loadu_epi16(mask, offsets + b));
-    if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(mw, present == 16 ? _mm512_loadu_ps(dxsum[r] + b) : _mm512_maskz_loadu_ps(mask, dxsum[r] + b),
-                               acc[r]);
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  float sums[8];
-  _mm_storeu_ps(sums, reduce_add4(acc[0], R > 1 ? acc[R > 1 ? 1 : 0] : zero, R > 2 ? acc[R > 2 ? 2 : 0] : zero,
-                                  R > 3 ? acc[R > 3 ? 3 : 0] : zero));
-  if constexpr (R > 4)
-    _mm_storeu_ps(sums + 4, reduce_add4(acc[R > 4 ? 4 : 0], R > 5 ? acc[R > 5 ? 5 : 0] : zero,
-                                        R > 6 ? acc[R > 6 ? 6 : 0] : zero, R > 7 ? acc[R > 7 ? 7 : 0] : zero));
-  for (int r = 0; r < R; ++r) result[r] = sums[r];
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(result + r * kPanel, acc[r]);
 }
 
-// kCols consecutive weight rows (Q4_0 / Q4_1 / Q8_0) against R (1-4) rows of x. For a few rows of x the
-// per-weight-row work of row_dot_vnni (its setup, the offsets' partial last chunk, a reduction of mostly empty
-// accumulators) cost as much as a 576-wide row's dot products; here it is shared by four weight rows (one
-// reduction for four accumulators) and x's quants and scales are loaded once for all four. The same
-// arithmetic in the same order as row_dot_vnni, so a row's results do not depend on which path took them.
-// result[r * kCols + c]: row r of x against weight row c.
-template <int64_t QType, int R>
-void cols_dot_vnni(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, float* result) {
-  constexpr int C = kCols;
-  const int64_t blocks = k / kBlock;
-  const int64_t quant_bytes = QType == kQ8_0 ? k : k / 2;
-  const int8_t* xrow[R];
-  const float* dx[R];
-  const float* dxsum[R];
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r) {
-    xrow[r] = xq.q.data() + r * xq.padded_k;
-    dx[r] = xq.d_lanes.data() + r * xq.padded_blocks * 4;
-    dxsum[r] = xq.dsum.data() + r * xq.padded_blocks;
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+template <int64_t QType, bool Full>
+void panel_dot_rows(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
+  switch (rows) {
+    case 1: return panel_dot<QType, 1, Full>(p, blocks, xq, r0, result);
+    case 2: return panel_dot<QType, 2, Full>(p, blocks, xq, r0, result);
+    case 3: return panel_dot<QType, 3, Full>(p, blocks, xq, r0, result);
+    case 4: return panel_dot<QType, 4, Full>(p, blocks, xq, r0, result);
+    case 5: return panel_dot<QType, 5, Full>(p, blocks, xq, r0, result);
+    case 6: return panel_dot<QType, 6, Full>(p, blocks, xq, r0, result);
+    case 7: return panel_dot<QType, 7, Full>(p, blocks, xq, r0, result);
+    default: return panel_dot<QType, 8, Full>(p, blocks, xq, r0, result);
   }
-  const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int64_t b = 0; b < blocks; b += kGroup) {
-    const int64_t present = std::min(kGroup, blocks - b);
-    __m512i xa[R], xb[R];
-    __m512 dxl[R];
-    for (int r = 0; r < R; ++r) {
-      xa[r] = _mm512_loadu_si512(xrow[r] + b * kBlock);
-      xb[r] = _mm512_loadu_si512(xrow[r] + b * kBlock + 64);
-      dxl[r] = _mm512_loadu_ps(dx[r] + 4 * b);
-    }
-    for (int c = 0; c < C; ++c) {
-      const uint8_t* row = row0 + c * row_bytes;
-      __m512i lo, hi;
-      unpack_group<QType>(row, b, present, lo, hi);
-      const auto* d = reinterpret_cast<const uint16_t*>(row + quant_bytes);
-      const __m512 dw_lanes = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(load_halves(d + b, present)));
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[r]), hi, xb[r]);
-        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw_lanes, dxl[r]), acc[r][c]);
-      }
-    }
+}
+
+template <int64_t QType>
+void panel_dot_type(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
+  if (p.width == kPanel) return panel_dot_rows<QType, true>(p, blocks, xq, r0, rows, result);
+  panel_dot_rows<QType, false>(p, blocks, xq, r0, rows, result);
+}
+
+// Panel `panel` of a layer (n rows of row_bytes) against rows r0 .. r0 + rows (<= kPanelRows) of x; the bytes
+// kPrefetchBytes past its start are requested into L2 as a pass over it begins (see prefetch_row_l2).
+void panel_dot_any(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t panel,
+                   const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
+  const Panel p = panel_at(w, n, row_bytes, qtype, panel);
+  if (r0 == 0) {
+    const uint8_t* ahead = p.base + kPrefetchBytes;
+    const int64_t left = w + n * row_bytes - ahead;
+    if (left > 0) prefetch_row_l2(ahead, std::min(left, p.width * row_bytes));
   }
-  constexpr float factor = QType == kQ4_0 ? -8.f : QType == kQ8_0 ? -128.f : 1.f;
-  const int64_t offsets_at = QType == kQ4_1 ? quant_bytes + 2 * blocks : quant_bytes;
-  const int64_t whole = blocks / 16 * 16;
-  for (int64_t b = 0; b < whole; b += 16) {
-    for (int c = 0; c < C; ++c) {
-      const auto* offsets = reinterpret_cast<const __m256i*>(row0 + c * row_bytes + offsets_at + 2 * b);
-      __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets));
-      if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(dxsum[r] + b), acc[r][c]);
-    }
+  switch (qtype) {
+    case kQ4_0: return panel_dot_type<kQ4_0>(p, k / kBlock, xq, r0, rows, result);
+    case kQ4_1: return panel_dot_type<kQ4_1>(p, k / kBlock, xq, r0, rows, result);
+    default: return panel_dot_type<kQ8_0>(p, k / kBlock, xq, r0, rows, result);
   }
-  // The last < 16 blocks in the lanes row_dot_vnni gives them (so that a row sums alike on both paths), their
-  // offsets gathered four at a time without a masked load.
-  if (whole < blocks) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (blocks - whole)) - 1);
-    __m512 xs[R];
-    for (int r = 0; r < R; ++r) xs[r] = _mm512_maskz_loadu_ps(mask, dxsum[r] + whole);
-    for (int c = 0; c < C; ++c) {
-      const auto* offsets = reinterpret_cast<const uint16_t*>(row0 + c * row_bytes + offsets_at);
-      __m512 mw = _mm512_setzero_ps();
-      for (int64_t b = whole; b < blocks; b += kGroup) {
-        const __m128 four = load_halves(offsets + b, std::min(kGroup, blocks - b));
-        switch ((b - whole) / kGroup) {
-          case 0: mw = _mm512_insertf32x4(mw, four, 0); break;
-          case 1: mw = _mm512_insertf32x4(mw, four, 1); break;
-          case 2: mw = _mm512_insertf32x4(mw, four, 2); break;
-          default: mw = _mm512_insertf32x4(mw, four, 3); break;
-        }
-      }
-      if constexpr (factor != 1.f) mw = _mm512_mul_ps(mw, _mm512_set1_ps(factor));
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(mw, xs[r], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(result + r * C, reduce_add4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
 }
 
 inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
@@ -461,48 +392,6 @@ void row_dot_k_vnni(const uint8_t* row, int64_t superblocks, const QuantizedRows
 }
 
 template <int64_t QType>
-void row_dot_rows(const RowView& w, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t r_count, float* result) {
-  switch (r_count) {
-    case 1: return row_dot_vnni<QType, 1>(w, blocks, xq, r0, result);
-    case 2: return row_dot_vnni<QType, 2>(w, blocks, xq, r0, result);
-    case 3: return row_dot_vnni<QType, 3>(w, blocks, xq, r0, result);
-    case 4: return row_dot_vnni<QType, 4>(w, blocks, xq, r0, result);
-    case 5: return row_dot_vnni<QType, 5>(w, blocks, xq, r0, result);
-    case 6: return row_dot_vnni<QType, 6>(w, blocks, xq, r0, result);
-    case 7: return row_dot_vnni<QType, 7>(w, blocks, xq, r0, result);
-    default: return row_dot_vnni<QType, 8>(w, blocks, xq, r0, result);
-  }
-}
-
-template <int64_t QType>
-void cols_dot_rows(const uint8_t* row0, int64_t row_bytes, int64_t k, const QuantizedRows& xq, int64_t rows,
-                   float* result) {
-  switch (rows) {
-    case 1: return cols_dot_vnni<QType, 1>(row0, row_bytes, k, xq, result);
-    case 2: return cols_dot_vnni<QType, 2>(row0, row_bytes, k, xq, result);
-    case 3: return cols_dot_vnni<QType, 3>(row0, row_bytes, k, xq, result);
-    default: return cols_dot_vnni<QType, 4>(row0, row_bytes, k, xq, result);
-  }
-}
-
-bool cols_supported(int64_t qtype, int64_t rows) {
-  return rows <= kColsMaxRows && (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0);
-}
-
-void cols_dot_any(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k, const QuantizedRows& xq,
-                  int64_t rows, float* result) {
-  switch (qtype) {
-    case kQ4_0: return cols_dot_rows<kQ4_0>(row0, row_bytes, k, xq, rows, result);
-    case kQ4_1: return cols_dot_rows<kQ4_1>(row0, row_bytes, k, xq, rows, result);
-    default: return cols_dot_rows<kQ8_0>(row0, row_bytes, k, xq, rows, result);
-  }
-}
-
-int64_t rows_per_pass(int64_t qtype) {
-  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? kWideRowTile : kRowTile;
-}
-
-template <int64_t QType>
 void row_dot_k_rows(const uint8_t* row, int64_t superblocks, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                     float* result) {
   switch (r_count) {
@@ -513,12 +402,9 @@ void row_dot_k_rows(const uint8_t* row, int64_t superblocks, const QuantizedRows
   }
 }
 
-void row_dot_any(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
-                 float* result) {
+void row_dot_k_any(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
+                   int64_t r_count, float* result) {
   switch (qtype) {
-    case kQ4_0: return row_dot_rows<kQ4_0>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
-    case kQ4_1: return row_dot_rows<kQ4_1>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
-    case kQ8_0: return row_dot_rows<kQ8_0>(row_view(row, qtype, k), k / kBlock, xq, r0, r_count, result);
     case kQ4_K: return row_dot_k_rows<kQ4_K>(row, k / kSuperBlock, xq, r0, r_count, result);
     case kQ5_K: return row_dot_k_rows<kQ5_K>(row, k / kSuperBlock, xq, r0, r_count, result);
     default: return row_dot_k_rows<kQ6_K>(row, k / kSuperBlock, xq, r0, r_count, result);
@@ -527,22 +413,20 @@ void row_dot_any(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRo
 
 template <typename T>
 void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
-  const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1);
+  const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1), n = w.size(0);
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t n = w.size(0), ahead = prefetch_rows_ahead(row_bytes);
-  const auto row_dot = [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
-    if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
-    row_dot_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
-  };
-  if (cols_supported(qtype, rows)) {
-    for_each_output_by_cols(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, float* result) {
-      if (col + ahead + kCols <= n) prefetch_row_l2(wp + (col + ahead) * row_bytes, kCols * row_bytes);
-      cols_dot_any(wp + col * row_bytes, row_bytes, qtype, k, xq, rows, result);
-    }, row_dot);
-  } else {
-    for_each_output(rows, n, bias, out.data_ptr<T>(), row_dot, rows_per_pass(qtype));
+  if (is_panel_type(qtype)) {
+    return for_each_output_by_panels(rows, n, bias, out.data_ptr<T>(), [&](int64_t panel, int64_t r0, int64_t count,
+                                                                          float* result) {
+      panel_dot_any(wp, n, row_bytes, qtype, k, panel, xq, r0, count, result);
+    });
   }
+  const int64_t ahead = prefetch_rows_ahead(row_bytes);
+  for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
+    if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
+    row_dot_k_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
+  });
 }
 #else
 template <typename T>
@@ -554,7 +438,7 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> wrow(k);
     for (int64_t col = begin; col < end; ++col) {
-      dequantize_any_row(wp + col * row_bytes, qtype, k, wrow.data());
+      dequantize_weight_row(wp, n, row_bytes, qtype, k, col, wrow.data());
       for (int64_t r = 0; r < rows; ++r) {
         float total = 0.f;
         for (int64_t i = 0; i < k; ++i) total += wrow[i] * static_cast<float>(xp[r * k + i]);
@@ -579,23 +463,19 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* 
 #if defined(PAGODA_VNNI)
 XOrder pagoda_quant::gguf_x_order(int64_t qtype) { return x_order(qtype); }
 
-int64_t pagoda_quant::gguf_rows_per_pass(int64_t qtype) { return rows_per_pass(qtype); }
-
-bool pagoda_quant::gguf_cols_supported(int64_t qtype, int64_t rows) { return cols_supported(qtype, rows); }
-
-void pagoda_quant::gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k,
-                                 const QuantizedRows& xq, int64_t rows, float* result) {
-  cols_dot_any(row0, row_bytes, qtype, k, xq, rows, result);
+void pagoda_quant::gguf_panel_dot(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k,
+                                  int64_t panel, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
+  panel_dot_any(w, n, row_bytes, qtype, k, panel, xq, r0, rows, result);
 }
 
 void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
                                 int64_t r_count, float* result) {
-  row_dot_any(row, qtype, k, xq, r0, r_count, result);
+  row_dot_k_any(row, qtype, k, xq, r0, r_count, result);
 }
 #endif
 
-// x: [rows, in_features] fp32/bf16; w: [out_features, in_features / 32 * block bytes] uint8, regrouped GGUF
-// rows (see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.
+// x: [rows, in_features] fp32/bf16; w: [out_features, in_features / block * block bytes] uint8, GGUF blocks
+// (Q4_0 / Q4_1 / Q8_0 in panels, see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
   return quantized_linear(
       x, w, bias, "gguf_linear", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear"); },
@@ -604,35 +484,29 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::
       });
 }
 
-// w as in gguf_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+// w as in gguf_linear -> its rows `rows` (int64 indices; None: all) as [rows, in_features] of `dtype` (fp32 or
+// bf16).
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype,
+                              c10::optional<torch::Tensor> rows) {
   check_weight(w, qtype, in_features, "gguf_dequantize");
-  return dequantized(w, in_features, dtype, "gguf_dequantize",
-                     [&](const uint8_t* row, auto* out) { dequantize_any_row(row, qtype, in_features, out); });
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  return dequantized(w, in_features, dtype, "gguf_dequantize", rows.value_or(torch::Tensor()),
+                     [&](int64_t row, auto* out) {
+                       dequantize_weight_row(wp, w.size(0), w.size(1), qtype, in_features, row, out);
+                     });
 }
 
 #if defined(PAGODA_AMX)
 namespace {
 
-// Q4_0 / Q4_1 / Q8_0 rows (see the file note) as amx_linear reads weights: unsigned codes and d, m per block.
+// Q4_0 / Q4_1 / Q8_0 panels (see the file note) as amx_linear reads weights: unsigned codes and d, m per block.
 struct GgufBlocks {
   const uint8_t* w;
-  int64_t row_bytes, k, qtype;
+  int64_t n, row_bytes, qtype;
 
-  void unpack(int64_t col, int64_t b, uint8_t* codes) const {
-    const RowView v = row_view(w + col * row_bytes, qtype, k);
-    if (qtype == kQ8_0) {  // stored plus 128 already
-      std::memcpy(codes, v.qs + b * kBlock, kBlock);
-      return;
-    }
-    unpack_q4_block(v.qs + b * 16, codes);
-  }
-
-  void params(int64_t col, int64_t b, float* d, float* m) const {
-    const RowView v = row_view(w + col * row_bytes, qtype, k);
-    *d = half_to_float(v.d[b]);
-    *m = qtype == kQ4_1 ? half_to_float(v.m[b]) : (qtype == kQ8_0 ? -128.f : -8.f) * *d;
-  }
+  Panel panel(int64_t col) const { return panel_at(w, n, row_bytes, qtype, col / kPanel); }
+  void unpack(int64_t col, int64_t b, uint8_t* codes) const { panel(col).codes(col % kPanel, b, codes); }
+  void params(int64_t col, int64_t b, float* d, float* m) const { panel(col).params(col % kPanel, b, d, m); }
 };
 
 }  // namespace
@@ -666,7 +540,7 @@ torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c
   }
   return amx_quantized_linear(
       x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
-      [&](int64_t k) { return GgufBlocks{w.data_ptr<uint8_t>(), w.size(1), k, qtype}; });
+      [&](int64_t) { return GgufBlocks{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype}; });
 #else
   TORCH_CHECK(false, "gguf_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
   return {};

@@ -4,8 +4,8 @@
 // Layout of a weight row (uint8): [k / 2 bytes of nibbles | ng fp16 scales | ng uint8 zeros], ng = ceil(k / G)
 // (the last group may be shorter, as AutoGPTQ allows). The nibbles are in GGUF Q4's order, 32 weights per 16
 // bytes (element j < 16 of a 32-block the low nibble of byte j, element j >= 16 the high nibble of byte
-// j - 16), so the activations' int8 blocks and the dot products are the Q4_1 kernel's (gguf_linear.cpp); only
-// the scales and zeros come per group instead of per block. That keeps a row at 4 + 24 / G bits a weight
+// j - 16), with the activations' int8 blocks in the order that lines up with a load's low and high nibbles
+// (XOrder::kNibbles); the scales and zeros come per group instead of per block. That keeps a row at 4 + 24 / G bits a weight
 // (4.19 at G = 128) where Q4_1 blocks would take 5.
 //
 // Group sizes: 32, 64, any multiple of 128, or one group for the whole row (GPTQ's group_size -1): in each
@@ -119,7 +119,7 @@ inline __m128 int4_sums(__m512 a, __m512 b, __m512 c, __m512 d, __m128 oa, __m12
   return _mm_sub_ps(reduce_add4(a, b, c, d), _mm_hadd_ps(_mm_hadd_ps(oa, ob), _mm_hadd_ps(oc, od)));
 }
 
-// One weight row against R quantized rows of x, four blocks a step, as the Q4_1 kernel: the int32 dot
+// One weight row against R quantized rows of x, four blocks a step: the int32 dot
 // product of each block times its weight scale and x scale, plus the block's offset (-scale * zero) times
 // the x block's d * sum(q).
 template <GroupSpan Span, int R>
@@ -145,7 +145,7 @@ void row_dot_int4(const Int4Row& w, int64_t blocks, int64_t group_blocks, const 
 }
 
 // kCols consecutive weight rows against R (1-2) rows of x: each step's x blocks loaded once for the four, one
-// ending for four weight rows (see gguf_linear.cpp's cols_dot_vnni). result[r * kCols + c].
+// reduction for four weight rows' accumulators. result[r * kCols + c].
 template <GroupSpan Span, int R>
 void cols_dot_int4(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group, int64_t group_blocks,
                    const QuantizedRows& xq, float* result) {
@@ -287,8 +287,10 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, 
 // w as in int4_linear -> [rows, in_features] of `dtype` (fp32 or bf16).
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype) {
   check_int4_weight(w, group_size, in_features, "int4_dequantize");
-  return dequantized(w, in_features, dtype, "int4_dequantize",
-                     [&](const uint8_t* row, auto* out) { dequantize_int4_row(row, in_features, group_size, out); });
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  return dequantized(w, in_features, dtype, "int4_dequantize", torch::Tensor(), [&](int64_t row, auto* out) {
+    dequantize_int4_row(wp + row * w.size(1), in_features, group_size, out);
+  });
 }
 
 #if defined(PAGODA_AMX)

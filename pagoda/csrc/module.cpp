@@ -18,7 +18,8 @@ void apply_token_bitmask(torch::Tensor logits, torch::Tensor bits, torch::Tensor
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias);
 bool amx_available();
 torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias);
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, at::ScalarType dtype,
+                              c10::optional<torch::Tensor> rows);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
@@ -36,7 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x @ W.T + b for W in GGUF Q4_0/Q4_1/Q8_0 blocks, int8 activations (VNNI)");
   m.def("amx_available", &amx_available, "whether these kernels have AMX int8 tile products and may use them");
   m.def("gguf_linear_amx", &gguf_linear_amx, "gguf_linear for Q4_0/Q4_1/Q8_0 through AMX int8 tiles (prompts)");
-  m.def("gguf_dequantize", &gguf_dequantize, "GGUF Q4_0/Q4_1/Q8_0 rows -> fp32/bf16");
+  m.def("gguf_dequantize", &gguf_dequantize, "GGUF weight rows (all, or those named) -> fp32/bf16", py::arg("w"),
+        py::arg("qtype"), py::arg("in_features"), py::arg("dtype"), py::arg("rows") = py::none());
   m.def("int4_linear", &int4_linear, "x @ W.T + b for W in group-wise asymmetric int4 rows, int8 activations (VNNI)");
   m.def("int4_linear_amx", &int4_linear_amx, "int4_linear through AMX int8 tiles (prompts)");
   m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");

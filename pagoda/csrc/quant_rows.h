@@ -30,13 +30,8 @@ enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 1
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 4;  // blocks per step of the vector loops (128 weights)
 constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)
-// Q4_0 / Q4_1 / Q8_0 rows take up to this many rows of x a pass (a token and its drafts in one pass: each pass
-// over a weight row costs its unpacking, offsets and reduction again).
-constexpr int64_t kWideRowTile = 8;
-// Up to kColsMaxRows rows of x take Q4_0 / Q4_1 / Q8_0 weight rows this many at a time (gguf_linear.cpp,
-// cols_dot_vnni).
+// Up to kInt4ColsMaxRows rows of x take int4 weight rows this many at a time (int4_linear.cpp, cols_dot_int4).
 constexpr int64_t kCols = 4;
-constexpr int64_t kColsMaxRows = 4;
 constexpr int64_t kInt4ColsMaxRows = 2;  // (its offsets take a register of their own per x row and weight row)
 
 #if defined(__F16C__)
@@ -73,15 +68,14 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
 }
 
 // out[r, col] = row_dot's result for rows r of x against weight row col, plus bias[col]; parallel over the
-// output columns, row_tile (at most kWideRowTile) rows of x per pass over a weight row.
+// output columns, kRowTile rows of x per pass over a weight row.
 // row_dot(col, r0, r_count, result) writes result[0 .. r_count).
 template <typename T, typename RowDot>
-void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const RowDot& row_dot,
-                     int64_t row_tile = kRowTile) {
+void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const RowDot& row_dot) {
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float result[kWideRowTile];
-    for (int64_t r0 = 0; r0 < rows; r0 += row_tile) {
-      const int64_t r_count = std::min(row_tile, rows - r0);
+    float result[kRowTile];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+      const int64_t r_count = std::min(kRowTile, rows - r0);
       for (int64_t col = begin; col < end; ++col) {
         row_dot(col, r0, r_count, result);
         const float b = bias ? bias[col] : 0.f;
@@ -91,14 +85,14 @@ void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const R
   });
 }
 
-// for_each_output for up to kColsMaxRows rows of x, weight rows kCols at a time: cols_dot(col, result) writes
+// for_each_output for up to kInt4ColsMaxRows rows of x, weight rows kCols at a time: cols_dot(col, result) writes
 // result[r * kCols + c] for weight rows col .. col + kCols - 1; a chunk's last < kCols columns take
 // row_dot(col, 0, rows, result).
 template <typename T, typename ColsDot, typename RowDot>
 void for_each_output_by_cols(int64_t rows, int64_t n, const float* bias, T* out, const ColsDot& cols_dot,
                              const RowDot& row_dot) {
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float result[kColsMaxRows * kCols];
+    float result[kInt4ColsMaxRows * kCols];
     for (int64_t col = begin; col < end;) {
       const int64_t cols = end - col >= kCols ? kCols : 1;
       if (cols == kCols) {
@@ -137,20 +131,30 @@ torch::Tensor quantized_linear(torch::Tensor x, const torch::Tensor& w, const c1
   return out;
 }
 
-// Weight rows (already checked) -> [rows, in_features] of dtype (fp32 or bf16), row(src, dst) per row.
+// Weight rows `rows` (int64 indices; undefined: every row) of w (already checked) -> [rows, in_features] of
+// dtype (fp32 or bf16), row(index, dst) per row.
 template <typename Row>
 torch::Tensor dequantized(const torch::Tensor& w, int64_t in_features, at::ScalarType dtype, const char* fn,
-                          const Row& row) {
+                          const torch::Tensor& rows, const Row& row) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, fn, ": dtype must be fp32 or bf16");
-  auto out = torch::empty({w.size(0), in_features}, w.options().dtype(dtype));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  torch::Tensor ids;
+  if (rows.defined()) {
+    TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, fn, ": rows must be a 1-d int64 tensor");
+    ids = rows.contiguous();
+    const int64_t* p = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.size(0); ++i)
+      TORCH_CHECK(p[i] >= 0 && p[i] < w.size(0), fn, ": row ", p[i], " is out of range for ", w.size(0), " rows");
+  }
+  const int64_t count = ids.defined() ? ids.size(0) : w.size(0);
+  const int64_t* index = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  auto out = torch::empty({count, in_features}, w.options().dtype(dtype));
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = index != nullptr ? index[i] : i;
       if (dtype == at::kBFloat16) {
-        row(wp + r * row_bytes, out.data_ptr<at::BFloat16>() + r * in_features);
+        row(r, out.data_ptr<at::BFloat16>() + i * in_features);
       } else {
-        row(wp + r * row_bytes, out.data_ptr<float>() + r * in_features);
+        row(r, out.data_ptr<float>() + i * in_features);
       }
     }
   });
@@ -171,9 +175,9 @@ struct QuantizedRows {
 };
 
 enum class XOrder {
-  kNatural,  // Q6_K, AMX tiles: in order
-  kNibbles,  // Q4_0/Q4_1/Q8_0: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with
-             // the low and the high nibbles of four Q4 blocks' 64 quant bytes (Q8_0: its loads shuffled so)
+  kNatural,  // Q4_0/Q4_1/Q8_0 panels (gguf_panels.h), Q6_K, AMX tiles: in order
+  kNibbles,  // int4 rows: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with the
+             // low and the high nibbles of four 4-bit blocks' 64 quant bytes
   kPairs,    // Q4_K/Q5_K: [b0 b2 | b1 b3], lining up with the low and the high nibbles of two 32-byte chunks
 };
 
@@ -261,17 +265,15 @@ inline float hsum128(__m128 v) {
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 
-// The layers' row dot products (gguf_linear.cpp, int4_linear.cpp), for kernels that run whole layers
-// (decode_layers.cpp): one weight row against rows r0 .. r0 + r_count of x quantized in the row's order.
+// The layers' dot products (gguf_linear.cpp, int4_linear.cpp), for kernels that run whole layers
+// (decode_layers.cpp): x quantized in the layer's order; gguf_row_dot: one K-quant weight row against rows r0 ..
+// r0 + r_count; gguf_panel_dot: panel `panel` (gguf_panels.h) of a Q4_0 / Q4_1 / Q8_0 layer of n rows against
+// rows r0 .. r0 + rows (at most kPanelRows), result[r * kPanel + c].
 XOrder gguf_x_order(int64_t qtype);
-int64_t gguf_rows_per_pass(int64_t qtype);  // kWideRowTile or kRowTile
 void gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
-// Whether `rows` rows of x take qtype's weight rows kCols at a time, and those kCols rows from row0 on against
-// rows 0 .. rows - 1 of x: result[r * kCols + c].
-bool gguf_cols_supported(int64_t qtype, int64_t rows);
-void gguf_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t qtype, int64_t k, const QuantizedRows& xq,
-                   int64_t rows, float* result);
+void gguf_panel_dot(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t panel,
+                    const QuantizedRows& xq, int64_t r0, int64_t rows, float* result);
 void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
 // kCols int4 weight rows from row0 on against rows 0 .. rows - 1 (<= kInt4ColsMaxRows) of x: result[r * kCols + c].

@@ -24,7 +24,7 @@ from pagoda.model.layers.quantization.gguf import GGUFLinearMethod, tile_min_row
 from pagoda.model.layers.quantization.int4 import Int4LinearMethod
 from pagoda.model.layers.rotary import RotaryAngles
 
-MAX_ROWS = 16  # as the quantized kernels' int8-activation path (NATIVE_MAX_ROWS), four rows per pass
+MAX_ROWS = 16  # as the quantized kernels' int8-activation path for decode (NATIVE_MAX_ROWS)
 
 INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
 HEAD_DIM_MULTIPLE = 16  # the kernel's attention takes sixteen lanes of a head at a time

@@ -18,6 +18,7 @@ from pagoda.model.layers.quantization.gguf import (
     TILE_MIN_ROWS_ENV,
     TILE_TYPES,
     GGUFLinearMethod,
+    pack_panels,
     regroup_rows,
 )
 from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
@@ -45,7 +46,7 @@ def _close(got: torch.Tensor, vnni: torch.Tensor, ref: torch.Tensor, dtype: torc
 def test_gguf_rows_on_tiles_match_the_vnni_kernel_and_the_weights(qtype, dtype: torch.dtype, rows: int) -> None:  # noqa: ANN001
     in_features, out_features = 192, 67  # 67: a partial tile of weight rows
     raw, w = _quantized(qtype, out_features, in_features, seed=rows)
-    grouped = regroup_rows(raw, qtype)
+    grouped = pack_panels(regroup_rows(raw, qtype), qtype)
     torch.manual_seed(rows)
     x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(out_features)
     ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
@@ -65,7 +66,7 @@ def test_a_few_q4_rows_on_tiles_of_their_own_match_the_vnni_kernel(qtype, dtype:
     """amx_q4_rows: tiles of exactly the step's rows (a token and its drafts); 192 = one whole group of four
     blocks and a partial one, 576 = 18 blocks; 67 weight rows = four whole tiles of 16 and a partial one."""
     raw, w = _quantized(qtype, 67, in_features, seed=rows + in_features)
-    grouped = regroup_rows(raw, qtype)
+    grouped = pack_panels(regroup_rows(raw, qtype), qtype)
     torch.manual_seed(rows)
     x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(67)
     ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
@@ -114,7 +115,7 @@ def test_int4_rows_on_tiles_match_the_vnni_kernel_and_the_weights(k: int, group:
 def test_each_row_is_computed_alone() -> None:
     """A row's outputs do not depend on the rows beside it or on where it sits in the tiles of 16."""
     raw, _ = _quantized(AMX_TYPES[1], 50, 128, seed=1)
-    grouped = regroup_rows(raw, AMX_TYPES[1])
+    grouped = pack_panels(regroup_rows(raw, AMX_TYPES[1]), AMX_TYPES[1])
     x = torch.randn(37, 128).to(torch.bfloat16)
     together = OPS.gguf_linear_amx(x, grouped, int(AMX_TYPES[1]), None)
     moved = torch.cat([torch.randn(5, 128).to(torch.bfloat16), x[20:]])
@@ -123,22 +124,24 @@ def test_each_row_is_computed_alone() -> None:
 
 @pytest.mark.parametrize("disabled", [False, True])
 def test_prompt_rows_take_the_tiles_unless_turned_off(disabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """More rows than the VNNI kernel takes: AMX tiles, or with PAGODA_DISABLE_AMX=1 the dequantized weights'
-    dense product (int8 activations against none); more than AMX_MAX_ROWS: the dense product."""
+    """More rows than the VNNI kernel takes: AMX tiles; more than AMX_MAX_ROWS: the dequantized weights' dense
+    product. With PAGODA_DISABLE_AMX=1 GGUF panels stay on the VNNI panel kernel at every row count, int4 rows
+    take the dense product (int8 activations against none)."""
     if disabled:
         monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
     qtype = AMX_TYPES[0]
     raw, w = _quantized(qtype, 48, 96, seed=4)
     layer = filled_linear(GGUFLinearMethod(qtype, OPS), raw, 96, [48], torch.float32)
     int4_layer = filled_linear(int4.Int4LinearMethod(OPS, 32), torch.randn(48, 96), 96, [48], torch.float32)
-    longer = torch.randn(AMX_MAX_ROWS + 1, 96)  # past what the tiles take: the dense product either way
-    torch.testing.assert_close(layer(longer), longer @ w.T, rtol=1e-5, atol=1e-4)
+    longer = torch.randn(AMX_MAX_ROWS + 1, 96)  # past what the tiles take
     x = torch.randn(NATIVE_MAX_ROWS + 1, 96)
     if disabled:
-        torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
+        for rows in (longer, x):
+            assert torch.equal(layer(rows), OPS.gguf_linear(rows, layer.weight, int(qtype), None))
         int4_w = int4_layer.method.dequantize_weight(int4_layer.weight, 96, torch.float32)
         torch.testing.assert_close(int4_layer(x), x @ int4_w.T, rtol=1e-5, atol=1e-4)
     else:
+        torch.testing.assert_close(layer(longer), longer @ w.T, rtol=1e-5, atol=1e-4)
         assert torch.equal(layer(x), OPS.gguf_linear_amx(x, layer.weight, int(qtype), None))
         assert torch.equal(int4_layer(x), OPS.int4_linear_amx(x, int4_layer.weight, 32, None))
 

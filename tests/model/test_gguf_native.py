@@ -20,10 +20,14 @@ from pagoda.model.layers.quantization.gguf import (
     NATIVE_MAX_ROWS,
     NATIVE_TYPES,
     GGUFLinearMethod,
+    PANEL_TYPES,
     dequantize_rows,
+    pack_panels,
     regroup_rows,
     amx_tiles,
+    panels_for_prompts,
     ungroup_rows,
+    unpack_panels,
 )
 
 OPS = load_cpu_kernels()
@@ -72,10 +76,12 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).reshape(x.shape[0], -1)
 
 
-def meets_int8_activations(ops, rows: int) -> bool:  # noqa: ANN001
+def meets_int8_activations(ops, rows: int, qtype: GGMLQuantizationType | None = None) -> bool:  # noqa: ANN001
     """Whether a quantized layer's input of ``rows`` rows goes through kernels that quantize it to int8 (the
-    VNNI kernels, AMX tiles) rather than through the dequantized weights' dense product."""
-    return ops is not None and (rows <= NATIVE_MAX_ROWS or (rows <= AMX_MAX_ROWS and amx_tiles(ops)))
+    VNNI kernels, AMX tiles) rather than through the dequantized weights' dense product; ``qtype``: the layer's
+    GGUF type (a GGUF or int8 layer), None for int4."""
+    return ops is not None and (rows <= NATIVE_MAX_ROWS or (rows <= AMX_MAX_ROWS and amx_tiles(ops))
+                                or (qtype is not None and panels_for_prompts(ops, qtype)))
 
 
 def filled_linear(method, weights: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,  # noqa: ANN001
@@ -89,6 +95,9 @@ def filled_linear(method, weights: torch.Tensor, in_features: int, output_sizes:
         if bias is not None:
             layer.bias.weight_loader(layer.bias, bias[start : start + size].to(dtype), shard, f"b{shard}")
         start += size
+    finish = getattr(method, "process_weights_after_loading", None)
+    if finish is not None:  # as the model does once every checkpoint tensor is in
+        finish(layer)
     return layer
 
 
@@ -110,6 +119,31 @@ def test_regrouping_keeps_every_byte_and_inverts(qtype: GGMLQuantizationType) ->
     assert torch.equal(ungroup_rows(grouped, qtype), raw)
 
 
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=[t.name for t in PANEL_TYPES])
+def test_panels_put_sixteen_rows_words_side_by_side(qtype: GGMLQuantizationType) -> None:
+    """pagoda/csrc/gguf_panels.h's layout, byte by byte from a plain loop: per panel of 16 rows (the last one
+    narrower) and block, word t of every row's quants, then the rows' scales, then Q4_1's offsets."""
+    rows, width = 21, 64  # a whole panel and one of 5 rows; two blocks
+    grouped = regroup_rows(_quantized(qtype, rows, width)[0], qtype)
+    header = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 2}[qtype]
+    quant_bytes = GGML_QUANT_SIZES[qtype][1] - header
+    blocks = width // 32
+    expected = []
+    for start in (0, 16):
+        panel_rows = grouped[start : start + 16].tolist()
+        for b in range(blocks):
+            for t in range(quant_bytes // 4):
+                for row in panel_rows:
+                    expected += row[b * quant_bytes + 4 * t : b * quant_bytes + 4 * t + 4]
+            for half in range(header // 2):
+                at = blocks * quant_bytes + 2 * blocks * half + 2 * b
+                for row in panel_rows:
+                    expected += row[at : at + 2]
+    panels = pack_panels(grouped, qtype)
+    assert panels.shape == grouped.shape and panels.reshape(-1).tolist() == expected
+    assert torch.equal(unpack_panels(panels, qtype), grouped)
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -117,7 +151,11 @@ def test_cpp_dequantize_matches_the_gguf_package(qtype: GGMLQuantizationType, dt
     width = _widths(qtype)[0]
     raw, ref = _quantized(qtype, 7, width)
     grouped = regroup_rows(raw, qtype)
-    torch.testing.assert_close(dequantize_rows(OPS, grouped, qtype, width, dtype), ref.to(dtype), rtol=1e-6, atol=1e-6)
+    stored = pack_panels(grouped, qtype) if qtype in PANEL_TYPES else grouped  # what the CPU kernels hold
+    torch.testing.assert_close(dequantize_rows(OPS, stored, qtype, width, dtype), ref.to(dtype), rtol=1e-6, atol=1e-6)
+    rows = torch.tensor([6, 0, 6, 3])
+    assert torch.equal(OPS.gguf_dequantize(stored, int(qtype), width, dtype, rows),
+                       dequantize_rows(OPS, stored, qtype, width, dtype)[rows])
     assert torch.equal(dequantize_rows(None, grouped, qtype, width, dtype), ref.to(dtype))
 
 
@@ -144,12 +182,21 @@ def test_the_kernel_matches_dequantized_weights(qtype: GGMLQuantizationType, dty
 @needs_kernels
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=TYPE_IDS)
 def test_prefill_rows_use_dequantized_tiles(qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt rows without AMX: Q4_0/Q4_1/Q8_0 panels on the panel kernel (int8 activations, each row as it
+    would be alone), the K-quants (and panels where the kernel is not taken) on dequantized tiles."""
+    monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")  # (else Q4_0/Q4_1/Q8_0 prompts take AMX tiles: test_amx_linear.py)
     width = _widths(qtype)[0]
     raw, w = _quantized(qtype, 50, width)
     layer = _layer(qtype, raw, width, [50], torch.float32)
-    x = torch.randn(NATIVE_MAX_ROWS + 3, width)
-    monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")  # (else Q4_0/Q4_1/Q8_0 prompts take AMX tiles: test_amx_linear.py)
+    x = torch.randn(2 * 128 + 19, width)  # more than one sweep of rows over the panels (gguf_panels.h)
+    assert layer.method.panels_for_prompts == (qtype in PANEL_TYPES and OPS.decode_layers_supported())
+    if layer.method.panels_for_prompts:
+        got = layer(x)
+        torch.testing.assert_close(got, _int8_blocks(x) @ w.T, rtol=1e-4, atol=1e-4 * got.abs().max().item())
+        assert torch.equal(got[-7:], layer(x[-7:]))
+        layer.method.panels_for_prompts = False
     monkeypatch.setattr("pagoda.model.layers.quantization.gguf.DEQUANT_TILE_ROWS", 16)  # several tiles, a ragged last
+    x = x[: NATIVE_MAX_ROWS + 3]
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-4)
 
 
@@ -173,15 +220,15 @@ def test_batch_invariant_mode_keeps_every_row_on_the_kernel() -> None:
                          ids=["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("in_features", [96, 576, 736, 1536])  # blocks: 3; 16 + 2; 16 + 7; 48
 def test_a_few_rows_sum_as_they_do_beside_more_rows(qtype: GGMLQuantizationType, in_features: int) -> None:
-    """Up to four rows of x take four weight rows a pass (a chunk's last one to three alone), more rows one
-    weight row a pass: a row's outputs are bit for bit the same either way."""
+    """Up to eight rows of x take a panel a pass, more take several passes, and a narrower last panel masked
+    lanes: a row's outputs are bit for bit the same whatever rows are beside it (speculative decoding's
+    verification rows give the one-row step's logits)."""
     raw, w = _quantized(qtype, 67, in_features, seed=in_features)
     layer = _layer(qtype, raw, in_features, [67], torch.float32)
-    x = torch.randn(6, in_features)
+    x = torch.randn(NATIVE_MAX_ROWS, in_features)
     beside = layer(x)
-    assert torch.equal(layer(x[:1]), beside[:1])
-    assert torch.equal(layer(x[1:3]), beside[1:3])
-    assert torch.equal(layer(x[2:6]), beside[2:6])
+    for start, stop in ((0, 1), (1, 3), (2, 6), (3, 12), (5, 14)):
+        assert torch.equal(layer(x[start:stop]), beside[start:stop])
     torch.testing.assert_close(beside, _int8_blocks(x) @ w.T, rtol=1e-4, atol=1e-4 * beside.abs().max().item())
 
 

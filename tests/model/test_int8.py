@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 
 from pagoda import LLM
 from pagoda.model.layers.linear import Linear, configure_linear
@@ -46,7 +47,7 @@ def test_the_layer_matches_its_dequantized_weights(ops, dtype: torch.dtype, rows
     else:  # fp16 scales; decode rows (and AMX tiles' rows) meet int8 activations
         q, scale = quantize_int8_rows(w, torch.float16)
         x = torch.randn(rows, 64).to(dtype)
-        xq = _int8_blocks(x) if meets_int8_activations(ops, rows) else x.float()
+        xq = _int8_blocks(x) if meets_int8_activations(ops, rows, GGMLQuantizationType.Q8_0) else x.float()
         ref = xq @ (q.float() * scale.float()[:, None]).T + bias.to(dtype).float()
     got = layer(x)
     assert got.dtype == dtype and got.shape == (rows, 48)

@@ -3,16 +3,16 @@ and Q6_K.
 
 A layer's ``weight`` (uint8) holds the file's bytes of each weight row. Q4_0/Q4_1/Q8_0 rows are regrouped at
 load from GGUF's array of blocks ([scale, (offset,) quants] per 32 weights) into [all quants | all scales |
-all offsets], so the C++ kernel (pagoda/csrc/gguf_linear.cpp) loads four blocks' quants and scales with one
-instruction each; K-quant rows stay as stored. The bytes per row, and so the memory read per token, stay
-the file's. Up to ``NATIVE_MAX_ROWS`` rows of
-input (decode) go through that kernel; more rows are compute-bound: up to ``AMX_MAX_ROWS`` of them, on a CPU
-with AMX int8 tiles, Q4_0/Q4_1/Q8_0 rows multiply there (pagoda/csrc/amx_tiles.h, the same int8
-activations); otherwise tiles of the weight are dequantized to the model dtype for the dense matmul (in
-batch-invariant mode the VNNI kernel takes every row count: it computes each row alone, the dense matmul
-does not). On CUDA,
-Q4_0/Q4_1/Q8_0 rows (the same regrouped bytes) go through the Triton kernel (triton_linear.py) at any row
-count, and the K-quants are dequantized at load.
+all offsets]; on the CPU, once loaded, they are laid out again in panels of 16 rows (``pack_panels``;
+pagoda/csrc/gguf_panels.h), so that the C++ kernel's vector lanes are 16 outputs and a block's scale is
+applied once per 16 of them. K-quant rows stay as stored. The bytes per row, and so the memory read per
+token, stay the file's. Up to ``NATIVE_MAX_ROWS`` rows of input (decode) go through that kernel; more rows
+are compute-bound: on a CPU with AMX, up to ``AMX_MAX_ROWS`` of them multiply Q4_0/Q4_1/Q8_0 rows on int8
+tiles (pagoda/csrc/amx_tiles.h, the same int8 activations) and longer inputs take tiles of the weight
+dequantized to the model dtype for the dense matmul; without AMX, Q4_0/Q4_1/Q8_0 panels take every row count
+(``panels_for_prompts``) and the K-quants the dequantized tiles (in batch-invariant mode the VNNI kernel takes
+every row count: it computes each row alone, the dense matmul does not). On CUDA, Q4_0/Q4_1/Q8_0 rows (the regrouped bytes) go
+through the Triton kernel (triton_linear.py) at any row count, and the K-quants are dequantized at load.
 
 Other GGUF types (Q2_K, Q3_K, Q5_0, the IQ types...), and fused layers whose parts have different types, are
 dequantized at load to the model dtype.
@@ -47,7 +47,7 @@ AMX_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizat
 # dequantized tiles by 25-35% at 24-64 rows and loses from ~96 (BENCHMARKS.md).
 AMX_MAX_ROWS = 64
 # What amx_q4_rows (amx_tiles.h) takes: inputs of a few rows (a token and its drafts, decode batches) on AMX
-# tiles of exactly those rows, an alternative to the VNNI kernel (tile_min_rows).
+# tiles of exactly those rows, an alternative to the VNNI kernel with the same sums (tile_min_rows).
 TILE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 TILE_MIN_ROWS_ENV = "PAGODA_TILE_MIN_ROWS"
 # Largest input row count sent to the quantized kernel (above: tiles dequantized for the dense matmul). Over
@@ -55,6 +55,9 @@ TILE_MIN_ROWS_ENV = "PAGODA_TILE_MIN_ROWS"
 # rows: 34-42 ms against 44-51 ms on 2 Xeon cores with AMX; BENCHMARKS.md): decode batches of a few
 # sequences, short prompts.
 NATIVE_MAX_ROWS = 16
+# On a CPU with VNNI but no AMX, Q4_0/Q4_1/Q8_0 panels take every row count: the panel kernel ran the bundled
+# model's layers 1.24-2.44x faster than dequantized tiles and the bf16 matmul from 32 to 1024 rows (2 Zen 4
+# cores, BENCHMARKS.md; panels_for_prompts).
 # Weight rows dequantized per tile on the prefill path (a tile of a 576-wide layer is 4.7 MB of bf16).
 DEQUANT_TILE_ROWS = 4096
 # Bytes before the quants in one GGUF block: the fp16 scale, and Q4_1's fp16 offset.
@@ -99,6 +102,56 @@ def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
     return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
 
 
+# The three types laid out in panels on the CPU (pagoda/csrc/gguf_panels.h): rows per panel, and bytes of
+# quants per row and block.
+PANEL_TYPES = tuple(_HEADER_BYTES)
+PANEL_ROWS = 16
+
+
+def _panel_parts(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> list[torch.Tensor]:
+    """Regrouped rows -> [rows, blocks, bytes] parts: quants (as 32-bit words' bytes), scales, Q4_1's offsets."""
+    rows = grouped.shape[0]
+    blocks = grouped.shape[1] // GGML_QUANT_SIZES[qtype][1]
+    quant_bytes = GGML_QUANT_SIZES[qtype][1] - _HEADER_BYTES[qtype]
+    parts = [grouped[:, : blocks * quant_bytes].reshape(rows, blocks, quant_bytes)]
+    for i in range(_HEADER_BYTES[qtype] // 2):
+        at = blocks * quant_bytes + 2 * blocks * i
+        parts.append(grouped[:, at : at + 2 * blocks].reshape(rows, blocks, 2))
+    return parts
+
+
+def pack_panels(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Regrouped Q4_0/Q4_1/Q8_0 rows -> the same bytes in panels of ``PANEL_ROWS`` rows (the last may be
+    narrower): per panel and block, word t (4 bytes) of each row's quants side by side for every t, then the
+    rows' fp16 scales, then Q4_1's fp16 offsets."""
+    panels = []
+    for start in range(0, grouped.shape[0], PANEL_ROWS):
+        parts = _panel_parts(grouped[start : start + PANEL_ROWS], qtype)
+        width, blocks = parts[0].shape[0], parts[0].shape[1]
+        words = parts[0].reshape(width, blocks, -1, 4).permute(1, 2, 0, 3).reshape(blocks, -1)
+        rest = [p.permute(1, 0, 2).reshape(blocks, -1) for p in parts[1:]]
+        panels.append(torch.cat([words, *rest], dim=1).reshape(width, -1))
+    return torch.cat(panels) if panels else grouped.clone()
+
+
+def unpack_panels(panels: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """The inverse of ``pack_panels``."""
+    rows = []
+    quant_bytes = GGML_QUANT_SIZES[qtype][1] - _HEADER_BYTES[qtype]
+    for start in range(0, panels.shape[0], PANEL_ROWS):
+        panel = panels[start : start + PANEL_ROWS]
+        width = panel.shape[0]
+        blocks = panel.shape[1] // GGML_QUANT_SIZES[qtype][1]
+        per_block = panel.reshape(blocks, -1)
+        words = per_block[:, : width * quant_bytes].reshape(blocks, quant_bytes // 4, width, 4).permute(2, 0, 1, 3)
+        parts = [words.reshape(width, -1)]
+        for i in range(_HEADER_BYTES[qtype] // 2):
+            at = width * quant_bytes + 2 * width * i
+            parts.append(per_block[:, at : at + 2 * width].reshape(blocks, width, 2).permute(1, 0, 2).reshape(width, -1))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows) if rows else panels.clone()
+
+
 def amx_tiles(ops: ModuleType | None) -> bool:
     """Whether inputs of ``NATIVE_MAX_ROWS`` to ``AMX_MAX_ROWS`` rows (decode batches, short prompts) multiply
     quantized rows on AMX int8 tiles (pagoda/csrc/amx_tiles.h) instead of dequantized tiles and the dense
@@ -106,11 +159,19 @@ def amx_tiles(ops: ModuleType | None) -> bool:
     return ops is not None and os.environ.get("PAGODA_DISABLE_AMX") != "1" and ops.amx_available()
 
 
+def panels_for_prompts(ops: ModuleType | None, qtype: GGMLQuantizationType) -> bool:
+    """Whether inputs of more than ``NATIVE_MAX_ROWS`` rows (prompts, large decode batches) of a ``qtype`` layer
+    stay on the VNNI panel kernel: the kernels have it (``decode_layers_supported`` is their VNNI build) and there
+    are no AMX tiles, whose bf16 and int8 products are faster still."""
+    return (ops is not None and qtype in PANEL_TYPES and ops.decode_layers_supported()
+            and not amx_tiles(ops))
+
+
 def tile_min_rows(ops: ModuleType | None) -> int:
     """Q4_0 / Q4_1 inputs of this many rows up to NATIVE_MAX_ROWS go to AMX tiles of their own instead of the
     VNNI kernel (0: never). Opt-in through PAGODA_TILE_MIN_ROWS (e.g. 6) on a CPU with AMX: on the bundled
-    model a decode step of 6-16 rows runs 5-55% faster there, fewer rows slower (BENCHMARKS.md), and the
-    changed order of fp32 sums moves bf16 outputs against the one-row path's."""
+    model a decode step of 6-16 rows ran 5-55% faster there than on the VNNI kernel before its panels, fewer
+    rows slower (BENCHMARKS.md); both scale each block's int32 sums alike, so the outputs are the same."""
     raw = os.environ.get(TILE_MIN_ROWS_ENV, "0")
     try:
         rows = int(raw)
@@ -121,11 +182,17 @@ def tile_min_rows(ops: ModuleType | None) -> int:
     return rows if rows and amx_tiles(ops) else 0
 
 
+def _kernel_dequantize(ops: ModuleType, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
+                       dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+    kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    return ops.gguf_dequantize(qweight, int(qtype), in_features, kernel_dtype, rows).to(dtype)
+
+
 def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                     dtype: torch.dtype) -> torch.Tensor:
-    """Regrouped rows -> [rows, in_features] of ``dtype`` (the C++ kernel, or torch without it)."""
-    if ops is not None and dtype in (torch.float32, torch.bfloat16):
-        return ops.gguf_dequantize(qweight, int(qtype), in_features, dtype)
+    """A layer's weight (panels with ``ops``, regrouped rows without) -> [rows, in_features] of ``dtype``."""
+    if ops is not None:
+        return _kernel_dequantize(ops, qweight, qtype, in_features, dtype)
     raw = ungroup_rows(qweight, qtype).reshape(-1)
     return dequantize(raw, qtype, (qweight.shape[0], in_features)).to(dtype)
 
@@ -140,6 +207,7 @@ class GGUFLinearMethod:
         self.qtype = qtype
         self.ops = ops
         self.tile_min_rows = tile_min_rows(ops)
+        self.panels_for_prompts = panels_for_prompts(ops, qtype)
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
                        dtype: torch.dtype) -> None:
@@ -162,6 +230,15 @@ class GGUFLinearMethod:
 
         return load
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """On the CPU kernels, Q4_0/Q4_1/Q8_0 rows take the panel layout (once: ``layer.gguf_panels``)."""
+        weight = layer.weight
+        if self.ops is None or self.qtype not in PANEL_TYPES or weight.device.type != "cpu":
+            return
+        if not getattr(layer, "gguf_panels", False):
+            weight.data.copy_(pack_panels(weight.data, self.qtype))
+            layer.gguf_panels = True
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         kernel = gpu_kernel.kernel_for(x)
         if kernel is not None:
@@ -175,6 +252,8 @@ class GGUFLinearMethod:
             return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
         if x.shape[0] <= AMX_MAX_ROWS and self.qtype in AMX_TYPES and amx_tiles(self.ops):
             return self.ops.gguf_linear_amx(x, layer.weight, int(self.qtype), layer.bias)
+        if self.panels_for_prompts:
+            return self.ops.gguf_linear(x, layer.weight, int(self.qtype), layer.bias)
         tiles = [
             F.linear(x, dequantize_rows(self.ops, tile, self.qtype, layer.in_features, x.dtype))
             for tile in layer.weight.split(DEQUANT_TILE_ROWS)
@@ -183,8 +262,12 @@ class GGUFLinearMethod:
         return out if layer.bias is None else out + layer.bias
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.ops, layer.weight[ids.reshape(-1)], self.qtype, layer.in_features,
-                               layer.dtype).reshape(*ids.shape, layer.in_features)
+        if self.ops is not None:
+            rows = _kernel_dequantize(self.ops, layer.weight, self.qtype, layer.in_features, layer.dtype,
+                                      ids.reshape(-1))
+        else:
+            rows = dequantize_rows(None, layer.weight[ids.reshape(-1)], self.qtype, layer.in_features, layer.dtype)
+        return rows.reshape(*ids.shape, layer.in_features)
 
 
 @dataclass

@@ -95,6 +95,11 @@ class Int8LinearMethod:
             layer.bias.weight_loader = sharded_weight_loader(output_sizes)  # type: ignore[attr-defined]
             layer.bias.num_shards = len(output_sizes)  # type: ignore[attr-defined]
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        kernel = getattr(layer, "int8_kernel", None)
+        if kernel is not None:
+            kernel.process_weights_after_loading(layer)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         kernel = getattr(layer, "int8_kernel", None)
         if kernel is not None:

@@ -66,3 +66,4 @@ def finish(layer: Linear, drop: list[str], q: torch.Tensor, scale: torch.Tensor,
     block_scales = scale[:, torch.arange(blocks) * 32 // group_size]
     layer.weight = nn.Parameter(q8_0_blocks((q.to(torch.int16) - 128).to(torch.int8), block_scales), requires_grad=False)
     layer.method = GGUFLinearMethod(GGMLQuantizationType.Q8_0, ops)
+    layer.method.process_weights_after_loading(layer)  # (the model's own pass asked the checkpoint's method)
