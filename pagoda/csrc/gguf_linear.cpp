@@ -220,7 +220,11 @@ void panel_dot(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t 
     acc[r] = _mm512_setzero_ps();
   }
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const int64_t block_bytes = p.width * panel_block_bytes(QType);
   for (int64_t b = 0; b < blocks; ++b) {
+    // The bytes kPrefetchBytes ahead requested into L2 block by block, on the first pass (at batch 1 the
+    // panels stream from DRAM). Past a layer's end this names other memory: a prefetch never faults.
+    if (r0 == 0) prefetch_row_l2(p.block(b) + kPrefetchBytes, block_bytes);
     // w[t]: inputs 4t .. 4t + 3 of each row (Q4: words 0-3's low nibbles, then their high nibbles).
     __m512i w[8];
     if constexpr (QType == kQ8_0) {
@@ -271,16 +275,10 @@ void panel_dot_type(const Panel& p, int64_t blocks, const QuantizedRows& xq, int
   panel_dot_rows<QType, false>(p, blocks, xq, r0, rows, result);
 }
 
-// Panel `panel` of a layer (n rows of row_bytes) against rows r0 .. r0 + rows (<= kPanelRows) of x; the bytes
-// kPrefetchBytes past its start are requested into L2 as a pass over it begins (see prefetch_row_l2).
+// Panel `panel` of a layer (n rows of row_bytes) against rows r0 .. r0 + rows (<= kPanelRows) of x.
 void panel_dot_any(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t panel,
                    const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
   const Panel p = panel_at(w, n, row_bytes, qtype, panel);
-  if (r0 == 0) {
-    const uint8_t* ahead = p.base + kPrefetchBytes;
-    const int64_t left = w + n * row_bytes - ahead;
-    if (left > 0) prefetch_row_l2(ahead, std::min(left, p.width * row_bytes));
-  }
   switch (qtype) {
     case kQ4_0: return panel_dot_type<kQ4_0>(p, k / kBlock, xq, r0, rows, result);
     case kQ4_1: return panel_dot_type<kQ4_1>(p, k / kBlock, xq, r0, rows, result);
