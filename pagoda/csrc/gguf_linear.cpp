@@ -14,8 +14,9 @@
 // pairs summed into each int32 lane), scaled per block in fp32. Every output sums its blocks in order, one
 // multiply-add for the scale and one for the offset per block, whatever the number of rows of x: a row's
 // outputs do not depend on the rows beside it (nor on AMX tiles, amx_tiles.h, which scale alike). Without
-// VNNI a scalar path dequantizes each weight row and takes fp32 dot products. Large row counts (prefill)
-// dequantize tiles of W to bf16 instead (gguf_dequantize) and use the dense matmul.
+// VNNI a scalar path dequantizes each weight row and takes fp32 dot products. Where the CPU has AMX, large
+// row counts (prompts) dequantize tiles of W to bf16 instead (gguf_dequantize) for the dense matmul
+// (pagoda/model/layers/quantization/gguf.py decides).
 #include <torch/extension.h>
 
 #include <algorithm>
