@@ -11,8 +11,9 @@ are compute-bound: on a CPU with AMX, up to ``AMX_MAX_ROWS`` of them multiply Q4
 tiles (pagoda/csrc/amx_tiles.h, the same int8 activations) and longer inputs take tiles of the weight
 dequantized to the model dtype for the dense matmul; without AMX, Q4_0/Q4_1/Q8_0 panels take every row count
 (``panels_for_prompts``) and the K-quants the dequantized tiles (in batch-invariant mode the VNNI kernel takes
-every row count: it computes each row alone, the dense matmul does not). On CUDA, Q4_0/Q4_1/Q8_0 rows (the regrouped bytes) go
-through the Triton kernel (triton_linear.py) at any row count, and the K-quants are dequantized at load.
+every row count: it computes each row alone, the dense matmul does not). On CUDA, Q4_0/Q4_1/Q8_0 rows (the
+regrouped bytes) go through the Triton kernel (triton_linear.py) at any row count, and the K-quants are
+dequantized at load.
 
 Other GGUF types (Q2_K, Q3_K, Q5_0, the IQ types...), and fused layers whose parts have different types, are
 dequantized at load to the model dtype.
@@ -102,8 +103,7 @@ def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
     return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
 
 
-# The three types laid out in panels on the CPU (pagoda/csrc/gguf_panels.h): rows per panel, and bytes of
-# quants per row and block.
+# The types laid out in panels on the CPU (pagoda/csrc/gguf_panels.h), and the rows per panel.
 PANEL_TYPES = tuple(_HEADER_BYTES)
 PANEL_ROWS = 16
 
@@ -162,7 +162,7 @@ def amx_tiles(ops: ModuleType | None) -> bool:
 def panels_for_prompts(ops: ModuleType | None, qtype: GGMLQuantizationType) -> bool:
     """Whether inputs of more than ``NATIVE_MAX_ROWS`` rows (prompts, large decode batches) of a ``qtype`` layer
     stay on the VNNI panel kernel: the kernels have it (``decode_layers_supported`` is their VNNI build) and there
-    are no AMX tiles, whose bf16 and int8 products are faster still."""
+    are no AMX tiles (where there are, prompts keep the tile paths measured on such a CPU: AMX_MAX_ROWS)."""
     return (ops is not None and qtype in PANEL_TYPES and ops.decode_layers_supported()
             and not amx_tiles(ops))
 
