@@ -474,7 +474,8 @@ void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, co
 #endif
 
 // x: [rows, in_features] fp32/bf16; w: [out_features, in_features / block * block bytes] uint8, GGUF blocks
-// (Q4_0 / Q4_1 / Q8_0 in panels, see the file note); bias: [out_features] or None. Returns [rows, out_features] in x's dtype.
+// (Q4_0 / Q4_1 / Q8_0 in panels, see the file note); bias: [out_features] or None. Returns [rows, out_features]
+// in x's dtype.
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> bias) {
   return quantized_linear(
       x, w, bias, "gguf_linear", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear"); },

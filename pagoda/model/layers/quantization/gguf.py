@@ -147,7 +147,8 @@ def unpack_panels(panels: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
         parts = [words.reshape(width, -1)]
         for i in range(_HEADER_BYTES[qtype] // 2):
             at = width * quant_bytes + 2 * width * i
-            parts.append(per_block[:, at : at + 2 * width].reshape(blocks, width, 2).permute(1, 0, 2).reshape(width, -1))
+            halves = per_block[:, at : at + 2 * width].reshape(blocks, width, 2)
+            parts.append(halves.permute(1, 0, 2).reshape(width, -1))
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows) if rows else panels.clone()
 
