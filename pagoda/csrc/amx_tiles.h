@@ -3,13 +3,14 @@
 // weight rows unpacked to unsigned bytes, one tile product (tdpbsud) per block, its int32 sums then scaled in
 // fp32 by the weight block's and the x block's scales. Every weight layout Pagoda runs has a scale d and an
 // offset m per 32 weights, w = d * q + m with q the stored unsigned code (Q4_0: m = -8 d; Q8_0's codes are
-// stored plus 128: m = -128 d; int4: m = -d * zero), so x . w = sum over blocks of d dx dot(xq, q) + m dx sum(xq).
+// stored plus 128: m = -128 d; int4: m = -d * zero of the block's group), so x . w = sum over blocks of
+// d dx dot(xq, q) + m dx sum(xq).
 //
 // A layer's weight rows are unpacked once per 16 of them into the tiles' VNNI order (four consecutive codes
 // of a row per 32-bit word) and then serve every 16 rows of x. Each row's outputs depend on that row alone.
 #pragma once
 
-#include "gguf_panels.h"
+#include "quant_panels.h"
 #include "quant_rows.h"
 
 #if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -39,15 +40,6 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-
-// A 4-bit block's 16 bytes (byte j: code j in the low nibble, code j + 16 in the high one; GGUF Q4_0/Q4_1 and
-// Pagoda's int4 rows alike) -> its 32 codes in order.
-inline void unpack_q4_block(const uint8_t* bytes16, uint8_t* codes) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm_and_si128(bytes, low_nibbles));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
-}
 
 // This thread's tiles: 0 and 1 hold `x_rows` (at most 16) rows of x by one block (32 int8), 6 and 7 one block
 // of 16 weight rows in VNNI order (8 rows of 16 x 4 codes), 2-5 the x_rows x 16 int32 products of four blocks:
@@ -183,7 +175,7 @@ void amx_linear(const T* x, int64_t rows, int64_t k, int64_t n, const float* bia
   });
 }
 
-// Four Q4 blocks (b0 .. b0 + 3) of a panel (gguf_panels.h) into the weight tiles' VNNI order, and their scales
+// Four Q4 blocks (b0 .. b0 + 3) of a GGUF panel (quant_panels.h) into the weight tiles' VNNI order, and their scales
 // and offsets per block as 16 lanes. A panel's words already are that order: packed row j of block i is word j
 // of every row (low nibbles), packed row j + 4 the same words' high nibbles. A narrower panel or fewer than
 // four blocks: the missing ones read as zeros.
@@ -209,13 +201,12 @@ inline void pack_q4_blocks(const Panel& p, int64_t b0, int count, uint8_t* packe
 }
 
 // out[r, c] = x[r] . W[c] (+ bias[c]) for a few rows of x (1-16: a decode batch, a token and its drafts) on
-// Q4_0 / Q4_1 panels (gguf_panels.h), through tiles configured for exactly those rows: each panel's blocks
+// Q4_0 / Q4_1 panels (quant_panels.h), through tiles configured for exactly those rows: each panel's blocks
 // are packed four at a time (pack_q4_blocks), multiplied, and the int32 sums of each block scaled into
 // 16 output lanes per row. xq: the rows quantized in natural order. Each row's outputs depend on that row alone.
 template <typename T>
-void amx_q4_rows(const uint8_t* w, int64_t row_bytes, int64_t qtype, int64_t k, int64_t n, const QuantizedRows& xq,
-                 int64_t rows, const float* bias, T* out) {
-  const int64_t blocks = k / kBlock, n_tiles = (n + kTile - 1) / kTile;
+void amx_q4_rows(const PanelLayer& layer, const QuantizedRows& xq, int64_t rows, const float* bias, T* out) {
+  const int64_t blocks = layer.k / kBlock, n_tiles = layer.panels(), n = layer.n;
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(rows);
     alignas(64) uint8_t packed[4 * kPackedBlockBytes];
@@ -223,12 +214,12 @@ void amx_q4_rows(const uint8_t* w, int64_t row_bytes, int64_t qtype, int64_t k, 
     __m512 d[4], m[4];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * kTile, cols = std::min(kTile, n - c0);
-      const Panel panel = panel_at(w, n, row_bytes, qtype, t);
+      const Panel panel = layer.panel(t);
       // The panel after the next requested while this one is multiplied: it would otherwise wait on memory (a
       // decode step streams the model's weights).
       if (t + 2 < end) {
-        const Panel later = panel_at(w, n, row_bytes, qtype, t + 2);
-        prefetch_row(later.base, later.width * row_bytes);
+        const Panel later = layer.panel(t + 2);
+        prefetch_row(later.base, later.width * layer.row_bytes);
       }
       __m512 acc[kTile];
       for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();

@@ -12,7 +12,7 @@
 // The arithmetic is the layer-by-layer path's: the same kernels' dot products on the same int8 activations,
 // outputs and the residual stream rounded to the model dtype where that path stores them, attention in fp32
 // over the cache as stored (pagoda/model/attention/kv_format.py). Projections: GGUF types (gguf_linear.cpp)
-// and int4 rows (int4_linear.cpp); other layers take the layer-by-layer path.
+// and int4 (int4_linear.cpp); other layers take the layer-by-layer path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,7 +21,7 @@
 
 #include "amx_tiles.h"
 #include "decode_layers.h"
-#include "gguf_panels.h"
+#include "quant_panels.h"
 #include "kv_rows.h"
 #include "quant_rows.h"
 #include "row_attention.h"
@@ -35,29 +35,25 @@ using namespace pagoda_rows;
 #if defined(PAGODA_VNNI)
 namespace pagoda_decode {
 
-constexpr int64_t kInt4Kind = 1000;  // kinds below are GGML type ids
 constexpr int64_t kMaxRows = 16;  // a decode batch, or a decode token and its drafts (fused_decode.py)
 
 struct Projection {
   const uint8_t* weight;
-  int64_t kind, group, out, in, row_bytes;
+  int64_t kind, group, out, in, row_bytes;  // kind: a GGML type id or kInt4; group: int4's group size
   const float* bias;
   bool tiles = false;  // on AMX int8 tiles (amx_q4_rows), x in natural order; else VNNI dot products
 
-  XOrder order() const {
-    return tiles ? XOrder::kNatural : kind == kInt4Kind ? XOrder::kNibbles : gguf_x_order(kind);
+  XOrder order() const { return tiles || is_panel_type(kind) ? XOrder::kNatural : gguf_x_order(kind); }
+
+  PanelLayer panels() const {
+    return {weight, out, row_bytes, kind, in, kind == kInt4 ? std::min(group, in) / kBlock : 1};
   }
 
-  // One weight row (int4, K-quants), the kernel's rows of x a pass at a time: the row stays in L1 for the next.
+  // One K-quant weight row, the kernel's rows of x a pass at a time: the row stays in L1 for the next.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {
     const uint8_t* row = weight + col * row_bytes;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int64_t count = std::min(kRowTile, rows - r0);
-      if (kind == kInt4Kind) {
-        int4_row_dot(row, in, group, xq, r0, count, result + r0);
-      } else {
-        gguf_row_dot(row, kind, in, xq, r0, count, result + r0);
-      }
+      gguf_row_dot(row, kind, in, xq, r0, std::min(kRowTile, rows - r0), result + r0);
     }
   }
 };
@@ -77,21 +73,16 @@ struct Plan {
 template <typename T>
 void project(const Projection& p, const QuantizedRows& xq, int64_t rows, T* out) {
 #if defined(PAGODA_AMX)
-  if (p.tiles) return amx_q4_rows(p.weight, p.row_bytes, p.kind, p.in, p.out, xq, rows, p.bias, out);
+  if (p.tiles) return amx_q4_rows(p.panels(), xq, rows, p.bias, out);
 #endif
   if (is_panel_type(p.kind)) {
+    const PanelLayer layer = p.panels();
     return for_each_output_by_panels(rows, p.out, p.bias, out, [&](int64_t panel, int64_t r0, int64_t count,
                                                                    float* result) {
-      gguf_panel_dot(p.weight, p.out, p.row_bytes, p.kind, p.in, panel, xq, r0, count, result);
+      panel_dot(layer.panel(panel), xq, r0, count, result);
     });
   }
   const int64_t ahead = prefetch_rows_ahead(p.row_bytes);
-  if (p.kind == kInt4Kind && rows <= kInt4ColsMaxRows) {
-    return for_each_output_by_cols(rows, p.out, p.bias, out, [&](int64_t col, float* result) {
-      if (col + ahead + kCols <= p.out) prefetch_row_l2(p.weight + (col + ahead) * p.row_bytes, kCols * p.row_bytes);
-      int4_cols_dot(p.weight + col * p.row_bytes, p.row_bytes, p.in, p.group, xq, rows, result);
-    }, [&](int64_t col, int64_t, int64_t, float* result) { p.dot(col, xq, rows, result); });
-  }
   at::parallel_for(0, p.out, 32, [&](int64_t begin, int64_t end) {
     float result[kMaxRows];
     for (int64_t col = begin; col < end; ++col) {

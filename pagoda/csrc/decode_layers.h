@@ -14,8 +14,8 @@ struct Plan;  // the projections as the kernels read them (decode_layers.cpp)
 
 bool decode_layers_supported();
 
-// weights: 4 a layer (qkv, o, gate_up, down: uint8 rows) with their kinds (GGML type ids, 1000 = int4) and int4
-// group sizes; norms: 2 a layer, then the final norm's; caches: a layer's KV cache [2, blocks, block_size,
+// weights: 4 a layer (qkv, o, gate_up, down: uint8 rows, or panels) with their kinds (GGML type ids, 1000 =
+// int4) and int4 group sizes; norms: 2 a layer, then the final norm's; caches: a layer's KV cache [2, blocks, block_size,
 // kv_heads, row width] (model dtype, int8 rows or fp8) with its two fp8 scales in kv_scales; qkv_biases: one
 // fp32 [qkv rows] a layer, or none.
 struct DecodeLayers {

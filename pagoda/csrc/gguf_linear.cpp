@@ -4,19 +4,16 @@
 // the K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256 weights: 6-bit scales and mins per 32 for Q4_K/Q5_K,
 // int8 scales per 16 for Q6_K, fp16 super-scales).
 //
-// Layout: Q4_0/Q4_1/Q8_0 weights are stored in panels of 16 output rows (gguf_panels.h), so that a vector's
-// 16 lanes are 16 outputs: each block of 32 inputs costs eight VNNI dot products (16 outputs x 4 inputs each)
-// and one scaling for 16 outputs. K-quant rows stay as stored: a super-block's quants are already 128
-// contiguous bytes, and their lanes are inputs.
+// Layout: Q4_0/Q4_1/Q8_0 weights are stored in panels of 16 output rows (quant_panels.h) and multiplied by
+// panel_dot (panel_linear.cpp), whose vector lanes are 16 outputs. K-quant rows stay as stored: a
+// super-block's quants are already 128 contiguous bytes, and their lanes are inputs.
 //
 // Each row of x is quantized on the fly to int8 blocks of 32 with an fp32 scale (as llama.cpp's Q8
 // activations), and the products run as AVX-512 VNNI dot products (vpdpbusd: unsigned x signed bytes, four
-// pairs summed into each int32 lane), scaled per block in fp32. Every output sums its blocks in order, one
-// multiply-add for the scale and one for the offset per block, whatever the number of rows of x: a row's
-// outputs do not depend on the rows beside it (nor on AMX tiles, amx_tiles.h, which scale alike). Without
-// VNNI a scalar path dequantizes each weight row and takes fp32 dot products. Where the CPU has AMX, large
-// row counts (prompts) dequantize tiles of W to bf16 instead (gguf_dequantize) for the dense matmul
-// (pagoda/model/layers/quantization/gguf.py decides).
+// pairs summed into each int32 lane), scaled per block in fp32. A row's outputs do not depend on the rows
+// beside it. Without VNNI a scalar path dequantizes each weight row and takes fp32 dot products. Where the CPU
+// has AMX, large row counts (prompts) dequantize tiles of W to bf16 instead (gguf_dequantize) for the dense
+// matmul (pagoda/model/layers/quantization/gguf.py decides).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -26,7 +23,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
-#include "gguf_panels.h"
+#include "quant_panels.h"
 #include "quant_rows.h"
 
 namespace {
@@ -40,9 +37,11 @@ inline int64_t block_size(int64_t qtype) { return is_k_quant(qtype) ? kSuperBloc
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
-    case kQ4_0: return 18;  // fp16 d, 16 bytes of nibbles: w = d * (q - 8)
-    case kQ4_1: return 20;  // fp16 d, fp16 m, 16 bytes of nibbles: w = d * q + m
-    case kQ8_0: return 34;  // fp16 d, 32 int8: w = d * q
+    // Q4_0: fp16 d, 16 bytes of nibbles, w = d * (q - 8); Q4_1: fp16 d, fp16 m, 16 bytes, w = d * q + m;
+    // Q8_0: fp16 d, 32 int8, w = d * q (18, 20 and 34 bytes).
+    case kQ4_0:
+    case kQ4_1:
+    case kQ8_0: return panel_quant_bytes(qtype) + panel_param_bytes(qtype);
     case kQ4_K: return 144;  // fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 of nibbles: w = d sc q - dmin m
     case kQ5_K: return 176;  // as Q4_K, with 32 bytes of fifth bits before the nibbles
     case kQ6_K: return 210;  // 128 bytes low nibbles, 64 of high 2 bits, 16 int8 scales, fp16 d: w = d sc (q - 32)
@@ -50,42 +49,6 @@ int64_t block_bytes(int64_t qtype) {
   TORCH_CHECK(false, "gguf kernels: GGML type ", qtype,
               " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14)");
   return 0;
-}
-
-// Row c of a panel (gguf_panels.h) as weights: each block's words gathered back into the row's 16 (Q4) or
-// 32 (Q8_0) quant bytes, then w = d * code + m sixteen at a time.
-template <typename T>
-void dequantize_panel_row(const Panel& p, int64_t c, int64_t blocks, T* out) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    float d, m;
-    p.params(c, b, &d, &m);
-    T* o = out + b * kBlock;
-#if defined(__AVX512F__)
-    // Sixteen weights an instruction (prompts dequantize every layer's tiles; a scalar loop was a quarter of a
-    // 128-token prompt's time).
-    const auto word = [&](int64_t t) {
-      int32_t bits;
-      std::memcpy(&bits, p.words(b, t) + 4 * c, 4);
-      return bits;
-    };
-    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-    if (p.qtype == kQ8_0) {
-      const __m128i first = _mm_setr_epi32(word(0), word(1), word(2), word(3));
-      const __m128i last = _mm_setr_epi32(word(4), word(5), word(6), word(7));
-      pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first)), vm));
-      pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(last)), vm));
-      continue;
-    }
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_setr_epi32(word(0), word(1), word(2), word(3)));
-    const __m512i nib = _mm512_set1_epi32(0x0F);
-    pagoda::store16(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), vm));
-    pagoda::store16(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vm));
-#else
-    uint8_t codes[kBlock];
-    p.codes(c, b, codes);
-    for (int j = 0; j < kBlock; ++j) o[j] = static_cast<T>(std::fma(d, static_cast<float>(codes[j]), m));
-#endif
-  }
 }
 
 // Q4_K/Q5_K's eight 6-bit sub-block scales and mins, packed in 12 bytes: bytes 0-3 hold scales 0-3 and the
@@ -175,116 +138,13 @@ template <typename T>
 void dequantize_weight_row(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t col,
                            T* out) {
   if (!is_panel_type(qtype)) return dequantize_row_k(w + col * row_bytes, qtype, k, out);
-  dequantize_panel_row(panel_at(w, n, row_bytes, qtype, col / kPanel), col % kPanel, k / kBlock, out);
+  dequantize_panel_row(PanelLayer{w, n, row_bytes, qtype, k, 1}.panel(col / kPanel), col % kPanel, out);
 }
 
 #if defined(PAGODA_VNNI)
 inline XOrder x_order(int64_t qtype) {
   if (qtype == kQ4_K || qtype == kQ5_K) return XOrder::kPairs;
   return XOrder::kNatural;
-}
-
-// Word t of every row of a panel's block, as 16 lanes (a narrower panel: masked, the missing lanes zeros).
-template <bool Full>
-inline __m512i load_words(const uint8_t* p, __mmask16 mask) {
-  if constexpr (Full) return _mm512_loadu_si512(p);
-  return _mm512_maskz_loadu_epi32(mask, p);
-}
-
-template <bool Full>
-inline __m512 load_halves16(const uint16_t* p, __mmask16 mask) {
-  if constexpr (Full) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
-}
-
-inline __m512i broadcast_word(const int8_t* p) {
-  int32_t bits;
-  std::memcpy(&bits, p, 4);
-  return _mm512_set1_epi32(bits);
-}
-
-// One panel (gguf_panels.h) against R rows of x from r0 (quantized in natural order): result[r * kPanel + c]
-// for row c of the panel. A block's eight words of 16 rows (Q4: four loads' low and high nibbles) meet x's
-// four bytes at a time broadcast, in two chains of four dot products; the block's int32 sums are then scaled
-// by d times x's d, and its offsets m meet x's d * sum(q).
-template <int64_t QType, int R, bool Full>
-void panel_dot(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, float* result) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << p.width) - 1);
-  const int8_t* xrow[R];
-  const float* dx[R];
-  const float* dxsum[R];
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) {
-    xrow[r] = xq.q.data() + (r0 + r) * xq.padded_k;
-    dx[r] = xq.d.data() + (r0 + r) * xq.padded_blocks;
-    dxsum[r] = xq.dsum.data() + (r0 + r) * xq.padded_blocks;
-    acc[r] = _mm512_setzero_ps();
-  }
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const int64_t block_bytes = p.width * panel_block_bytes(QType);
-  for (int64_t b = 0; b < blocks; ++b) {
-    // The bytes kPrefetchBytes ahead requested into L2 block by block, on the first pass (at batch 1 the
-    // panels stream from DRAM). Past a layer's end this names other memory: a prefetch never faults.
-    if (r0 == 0) prefetch_row_l2(p.block(b) + kPrefetchBytes, block_bytes);
-    // w[t]: inputs 4t .. 4t + 3 of each row (Q4: words 0-3's low nibbles, then their high nibbles).
-    __m512i w[8];
-    if constexpr (QType == kQ8_0) {
-      for (int t = 0; t < 8; ++t) w[t] = load_words<Full>(p.words(b, t), mask);
-    } else {
-      for (int t = 0; t < 4; ++t) {
-        const __m512i packed = load_words<Full>(p.words(b, t), mask);
-        w[t] = _mm512_and_si512(packed, low_nibbles);
-        w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
-      }
-    }
-    const __m512 d = load_halves16<Full>(p.scales(b), mask);
-    const __m512 m = QType == kQ4_1 ? load_halves16<Full>(p.offsets(b), mask)
-                                    : _mm512_mul_ps(d, _mm512_set1_ps(panel_offset_factor(QType)));
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = xrow[r] + b * kBlock;
-      __m512i first = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], broadcast_word(xb));
-      __m512i last = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], broadcast_word(xb + 16));
-      for (int t = 1; t < 4; ++t) {
-        first = _mm512_dpbusd_epi32(first, w[t], broadcast_word(xb + 4 * t));
-        last = _mm512_dpbusd_epi32(last, w[t + 4], broadcast_word(xb + 16 + 4 * t));
-      }
-      const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(first, last));
-      acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(d, _mm512_set1_ps(dx[r][b])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(dxsum[r][b]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(result + r * kPanel, acc[r]);
-}
-
-template <int64_t QType, bool Full>
-void panel_dot_rows(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
-  switch (rows) {
-    case 1: return panel_dot<QType, 1, Full>(p, blocks, xq, r0, result);
-    case 2: return panel_dot<QType, 2, Full>(p, blocks, xq, r0, result);
-    case 3: return panel_dot<QType, 3, Full>(p, blocks, xq, r0, result);
-    case 4: return panel_dot<QType, 4, Full>(p, blocks, xq, r0, result);
-    case 5: return panel_dot<QType, 5, Full>(p, blocks, xq, r0, result);
-    case 6: return panel_dot<QType, 6, Full>(p, blocks, xq, r0, result);
-    case 7: return panel_dot<QType, 7, Full>(p, blocks, xq, r0, result);
-    default: return panel_dot<QType, 8, Full>(p, blocks, xq, r0, result);
-  }
-}
-
-template <int64_t QType>
-void panel_dot_type(const Panel& p, int64_t blocks, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
-  if (p.width == kPanel) return panel_dot_rows<QType, true>(p, blocks, xq, r0, rows, result);
-  panel_dot_rows<QType, false>(p, blocks, xq, r0, rows, result);
-}
-
-// Panel `panel` of a layer (n rows of row_bytes) against rows r0 .. r0 + rows (<= kPanelRows) of x.
-void panel_dot_any(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t panel,
-                   const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
-  const Panel p = panel_at(w, n, row_bytes, qtype, panel);
-  switch (qtype) {
-    case kQ4_0: return panel_dot_type<kQ4_0>(p, k / kBlock, xq, r0, rows, result);
-    case kQ4_1: return panel_dot_type<kQ4_1>(p, k / kBlock, xq, r0, rows, result);
-    default: return panel_dot_type<kQ8_0>(p, k / kBlock, xq, r0, rows, result);
-  }
 }
 
 inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
@@ -410,34 +270,29 @@ void row_dot_k_any(const uint8_t* row, int64_t qtype, int64_t k, const Quantized
   }
 }
 
+#endif
+
 template <typename T>
 void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1), n = w.size(0);
-  const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   if (is_panel_type(qtype)) {
-    return for_each_output_by_panels(rows, n, bias, out.data_ptr<T>(), [&](int64_t panel, int64_t r0, int64_t count,
-                                                                          float* result) {
-      panel_dot_any(wp, n, row_bytes, qtype, k, panel, xq, r0, count, result);
-    });
+    return panel_linear(x.data_ptr<T>(), rows, PanelLayer{wp, n, row_bytes, qtype, k, 1}, bias, out.data_ptr<T>());
   }
+#if defined(PAGODA_VNNI)
+  const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
   const int64_t ahead = prefetch_rows_ahead(row_bytes);
   for_each_output(rows, n, bias, out.data_ptr<T>(), [&](int64_t col, int64_t r0, int64_t r_count, float* result) {
     if (col + ahead < n) prefetch_row_l2(wp + (col + ahead) * row_bytes, row_bytes);
     row_dot_k_any(wp + col * row_bytes, qtype, k, xq, r0, r_count, result);
   });
-}
 #else
-template <typename T>
-void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, const float* bias, torch::Tensor& out) {
-  const int64_t rows = x.size(0), k = x.size(1), n = w.size(0), row_bytes = w.size(1);
   const T* xp = x.data_ptr<T>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> wrow(k);
     for (int64_t col = begin; col < end; ++col) {
-      dequantize_weight_row(wp, n, row_bytes, qtype, k, col, wrow.data());
+      dequantize_row_k(wp + col * row_bytes, qtype, k, wrow.data());
       for (int64_t r = 0; r < rows; ++r) {
         float total = 0.f;
         for (int64_t i = 0; i < k; ++i) total += wrow[i] * static_cast<float>(xp[r * k + i]);
@@ -445,8 +300,8 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
       }
     }
   });
-}
 #endif
+}
 
 void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* fn) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), fn,
@@ -461,11 +316,6 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t k, const char* 
 
 #if defined(PAGODA_VNNI)
 XOrder pagoda_quant::gguf_x_order(int64_t qtype) { return x_order(qtype); }
-
-void pagoda_quant::gguf_panel_dot(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k,
-                                  int64_t panel, const QuantizedRows& xq, int64_t r0, int64_t rows, float* result) {
-  panel_dot_any(w, n, row_bytes, qtype, k, panel, xq, r0, rows, result);
-}
 
 void pagoda_quant::gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0,
                                 int64_t r_count, float* result) {
@@ -496,22 +346,6 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
                      });
 }
 
-#if defined(PAGODA_AMX)
-namespace {
-
-// Q4_0 / Q4_1 / Q8_0 panels (see the file note) as amx_linear reads weights: unsigned codes and d, m per block.
-struct GgufBlocks {
-  const uint8_t* w;
-  int64_t n, row_bytes, qtype;
-
-  Panel panel(int64_t col) const { return panel_at(w, n, row_bytes, qtype, col / kPanel); }
-  void unpack(int64_t col, int64_t b, uint8_t* codes) const { panel(col).codes(col % kPanel, b, codes); }
-  void params(int64_t col, int64_t b, float* d, float* m) const { panel(col).params(col % kPanel, b, d, m); }
-};
-
-}  // namespace
-#endif
-
 bool amx_available() {
 #if defined(PAGODA_AMX)
   return amx_permitted();
@@ -534,13 +368,13 @@ torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c
         [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
           using T = decltype(tag);
           const QuantizedRows xq = quantize_rows(xc.data_ptr<T>(), xc.size(0), xc.size(1), XOrder::kNatural);
-          amx_q4_rows(w.data_ptr<uint8_t>(), w.size(1), qtype, xc.size(1), w.size(0), xq, xc.size(0), bp,
+          amx_q4_rows(PanelLayer{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, xc.size(1), 1}, xq, xc.size(0), bp,
                       out.data_ptr<T>());
         });
   }
   return amx_quantized_linear(
       x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
-      [&](int64_t) { return GgufBlocks{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype}; });
+      [&](int64_t k) { return PanelLayer{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, k, 1}; });
 #else
   TORCH_CHECK(false, "gguf_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
   return {};

@@ -22,7 +22,8 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
                               c10::optional<torch::Tensor> rows);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_linear_amx(torch::Tensor x, torch::Tensor w, int64_t group_size, c10::optional<torch::Tensor> bias);
-torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype);
+torch::Tensor int4_dequantize(torch::Tensor w, int64_t group_size, int64_t in_features, at::ScalarType dtype,
+                              c10::optional<torch::Tensor> rows);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -34,14 +35,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x in place, then RMSNorm of residual");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [rows, 2n] gate_up");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding in place");
-  m.def("gguf_linear", &gguf_linear, "x @ W.T + b for W in GGUF Q4_0/Q4_1/Q8_0 blocks, int8 activations (VNNI)");
+  m.def("gguf_linear", &gguf_linear, "x @ W.T + b for W in GGUF blocks (Q4_0/Q4_1/Q8_0 in panels), int8 activations (VNNI)");
   m.def("amx_available", &amx_available, "whether these kernels have AMX int8 tile products and may use them");
   m.def("gguf_linear_amx", &gguf_linear_amx, "gguf_linear for Q4_0/Q4_1/Q8_0 through AMX int8 tiles (prompts)");
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF weight rows (all, or those named) -> fp32/bf16", py::arg("w"),
         py::arg("qtype"), py::arg("in_features"), py::arg("dtype"), py::arg("rows") = py::none());
-  m.def("int4_linear", &int4_linear, "x @ W.T + b for W in group-wise asymmetric int4 rows, int8 activations (VNNI)");
+  m.def("int4_linear", &int4_linear, "x @ W.T + b for W in group-wise asymmetric int4 panels, int8 activations (VNNI)");
   m.def("int4_linear_amx", &int4_linear_amx, "int4_linear through AMX int8 tiles (prompts)");
-  m.def("int4_dequantize", &int4_dequantize, "group-wise int4 rows -> fp32/bf16");
+  m.def("int4_dequantize", &int4_dequantize, "group-wise int4 panels (all rows, or those named) -> fp32/bf16",
+        py::arg("w"), py::arg("group_size"), py::arg("in_features"), py::arg("dtype"), py::arg("rows") = py::none());
   m.def("decode_layers_supported", &decode_layers_supported, "whether decode_layers runs on this CPU (AVX-512 VNNI)");
   py::class_<DecodeLayers>(m, "DecodeLayers", py::module_local(), "one model's decode steps of up to 16 rows through every layer")
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>,

@@ -1,5 +1,5 @@
 // What the CPU kernels on quantized weights share (gguf_linear.cpp: GGUF blocks; int4_linear.cpp: group-wise
-// int4): fp16 scales, rows of x quantized on the fly to int8 blocks of 32 (as llama.cpp's Q8 activations) for
+// int4; panel_linear.cpp: both in panels): fp16 scales, rows of x quantized on the fly to int8 blocks of 32 (as llama.cpp's Q8 activations) for
 // AVX-512 VNNI dot products, and the loop over output columns that every such layer runs.
 #pragma once
 
@@ -26,13 +26,12 @@ namespace pagoda_quant {
 
 // GGML's type ids, as GGUF files store them.
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+// Pagoda's group-wise int4 (int4_linear.cpp) where a GGML type id is expected (fused_decode.py's INT4_KIND).
+constexpr int64_t kInt4 = 1000;
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 4;  // blocks per step of the vector loops (128 weights)
 constexpr int64_t kRowTile = 4;  // rows of x per pass over a weight row (their accumulators stay in registers)
-// Up to kInt4ColsMaxRows rows of x take int4 weight rows this many at a time (int4_linear.cpp, cols_dot_int4).
-constexpr int64_t kCols = 4;
-constexpr int64_t kInt4ColsMaxRows = 2;  // (its offsets take a register of their own per x row and weight row)
 
 #if defined(__F16C__)
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -81,30 +80,6 @@ void for_each_output(int64_t rows, int64_t n, const float* bias, T* out, const R
         const float b = bias ? bias[col] : 0.f;
         for (int64_t r = 0; r < r_count; ++r) out[(r0 + r) * n + col] = static_cast<T>(result[r] + b);
       }
-    }
-  });
-}
-
-// for_each_output for up to kInt4ColsMaxRows rows of x, weight rows kCols at a time: cols_dot(col, result) writes
-// result[r * kCols + c] for weight rows col .. col + kCols - 1; a chunk's last < kCols columns take
-// row_dot(col, 0, rows, result).
-template <typename T, typename ColsDot, typename RowDot>
-void for_each_output_by_cols(int64_t rows, int64_t n, const float* bias, T* out, const ColsDot& cols_dot,
-                             const RowDot& row_dot) {
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    float result[kInt4ColsMaxRows * kCols];
-    for (int64_t col = begin; col < end;) {
-      const int64_t cols = end - col >= kCols ? kCols : 1;
-      if (cols == kCols) {
-        cols_dot(col, result);
-      } else {
-        row_dot(col, 0, rows, result);
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        const float b = bias ? bias[col + c] : 0.f;
-        for (int64_t r = 0; r < rows; ++r) out[r * n + col + c] = static_cast<T>(result[r * cols + c] + b);
-      }
-      col += cols;
     }
   });
 }
@@ -169,15 +144,10 @@ struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> d, dsum;
   int64_t padded_k, padded_blocks;
-  // kNibbles order only: per group of four blocks, 16 lanes holding block l / 4's scale in lane l (where
-  // a dot product of four blocks' quants leaves block l / 4's sums), so that a row's scales are one load.
-  std::vector<float> d_lanes;
 };
 
 enum class XOrder {
-  kNatural,  // Q4_0/Q4_1/Q8_0 panels (gguf_panels.h), Q6_K, AMX tiles: in order
-  kNibbles,  // int4 rows: [b0[0:16] b1[0:16] b2[0:16] b3[0:16] | b0[16:32] ... b3[16:32]], lining up with the
-             // low and the high nibbles of four 4-bit blocks' 64 quant bytes
+  kNatural,  // panels (quant_panels.h), Q6_K, AMX tiles: in order
   kPairs,    // Q4_K/Q5_K: [b0 b2 | b1 b3], lining up with the low and the high nibbles of two 32-byte chunks
 };
 
@@ -186,8 +156,7 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
   const int64_t blocks = k / kBlock, padded_blocks = (blocks + kGroup - 1) / kGroup * kGroup;
   const int64_t padded_k = padded_blocks * kBlock;
   QuantizedRows out{std::vector<int8_t>(rows * padded_k, 0), std::vector<float>(rows * padded_blocks, 0.f),
-                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks,
-                    std::vector<float>(order == XOrder::kNibbles ? rows * padded_blocks * 4 : 0, 0.f)};
+                    std::vector<float>(rows * padded_blocks, 0.f), padded_k, padded_blocks};
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -203,10 +172,7 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
       int8_t* group = out.q.data() + r * padded_k + b / kGroup * kGroup * kBlock;
       const int64_t i = b % kGroup;
       int64_t at_lo = kBlock * i, at_hi = kBlock * i + 16;
-      if (order == XOrder::kNibbles) {
-        at_lo = 16 * i;
-        at_hi = 64 + 16 * i;
-      } else if (order == XOrder::kPairs) {
+      if (order == XOrder::kPairs) {
         const int64_t slot = i == 1 ? 2 : i == 2 ? 1 : i;
         at_lo = kBlock * slot;
         at_hi = kBlock * slot + 16;
@@ -215,49 +181,9 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, XOrder order) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(group + at_hi), _mm512_cvtepi32_epi8(q_hi));
       out.d[r * padded_blocks + b] = d;
       out.dsum[r * padded_blocks + b] = d * static_cast<float>(sum);
-      if (order == XOrder::kNibbles) std::fill_n(out.d_lanes.data() + (r * padded_blocks + b) * 4, 4, d);
     }
   }
   return out;
-}
-
-// The first `count` bytes at p, zeros after. Whole 16-byte chunks (every partial group of Q4/Q8 blocks) take
-// plain 128/256-bit loads: a masked load costs several plain ones on Zen, and rows of 360 or 612 bytes end in
-// a partial group in every row.
-inline __m512i load_bytes(const void* p, int64_t count) {
-  if (count >= 64) return _mm512_loadu_si512(p);
-  if (count <= 0) return _mm512_setzero_si512();
-  const auto* bytes = static_cast<const uint8_t*>(p);
-  switch (count) {
-    case 16: return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-    case 32: return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-    case 48:
-      return _mm512_inserti32x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))),
-                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 32)), 2);
-  }
-  return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, p);
-}
-
-// `count` (1-4) fp16 values at p as fp32, zeros after (scalar loads for a partial group: see load_bytes).
-inline __m128 load_halves(const uint16_t* p, int64_t count) {
-  if (count >= 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  uint64_t bits = p[0];
-  if (count >= 2) bits |= uint64_t{p[1]} << 16;
-  if (count == 3) bits |= uint64_t{p[2]} << 32;
-  return _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(bits)));
-}
-
-// The sums of the 16 lanes of each of a, b, c, d, as the four lanes of the result: one reduction for four
-// rows' accumulators (short weight rows, as a 576-wide model's, spend a good part of their time reducing).
-inline __m128 reduce_add4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // 128-bit chunks: [a0+a2, a1+a3, b0+b2, b1+b3] and the same of c and d.
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  // Chunk i: four partial sums of a, b, c, d (i = 0 .. 3).
-  const __m512 parts = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  const __m512 pairs = _mm512_add_ps(parts, _mm512_shuffle_ps(parts, parts, _MM_SHUFFLE(2, 3, 0, 1)));
-  const __m512 sums = _mm512_add_ps(pairs, _mm512_shuffle_ps(pairs, pairs, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), sums));
 }
 
 inline float hsum128(__m128 v) {
@@ -265,20 +191,12 @@ inline float hsum128(__m128 v) {
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 
-// The layers' dot products (gguf_linear.cpp, int4_linear.cpp), for kernels that run whole layers
-// (decode_layers.cpp): x quantized in the layer's order; gguf_row_dot: one K-quant weight row against rows r0 ..
-// r0 + r_count; gguf_panel_dot: panel `panel` (gguf_panels.h) of a Q4_0 / Q4_1 / Q8_0 layer of n rows against
-// rows r0 .. r0 + rows (at most kPanelRows), result[r * kPanel + c].
+// K-quant layers' dot products (gguf_linear.cpp), for kernels that run whole layers (decode_layers.cpp; the
+// panel types' is panel_dot, quant_panels.h): x quantized in gguf_x_order; one weight row against rows r0 ..
+// r0 + r_count.
 XOrder gguf_x_order(int64_t qtype);
 void gguf_row_dot(const uint8_t* row, int64_t qtype, int64_t k, const QuantizedRows& xq, int64_t r0, int64_t r_count,
                   float* result);
-void gguf_panel_dot(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t panel,
-                    const QuantizedRows& xq, int64_t r0, int64_t rows, float* result);
-void int4_row_dot(const uint8_t* row, int64_t k, int64_t group, const QuantizedRows& xq, int64_t r0, int64_t r_count,
-                  float* result);
-// kCols int4 weight rows from row0 on against rows 0 .. rows - 1 (<= kInt4ColsMaxRows) of x: result[r * kCols + c].
-void int4_cols_dot(const uint8_t* row0, int64_t row_bytes, int64_t k, int64_t group, const QuantizedRows& xq,
-                   int64_t rows, float* result);
 #endif  // PAGODA_VNNI
 
 }  // namespace pagoda_quant

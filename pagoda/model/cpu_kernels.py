@@ -25,7 +25,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ["module.cpp", "paged_decode.cpp", "linear_rowwise.cpp", "argmax.cpp", "sample.cpp", "elementwise.cpp",
-            "token_bitmask.cpp", "gguf_linear.cpp", "int4_linear.cpp", "decode_layers.cpp"]
+            "token_bitmask.cpp", "panel_linear.cpp", "gguf_linear.cpp", "int4_linear.cpp", "decode_layers.cpp"]
 # Records which inputs generated the build.ninja next to it (see KernelBuild.is_built).
 _STAMP = "pagoda_build_inputs.sha256"
 # Held with flock around torch's build: the kernel releases it when its holder dies, which torch's own lock

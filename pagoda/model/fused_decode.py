@@ -1,7 +1,7 @@
 """Steps of up to ``MAX_ROWS`` tokens (decode tokens, drafts to verify, short prompt chunks) through every decoder
 layer in one C++ call
 (pagoda/csrc/decode_layers.cpp), when the model's projections all run on the CPU's quantized kernels (GGUF
-blocks, int4 rows, int8 as Q8_0): batch-1 decode is bound by reading the weights, and the layer-by-layer path
+blocks, int4, int8 as Q8_0): batch-1 decode is bound by reading the weights, and the layer-by-layer path
 spent a third of a token's time outside the matmuls (Python, tensor allocations, a thread fan-out per call).
 
 Same arithmetic as the layer-by-layer path up to the order of fp32 sums. Not used in batch-invariant mode
@@ -26,7 +26,7 @@ from pagoda.model.layers.rotary import RotaryAngles
 
 MAX_ROWS = 16  # as the quantized kernels' int8-activation path for decode (NATIVE_MAX_ROWS)
 
-INT4_KIND = 1000  # decode_layers.cpp's kind for int4 rows; GGUF layers pass their GGML type id
+INT4_KIND = 1000  # decode_layers.cpp's kind for int4 (quant_rows.h kInt4); GGUF layers pass their GGML type id
 HEAD_DIM_MULTIPLE = 16  # the kernel's attention takes sixteen lanes of a head at a time
 
 

@@ -1,4 +1,4 @@
-"""Prompt-sized products on AMX int8 tiles (pagoda/csrc/amx_tiles.h): GGUF Q4_0/Q4_1/Q8_0 rows and int4 rows
+"""Prompt-sized products on AMX int8 tiles (pagoda/csrc/amx_tiles.h): GGUF Q4_0/Q4_1/Q8_0 and int4 panels
 against the VNNI kernels (the same int8 activations: equal up to fp32 rounding) and against the weights'
 dequantized values, ragged row and column counts, each row computed alone, and which path a layer takes
 (PAGODA_DISABLE_AMX=1 included). Skipped where the CPU or the OS offers no AMX int8."""
@@ -18,11 +18,10 @@ from pagoda.model.layers.quantization.gguf import (
     TILE_MIN_ROWS_ENV,
     TILE_TYPES,
     GGUFLinearMethod,
-    pack_panels,
-    regroup_rows,
 )
 from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
-from tests.model.test_gguf_native import _int8_blocks, _quantized, filled_linear
+from tests.model.test_gguf_native import _int8_blocks, _quantized, filled_linear, kernel_rows
+from tests.model.test_int4 import int4_panels
 
 OPS = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(OPS is None or not OPS.amx_available(),
@@ -46,7 +45,7 @@ def _close(got: torch.Tensor, vnni: torch.Tensor, ref: torch.Tensor, dtype: torc
 def test_gguf_rows_on_tiles_match_the_vnni_kernel_and_the_weights(qtype, dtype: torch.dtype, rows: int) -> None:  # noqa: ANN001
     in_features, out_features = 192, 67  # 67: a partial tile of weight rows
     raw, w = _quantized(qtype, out_features, in_features, seed=rows)
-    grouped = pack_panels(regroup_rows(raw, qtype), qtype)
+    grouped = kernel_rows(raw, qtype, in_features)
     torch.manual_seed(rows)
     x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(out_features)
     ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
@@ -66,7 +65,7 @@ def test_a_few_q4_rows_on_tiles_of_their_own_match_the_vnni_kernel(qtype, dtype:
     """amx_q4_rows: tiles of exactly the step's rows (a token and its drafts); 192 = one whole group of four
     blocks and a partial one, 576 = 18 blocks; 67 weight rows = four whole tiles of 16 and a partial one."""
     raw, w = _quantized(qtype, 67, in_features, seed=rows + in_features)
-    grouped = pack_panels(regroup_rows(raw, qtype), qtype)
+    grouped = kernel_rows(raw, qtype, in_features)
     torch.manual_seed(rows)
     x, bias = torch.randn(rows, in_features).to(dtype), torch.randn(67)
     ref = _int8_blocks(x) @ w.T + bias.to(dtype).float()
@@ -99,11 +98,11 @@ def test_steps_of_a_few_rows_take_their_own_tiles_from_tile_min_rows(monkeypatch
 
 @pytest.mark.parametrize(("k", "group"), [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 576), (96, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int4_rows_on_tiles_match_the_vnni_kernel_and_the_weights(k: int, group: int, dtype: torch.dtype) -> None:
+def test_int4_panels_on_tiles_match_the_vnni_kernel_and_the_weights(k: int, group: int, dtype: torch.dtype) -> None:
     """Group sizes of one, two and more blocks, a short last group (576 = 4.5 x 128), one group per row."""
     torch.manual_seed(k + group)
     q, scale, zero = quantize_groups(torch.randn(40, k), group, bits=4, sym=False)
-    rows_of_w = int4.pack_rows(q, scale, zero)
+    rows_of_w = int4_panels(q, scale, zero, group)
     w = dequantize_groups(q, scale, zero, group)
     for rows in ROWS:
         x, bias = torch.randn(rows, k).to(dtype), torch.randn(40)
@@ -115,7 +114,7 @@ def test_int4_rows_on_tiles_match_the_vnni_kernel_and_the_weights(k: int, group:
 def test_each_row_is_computed_alone() -> None:
     """A row's outputs do not depend on the rows beside it or on where it sits in the tiles of 16."""
     raw, _ = _quantized(AMX_TYPES[1], 50, 128, seed=1)
-    grouped = pack_panels(regroup_rows(raw, AMX_TYPES[1]), AMX_TYPES[1])
+    grouped = kernel_rows(raw, AMX_TYPES[1], 128)
     x = torch.randn(37, 128).to(torch.bfloat16)
     together = OPS.gguf_linear_amx(x, grouped, int(AMX_TYPES[1]), None)
     moved = torch.cat([torch.randn(5, 128).to(torch.bfloat16), x[20:]])
@@ -125,8 +124,7 @@ def test_each_row_is_computed_alone() -> None:
 @pytest.mark.parametrize("disabled", [False, True])
 def test_prompt_rows_take_the_tiles_unless_turned_off(disabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """More rows than the VNNI kernel takes: AMX tiles; more than AMX_MAX_ROWS: the dequantized weights' dense
-    product. With PAGODA_DISABLE_AMX=1 GGUF panels stay on the VNNI panel kernel at every row count, int4 rows
-    take the dense product (int8 activations against none)."""
+    product. With PAGODA_DISABLE_AMX=1 GGUF and int4 panels stay on the VNNI panel kernel at every row count."""
     if disabled:
         monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
     qtype = AMX_TYPES[0]
@@ -138,8 +136,7 @@ def test_prompt_rows_take_the_tiles_unless_turned_off(disabled: bool, monkeypatc
     if disabled:
         for rows in (longer, x):
             assert torch.equal(layer(rows), OPS.gguf_linear(rows, layer.weight, int(qtype), None))
-        int4_w = int4_layer.method.dequantize_weight(int4_layer.weight, 96, torch.float32)
-        torch.testing.assert_close(int4_layer(x), x @ int4_w.T, rtol=1e-5, atol=1e-4)
+        assert torch.equal(int4_layer(x), OPS.int4_linear(x, int4_layer.weight, 32, None))
     else:
         torch.testing.assert_close(layer(longer), longer @ w.T, rtol=1e-5, atol=1e-4)
         assert torch.equal(layer(x), OPS.gguf_linear_amx(x, layer.weight, int(qtype), None))

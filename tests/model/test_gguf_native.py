@@ -21,14 +21,14 @@ from pagoda.model.layers.quantization.gguf import (
     NATIVE_TYPES,
     GGUFLinearMethod,
     PANEL_TYPES,
-    dequantize_rows,
-    pack_panels,
-    regroup_rows,
     amx_tiles,
+    dequantize_rows,
+    panel_format,
     panels_for_prompts,
+    regroup_rows,
     ungroup_rows,
-    unpack_panels,
 )
+from pagoda.model.layers.quantization import panels
 
 OPS = load_cpu_kernels()
 needs_kernels = pytest.mark.skipif(OPS is None, reason="C++ CPU kernels unavailable")
@@ -62,6 +62,12 @@ def _quantized(qtype: GGMLQuantizationType, out_features: int, in_features: int,
     return raw, dequantize(raw.reshape(-1), qtype, (out_features, in_features)).float()
 
 
+def kernel_rows(raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> torch.Tensor:
+    """GGUF rows as a layer on the CPU kernels holds them: regrouped, and Q4_0/Q4_1/Q8_0 in panels."""
+    grouped = regroup_rows(raw, qtype)
+    return panels.pack(grouped, panel_format(qtype, in_features)) if qtype in PANEL_TYPES else grouped
+
+
 def _widths(qtype: GGMLQuantizationType) -> list[int]:
     return [256, 512, 768] if qtype in _K_QUANTS else [96, 192, 576]
 
@@ -79,9 +85,9 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 def meets_int8_activations(ops, rows: int, qtype: GGMLQuantizationType | None = None) -> bool:  # noqa: ANN001
     """Whether a quantized layer's input of ``rows`` rows goes through kernels that quantize it to int8 (the
     VNNI kernels, AMX tiles) rather than through the dequantized weights' dense product; ``qtype``: the layer's
-    GGUF type (a GGUF or int8 layer), None for int4."""
+    GGUF type (a GGUF or int8 layer), None for int4 (in panels, as Q4_0/Q4_1/Q8_0)."""
     return ops is not None and (rows <= NATIVE_MAX_ROWS or (rows <= AMX_MAX_ROWS and amx_tiles(ops))
-                                or (qtype is not None and panels_for_prompts(ops, qtype)))
+                                or (qtype in (*PANEL_TYPES, None) and panels_for_prompts(ops)))
 
 
 def filled_linear(method, weights: torch.Tensor, in_features: int, output_sizes: list[int], dtype: torch.dtype,  # noqa: ANN001
@@ -121,7 +127,7 @@ def test_regrouping_keeps_every_byte_and_inverts(qtype: GGMLQuantizationType) ->
 
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=[t.name for t in PANEL_TYPES])
 def test_panels_put_sixteen_rows_words_side_by_side(qtype: GGMLQuantizationType) -> None:
-    """pagoda/csrc/gguf_panels.h's layout, byte by byte from a plain loop: per panel of 16 rows (the last one
+    """pagoda/csrc/quant_panels.h's layout, byte by byte from a plain loop: per panel of 16 rows (the last one
     narrower) and block, word t of every row's quants, then the rows' scales, then Q4_1's offsets."""
     rows, width = 21, 64  # a whole panel and one of 5 rows; two blocks
     grouped = regroup_rows(_quantized(qtype, rows, width)[0], qtype)
@@ -139,9 +145,9 @@ def test_panels_put_sixteen_rows_words_side_by_side(qtype: GGMLQuantizationType)
                 at = blocks * quant_bytes + 2 * blocks * half + 2 * b
                 for row in panel_rows:
                     expected += row[at : at + 2]
-    panels = pack_panels(grouped, qtype)
-    assert panels.shape == grouped.shape and panels.reshape(-1).tolist() == expected
-    assert torch.equal(unpack_panels(panels, qtype), grouped)
+    packed = panels.pack(grouped, panel_format(qtype, width))
+    assert packed.shape == grouped.shape and packed.reshape(-1).tolist() == expected
+    assert torch.equal(panels.unpack(packed, panel_format(qtype, width)), grouped)
 
 
 @needs_kernels
@@ -151,7 +157,7 @@ def test_cpp_dequantize_matches_the_gguf_package(qtype: GGMLQuantizationType, dt
     width = _widths(qtype)[0]
     raw, ref = _quantized(qtype, 7, width)
     grouped = regroup_rows(raw, qtype)
-    stored = pack_panels(grouped, qtype) if qtype in PANEL_TYPES else grouped  # what the CPU kernels hold
+    stored = kernel_rows(raw, qtype, width)
     torch.testing.assert_close(dequantize_rows(OPS, stored, qtype, width, dtype), ref.to(dtype), rtol=1e-6, atol=1e-6)
     rows = torch.tensor([6, 0, 6, 3])
     assert torch.equal(OPS.gguf_dequantize(stored, int(qtype), width, dtype, rows),
@@ -188,7 +194,7 @@ def test_prefill_rows_use_dequantized_tiles(qtype: GGMLQuantizationType, monkeyp
     width = _widths(qtype)[0]
     raw, w = _quantized(qtype, 50, width)
     layer = _layer(qtype, raw, width, [50], torch.float32)
-    x = torch.randn(2 * 128 + 19, width)  # more than one sweep of rows over the panels (gguf_panels.h)
+    x = torch.randn(2 * 128 + 19, width)  # more than one sweep of rows over the panels (quant_panels.h)
     assert layer.method.panels_for_prompts == (qtype in PANEL_TYPES and OPS.decode_layers_supported())
     if layer.method.panels_for_prompts:
         got = layer(x)

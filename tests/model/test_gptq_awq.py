@@ -145,10 +145,10 @@ CASES = {
 def test_a_checkpoint_packed_by_the_published_arithmetic_gives_hf_logits(case: str, make_tiny_model, tmp_path,  # noqa: ANN001
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Pagoda on the packed checkpoint against HF transformers on its dequantized weights (fp32 prefill:
-    the dense matmul over dequantized tiles; decode rows, AMX tiles and the Q8_0 panel kernel for prompts
+    the dense matmul over dequantized tiles; decode rows, AMX tiles and the panel kernel for prompts
     would meet int8 activations)."""
     monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
-    monkeypatch.setattr("pagoda.model.layers.quantization.gguf.panels_for_prompts", lambda ops, qtype: False)
+    monkeypatch.setattr("pagoda.model.layers.quantization.gguf.panels_for_prompts", lambda ops: False)
     folder, hf = make_tiny_model("llama", seed=3)
     quantized = write_quantized(folder, hf, tmp_path / case, **CASES[case])
     llm = LLM(str(quantized), dtype="float32", num_kv_blocks=16, block_size=4)

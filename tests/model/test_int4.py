@@ -1,6 +1,6 @@
-"""Group-wise int4 layers (--quantization int4; GPTQ/AWQ unpack to them): the row layout, the C++ kernel and
-torch's path against the dequantized weights, group sizes with a short last group, batch invariance, errors
-that name what is wrong, and a whole model against its unquantized self."""
+"""Group-wise int4 layers (--quantization int4; GPTQ/AWQ unpack to them): the row and panel layouts, the C++
+kernel and torch's path against the dequantized weights, group sizes with a short last group, each row summed
+alone, batch invariance, errors that name what is wrong, and a whole model against its unquantized self."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from pagoda import LLM
 from pagoda.model.cpu_kernels import load_cpu_kernels
 from pagoda.model.layers.linear import Linear, configure_linear
-from pagoda.model.layers.quantization import int4
+from pagoda.model.layers.quantization import int4, panels
 from pagoda.model.layers.quantization.gguf import NATIVE_MAX_ROWS
 from pagoda.model.layers.quantization.grid import dequantize_groups, grid, quantize_groups
 from tests.model.test_gguf_native import _int8_blocks, filled_linear, meets_int8_activations, top1_agreement
@@ -18,8 +18,13 @@ from tests.model.test_gguf_native import _int8_blocks, filled_linear, meets_int8
 OPS = load_cpu_kernels()
 PATHS = [pytest.param(OPS, id="kernel", marks=pytest.mark.skipif(OPS is None, reason="no C++ kernels")),
          pytest.param(None, id="torch")]
-# (in_features, group): whole groups, a short last group (576 = 4.5 x 128), one group per row.
-SHAPES = [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 576), (96, 64), (32, 64)]
+# (in_features, group): whole groups, a short last group (576 = 4.5 x 128, 576 = 6 x 96), one group per row.
+SHAPES = [(576, 32), (576, 64), (576, 128), (1536, 256), (576, 96), (576, 576), (96, 64), (32, 64)]
+
+
+def int4_panels(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """int4 rows as a layer on the CPU kernels holds them: in panels."""
+    return panels.pack(int4.pack_rows(q, scale, zero), int4.panel_format(q.shape[1], group))
 
 
 def _layer(weight: torch.Tensor, output_sizes: list[int], group: int, dtype: torch.dtype, ops,  # noqa: ANN001
@@ -35,6 +40,31 @@ def test_rows_pack_and_unpack_exactly(k: int, group: int) -> None:
     assert rows.shape[1] == k // 2 + 3 * -(-k // group)  # 4 bits a weight, fp16 scale + uint8 zero a group
     for got, want in zip(int4.unpack_rows(rows, k, group), (q, scale, zero)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("k", "group"), [(192, 64), (224, 64), (96, 96)])
+def test_panels_put_a_groups_blocks_then_its_scales_and_zeros(k: int, group: int) -> None:
+    """pagoda/csrc/quant_panels.h's layout, byte by byte from a plain loop: per panel of 16 rows (the last one
+    narrower) and group (224 = 3.5 x 64: a short last group), each block's word t of every row for every t,
+    then the rows' fp16 scales, then their zeros."""
+    rows = int4.pack_rows(*quantize_groups(torch.randn(21, k), group, bits=4, sym=False))
+    blocks, groups = k // 32, -(-k // group)
+    expected = []
+    for start in (0, 16):
+        panel_rows = rows[start : start + 16].tolist()
+        for g in range(groups):
+            for b in range(g * group // 32, min(blocks, (g + 1) * group // 32)):
+                for t in range(4):
+                    for row in panel_rows:
+                        expected += row[16 * b + 4 * t : 16 * b + 4 * t + 4]
+            for row in panel_rows:
+                expected += row[k // 2 + 2 * g : k // 2 + 2 * g + 2]
+            for row in panel_rows:
+                expected += [row[k // 2 + 2 * groups + g]]
+    fmt = int4.panel_format(k, group)
+    packed = panels.pack(rows, fmt)
+    assert packed.shape == rows.shape and packed.reshape(-1).tolist() == expected
+    assert torch.equal(panels.unpack(packed, fmt), rows)
 
 
 def test_round_to_nearest_stays_within_half_a_step_and_keeps_zero_exact() -> None:
@@ -75,24 +105,28 @@ def test_the_layer_matches_its_dequantized_weights(ops, k: int, group: int, dtyp
 @pytest.mark.skipif(OPS is None, reason="no C++ kernels")
 @pytest.mark.parametrize(("k", "group"), SHAPES)
 def test_the_kernels_dequantization_matches_torchs(k: int, group: int) -> None:
-    rows = int4.pack_rows(*quantize_groups(torch.randn(8, k), group, bits=4, sym=False))
+    q, scale, zero = quantize_groups(torch.randn(19, k), group, bits=4, sym=False)
+    stored = int4_panels(q, scale, zero, group)
     for dtype in (torch.float32, torch.bfloat16):
-        ours = OPS.int4_dequantize(rows, group, k, dtype)
-        torch_path = dequantize_groups(*int4.unpack_rows(rows, k, group), group, dtype)
+        ours = OPS.int4_dequantize(stored, group, k, dtype)
+        torch_path = dequantize_groups(q, scale, zero, group, dtype)
         assert torch.equal(ours, torch_path)
+        picked = torch.tensor([18, 0, 18, 5])
+        assert torch.equal(OPS.int4_dequantize(stored, group, k, dtype, picked), torch_path[picked])
 
 
 @pytest.mark.skipif(OPS is None, reason="no C++ kernels")
 @pytest.mark.parametrize(("k", "group"), SHAPES)
-def test_one_or_two_rows_sum_as_they_do_beside_more_rows(k: int, group: int) -> None:
-    """One or two rows of x take four weight rows a pass (a chunk's last one to three alone), more rows one
-    weight row a pass: a row's outputs are bit for bit the same either way."""
+def test_a_few_rows_sum_as_they_do_beside_more_rows(k: int, group: int) -> None:
+    """Up to eight rows of x take a panel a pass, more take several passes, and a narrower last panel masked
+    lanes: a row's outputs are bit for bit the same whatever rows are beside it (speculative decoding's
+    verification rows give the one-row step's logits)."""
     torch.manual_seed(k * group)
     layer = _layer(torch.randn(67, k), [67], group, torch.float32, OPS)
-    x = torch.randn(5, k)
+    x = torch.randn(NATIVE_MAX_ROWS, k)
     beside = layer(x)
-    assert torch.equal(layer(x[:1]), beside[:1])
-    assert torch.equal(layer(x[3:5]), beside[3:5])
+    for start, stop in ((0, 1), (1, 3), (2, 6), (3, 12), (5, 14)):
+        assert torch.equal(layer(x[start:stop]), beside[start:stop])
 
 
 @pytest.mark.parametrize("ops", PATHS)
@@ -108,12 +142,14 @@ def test_batch_invariant_mode_computes_each_row_alone(ops) -> None:  # noqa: ANN
 
 
 def test_an_unsupported_group_size_is_named_with_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match=r"int4 group size 96 is not supported; supported: 32, 64, a multiple of 128"):
-        Linear(576, [8], False, torch.float32, int4.Int4LinearMethod(OPS, 96))
+    with pytest.raises(ValueError, match=r"int4 group size 48 is not supported; supported: multiples of 32, or the whole"):
+        Linear(576, [8], False, torch.float32, int4.Int4LinearMethod(OPS, 48))
     if OPS is not None:
-        rows = int4.pack_rows(*quantize_groups(torch.randn(4, 192), 64, bits=4, sym=False))
-        with pytest.raises(RuntimeError, match="group size 96"):
-            OPS.int4_linear(torch.randn(1, 192), rows, 96, None)
+        rows = int4_panels(*quantize_groups(torch.randn(4, 192), 64, bits=4, sym=False), 64)
+        with pytest.raises(RuntimeError, match="group size 48 is not a multiple of 32"):
+            OPS.int4_linear(torch.randn(1, 192), rows, 48, None)
+        with pytest.raises(RuntimeError, match="weight rows hold 105 bytes, but 192 inputs in groups of 32 take 114"):
+            OPS.int4_linear(torch.randn(1, 192), rows, 32, None)
 
 
 def test_a_tensor_of_the_wrong_shape_is_refused_by_name() -> None:

@@ -128,10 +128,10 @@ def test_pagodas_packer_writes_the_published_layouts() -> None:
 def test_a_written_checkpoint_loads_and_stays_close_to_the_float_model(method: str, make_tiny_model, tmp_path,  # noqa: ANN001
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The written weights, through the dense product (a prompt longer than the int8-activation kernel
-    takes, AMX tiles and the Q8_0 panel kernel for prompts off): what is measured is the quantization of the
+    takes, AMX tiles and the panel kernel for prompts off): what is measured is the quantization of the
     weights alone."""
     monkeypatch.setenv("PAGODA_DISABLE_AMX", "1")
-    monkeypatch.setattr("pagoda.model.layers.quantization.gguf.panels_for_prompts", lambda ops, qtype: False)
+    monkeypatch.setattr("pagoda.model.layers.quantization.gguf.panels_for_prompts", lambda ops: False)
     folder, hf = make_tiny_model("llama", seed=2, hidden_size=128, intermediate_size=256)
     out = tmp_path / method
     args = ["quantize", "--method", method, str(folder), str(out), "--seq-len", "64", "--max-sequences", "8"]

@@ -3,8 +3,8 @@ and Q6_K.
 
 A layer's ``weight`` (uint8) holds the file's bytes of each weight row. Q4_0/Q4_1/Q8_0 rows are regrouped at
 load from GGUF's array of blocks ([scale, (offset,) quants] per 32 weights) into [all quants | all scales |
-all offsets]; on the CPU, once loaded, they are laid out again in panels of 16 rows (``pack_panels``;
-pagoda/csrc/gguf_panels.h), so that the C++ kernel's vector lanes are 16 outputs and a block's scale is
+all offsets]; on the CPU, once loaded, they are laid out again in panels of 16 rows (panels.py;
+pagoda/csrc/quant_panels.h), so that the C++ kernel's vector lanes are 16 outputs and a block's scale is
 applied once per 16 of them. K-quant rows stay as stored. The bytes per row, and so the memory read per
 token, stay the file's. Up to ``NATIVE_MAX_ROWS`` rows of input (decode) go through that kernel; more rows
 are compute-bound: on a CPU with AMX, up to ``AMX_MAX_ROWS`` of them multiply Q4_0/Q4_1/Q8_0 rows on int8
@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from pagoda.model.gguf_file import GGUFFile, dequantize
 from pagoda.model.layers.linear import Linear, batch_invariant
-from pagoda.model.layers.quantization import gpu_kernel
+from pagoda.model.layers.quantization import gpu_kernel, panels
 
 NATIVE_TYPES = (
     GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
@@ -56,9 +56,9 @@ TILE_MIN_ROWS_ENV = "PAGODA_TILE_MIN_ROWS"
 # rows: 34-42 ms against 44-51 ms on 2 Xeon cores with AMX; BENCHMARKS.md): decode batches of a few
 # sequences, short prompts.
 NATIVE_MAX_ROWS = 16
-# On a CPU with VNNI but no AMX, Q4_0/Q4_1/Q8_0 panels take every row count: the panel kernel ran the bundled
-# model's layers 1.24-2.44x faster than dequantized tiles and the bf16 matmul from 32 to 1024 rows (2 Zen 4
-# cores, BENCHMARKS.md; panels_for_prompts).
+# On a CPU with VNNI but no AMX, layers in panels (Q4_0/Q4_1/Q8_0, int4) take every row count: the panel kernel
+# ran the bundled model's Q4_1 layers 1.24-2.44x faster than dequantized tiles and the bf16 matmul from 32 to
+# 1024 rows (2 Zen 4 cores, BENCHMARKS.md; panels_for_prompts).
 # Weight rows dequantized per tile on the prefill path (a tile of a 576-wide layer is 4.7 MB of bf16).
 DEQUANT_TILE_ROWS = 4096
 # Bytes before the quants in one GGUF block: the fp16 scale, and Q4_1's fp16 offset.
@@ -103,54 +103,15 @@ def ungroup_rows(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
     return torch.cat([scales.reshape(rows, blocks, header), qs], dim=2).reshape(rows, -1)
 
 
-# The types laid out in panels on the CPU (pagoda/csrc/gguf_panels.h), and the rows per panel.
+# The types laid out in panels on the CPU (panels.py).
 PANEL_TYPES = tuple(_HEADER_BYTES)
-PANEL_ROWS = 16
 
 
-def _panel_parts(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> list[torch.Tensor]:
-    """Regrouped rows -> [rows, blocks, bytes] parts: quants (as 32-bit words' bytes), scales, Q4_1's offsets."""
-    rows = grouped.shape[0]
-    blocks = grouped.shape[1] // GGML_QUANT_SIZES[qtype][1]
-    quant_bytes = GGML_QUANT_SIZES[qtype][1] - _HEADER_BYTES[qtype]
-    parts = [grouped[:, : blocks * quant_bytes].reshape(rows, blocks, quant_bytes)]
-    for i in range(_HEADER_BYTES[qtype] // 2):
-        at = blocks * quant_bytes + 2 * blocks * i
-        parts.append(grouped[:, at : at + 2 * blocks].reshape(rows, blocks, 2))
-    return parts
-
-
-def pack_panels(grouped: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """Regrouped Q4_0/Q4_1/Q8_0 rows -> the same bytes in panels of ``PANEL_ROWS`` rows (the last may be
-    narrower): per panel and block, word t (4 bytes) of each row's quants side by side for every t, then the
-    rows' fp16 scales, then Q4_1's fp16 offsets."""
-    panels = []
-    for start in range(0, grouped.shape[0], PANEL_ROWS):
-        parts = _panel_parts(grouped[start : start + PANEL_ROWS], qtype)
-        width, blocks = parts[0].shape[0], parts[0].shape[1]
-        words = parts[0].reshape(width, blocks, -1, 4).permute(1, 2, 0, 3).reshape(blocks, -1)
-        rest = [p.permute(1, 0, 2).reshape(blocks, -1) for p in parts[1:]]
-        panels.append(torch.cat([words, *rest], dim=1).reshape(width, -1))
-    return torch.cat(panels) if panels else grouped.clone()
-
-
-def unpack_panels(panels: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """The inverse of ``pack_panels``."""
-    rows = []
-    quant_bytes = GGML_QUANT_SIZES[qtype][1] - _HEADER_BYTES[qtype]
-    for start in range(0, panels.shape[0], PANEL_ROWS):
-        panel = panels[start : start + PANEL_ROWS]
-        width = panel.shape[0]
-        blocks = panel.shape[1] // GGML_QUANT_SIZES[qtype][1]
-        per_block = panel.reshape(blocks, -1)
-        words = per_block[:, : width * quant_bytes].reshape(blocks, quant_bytes // 4, width, 4).permute(2, 0, 1, 3)
-        parts = [words.reshape(width, -1)]
-        for i in range(_HEADER_BYTES[qtype] // 2):
-            at = width * quant_bytes + 2 * width * i
-            halves = per_block[:, at : at + 2 * width].reshape(blocks, width, 2)
-            parts.append(halves.permute(1, 0, 2).reshape(width, -1))
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows) if rows else panels.clone()
+def panel_format(qtype: GGMLQuantizationType, in_features: int) -> panels.PanelFormat:
+    """Regrouped rows of a ``PANEL_TYPES`` type as panels.py sees them: a group per block, the scales (and
+    Q4_1's offsets) fp16."""
+    header = _HEADER_BYTES[qtype]
+    return panels.PanelFormat(GGML_QUANT_SIZES[qtype][1] - header, in_features // 32, 1, (2,) * (header // 2))
 
 
 def amx_tiles(ops: ModuleType | None) -> bool:
@@ -160,12 +121,12 @@ def amx_tiles(ops: ModuleType | None) -> bool:
     return ops is not None and os.environ.get("PAGODA_DISABLE_AMX") != "1" and ops.amx_available()
 
 
-def panels_for_prompts(ops: ModuleType | None, qtype: GGMLQuantizationType) -> bool:
-    """Whether inputs of more than ``NATIVE_MAX_ROWS`` rows (prompts, large decode batches) of a ``qtype`` layer
-    stay on the VNNI panel kernel: the kernels have it (``decode_layers_supported`` is their VNNI build) and there
-    are no AMX tiles (where there are, prompts keep the tile paths measured on such a CPU: AMX_MAX_ROWS)."""
-    return (ops is not None and qtype in PANEL_TYPES and ops.decode_layers_supported()
-            and not amx_tiles(ops))
+def panels_for_prompts(ops: ModuleType | None) -> bool:
+    """Whether inputs of more than ``NATIVE_MAX_ROWS`` rows (prompts, large decode batches) of a layer in panels
+    (``PANEL_TYPES``, int4) stay on the VNNI panel kernel: the kernels have it (``decode_layers_supported`` is
+    their VNNI build) and there are no AMX tiles (where there are, prompts keep the tile paths measured on such
+    a CPU: AMX_MAX_ROWS)."""
+    return ops is not None and ops.decode_layers_supported() and not amx_tiles(ops)
 
 
 def tile_min_rows(ops: ModuleType | None) -> int:
@@ -208,7 +169,7 @@ class GGUFLinearMethod:
         self.qtype = qtype
         self.ops = ops
         self.tile_min_rows = tile_min_rows(ops)
-        self.panels_for_prompts = panels_for_prompts(ops, qtype)
+        self.panels_for_prompts = qtype in PANEL_TYPES and panels_for_prompts(ops)
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
                        dtype: torch.dtype) -> None:
@@ -232,13 +193,9 @@ class GGUFLinearMethod:
         return load
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        """On the CPU kernels, Q4_0/Q4_1/Q8_0 rows take the panel layout (once: ``layer.gguf_panels``)."""
-        weight = layer.weight
-        if self.ops is None or self.qtype not in PANEL_TYPES or weight.device.type != "cpu":
-            return
-        if not getattr(layer, "gguf_panels", False):
-            weight.data.copy_(pack_panels(weight.data, self.qtype))
-            layer.gguf_panels = True
+        """On the CPU kernels, Q4_0/Q4_1/Q8_0 rows take the panel layout."""
+        if self.ops is not None and self.qtype in PANEL_TYPES and layer.weight.device.type == "cpu":
+            panels.lay_out_once(layer, panel_format(self.qtype, layer.in_features))
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         kernel = gpu_kernel.kernel_for(x)

@@ -2,12 +2,14 @@
 g = j // group_size. ``--quantization int4`` quantizes each checkpoint tensor to it as it loads
 (round to nearest, grid.py); GPTQ and AWQ checkpoints are unpacked to it at load (gptq.py, awq.py).
 
-A layer's ``weight`` (uint8) holds each row as [nibbles | fp16 scales | uint8 zeros], the layout of the C++
-kernel (pagoda/csrc/int4_linear.cpp): up to ``NATIVE_MAX_ROWS`` rows of input (decode) run through it with
-int8 activations, up to ``AMX_MAX_ROWS`` run on AMX int8 tiles where the CPU has them, more (or without AMX)
-dequantize tiles for the dense matmul, as GGUF layers do. Without the
-kernels, a CUDA device multiplies the packed rows in one Triton kernel (triton_linear.py); anything else (no
-compiler, no triton) dequantizes the layer in torch per call: correct, not fast.
+A layer's ``weight`` (uint8) holds each row as [nibbles | fp16 scales | uint8 zeros] (``pack_rows``). On the
+CPU kernels the rows are then laid out in panels of 16 (panels.py, pagoda/csrc/quant_panels.h) and multiplied
+by the kernel of GGUF's Q4_0/Q4_1/Q8_0 panels with a scale and zero per group (pagoda/csrc/int4_linear.cpp)
+with int8 activations: up to ``NATIVE_MAX_ROWS`` rows of input (decode), and every row count on a CPU with
+VNNI but no AMX; with AMX, up to ``AMX_MAX_ROWS`` rows run on int8 tiles and more dequantize tiles for the
+dense matmul, as GGUF layers do. Without the kernels, a CUDA device multiplies the rows in one Triton kernel
+(triton_linear.py); anything else (no compiler, no triton) dequantizes the layer in torch per call: correct,
+not fast.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.model.layers.linear import Linear, batch_invariant, sharded_weight_loader
-from pagoda.model.layers.quantization import gpu_kernel
+from pagoda.model.layers.quantization import gguf, gpu_kernel, panels
 from pagoda.model.layers.quantization.gguf import AMX_MAX_ROWS, DEQUANT_TILE_ROWS, NATIVE_MAX_ROWS, amx_tiles
 from pagoda.model.layers.quantization.grid import dequantize_groups, quantize_groups
 from pagoda.model.layers.quantization.int8 import Int8LinearMethod
@@ -33,17 +35,23 @@ def num_groups(in_features: int, group_size: int) -> int:
 
 
 def check_group_size(group_size: int, in_features: int, name: str) -> None:
-    """What the kernel takes (int4_linear.cpp): widths of whole 32-blocks, and groups of 32, 64, a multiple of
-    128, or the whole row."""
+    """What the kernels take (int4_linear.cpp, triton_linear.py): widths of whole 32-blocks, groups of whole
+    blocks or the whole row."""
     if in_features % _BLOCK:
         raise ValueError(f"{name}: int4 layers need in_features divisible by {_BLOCK}, got {in_features}")
-    if group_size % _BLOCK or not (group_size <= 64 or group_size % 128 == 0 or group_size >= in_features):
-        raise ValueError(f"{name}: int4 group size {group_size} is not supported; supported: 32, 64, a multiple "
-                         f"of 128, or the whole row (-1)")
+    if group_size <= 0 or (group_size % _BLOCK and group_size < in_features):
+        raise ValueError(f"{name}: int4 group size {group_size} is not supported; supported: multiples of "
+                         f"{_BLOCK}, or the whole row (-1)")
 
 
 def row_bytes(in_features: int, group_size: int) -> int:
     return in_features // 2 + 3 * num_groups(in_features, group_size)
+
+
+def panel_format(in_features: int, group_size: int) -> panels.PanelFormat:
+    """``pack_rows``'s rows as panels.py sees them: 16 bytes of nibbles a block, a group's fp16 scale and
+    uint8 zero."""
+    return panels.PanelFormat(16, in_features // _BLOCK, min(group_size, in_features) // _BLOCK, (2, 1))
 
 
 def pack_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,7 @@ class Int4LinearMethod:
     def __init__(self, ops: ModuleType | None, group_size: int) -> None:
         self.ops = ops
         self.group_size = group_size
+        self.panels_for_prompts = gguf.panels_for_prompts(ops)
 
     def create_weights(self, layer: Linear, in_features: int, output_sizes: list[int], bias: bool,
                        dtype: torch.dtype) -> None:
@@ -95,17 +104,26 @@ class Int4LinearMethod:
             layer.bias.weight_loader = sharded_weight_loader(output_sizes)  # type: ignore[attr-defined]
             layer.bias.num_shards = len(output_sizes)  # type: ignore[attr-defined]
 
-    def dequantize_weight(self, weight: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.ops is not None and weight.is_cpu and dtype in (torch.float32, torch.bfloat16):
-            return self.ops.int4_dequantize(weight, self.group_size, in_features, dtype)
-        q, scale, zero = unpack_rows(weight, in_features, self.group_size)
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """On the CPU kernels, the rows take the panel layout."""
+        if self.ops is not None and layer.weight.device.type == "cpu":
+            panels.lay_out_once(layer, panel_format(layer.in_features, self.group_size))
+
+    def dequantize_weight(self, weight: torch.Tensor, in_features: int, dtype: torch.dtype,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A layer's weight (panels on the CPU kernels, rows elsewhere), or its rows ``rows``, as ``dtype``."""
+        if self.ops is not None and weight.is_cpu:
+            kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return self.ops.int4_dequantize(weight, self.group_size, in_features, kernel_dtype, rows).to(dtype)
+        q, scale, zero = unpack_rows(weight if rows is None else weight[rows], in_features, self.group_size)
         return dequantize_groups(q, scale, zero, self.group_size, dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         perm = getattr(layer, "input_perm", None)
         if perm is not None:
             x = x.index_select(-1, perm)
-        if self.ops is not None and x.is_cpu and (x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant()):
+        if self.ops is not None and x.is_cpu and (x.shape[0] <= NATIVE_MAX_ROWS or batch_invariant()
+                                                   or self.panels_for_prompts):
             return self.ops.int4_linear(x, layer.weight, self.group_size, layer.bias)
         if x.is_cpu and x.shape[0] <= AMX_MAX_ROWS and amx_tiles(self.ops):
             return self.ops.int4_linear_amx(x, layer.weight, self.group_size, layer.bias)
@@ -124,7 +142,7 @@ class Int4LinearMethod:
         return out if layer.bias is None else out + layer.bias
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.dequantize_weight(layer.weight[ids.reshape(-1)], layer.in_features, layer.dtype)
+        rows = self.dequantize_weight(layer.weight, layer.in_features, layer.dtype, ids.reshape(-1))
         return rows.reshape(*ids.shape, layer.in_features)
 
 

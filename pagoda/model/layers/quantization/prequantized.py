@@ -50,13 +50,14 @@ def add_bias(layer: Linear, output_sizes: list[int], dtype: torch.dtype) -> None
 def finish(layer: Linear, drop: list[str], q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            group_size: int, bits: int, ops: ModuleType | None) -> None:
     """Install the runtime form of [out, in] codes q with per-group scale and zero [out, groups]: 4 bits as
-    int4 rows (Int4LinearMethod); 8 bits, symmetric, as Q8_0 rows on the GGUF kernel, or dense weights
+    int4 (Int4LinearMethod); 8 bits, symmetric, as Q8_0 rows on the GGUF kernel, or dense weights
     without the kernels. ``drop``: the checkpoint-layout parameters to remove."""
     for name in drop:
         delattr(layer, name)
     if bits == 4:
         layer.weight = nn.Parameter(int4.pack_rows(q, scale, zero), requires_grad=False)
         layer.method = int4.Int4LinearMethod(ops, group_size)
+        layer.method.process_weights_after_loading(layer)
         return
     if ops is None:
         layer.weight = nn.Parameter(dequantize_groups(q, scale, zero, group_size, layer.dtype), requires_grad=False)
