@@ -27,12 +27,12 @@
 #include "row_attention.h"
 #include "token_rows.h"
 
+#if defined(PAGODA_VNNI)
 using namespace pagoda_quant;
 using namespace pagoda_kv;
 using namespace pagoda_attention;
 using namespace pagoda_rows;
 
-#if defined(PAGODA_VNNI)
 namespace pagoda_decode {
 
 constexpr int64_t kMaxRows = 16;  // a decode batch, or a decode token and its drafts (fused_decode.py)
