@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import uuid
@@ -176,3 +179,21 @@ def test_a_second_builder_says_it_waits_and_then_loads_the_same_build(
         assert not loaded
     waiter.join(timeout=120)
     assert not waiter.is_alive() and loaded[0].answer == 42
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("c++") is None, reason="x86-64 with a C++ compiler")
+def test_the_kernels_compile_for_a_cpu_without_avx512(tmp_path: Path) -> None:
+    """Every kernel source, for an AVX2 CPU (x86-64-v3: most laptops): its scalar and AVX2 paths must compile,
+    else the whole extension fails there and every layer falls back to torch. One translation unit of all the
+    sources, checked for syntax only (~20 s; the build of this machine's own kernels is -march=native)."""
+    from torch.utils.cpp_extension import include_paths
+
+    csrc = Path(cpu_kernels.__file__).resolve().parent.parent / "csrc"
+    unity = tmp_path / "all_kernels.cpp"
+    unity.write_text("".join(f'#include "{csrc / name}"\n' for name in cpu_kernels._SOURCES))
+    command = ["c++", "-fsyntax-only", "-std=c++20", "-march=x86-64-v3", "-fopenmp",
+               "-DTORCH_EXTENSION_NAME=pagoda_portability", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{csrc}",
+               *(f"-isystem{path}" for path in include_paths()), f"-isystem{sysconfig.get_paths()['include']}",
+               str(unity)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
