@@ -130,6 +130,15 @@ def test_a_few_rows_sum_as_they_do_beside_more_rows(k: int, group: int) -> None:
 
 
 @pytest.mark.parametrize("ops", PATHS)
+def test_embedding_rows_are_the_dequantized_rows(ops) -> None:  # noqa: ANN001
+    """Rows picked from panels (37 rows: two panels of 16 and one of 5) or from plain rows alike."""
+    w = torch.randn(37, 96)
+    layer = _layer(w, [37], 32, torch.float32, ops)
+    ids = torch.tensor([[36, 0], [17, 36]])
+    assert torch.equal(layer.embed(ids), dequantize_groups(*quantize_groups(w, 32, bits=4, sym=False), 32)[ids])
+
+
+@pytest.mark.parametrize("ops", PATHS)
 def test_batch_invariant_mode_computes_each_row_alone(ops) -> None:  # noqa: ANN001
     layer = _layer(torch.randn(20, 128), [20], 64, torch.float32, ops)
     x = torch.randn(7, 128)
