@@ -45,9 +45,7 @@ struct Projection {
 
   XOrder order() const { return tiles || is_panel_type(kind) ? XOrder::kNatural : gguf_x_order(kind); }
 
-  PanelLayer panels() const {
-    return {weight, out, row_bytes, kind, in, kind == kInt4 ? std::min(group, in) / kBlock : 1};
-  }
+  PanelLayer panels() const { return panel_layer(weight, out, row_bytes, kind, in, group); }
 
   // One K-quant weight row, the kernel's rows of x a pass at a time: the row stays in L1 for the next.
   void dot(int64_t col, const QuantizedRows& xq, int64_t rows, float* result) const {

@@ -138,7 +138,7 @@ template <typename T>
 void dequantize_weight_row(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k, int64_t col,
                            T* out) {
   if (!is_panel_type(qtype)) return dequantize_row_k(w + col * row_bytes, qtype, k, out);
-  dequantize_panel_row(PanelLayer{w, n, row_bytes, qtype, k, 1}.panel(col / kPanel), col % kPanel, out);
+  dequantize_panel_row(panel_layer(w, n, row_bytes, qtype, k).panel(col / kPanel), col % kPanel, out);
 }
 
 #if defined(PAGODA_VNNI)
@@ -277,7 +277,7 @@ void run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, c
   const int64_t rows = x.size(0), k = x.size(1), row_bytes = w.size(1), n = w.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   if (is_panel_type(qtype)) {
-    return panel_linear(x.data_ptr<T>(), rows, PanelLayer{wp, n, row_bytes, qtype, k, 1}, bias, out.data_ptr<T>());
+    return panel_linear(x.data_ptr<T>(), rows, panel_layer(wp, n, row_bytes, qtype, k), bias, out.data_ptr<T>());
   }
 #if defined(PAGODA_VNNI)
   const QuantizedRows xq = quantize_rows(x.data_ptr<T>(), rows, k, x_order(qtype));
@@ -368,13 +368,13 @@ torch::Tensor gguf_linear_amx(torch::Tensor x, torch::Tensor w, int64_t qtype, c
         [&](auto tag, const torch::Tensor& xc, const float* bp, torch::Tensor& out) {
           using T = decltype(tag);
           const QuantizedRows xq = quantize_rows(xc.data_ptr<T>(), xc.size(0), xc.size(1), XOrder::kNatural);
-          amx_q4_rows(PanelLayer{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, xc.size(1), 1}, xq, xc.size(0), bp,
+          amx_q4_rows(panel_layer(w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, xc.size(1)), xq, xc.size(0), bp,
                       out.data_ptr<T>());
         });
   }
   return amx_quantized_linear(
       x, w, bias, "gguf_linear_amx", [&](int64_t k) { check_weight(w, qtype, k, "gguf_linear_amx"); },
-      [&](int64_t k) { return PanelLayer{w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, k, 1}; });
+      [&](int64_t k) { return panel_layer(w.data_ptr<uint8_t>(), w.size(0), w.size(1), qtype, k); });
 #else
   TORCH_CHECK(false, "gguf_linear_amx: these kernels were built without AMX int8 (amx_available() is false)");
   return {};

@@ -35,7 +35,7 @@ void check_int4_weight(const torch::Tensor& w, int64_t group, int64_t k, const c
 }
 
 PanelLayer int4_layer(const torch::Tensor& w, int64_t group, int64_t k) {
-  return {w.data_ptr<uint8_t>(), w.size(0), w.size(1), kInt4, k, std::min(group, k) / kBlock};
+  return panel_layer(w.data_ptr<uint8_t>(), w.size(0), w.size(1), kInt4, k, group);
 }
 
 }  // namespace

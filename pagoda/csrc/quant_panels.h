@@ -109,6 +109,12 @@ struct PanelLayer {
   }
 };
 
+// A layer of n rows of row_bytes in panels, k inputs; group: int4's group size (GGUF's types: a group per block).
+inline PanelLayer panel_layer(const uint8_t* w, int64_t n, int64_t row_bytes, int64_t qtype, int64_t k,
+                              int64_t group = kBlock) {
+  return {w, n, row_bytes, qtype, k, qtype == kInt4 ? std::min(group, k) / kBlock : 1};
+}
+
 // Row c of a panel as k weights (panel_linear.cpp). int4's are d * (q - zero), rounded once.
 void dequantize_panel_row(const Panel& p, int64_t c, float* out);
 void dequantize_panel_row(const Panel& p, int64_t c, c10::BFloat16* out);
