@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kv_rows.h"
@@ -137,6 +138,169 @@ void attend_chunk(const StepRows& s, const RowGroup& g, int64_t c, const T* qkv,
   }
 }
 
+#if defined(__AVX512BF16__)
+// The same work item for a bf16 cache and bf16 queries, without the fp32 copy of the chunk: scores multiply
+// bf16 pairs straight into fp32 sums (vdpbf16ps: products exact, as the widened path's), and each value row is
+// widened in registers once for up to kUnitRegisters / (dim / 16) (row, query head) units at a time. The copy
+// (a 48 kB scratch, larger than L1, read back once per query head) and the item's two divisions a key made
+// attention at 1000-2000 tokens of context cost ~2x the time of this path with its prefetching below.
+constexpr int kUnitRegisters = 16;  // fp32 sums held across a pass over the chunk's values
+
+// 32 bf16 as fp32: the even elements and the odd ones (a bf16 is an fp32's top half: one shift or one mask,
+// no shuffle across lanes). Sums kept in this order are put back in place once, at the end of a chunk.
+inline void widen_pairs(const at::BFloat16* src, __m512& even, __m512& odd) {
+  const __m512i x = _mm512_loadu_si512(src);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// scores[t] = scale * q . keys[t] for the chunk's kKeyChunk key rows (rows past its last key repeat it: their
+// scores are computed and never read).
+template <int kSlices>
+inline void score_keys_bf16(const at::BFloat16* q, const at::BFloat16* const* keys, float scale, float* scores) {
+  __m512bh qv[kSlices];
+  for (int s = 0; s < kSlices; ++s) qv[s] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + 32 * s));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < kKeyChunk; t0 += 16) {
+    __m512 acc[16];
+    for (int k = 0; k < 16; ++k) {
+      acc[k] = _mm512_setzero_ps();
+      for (int s = 0; s < kSlices; ++s)
+        acc[k] = _mm512_dpbf16_ps(acc[k], qv[s],
+                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(keys[t0 + k] + 32 * s)));
+    }
+    _mm512_storeu_ps(scores + t0, _mm512_mul_ps(sum16(acc), vscale));
+  }
+}
+
+// outs[u][2 + ...] = sum over t < n of probs[u][t] * values[t], for kUnits units sharing each widened value row.
+template <int kSlices, int kUnits>
+void accumulate_values_bf16(const at::BFloat16* const* values, int64_t n, const float* const* probs,
+                            float* const* outs) {
+  __m512 acc[kUnits][2 * kSlices];
+  for (auto& unit : acc)
+    for (auto& a : unit) a = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 v[2 * kSlices];
+    for (int s = 0; s < kSlices; ++s) widen_pairs(values[t] + 32 * s, v[2 * s], v[2 * s + 1]);
+    for (int u = 0; u < kUnits; ++u) {
+      const __m512 p = _mm512_set1_ps(probs[u][t]);
+      for (int i = 0; i < 2 * kSlices; ++i) acc[u][i] = _mm512_fmadd_ps(p, v[i], acc[u][i]);
+    }
+  }
+  alignas(64) static const int32_t first[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static const int32_t second[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i lo = _mm512_load_si512(first), hi = _mm512_load_si512(second);
+  for (int u = 0; u < kUnits; ++u)
+    for (int s = 0; s < kSlices; ++s) {
+      _mm512_storeu_ps(outs[u] + 2 + 32 * s, _mm512_permutex2var_ps(acc[u][2 * s], lo, acc[u][2 * s + 1]));
+      _mm512_storeu_ps(outs[u] + 18 + 32 * s, _mm512_permutex2var_ps(acc[u][2 * s], hi, acc[u][2 * s + 1]));
+    }
+}
+
+template <int kSlices>
+void accumulate_values_bf16(const at::BFloat16* const* values, int64_t n, const float* const* probs,
+                            float* const* outs, int units) {
+  constexpr int kMost = kUnitRegisters / (2 * kSlices);
+  static_assert(kMost <= 4, "passes of up to four units");
+  switch (units) {
+    case 1: return accumulate_values_bf16<kSlices, 1>(values, n, probs, outs);
+    case 2: return accumulate_values_bf16<kSlices, 2>(values, n, probs, outs);
+    case 3:
+      if constexpr (kMost >= 3) return accumulate_values_bf16<kSlices, 3>(values, n, probs, outs);
+      break;
+    case 4:
+      if constexpr (kMost >= 4) return accumulate_values_bf16<kSlices, 4>(values, n, probs, outs);
+      break;
+  }
+  TORCH_CHECK(false, "accumulate_values_bf16: ", units, " units in one pass");
+}
+
+// offsets[t] = the cache row of token t0 + t for t < n, then the last one's again (one division a block: two
+// a key cost ~10% of the item).
+inline void token_offsets(const StepRows& s, const int64_t* table, int64_t t0, int64_t n, int64_t token_stride,
+                          int64_t* offsets) {
+  for (int64_t t = 0; t < n;) {
+    const int64_t token = t0 + t, slot = token % s.block_size, count = std::min(s.block_size - slot, n - t);
+    const int64_t at = (table[token / s.block_size] * s.block_size + slot) * token_stride;
+    for (int64_t i = 0; i < count; ++i) offsets[t + i] = at + i * token_stride;
+    t += count;
+  }
+  std::fill(offsets + n, offsets + kKeyChunk, offsets[n - 1]);
+}
+
+// Requests KV head h's K rows, then its V rows, of n tokens into L2: in the order the work reads them, one head
+// ahead of it. At batch 1 the cache comes from DRAM (the weights stream through every level between two steps)
+// and these requests queue behind each other: the whole chunk requested at its start, K before V, took ~1.3x
+// as long; the next chunk's rows in address order (for the hardware prefetcher) ~1.2x; two heads ahead the same.
+inline void prefetch_head(const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* offsets, int64_t n,
+                          int64_t h, int64_t head_bytes) {
+  for (const at::BFloat16* cache : {k_cache, v_cache})
+    for (int64_t t = 0; t < n; ++t) {
+      const char* row = reinterpret_cast<const char*>(cache + offsets[t]) + h * head_bytes;
+      for (int64_t b = 0; b < head_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+    }
+}
+
+// attend_chunk for bf16 queries over a bf16 cache (kSlices = dim / 32). first_head_requested: whether the
+// thread's previous item requested this chunk's first head (it was the group's chunk before this one).
+template <int kSlices>
+void attend_chunk_bf16(const StepRows& s, const RowGroup& g, int64_t c, const at::BFloat16* qkv, int64_t qkv_width,
+                       const at::BFloat16* k_cache, const at::BFloat16* v_cache, int64_t row_width, float qk_scale,
+                       const Partials& partials, std::vector<float>& scratch, bool first_head_requested) {
+  constexpr int kPassUnits = kUnitRegisters / (2 * kSlices);
+  const int64_t group = s.heads / s.kv_heads;
+  const int64_t t0 = c * kKeyChunk, n = std::min(t0 + kKeyChunk, g.max_len) - t0;
+  const int64_t* table = s.tables + g.first * s.max_blocks;
+  const int64_t token_stride = s.kv_heads * row_width;
+  int64_t offsets[kKeyChunk], next[kKeyChunk];  // this chunk's key rows, the next one's
+  token_offsets(s, table, t0, n, token_stride, offsets);
+  const int64_t next_n = std::min(t0 + n + kKeyChunk, g.max_len) - (t0 + n);
+  if (next_n > 0) token_offsets(s, table, t0 + n, next_n, token_stride, next);
+  const int64_t head_bytes = row_width * static_cast<int64_t>(sizeof(at::BFloat16));
+  if (!first_head_requested) prefetch_head(k_cache, v_cache, offsets, n, 0, head_bytes);
+  // Each unit's scores, then its weights, zero past its own keys: a pass runs to its longest unit's, and 0 * v
+  // adds nothing (those keys are the group's, written in this step or before).
+  scratch.resize(g.count * group * kKeyChunk);
+  static thread_local std::vector<float*> outs;
+  static thread_local std::vector<const float*> probs;
+  static thread_local std::vector<int64_t> limits;
+  limits.resize(g.count * group);
+  outs.resize(g.count * group);
+  probs.resize(g.count * group);
+  for (int64_t h = 0; h < s.kv_heads; ++h) {
+    if (h + 1 < s.kv_heads) prefetch_head(k_cache, v_cache, offsets, n, h + 1, head_bytes);
+    else if (next_n > 0) prefetch_head(k_cache, v_cache, next, next_n, 0, head_bytes);
+    const at::BFloat16* keys[kKeyChunk];
+    const at::BFloat16* values[kKeyChunk];
+    for (int64_t t = 0; t < kKeyChunk; ++t) {
+      keys[t] = k_cache + offsets[t] + h * row_width;
+      values[t] = v_cache + offsets[t] + h * row_width;
+    }
+    int units = 0;
+    for (int64_t r = g.first; r < g.first + g.count; ++r) {
+      const int64_t limit = std::min(t0 + n, s.lens[r]) - t0;
+      if (limit <= 0) continue;  // the row ends before this chunk: merge reads only its own chunks
+      for (int64_t hq = h * group; hq < (h + 1) * group; ++hq, ++units) {
+        float* scores = scratch.data() + units * kKeyChunk;
+        score_keys_bf16<kSlices>(qkv + r * qkv_width + hq * s.dim, keys, qk_scale, scores);
+        float* out = partials.at(r, hq, c);
+        out[1] = softmax_numerators(scores, limit, &out[0]);
+        std::fill(scores + limit, scores + kKeyChunk, 0.f);
+        outs[units] = out;
+        probs[units] = scores;
+        limits[units] = limit;
+      }
+    }
+    for (int u = 0; u < units; u += kPassUnits) {
+      const int pass = std::min(kPassUnits, units - u);
+      const int64_t keys_read = *std::max_element(&limits[u], &limits[u] + pass);
+      accumulate_values_bf16<kSlices>(values, keys_read, &probs[u], &outs[u], pass);
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
 // out[r, hq * dim ...] (T, rows out_width apart) = each row's chunks merged, times v_scale.
 template <typename T>
 void merge_chunks(const StepRows& s, const Partials& partials, float v_scale, T* out, int64_t out_width) {
@@ -185,9 +349,20 @@ void attend_rows(const StepRows& s, const std::vector<RowGroup>& groups, const T
     // Kept too: a fresh one (48 kB for 32 keys of 3 KV heads of 64 dims) allocated and zeroed in every layer
     // cost ~30% of a one-row step's attention with the cache in L2.
     static thread_local std::vector<float> scratch;
-    for (int64_t i = begin; i < end; ++i)
+    for (int64_t i = begin; i < end; ++i) {
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
+        if (s.dim == 64 || s.dim == 128) {
+          (s.dim == 64 ? attend_chunk_bf16<2> : attend_chunk_bf16<4>)(
+              s, groups[items[i].group], items[i].chunk, qkv, qkv_width, k_cache, v_cache, row_width, scale, partials,
+              scratch, i > begin && items[i].chunk > 0);
+          continue;
+        }
+      }
+#endif
       attend_chunk<T, C>(s, groups[items[i].group], items[i].chunk, qkv, qkv_width, k_cache, v_cache, row_width,
                          scale * k_scale, partials, scratch);
+    }
   });
   merge_chunks(s, partials, v_scale, out, s.heads * s.dim);
 }

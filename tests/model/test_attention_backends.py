@@ -26,7 +26,7 @@ def _metadata(seq_lens: list[int], query_lens: list[int], block_size: int, num_b
                              pad_slot=(num_blocks - 1) * block_size)
 
 
-@pytest.mark.parametrize("dim", [32, 64])  # 64 has a specialized bf16 path, 32 takes the portable one
+@pytest.mark.parametrize("dim", [32, 64])  # bf16 at 64 reads the cache as bf16, at 32 widens it
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> None:
     fmt = KVCacheFormat.of("auto", dtype)
@@ -53,6 +53,36 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> 
         backend.prepare(meta)
         outs.append(backend.forward(q, k, v, cache.clone(), meta, dim**-0.5).float())
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dim, group", [(64, 3), (128, 2), (64, 1)])
+def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_beside(dim: int, group: int) -> None:
+    """bf16 queries over a bf16 cache (scores from bf16 pairs, values widened in registers, keys in chunks of 32
+    merged per row): six rows of one sequence (a token and its drafts, crossing a chunk bound), a longer
+    sequence and a one-token one, against attention in fp32 on the same bf16 numbers; each row equals itself
+    computed alone, bit for bit."""
+    from pagoda.model.cpu_kernels import load_cpu_kernels
+
+    ops = load_cpu_kernels()
+    assert ops is not None, "the C++ CPU kernels did not build"
+    block_size, kv_heads = 16, 2
+    heads = kv_heads * group
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 40, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    drafts = torch.tensor([[3, 9, 1, 30, 7]])  # 80 slots, blocks out of order
+    tables = torch.cat([drafts.repeat(6, 1), torch.tensor([[11, 12, 13, 14, 15]]),
+                        torch.tensor([[25, 0, 0, 0, 0]])]).long()
+    lens = torch.tensor([60, 61, 62, 63, 64, 65, 77, 1])
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(torch.bfloat16)
+    got = ops.paged_decode_attention(q, cache[0], cache[1], tables, lens, dim**-0.5)
+    for r, length in enumerate(lens.tolist()):
+        slots = [tables[r, t // block_size].item() * block_size + t % block_size for t in range(length)]
+        keys, values = (cache[i].reshape(-1, kv_heads, dim)[slots].float().repeat_interleave(group, 1) for i in (0, 1))
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[r].float(), keys) * dim**-0.5, dim=-1)
+        want = torch.einsum("ht,thd->hd", weights, values)
+        torch.testing.assert_close(got[r].float(), want, atol=1e-2, rtol=1e-2)  # the output is bf16
+        alone = ops.paged_decode_attention(q[r:r + 1], cache[0], cache[1], tables[r:r + 1], lens[r:r + 1], dim**-0.5)
+        assert torch.equal(alone[0], got[r]), r
 
 
 SEQ_LENS, QUERY_LENS = [1, 5, 9, 17, 30, 12], [1, 1, 1, 4, 1, 12]
