@@ -47,9 +47,9 @@ def fp32_reference(bundled_gguf) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kv", ["auto", "int8", "fp8"])
 def test_the_bundled_gguf_decodes_as_faithfully_as_layer_by_layer(bundled_gguf, fp32_reference, kv: str) -> None:
-    """Its blocks as stored, in bf16 (dtype auto here): the two paths round differently (the layer-by-layer
-    attention rounds its softmax weights to bf16, sums run in other orders), which moves bf16 logits by up to
-    ~1-2 of ~30 here; neither may agree less with the fp32 model than the other where it is clear."""
+    """Its blocks as stored, in bf16 (dtype auto here): the two paths round differently (sums run in other
+    orders, and layer by layer rounds every intermediate to bf16), which moves bf16 logits by up to ~1-2 of ~30
+    here; neither may agree less with the fp32 model than the other where it is clear."""
     llm = LLM(str(bundled_gguf), kv_cache_dtype=kv, num_kv_blocks=64, block_size=16)
     tokens = llm.get_tokenizer().encode(AGREEMENT_TEXT)
     fused, layered = _both(llm, tokens, 16)
