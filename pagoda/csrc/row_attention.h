@@ -5,12 +5,12 @@
 // drafts used to read the sequence's cache five times, which at a few hundred tokens of context cost as much
 // as a row of the projections. Keys are split into chunks of kKeyChunk, each (group, chunk) a work item with
 // its own softmax max and sum per query head, merged per row afterwards (as flash-decoding splits keys), so
-// that one sequence's attention is spread over the threads too. An item takes every KV head of its tokens:
-// a token's cache row holds the heads side by side, and reading it whole, in address order, cost a quarter to
-// two fifths less at 160-400 tokens than reading one head's slice of each row per item (the cache is cold: the
-// weights stream through every cache level between two steps). Chunk bounds are multiples of kKeyChunk counted
-// from the sequence's start, so a row's result depends only on its own length and the cache, never on which
-// rows share its step.
+// that one sequence's attention is spread over the threads too. An item takes every KV head of its tokens, head
+// by head, each head's rows requested into L2 while the one before is worked on (the cache is cold: the weights
+// stream through every cache level between two steps; items of one head each, unrequested, cost a quarter to
+// two fifths more than whole rows in address order). Chunk bounds are multiples of kKeyChunk counted from the
+// sequence's start, so a row's result depends only on its own length and the cache, never on which rows share
+// its step.
 #pragma once
 
 #include <torch/extension.h>
@@ -77,62 +77,96 @@ struct Partials {
   }
 };
 
-// One work item: the rows of group g, every query head, the keys of chunk c.
+// offsets[t] = the cache row of token t0 + t for t < n, then the last one's again (one division a block: two
+// a key cost ~10% of the item).
+inline void token_offsets(const StepRows& s, const int64_t* table, int64_t t0, int64_t n, int64_t token_stride,
+                          int64_t* offsets) {
+  for (int64_t t = 0; t < n;) {
+    const int64_t token = t0 + t, slot = token % s.block_size, count = std::min(s.block_size - slot, n - t);
+    const int64_t at = (table[token / s.block_size] * s.block_size + slot) * token_stride;
+    for (int64_t i = 0; i < count; ++i) offsets[t + i] = at + i * token_stride;
+    t += count;
+  }
+  std::fill(offsets + n, offsets + kKeyChunk, offsets[n - 1]);
+}
+
+// Requests KV head h's K rows, then its V rows, of n tokens into L2: in the order the work reads them, one head
+// ahead of it. At batch 1 the cache comes from DRAM (the weights stream through every level between two steps)
+// and these requests queue behind each other: the whole chunk requested at its start, K before V, took ~1.3x
+// as long; the next chunk's rows in address order (for the hardware prefetcher) ~1.2x; two heads ahead the same.
+template <typename C>
+inline void prefetch_head(const C* k_cache, const C* v_cache, const int64_t* offsets, int64_t n, int64_t h,
+                          int64_t head_bytes) {
+  for (const C* cache : {k_cache, v_cache})
+    for (int64_t t = 0; t < n; ++t) {
+      const char* row = reinterpret_cast<const char*>(cache + offsets[t]) + h * head_bytes;
+      for (int64_t b = 0; b < head_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+    }
+}
+
+// One work item: the rows of group g, every query head, the keys of chunk c, KV head by KV head (its keys and
+// values widened to fp32 once for its query heads of every row). first_head_requested: whether the thread's
+// previous item requested this chunk's first head (it was the group's chunk before this one).
 template <typename T, typename C>
 void attend_chunk(const StepRows& s, const RowGroup& g, int64_t c, const T* qkv, int64_t qkv_width,
                   const C* k_cache, const C* v_cache, int64_t row_width, float qk_scale, const Partials& partials,
-                  std::vector<float>& scratch) {
+                  std::vector<float>& scratch, bool first_head_requested) {
   const int64_t dim = s.dim, group = s.heads / s.kv_heads;
   const int64_t t0 = c * kKeyChunk, t1 = std::min(t0 + kKeyChunk, g.max_len), n = t1 - t0;
   const int64_t padded = (n + 15) / 16 * 16, head_floats = padded * dim;  // a KV head's keys (or values)
-  scratch.resize(2 * s.kv_heads * head_floats + padded + dim);
-  float* all_keys = scratch.data();  // [kv_heads, padded, dim]
-  float* all_values = all_keys + s.kv_heads * head_floats;
-  float* scores = all_values + s.kv_heads * head_floats;
+  scratch.resize(2 * head_floats + padded + dim);
+  float* keys = scratch.data();  // [padded, dim]
+  float* values = keys + head_floats;
+  float* scores = values + head_floats;
   float* qf = scores + padded;
+  std::fill(keys + n * dim, keys + head_floats, 0.f);  // scored with the rest, never used
   const int64_t* table = s.tables + g.first * s.max_blocks;
-  const int64_t token_stride = s.kv_heads * row_width, block_stride = s.block_size * token_stride;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t at = table[t / s.block_size] * block_stride + (t % s.block_size) * token_stride;
-    for (int64_t h = 0; h < s.kv_heads; ++h) {
-      load_row(k_cache + at + h * row_width, all_keys + h * head_floats + (t - t0) * dim, 1, dim);
-      load_row(v_cache + at + h * row_width, all_values + h * head_floats + (t - t0) * dim, 1, dim);
+  const int64_t token_stride = s.kv_heads * row_width;
+  int64_t offsets[kKeyChunk], next[kKeyChunk];  // this chunk's key rows, the next one's
+  token_offsets(s, table, t0, n, token_stride, offsets);
+  const int64_t next_n = std::min(t1 + kKeyChunk, g.max_len) - t1;
+  if (next_n > 0) token_offsets(s, table, t1, next_n, token_stride, next);
+  const int64_t head_bytes = row_width * static_cast<int64_t>(sizeof(C));
+  if (!first_head_requested) prefetch_head(k_cache, v_cache, offsets, n, 0, head_bytes);
+  for (int64_t h = 0; h < s.kv_heads; ++h) {
+    if (h + 1 < s.kv_heads) prefetch_head(k_cache, v_cache, offsets, n, h + 1, head_bytes);
+    else if (next_n > 0) prefetch_head(k_cache, v_cache, next, next_n, 0, head_bytes);
+    for (int64_t t = 0; t < n; ++t) {
+      load_row(k_cache + offsets[t] + h * row_width, keys + t * dim, 1, dim);
+      load_row(v_cache + offsets[t] + h * row_width, values + t * dim, 1, dim);
     }
-  }
-  for (int64_t h = 0; h < s.kv_heads; ++h)  // scored with the rest, never used
-    std::fill(all_keys + h * head_floats + n * dim, all_keys + (h + 1) * head_floats, 0.f);
-  for (int64_t r = g.first; r < g.first + g.count; ++r) {
-    const int64_t limit = std::min(t1, s.lens[r]) - t0;
-    if (limit <= 0) continue;  // the row ends before this chunk: merge reads only its own chunks
-    for (int64_t hq = 0; hq < s.heads; ++hq) {
-      const float* keys = all_keys + hq / group * head_floats;
-      const float* values = all_values + hq / group * head_floats;
-      const T* q = qkv + r * qkv_width + hq * dim;
-      for (int64_t i = 0; i < dim; ++i) qf[i] = static_cast<float>(q[i]) * qk_scale;
-      for (int64_t t = 0; t < limit; t += 16) {
-        __m512 acc[16];
-        for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t r = g.first; r < g.first + g.count; ++r) {
+      const int64_t limit = std::min(t1, s.lens[r]) - t0;
+      if (limit <= 0) continue;  // the row ends before this chunk: merge reads only its own chunks
+      for (int64_t hq = h * group; hq < (h + 1) * group; ++hq) {
+        const T* q = qkv + r * qkv_width + hq * dim;
+        for (int64_t i = 0; i < dim; ++i) qf[i] = static_cast<float>(q[i]) * qk_scale;
+        for (int64_t t = 0; t < limit; t += 16) {
+          __m512 acc[16];
+          for (auto& a : acc) a = _mm512_setzero_ps();
+          for (int64_t d = 0; d < dim; d += 16) {
+            const __m512 qv = _mm512_loadu_ps(qf + d);
+            for (int k = 0; k < 16; ++k)
+              acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys + (t + k) * dim + d), acc[k]);
+          }
+          _mm512_storeu_ps(scores + t, sum16(acc));
+        }
+        float* out = partials.at(r, hq, c);
+        out[1] = softmax_numerators(scores, limit, &out[0]);
+        // Four running sums a slice, so that consecutive multiply-adds do not wait on each other.
         for (int64_t d = 0; d < dim; d += 16) {
-          const __m512 qv = _mm512_loadu_ps(qf + d);
-          for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys + (t + k) * dim + d), acc[k]);
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          int64_t t = 0;
+          for (; t + 4 <= limit; t += 4) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(values + t * dim + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 1]), _mm512_loadu_ps(values + (t + 1) * dim + d), a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 2]), _mm512_loadu_ps(values + (t + 2) * dim + d), a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 3]), _mm512_loadu_ps(values + (t + 3) * dim + d), a3);
+          }
+          for (; t < limit; ++t)
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(values + t * dim + d), a0);
+          _mm512_storeu_ps(out + 2 + d, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
         }
-        _mm512_storeu_ps(scores + t, sum16(acc));
-      }
-      float* out = partials.at(r, hq, c);
-      out[1] = softmax_numerators(scores, limit, &out[0]);
-      // Four running sums a slice, so that consecutive multiply-adds do not wait on each other.
-      for (int64_t d = 0; d < dim; d += 16) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t t = 0;
-        for (; t + 4 <= limit; t += 4) {
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(values + t * dim + d), a0);
-          a1 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 1]), _mm512_loadu_ps(values + (t + 1) * dim + d), a1);
-          a2 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 2]), _mm512_loadu_ps(values + (t + 2) * dim + d), a2);
-          a3 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t + 3]), _mm512_loadu_ps(values + (t + 3) * dim + d), a3);
-        }
-        for (; t < limit; ++t)
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(values + t * dim + d), a0);
-        _mm512_storeu_ps(out + 2 + d, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
       }
     }
   }
@@ -216,34 +250,7 @@ void accumulate_values_bf16(const at::BFloat16* const* values, int64_t n, const 
   TORCH_CHECK(false, "accumulate_values_bf16: ", units, " units in one pass");
 }
 
-// offsets[t] = the cache row of token t0 + t for t < n, then the last one's again (one division a block: two
-// a key cost ~10% of the item).
-inline void token_offsets(const StepRows& s, const int64_t* table, int64_t t0, int64_t n, int64_t token_stride,
-                          int64_t* offsets) {
-  for (int64_t t = 0; t < n;) {
-    const int64_t token = t0 + t, slot = token % s.block_size, count = std::min(s.block_size - slot, n - t);
-    const int64_t at = (table[token / s.block_size] * s.block_size + slot) * token_stride;
-    for (int64_t i = 0; i < count; ++i) offsets[t + i] = at + i * token_stride;
-    t += count;
-  }
-  std::fill(offsets + n, offsets + kKeyChunk, offsets[n - 1]);
-}
-
-// Requests KV head h's K rows, then its V rows, of n tokens into L2: in the order the work reads them, one head
-// ahead of it. At batch 1 the cache comes from DRAM (the weights stream through every level between two steps)
-// and these requests queue behind each other: the whole chunk requested at its start, K before V, took ~1.3x
-// as long; the next chunk's rows in address order (for the hardware prefetcher) ~1.2x; two heads ahead the same.
-inline void prefetch_head(const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* offsets, int64_t n,
-                          int64_t h, int64_t head_bytes) {
-  for (const at::BFloat16* cache : {k_cache, v_cache})
-    for (int64_t t = 0; t < n; ++t) {
-      const char* row = reinterpret_cast<const char*>(cache + offsets[t]) + h * head_bytes;
-      for (int64_t b = 0; b < head_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
-    }
-}
-
-// attend_chunk for bf16 queries over a bf16 cache (kSlices = dim / 32). first_head_requested: whether the
-// thread's previous item requested this chunk's first head (it was the group's chunk before this one).
+// attend_chunk for bf16 queries over a bf16 cache (kSlices = dim / 32).
 template <int kSlices>
 void attend_chunk_bf16(const StepRows& s, const RowGroup& g, int64_t c, const at::BFloat16* qkv, int64_t qkv_width,
                        const at::BFloat16* k_cache, const at::BFloat16* v_cache, int64_t row_width, float qk_scale,
@@ -346,22 +353,23 @@ void attend_rows(const StepRows& s, const std::vector<RowGroup>& groups, const T
   buffer.resize(std::max<size_t>(buffer.size(), s.rows * s.heads * max_chunks * (s.dim + 2)));
   const Partials partials{buffer.data(), s.heads, max_chunks, s.dim};
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    // Kept too: a fresh one (48 kB for 32 keys of 3 KV heads of 64 dims) allocated and zeroed in every layer
-    // cost ~30% of a one-row step's attention with the cache in L2.
+    // Kept too: a fresh one (then 48 kB, every KV head's keys and values of a chunk) allocated and zeroed in
+    // every layer cost ~30% of a one-row step's attention with the cache in L2.
     static thread_local std::vector<float> scratch;
     for (int64_t i = begin; i < end; ++i) {
+      const bool first_head_requested = i > begin && items[i].chunk > 0;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
         if (s.dim == 64 || s.dim == 128) {
           (s.dim == 64 ? attend_chunk_bf16<2> : attend_chunk_bf16<4>)(
               s, groups[items[i].group], items[i].chunk, qkv, qkv_width, k_cache, v_cache, row_width, scale, partials,
-              scratch, i > begin && items[i].chunk > 0);
+              scratch, first_head_requested);
           continue;
         }
       }
 #endif
       attend_chunk<T, C>(s, groups[items[i].group], items[i].chunk, qkv, qkv_width, k_cache, v_cache, row_width,
-                         scale * k_scale, partials, scratch);
+                         scale * k_scale, partials, scratch, first_head_requested);
     }
   });
   merge_chunks(s, partials, v_scale, out, s.heads * s.dim);
