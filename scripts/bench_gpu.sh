@@ -108,7 +108,8 @@ for name in ("latency-8b.json", "latency-8b-eager.json", "latency-8b-int4.json",
     lat = load(name)
     if lat:
         bw = lat["bandwidth"]
-        rows.append((f"{name[:-5]}: TPOT / MBU", f"{bw['tpot_ms_median']:.2f} ms / {bw['mbu']:.3f}"))
+        rows.append((f"{name[:-5]}: TPOT / MBU (copy, read)",
+                     f"{bw['tpot_ms_median']:.2f} ms / {bw['mbu']:.3f}, {bw['mbu_read']:.3f}"))
 for name in ("offline-8b.json", "offline-qwen3-0.6b.json"):
     off = load(name)
     if off:

@@ -8,7 +8,8 @@ Prompts are random token ids (numpy seed 0); ignore_eos and greedy, so every run
 --output-len tokens. Reports the median and the min-max spread over the repeats. Every engine flag of
 `pagoda serve` applies. --mbu adds the model bandwidth utilization: bytes read per decode step (weights
 and the KV cache so far) times steps per second, over the bandwidth of a large device-to-device copy
-(bytes read + written) measured in the same run; the weight bytes are those of the loaded model's
+(bytes read + written; `mbu`) and over that of reading a large buffer (`mbu_read`: a decode step only reads),
+both measured in the same run; the weight bytes are those of the loaded model's
 parameters (a GGUF file's blocks where they run as stored). --peer llamacpp runs llama.cpp's
 `llama-bench` (pagoda/bench/llama_bench.py) on the same file with as many threads as torch uses, and
 reports the ratios; it implies --mbu.
@@ -68,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mbu", action="store_true", help="also measure copy bandwidth and report the MBU")
+    parser.add_argument("--mbu", action="store_true", help="also measure copy and read bandwidth and report the MBU")
     parser.add_argument("--copy-mib", type=int, default=None,
-                        help="copy-bandwidth buffer (default: 4096 MiB on a GPU, 512 on the CPU)")
+                        help="copy- and read-bandwidth buffer (default: 4096 MiB on a GPU, 512 on the CPU)")
     parser.add_argument("--peer", choices=["llamacpp"], default=None,
                         help="also run llama.cpp's llama-bench on the same GGUF file (docs/peers.md)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
@@ -79,10 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], input_len: int, output_len: int,
                           copy_mib: int | None) -> dict[str, Any]:
-    """MBU of the measured decode rate against a copy measured now, on the engine's device."""
+    """MBU of the measured decode rate against a copy and a read measured now, on the engine's device."""
     import torch
 
-    from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint, measure_copy_bandwidth
+    from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint, measure_copy_bandwidth, measure_read_bandwidth
     from pagoda.config import ModelConfig
     from pagoda.engine.worker.worker import resolve_device
     from pagoda.model.loader import default_dtype, load_arch
@@ -92,7 +93,9 @@ def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], i
     if dtype == "auto":
         dtype = str(default_dtype(device)).removeprefix("torch.")
     footprint = ModelFootprint.of(load_arch(engine_args.get("model", ModelConfig().model)), DTYPE_BYTES[dtype])
-    copy_gbs = measure_copy_bandwidth(torch.device(device), copy_mib or (4096 if device == "cuda" else 512))
+    buffer_mib = copy_mib or (4096 if device == "cuda" else 512)
+    copy_gbs = measure_copy_bandwidth(torch.device(device), buffer_mib)
+    read_gbs = measure_read_bandwidth(torch.device(device), buffer_mib)
     # The KV read grows by one token per step: on average the prompt plus half the output.
     kv_bytes = (input_len + output_len / 2) * footprint.kv_bytes_per_token
     step_bytes = result["decode_weight_bytes"] + kv_bytes
@@ -105,6 +108,8 @@ def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], i
         "achieved_gbs": round(achieved, 1),
         "copy_gbs": copy_gbs,
         "mbu": round(achieved / copy_gbs, 3),
+        "read_gbs": read_gbs,
+        "mbu_read": round(achieved / read_gbs, 3),
     }
 
 
@@ -151,9 +156,11 @@ def _compare_llama_bench(result: dict[str, Any], gguf: str, args: argparse.Names
     peer = measure_llama_bench(gguf, args.input_len, args.output_len, args.repeats, torch.get_num_threads())
     if "decode_tok_per_s" in peer:
         peer["pagoda_decode_ratio"] = round(result["decode_tok_per_s_median"] / peer["decode_tok_per_s"], 3)
-        copy_gbs = result["bandwidth"]["copy_gbs"]
+        bandwidth = result["bandwidth"]
         # The same file's blocks: llama.cpp reads what Pagoda's native path reads, KV aside.
-        peer["mbu"] = round(result["bandwidth"]["bytes_per_step"] * peer["decode_tok_per_s"] / 1e9 / copy_gbs, 3)
+        achieved = bandwidth["bytes_per_step"] * peer["decode_tok_per_s"] / 1e9
+        peer["mbu"] = round(achieved / bandwidth["copy_gbs"], 3)
+        peer["mbu_read"] = round(achieved / bandwidth["read_gbs"], 3)
     if "ttft_ms" in peer:
         peer["pagoda_ttft_ratio"] = round(result["ttft_ms_median"] / peer["ttft_ms"], 3)
     return peer

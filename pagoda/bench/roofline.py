@@ -78,6 +78,15 @@ def _best_time(fn: Any, device: torch.device, repeats: int) -> float:
     return best
 
 
+def measure_read_bandwidth(device: torch.device, buffer_mib: int, repeats: int = 10) -> float:
+    """GB/s of reading a large buffer on ``device`` (a sum over it: a read-only stream, best of ``repeats``)."""
+    import torch
+
+    buffer = torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32, device=device)
+    seconds = _best_time(lambda: buffer.sum(), device, repeats)
+    return round(buffer.numel() * 4 / seconds / 1e9, 2)
+
+
 def measure_copy_bandwidth(device: torch.device, buffer_mib: int, repeats: int = 10) -> float:
     """GB/s of a large copy on ``device``, counting bytes read plus bytes written (best of ``repeats``)."""
     import torch
@@ -93,10 +102,7 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
     """Best of ``repeats``: bandwidth over a ``buffer_mib`` buffer, FLOP/s of square matmuls."""
     import torch
 
-    n = buffer_mib * 2**20 // 4
-    buffer = torch.ones(n, dtype=torch.float32, device=device)
-    read_s = _best_time(lambda: buffer.sum(), device, repeats)
-    del buffer
+    read_gbs = measure_read_bandwidth(device, buffer_mib, repeats)
     copy_gbs = measure_copy_bandwidth(device, buffer_mib, repeats)
     tflops: dict[str, float] = {}
     for name in tqdm(dtypes, desc="matmul", leave=False):
@@ -104,7 +110,7 @@ def measure_machine(device: torch.device, buffer_mib: int = 512, matmul_size: in
         size, seconds = _sized_matmul(dtype, device, matmul_size, repeats)
         # Significant digits, not decimals: a slow machine or a tiny test size must not round to 0.
         tflops[name] = float(f"{2 * size**3 / seconds / 1e12:.3g}")
-    return MachineLimits(str(device), round(n * 4 / read_s / 1e9, 2), copy_gbs, tflops)
+    return MachineLimits(str(device), read_gbs, copy_gbs, tflops)
 
 
 def _sized_matmul(dtype: torch.dtype, device: torch.device, max_size: int, repeats: int) -> tuple[int, float]:

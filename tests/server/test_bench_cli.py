@@ -92,6 +92,8 @@ def test_bench_offline_latency_and_startup(tmp_path: Path) -> None:
     assert bandwidth["copy_gbs"] > 0
     achieved = bandwidth["bytes_per_step"] * latency["decode_tok_per_s_median"] / 1e9  # the report rounds each
     assert bandwidth["mbu"] == pytest.approx(achieved / bandwidth["copy_gbs"], rel=2e-2)
+    assert bandwidth["read_gbs"] > 0
+    assert bandwidth["mbu_read"] == pytest.approx(achieved / bandwidth["read_gbs"], rel=2e-2)
     missing = subprocess.run([sys.executable, "-m", "pagoda.cli", "bench", "latency", "--peer", "llamacpp"],
                              capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PAGODA_LLAMA_BENCH": str(tmp_path / "no-llama-bench")})
