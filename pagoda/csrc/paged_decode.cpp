@@ -58,7 +58,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 
 #if defined(__AVX512F__)
   // The one-call decode's attention (row_attention.h), so that a decode row computes alike on both paths, its
-  // keys in chunks spread over the threads (bf16 straight from the cache, the rest widened to fp32).
+  // keys in chunks spread over the threads (for bf16 queries: a bf16 cache read as
+  // it is, fp8 decoded to bf16, int8 as codes; the rest widened to fp32).
   if (dim % 16 == 0) {
     const pagoda_attention::StepRows rows{num_seqs, heads, kv_heads, dim, block_size, max_blocks, tables, lens};
     pagoda_attention::attend_rows<T, C>(rows, pagoda_attention::row_groups(rows), qp, heads * dim, kp, vp,

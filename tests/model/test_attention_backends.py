@@ -55,20 +55,26 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> 
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("kind", ["auto", "int8", "fp8_e4m3"])
 @pytest.mark.parametrize("dim, group", [(64, 3), (128, 2), (64, 1)])
-def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_beside(dim: int, group: int) -> None:
+def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_beside(dim: int, group: int,
+                                                                                      kind: str) -> None:
     """bf16 queries over a bf16 cache (scores from bf16 pairs, values widened in registers, keys in chunks of 32
-    merged per row): six rows of one sequence (a token and its drafts, crossing a chunk bound), a longer
-    sequence and a one-token one, against attention in fp32 on the same bf16 numbers; each row equals itself
-    computed alone, bit for bit."""
+    merged per row), an fp8 one (decoded to bf16 a chunk's head at a time, then the same) or an int8 one
+    (queries as int16 codes, integer scores, codes widened in registers): six
+    rows of one sequence (a token and its drafts, crossing a chunk bound), a longer sequence and a one-token
+    one, against attention in fp32 on the numbers the cache holds; each row equals itself computed alone, bit
+    for bit."""
     from pagoda.model.cpu_kernels import load_cpu_kernels
 
     ops = load_cpu_kernels()
     assert ops is not None, "the C++ CPU kernels did not build"
+    fmt = KVCacheFormat.of(kind, torch.bfloat16)
     block_size, kv_heads = 16, 2
     heads = kv_heads * group
     gen = torch.Generator().manual_seed(3)
-    cache = torch.randn(2, 40, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    cache = fmt.encode(torch.randn(2, 40, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16))
+    held = fmt.decode(cache).float()  # the numbers the kernel reads
     drafts = torch.tensor([[3, 9, 1, 30, 7]])  # 80 slots, blocks out of order
     tables = torch.cat([drafts.repeat(6, 1), torch.tensor([[11, 12, 13, 14, 15]]),
                         torch.tensor([[25, 0, 0, 0, 0]])]).long()
@@ -77,12 +83,32 @@ def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_b
     got = ops.paged_decode_attention(q, cache[0], cache[1], tables, lens, dim**-0.5)
     for r, length in enumerate(lens.tolist()):
         slots = [tables[r, t // block_size].item() * block_size + t % block_size for t in range(length)]
-        keys, values = (cache[i].reshape(-1, kv_heads, dim)[slots].float().repeat_interleave(group, 1) for i in (0, 1))
+        keys, values = (held[i].reshape(-1, kv_heads, dim)[slots].repeat_interleave(group, 1) for i in (0, 1))
         weights = torch.softmax(torch.einsum("hd,thd->ht", q[r].float(), keys) * dim**-0.5, dim=-1)
         want = torch.einsum("ht,thd->hd", weights, values)
         torch.testing.assert_close(got[r].float(), want, atol=1e-2, rtol=1e-2)  # the output is bf16
         alone = ops.paged_decode_attention(q[r:r + 1], cache[0], cache[1], tables[r:r + 1], lens[r:r + 1], dim**-0.5)
         assert torch.equal(alone[0], got[r]), r
+
+
+def test_every_fp8_code_reads_as_its_value() -> None:
+    """Each one-token sequence's output is its value row: every float8 e4m3 code (subnormals, both zeros, the
+    largest normals; the two NaN codes aside) comes out of the bf16 decoding as the value it stands for."""
+    from pagoda.model.cpu_kernels import load_cpu_kernels
+
+    ops = load_cpu_kernels()
+    assert ops is not None, "the C++ CPU kernels did not build"
+    dim, block_size = 64, 16
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)] + [0, 0], dtype=torch.uint8)
+    rows = len(codes) // dim
+    cache = torch.zeros(2, rows, block_size, 1, dim, dtype=torch.uint8)
+    cache[1, :, 0, 0] = codes.view(rows, dim)  # each sequence's one value row, in its own block
+    cache = cache.view(torch.float8_e4m3fn)
+    q = torch.randn(rows, 1, dim).to(torch.bfloat16)
+    got = ops.paged_decode_attention(q, cache[0], cache[1], torch.arange(rows)[:, None], torch.ones(rows).long(),
+                                     dim**-0.5)
+    want = codes.view(torch.float8_e4m3fn).float().view(rows, 1, dim)
+    assert torch.equal(got.float(), want)
 
 
 SEQ_LENS, QUERY_LENS = [1, 5, 9, 17, 30, 12], [1, 1, 1, 4, 1, 12]
