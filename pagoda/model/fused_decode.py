@@ -58,7 +58,7 @@ class FusedDecode:
     tile_min_rows: int  # steps of this many rows or more run Q4_0/Q4_1 projections on AMX tiles (0: never), as
     # the layer-by-layer path (gguf.py's tile_min_rows)
     layers: Any = None  # the extension's DecodeLayers, made at the first step
-    layers_cache_ids: tuple[int, ...] = ()  # the data pointers of the KV caches it holds
+    layers_caches: tuple[torch.Tensor, ...] = ()  # the KV caches it holds
 
     @classmethod
     def of(cls, model, ops: ModuleType | None) -> FusedDecode | None:  # noqa: ANN001 - a LlamaForCausalLM
@@ -112,10 +112,12 @@ class FusedDecode:
 
     def _layers(self, kv_caches: list[torch.Tensor]) -> Any:  # noqa: ANN401 - the extension's DecodeLayers
         """The kernel's model, made once for these caches (its weights and norms never change)."""
-        cache_ids = tuple(cache.data_ptr() for cache in kv_caches)
-        if self.layers is None or cache_ids != self.layers_cache_ids:
+        # The same tensor objects (kept alive here, so never others at their addresses): no call into torch per
+        # layer, which a batch-1 step would make with its caches cold.
+        if self.layers is None or len(kv_caches) != len(self.layers_caches) or \
+                any(a is not b for a, b in zip(kv_caches, self.layers_caches)):
             self.layers = self.ops.DecodeLayers(
                 self.weights, self.kinds, self.groups, self.qkv_biases, self.norms, kv_caches, self.kv_scales,
                 self.heads, self.kv_heads, self.head_dim, self.intermediate, self.scale, self.eps)
-            self.layers_cache_ids = cache_ids
+            self.layers_caches = tuple(kv_caches)
         return self.layers

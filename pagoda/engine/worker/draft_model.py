@@ -107,7 +107,7 @@ class DraftModelProposer:
         draft's argmax after each request's last token. Timed (reading the tokens back waits for the device)."""
         started = time.perf_counter()
         arrays = step_arrays(batch.token_ids, batch.block_table, batch.num_blocks, rows, starts, counts, known,
-                             self.block_size)
+                             self.block_size, int(counts.sum()))
         hidden = forward_arrays(self.model, self.kv_caches, self.attention, arrays, self.block_size, self.pad_slot,
                                 self.staging)
         logits = self.model.compute_logits(hidden[self.staging("sample_rows", arrays.sample_rows)])

@@ -78,28 +78,30 @@ def step_arrays(
     counts: np.ndarray,
     known: np.ndarray,
     block_size: int,
+    num_tokens: int,
 ) -> StepArrays:
     """Gather a step from per-row buffers: row ``rows[i]`` computes ``counts[i]`` tokens from position
-    ``starts[i]``; it samples when that reaches ``known[i]``, its count of known tokens."""
+    ``starts[i]`` (int64), ``num_tokens`` in all; it samples when that reaches ``known[i]``, its count of known
+    tokens. Every numpy call counts: a batch-1 decode step runs them with the caches cold from its weights."""
     ends = starts + counts
-    cu = np.cumsum(counts)
-    if len(cu) and int(cu[-1]) == len(rows):  # a decode step: one token per row
-        positions, token_rows = starts, rows
-    else:
-        seq = np.repeat(np.arange(len(rows)), counts)
-        positions = np.arange(int(cu[-1])) - (cu - counts)[seq] + starts[seq]
-        token_rows = rows[seq]
-    slots = block_table[token_rows, positions // block_size] * block_size + positions % block_size
     sampling = np.flatnonzero(ends >= known)
+    if num_tokens == len(rows):  # a decode step: one token per row
+        positions, token_rows, sample_rows = starts, rows, sampling
+    else:
+        cu = np.cumsum(counts)
+        seq = np.repeat(np.arange(len(rows)), counts)
+        positions = np.arange(num_tokens) - (cu - counts)[seq] + starts[seq]
+        token_rows, sample_rows = rows[seq], cu[sampling] - 1
+    block_index, offset = np.divmod(positions, block_size)
     return StepArrays(
         input_ids=token_ids[token_rows, positions].astype(np.int64),
-        positions=positions.astype(np.int64),
-        slot_mapping=slots,
+        positions=positions,
+        slot_mapping=block_table[token_rows, block_index] * block_size + offset,
         query_lens=counts,
         seq_lens=ends,
-        block_tables=block_table[rows, : int(num_blocks[rows].max())],
+        block_tables=block_table[rows, : num_blocks[rows].max()],
         sampling=sampling,
-        sample_rows=cu[sampling] - 1,
+        sample_rows=sample_rows,
     )
 
 
@@ -173,12 +175,14 @@ class InputBatch:
         """The step's flat inputs for the scheduled requests, held in slots ``rows``."""
         return step_arrays(self.token_ids, self.block_table, self.num_blocks, rows,
                            np.asarray(out.num_computed_tokens, dtype=np.int64),
-                           np.asarray(out.num_scheduled_tokens, dtype=np.int64), self.num_tokens[rows], self.block_size)
+                           np.asarray(out.num_scheduled_tokens, dtype=np.int64), self.num_tokens[rows], self.block_size,
+                           out.total_num_scheduled_tokens)
 
     def append_tokens(self, states: list[CachedRequestState], rows: np.ndarray, tokens: list[int]) -> None:
         """One sampled token for each of ``states`` (in slots ``rows``)."""
-        self.token_ids[rows, self.num_tokens[rows]] = tokens
-        self.num_tokens[rows] += 1
+        ends = self.num_tokens[rows]
+        self.token_ids[rows, ends] = tokens
+        self.num_tokens[rows] = ends + 1
         for state, token in zip(states, tokens):
             state.output_token_ids.append(token)
 

@@ -157,32 +157,36 @@ class ModelRunner:
             hidden = self._forward(arrays)
             prompt = [PromptHidden(states[i], hidden[row : row + count], first) for i, row, count, first in prompt_rows]
             logit_rows = arrays.sample_rows if verification is None else verification.logit_rows
-            logits = self.model.compute_logits(hidden[self.staging("sample_rows", logit_rows)]) \
-                if len(arrays.sampling) else None
+            if len(logit_rows) == len(hidden):  # every row (distinct, ascending): a decode step needs no gather
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden[self.staging("sample_rows", logit_rows)]) \
+                    if len(arrays.sampling) else None
         prompt_logprobs = {p.state.req_id: self._prompt_logprobs(p) for p in prompt}
         sampled: list[list[int]] = [[] for _ in states]
         logprobs: list[list[PositionLogprobs]] | None = None
         proposals = None
         draft_forwards: list[tuple[int, float]] = []
         if sampling:
-            owner_rows = np.arange(len(states)) if everyone else arrays.sampling
+            owners = range(len(states)) if everyone else arrays.sampling.tolist()
+            owner_slots = rows if everyone else rows[arrays.sampling]
             tokens, row_logprobs = self._sample(out, logits, sampling, verification)
             if verification is None:
-                self.batch.append_tokens(sampling, rows[owner_rows], [t[0] for t in tokens])
+                self.batch.append_tokens(sampling, owner_slots, [t[0] for t in tokens])
             else:
-                self.batch.extend_tokens(sampling, rows[owner_rows], tokens)
-            for i, accepted in zip(owner_rows.tolist(), tokens):
+                self.batch.extend_tokens(sampling, owner_slots, tokens)
+            for i, accepted in zip(owners, tokens):
                 sampled[i] = accepted
             if row_logprobs is not None:
                 logprobs = [[] for _ in states]
-                for i, entries in zip(owner_rows.tolist(), row_logprobs):
+                for i, entries in zip(owners, row_logprobs):
                     logprobs[i] = entries
             if self.proposer is not None and out.max_spec_tokens != 0:
                 limit = self.proposer.num_tokens if out.max_spec_tokens is None else \
                     min(self.proposer.num_tokens, out.max_spec_tokens)
                 limits = [min(limit, self.draft_room(s)) if s.speculates else 0 for s in sampling]
                 proposals = [[] for _ in states]
-                for i, proposal in zip(owner_rows.tolist(), self.proposer.propose_batch(self.batch, sampling, limits)):
+                for i, proposal in zip(owners, self.proposer.propose_batch(self.batch, sampling, limits)):
                     proposals[i] = proposal
                 if isinstance(self.proposer, DraftModelProposer):
                     draft_forwards = self.proposer.forwards
@@ -268,5 +272,6 @@ class ModelRunner:
         KV written to ``block_ids`` (embeddings, tests)."""
         one = np.zeros(1, dtype=np.int64)
         arrays = step_arrays(np.asarray([token_ids], dtype=np.int64), np.asarray([block_ids], dtype=np.int64),
-                             one + len(block_ids), one, one + start, one + count, one + start + count, self.block_size)
+                             one + len(block_ids), one, one + start, one + count, one + start + count, self.block_size,
+                             count)
         return self._forward(arrays)

@@ -66,11 +66,15 @@ class RotaryEmbedding:
         if positions.device.type != "cpu" or self.inv_freq.device.type != "cpu":
             return self._computed(positions)
         at = positions.numpy()
+        if self.cos_table is not None:
+            try:  # positions past the table are rare: no search for the largest in every step
+                return RotaryAngles(torch.from_numpy(self.cos_table[at]), torch.from_numpy(self.sin_table[at]))
+            except IndexError:
+                pass
         needed = int(at.max()) + 1 if at.size else 0
-        if self.cos_table is None or needed > len(self.cos_table):
-            known = 0 if self.cos_table is None else len(self.cos_table)
-            table = self._computed(torch.arange(max(needed, 2 * known, self.TABLE_MIN_POSITIONS)))
-            self.cos_table, self.sin_table = table.cos.numpy(), table.sin.numpy()
+        known = 0 if self.cos_table is None else len(self.cos_table)
+        table = self._computed(torch.arange(max(needed, 2 * known, self.TABLE_MIN_POSITIONS)))
+        self.cos_table, self.sin_table = table.cos.numpy(), table.sin.numpy()
         return RotaryAngles(torch.from_numpy(self.cos_table[at]), torch.from_numpy(self.sin_table[at]))
 
     def _computed(self, positions: torch.Tensor) -> RotaryAngles:

@@ -146,8 +146,9 @@ def tile_min_rows(ops: ModuleType | None) -> int:
 
 def _kernel_dequantize(ops: ModuleType, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                        dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
-    kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    return ops.gguf_dequantize(qweight, int(qtype), in_features, kernel_dtype, rows).to(dtype)
+    if dtype in (torch.float32, torch.bfloat16):
+        return ops.gguf_dequantize(qweight, int(qtype), in_features, dtype, rows)
+    return ops.gguf_dequantize(qweight, int(qtype), in_features, torch.float32, rows).to(dtype)
 
 
 def dequantize_rows(ops: ModuleType | None, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
@@ -220,12 +221,12 @@ class GGUFLinearMethod:
         return out if layer.bias is None else out + layer.bias
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids if ids.dim() == 1 else ids.reshape(-1)  # a step's flat ids need no reshaping either way
         if self.ops is not None:
-            rows = _kernel_dequantize(self.ops, layer.weight, self.qtype, layer.in_features, layer.dtype,
-                                      ids.reshape(-1))
+            rows = _kernel_dequantize(self.ops, layer.weight, self.qtype, layer.in_features, layer.dtype, flat)
         else:
-            rows = dequantize_rows(None, layer.weight[ids.reshape(-1)], self.qtype, layer.in_features, layer.dtype)
-        return rows.reshape(*ids.shape, layer.in_features)
+            rows = dequantize_rows(None, layer.weight[flat], self.qtype, layer.in_features, layer.dtype)
+        return rows if ids.dim() == 1 else rows.reshape(*ids.shape, layer.in_features)
 
 
 @dataclass
