@@ -8,9 +8,11 @@ Prompts are random token ids (numpy seed 0); ignore_eos and greedy, so every run
 --output-len tokens. Reports the median and the min-max spread over the repeats. Every engine flag of
 `pagoda serve` applies. --mbu adds the model bandwidth utilization: bytes read per decode step (weights
 and the KV cache so far) times steps per second, over the bandwidth of a large device-to-device copy
-(bytes read + written; `mbu`) and over that of reading a large buffer (`mbu_read`: a decode step only reads),
-both measured in the same run; the weight bytes are those of the loaded model's
-parameters (a GGUF file's blocks where they run as stored). --peer llamacpp runs llama.cpp's
+(bytes read + written; `mbu`) and over that of reading a large buffer (`mbu_read`: a decode step only reads);
+the weight bytes are those of the loaded model's parameters (a GGUF file's blocks where they run as stored).
+On the CPU both bandwidths are measured just before each repeat and each repeat's rate is set against its own
+(a VM's bandwidth drifts by up to 1.5x within minutes); the MBUs are the medians of those ratios. On a GPU,
+whose memory the engine holds, they are measured once after the repeats. --peer llamacpp runs llama.cpp's
 `llama-bench` (pagoda/bench/llama_bench.py) on the same file with as many threads as torch uses, and
 reports the ratios; it implies --mbu.
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,31 @@ import numpy as np
 from pagoda.bench import write_json
 
 
-def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeats: int) -> dict[str, Any]:
+@dataclass
+class BandwidthProbe:
+    """Copy and read bandwidth (GB/s) of a ``buffer_mib`` buffer, measured at each call."""
+
+    device: str
+    buffer_mib: int
+    copy_gbs: list[float] = field(default_factory=list)
+    read_gbs: list[float] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        import torch
+
+        from pagoda.bench.roofline import measure_copy_bandwidth, measure_read_bandwidth
+
+        self.copy_gbs.append(measure_copy_bandwidth(torch.device(self.device), self.buffer_mib, PROBE_REPEATS))
+        self.read_gbs.append(measure_read_bandwidth(torch.device(self.device), self.buffer_mib, PROBE_REPEATS))
+
+
+# Best of this many passes per probe: three 512 MiB passes take ~0.1 s on the CPU, beside a repeat's ~0.5 s.
+PROBE_REPEATS = 3
+
+
+def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeats: int,
+            probe: BandwidthProbe | None = None) -> dict[str, Any]:
+    """TTFT and decode rate of ``repeats`` requests after a warm-up one; ``probe`` runs before each."""
     from pagoda import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -40,6 +67,8 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
     ttfts, decode_rates = [], []
     for i in range(repeats + 1):  # the first run warms up and is not counted
         prompt = {"prompt_token_ids": rng.integers(100, 49000, input_len).tolist()}
+        if i and probe is not None:
+            probe()
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in llm.generate_stream(prompt, params)]
         if i == 0:
@@ -54,6 +83,7 @@ def measure(engine_args: dict[str, Any], input_len: int, output_len: int, repeat
         "ttft_ms_range": [round(min(ttfts) * 1e3, 1), round(max(ttfts) * 1e3, 1)],
         "decode_tok_per_s_median": round(statistics.median(decode_rates), 1),
         "decode_tok_per_s_range": [round(min(decode_rates), 1), round(max(decode_rates), 1)],
+        "decode_tok_per_s_runs": [round(rate, 2) for rate in decode_rates],
     }
 
 
@@ -79,37 +109,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], input_len: int, output_len: int,
-                          copy_mib: int | None) -> dict[str, Any]:
-    """MBU of the measured decode rate against a copy and a read measured now, on the engine's device."""
+                          probe: BandwidthProbe) -> dict[str, Any]:
+    """MBU of the measured decode rates against the probe's copy and read bandwidths: repeat by repeat where it
+    ran before each (the median ratio), else against one measurement taken now."""
     import torch
 
-    from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint, measure_copy_bandwidth, measure_read_bandwidth
+    from pagoda.bench.roofline import DTYPE_BYTES, ModelFootprint
     from pagoda.config import ModelConfig
-    from pagoda.engine.worker.worker import resolve_device
     from pagoda.model.loader import default_dtype, load_arch
 
-    device = resolve_device(engine_args.get("device", ModelConfig().device))
     dtype = engine_args.get("dtype", "auto")
     if dtype == "auto":
-        dtype = str(default_dtype(device)).removeprefix("torch.")
+        dtype = str(default_dtype(probe.device)).removeprefix("torch.")
     footprint = ModelFootprint.of(load_arch(engine_args.get("model", ModelConfig().model)), DTYPE_BYTES[dtype])
-    buffer_mib = copy_mib or (4096 if device == "cuda" else 512)
-    copy_gbs = measure_copy_bandwidth(torch.device(device), buffer_mib)
-    read_gbs = measure_read_bandwidth(torch.device(device), buffer_mib)
+    rates = result["decode_tok_per_s_runs"]
+    if len(probe.read_gbs) != len(rates):
+        probe()
+    paired = len(probe.read_gbs) == len(rates)
     # The KV read grows by one token per step: on average the prompt plus half the output.
     kv_bytes = (input_len + output_len / 2) * footprint.kv_bytes_per_token
     step_bytes = result["decode_weight_bytes"] + kv_bytes
-    achieved = step_bytes * result["decode_tok_per_s_median"] / 1e9
+
+    def utilization(limits: list[float]) -> float:
+        return statistics.median(step_bytes * rate / 1e9 / (limits[i] if paired else limits[0])
+                                 for i, rate in enumerate(rates))
+
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if probe.device == "cuda" else "cpu",
         "dtype": dtype,
         "bytes_per_step": int(step_bytes),
         "tpot_ms_median": round(1e3 / result["decode_tok_per_s_median"], 3),
-        "achieved_gbs": round(achieved, 1),
-        "copy_gbs": copy_gbs,
-        "mbu": round(achieved / copy_gbs, 3),
-        "read_gbs": read_gbs,
-        "mbu_read": round(achieved / read_gbs, 3),
+        "achieved_gbs": round(step_bytes * result["decode_tok_per_s_median"] / 1e9, 1),
+        "paired_with_repeats": paired,
+        "copy_gbs": round(statistics.median(probe.copy_gbs), 2),
+        "copy_gbs_runs": probe.copy_gbs,
+        "mbu": round(utilization(probe.copy_gbs), 3),
+        "read_gbs": round(statistics.median(probe.read_gbs), 2),
+        "read_gbs_runs": probe.read_gbs,
+        "mbu_read": round(utilization(probe.read_gbs), 3),
     }
 
 
@@ -126,10 +163,17 @@ def run(args: argparse.Namespace) -> int:
         from pagoda.bench.llama_bench import find_llama_bench
 
         find_llama_bench()
-    result = measure(engine_args, args.input_len, args.output_len, args.repeats)
+    probe = None
     if args.mbu or args.peer:
-        result["bandwidth"] = bandwidth_utilization(result, engine_args, args.input_len, args.output_len,
-                                                    args.copy_mib)
+        from pagoda.config import ModelConfig
+        from pagoda.engine.worker.worker import resolve_device
+
+        device = resolve_device(engine_args.get("device", ModelConfig().device))
+        probe = BandwidthProbe(device, args.copy_mib or (4096 if device == "cuda" else 512))
+    result = measure(engine_args, args.input_len, args.output_len, args.repeats,
+                     probe if probe is not None and probe.device == "cpu" else None)
+    if probe is not None:
+        result["bandwidth"] = bandwidth_utilization(result, engine_args, args.input_len, args.output_len, probe)
     if gguf is not None:
         result["llamacpp"] = _compare_llama_bench(result, gguf, args)
     print(json.dumps(result))
