@@ -8,9 +8,10 @@ extract and summarize a given text, rewrite given code), chat-templated, greedy,
 ``random``, batch 1: random token ids (numpy seed 0, --input-len of them), greedy, ignore_eos, exactly
 --output-len tokens; ``mixed``: --batch requests at once, half the grounded prompts again and half random ones.
 The two engines (same flags, speculation off and on) are loaded side by side and every request runs on both,
-back to back, so that both see the same machine state. Decode tok/s is the tokens after the first over the
-time from the first to the last token, summed over a workload's requests (the mixed batch: output tokens
-over wall time); TPOT is per request. Batch-1 greedy outputs must be identical on and off (a difference
+back to back and in alternating order, so that both see the same machine state. Decode tok/s is the tokens
+after the first over the time from the first to the last token, summed over a workload's requests (the mixed
+batch: output tokens over wall time), and ``speedup`` their ratio; ``speedup_paired_median`` (batch-1 workloads)
+is the median over requests of the ratio of each request's two times per token. TPOT is per request. Batch-1 greedy outputs must be identical on and off (a difference
 fails the run); in a batch, bf16 kernels round differently at other row counts, so a few outputs that part
 at a near-tie are counted, not failed (batch_invariant=True makes them identical).
 """
@@ -74,6 +75,15 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def paired_speedup(off: list[dict[str, Any]], on: list[dict[str, Any]]) -> float | None:
+    """The median over requests of off's time per decoded token over on's, each request's two runs back to back
+    (what the VM's drift moves least)."""
+    ratios = [(a["decode_s"] / (len(a["tokens"]) - 1)) / (b["decode_s"] / (len(b["tokens"]) - 1))
+              for a, b in zip(off, on) if len(a["tokens"]) > 1 and len(b["tokens"]) > 1 and a["decode_s"] > 0
+              and b["decode_s"] > 0]
+    return round(float(np.median(ratios)), 3) if ratios else None
+
+
 def acceptance(llm: Any, before: tuple[int, int, int]) -> dict[str, Any]:
     spec = llm.engine.scheduler.spec
     drafts, proposed, accepted = (spec.num_drafts - before[0], spec.num_draft_tokens - before[1],
@@ -115,8 +125,9 @@ def measure(engine_args: dict[str, Any], spec_config: dict[str, Any], workloads:
         before = counters(on)
         mismatches = 0
         steps = [b for _ in range(repeats) for b in plans[name]]
-        for prompts, params in tqdm(steps, desc=f"spec bench {name}", unit="batch"):
-            got = {mode: run_batch(llm, prompts, params) for mode, llm in (("off", off), ("on", on))}
+        for index, (prompts, params) in enumerate(tqdm(steps, desc=f"spec bench {name}", unit="batch")):
+            order = (("off", off), ("on", on)) if index % 2 == 0 else (("on", on), ("off", off))
+            got = {mode: run_batch(llm, prompts, params) for mode, llm in order}
             mismatches += sum(a["tokens"] != b["tokens"] for a, b in zip(got["off"], got["on"]))
             for mode in got:
                 results[mode] += got[mode]
@@ -127,6 +138,7 @@ def measure(engine_args: dict[str, Any], spec_config: dict[str, Any], workloads:
             **summary,
             "speedup": round(rates[0] / rates[1], 3) if all(rates) else None,
             "speedup_of": rate,
+            "speedup_paired_median": paired_speedup(results["off"], results["on"]) if name != "mixed" else None,
             "acceptance": acceptance(on, before),
             "outputs_differing": mismatches,
         }
