@@ -91,6 +91,33 @@ def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_b
         assert torch.equal(alone[0], got[r]), r
 
 
+def test_many_key_chunks_merge_over_the_threads_as_each_row_alone() -> None:
+    """Six rows of one sequence at ~600 tokens (19 key chunks each): their heads' chunks are merged over the
+    threads (row_attention.h's merge_chunks), one row alone on the calling thread; the same numbers either way,
+    and attention in fp32 on the numbers the cache holds."""
+    from pagoda.model.cpu_kernels import load_cpu_kernels
+
+    ops = load_cpu_kernels()
+    assert ops is not None, "the C++ CPU kernels did not build"
+    block_size, kv_heads, group, dim = 16, 3, 3, 64
+    heads = kv_heads * group
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 40, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    order = torch.randperm(39, generator=gen)[:38]  # the sequence's blocks out of order
+    lens = torch.arange(600, 606)
+    tables = order.repeat(len(lens), 1).long()
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(torch.bfloat16)
+    got = ops.paged_decode_attention(q, cache[0], cache[1], tables, lens, dim**-0.5)
+    held = cache.float()
+    for r, length in enumerate(lens.tolist()):
+        slots = [tables[r, t // block_size].item() * block_size + t % block_size for t in range(length)]
+        keys, values = (held[i].reshape(-1, kv_heads, dim)[slots].repeat_interleave(group, 1) for i in (0, 1))
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[r].float(), keys) * dim**-0.5, dim=-1)
+        torch.testing.assert_close(got[r].float(), torch.einsum("ht,thd->hd", weights, values), atol=1e-2, rtol=1e-2)
+        alone = ops.paged_decode_attention(q[r:r + 1], cache[0], cache[1], tables[r:r + 1], lens[r:r + 1], dim**-0.5)
+        assert torch.equal(alone[0], got[r]), r
+
+
 def test_every_fp8_code_reads_as_its_value() -> None:
     """Each one-token sequence's output is its value row: every float8 e4m3 code (subnormals, both zeros, the
     largest normals; the two NaN codes aside) comes out of the bf16 decoding as the value it stands for."""
