@@ -123,9 +123,9 @@ def bandwidth_utilization(result: dict[str, Any], engine_args: dict[str, Any], i
         dtype = str(default_dtype(probe.device)).removeprefix("torch.")
     footprint = ModelFootprint.of(load_arch(engine_args.get("model", ModelConfig().model)), DTYPE_BYTES[dtype])
     rates = result["decode_tok_per_s_runs"]
-    if len(probe.read_gbs) != len(rates):
+    paired = len(probe.read_gbs) == len(rates)  # it ran before each repeat
+    if not paired:
         probe()
-    paired = len(probe.read_gbs) == len(rates)
     # The KV read grows by one token per step: on average the prompt plus half the output.
     kv_bytes = (input_len + output_len / 2) * footprint.kv_bytes_per_token
     step_bytes = result["decode_weight_bytes"] + kv_bytes

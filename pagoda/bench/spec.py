@@ -11,9 +11,10 @@ The two engines (same flags, speculation off and on) are loaded side by side and
 back to back and in alternating order, so that both see the same machine state. Decode tok/s is the tokens
 after the first over the time from the first to the last token, summed over a workload's requests (the mixed
 batch: output tokens over wall time), and ``speedup`` their ratio; ``speedup_paired_median`` (batch-1 workloads)
-is the median over requests of the ratio of each request's two times per token. TPOT is per request. Batch-1 greedy outputs must be identical on and off (a difference
-fails the run); in a batch, bf16 kernels round differently at other row counts, so a few outputs that part
-at a near-tie are counted, not failed (batch_invariant=True makes them identical).
+is the median over requests of the ratio of each request's two times per token. TPOT is per request. Batch-1
+greedy outputs must be identical on and off (a difference fails the run); in a batch, bf16 kernels round
+differently at other row counts, so a few outputs that part at a near-tie are counted, not failed
+(batch_invariant=True makes them identical).
 """
 
 from __future__ import annotations
