@@ -176,22 +176,17 @@ void attend_chunk(const StepRows& s, const RowGroup& g, int64_t c, const T* qkv,
 
 #if defined(__AVX512BF16__)
 // The same work item for a bf16 cache and bf16 queries, without the fp32 copy of the chunk: scores multiply
-// bf16 pairs straight into fp32 sums (vdpbf16ps: products exact, as the widened path's), and each value row is
-// widened in registers once for up to kUnitRegisters / (dim / 16) (row, query head) units at a time. The copy
+// bf16 pairs straight into fp32 sums (vdpbf16ps: products exact, as the widened path's), and each pair of value
+// rows is read once for up to kUnitRegisters / (dim / 16) (row, query head) units at a time. The copy
 // (a 48 kB scratch, larger than L1, read back once per query head) and the item's two divisions a key made
 // attention at 1000-2000 tokens of context cost ~2x the time of this path with its prefetching below. int8 and
 // fp8 caches take it too, their head rows decoded to bf16 (exactly) once per chunk: 1.2-1.3x (int8) and
 // 1.5-1.6x (fp8) faster than widening them to the fp32 copy. (int8 scores as integer dot products of the codes
 // with the query rounded to int16 codes ran 4-9% faster still, at the cost of a second path and a rounded query.)
 constexpr int kUnitRegisters = 16;  // fp32 sums held across a pass over the chunk's values
-
-// 32 bf16 as fp32: the even elements and the odd ones (a bf16 is an fp32's top half: one shift or one mask,
-// no shuffle across lanes). Sums kept in this order are put back in place once, at the end of a chunk.
-inline void widen_pairs(const at::BFloat16* src, __m512& even, __m512& odd) {
-  const __m512i x = _mm512_loadu_si512(src);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
+// Units of a group (its rows times the query heads of a KV head) from which a chunk's keys are transposed for
+// score_columns_bf16: a verifying step's six rows (18 units) score 1.04-1.05x faster, one row's three 0.96x.
+constexpr int64_t kColumnUnits = 6;
 
 // scores[t] = scale * q . keys[t] for the chunk's kKeyChunk key rows (rows past its last key repeat it: their
 // scores are computed and never read).
@@ -212,23 +207,91 @@ inline void score_keys_bf16(const at::BFloat16* q, const at::BFloat16* const* ke
   }
 }
 
-// outs[u][2 + ...] = sum over t < n of probs[u][t] * values[t], for kUnits units sharing each widened value row.
+// The chunk's keys with each 16 keys' dword j (a bf16 pair of dimensions 2j, 2j+1) gathered into one vector:
+// columns[half][j] lane k = key 16 * half + k's dword j. Four rounds of 16x16 dword transposes a slice.
+template <int kSlices>
+inline void transpose_keys(const at::BFloat16* const* keys, __m512i (*columns)[16 * kSlices]) {
+  for (int half = 0; half < kKeyChunk / 16; ++half)
+    for (int s = 0; s < kSlices; ++s) {
+      __m512i a[16], b[16];
+      for (int k = 0; k < 16; ++k) a[k] = _mm512_loadu_si512(keys[16 * half + k] + 32 * s);
+      for (int k = 0; k < 16; k += 2) {
+        b[k] = _mm512_unpacklo_epi32(a[k], a[k + 1]);
+        b[k + 1] = _mm512_unpackhi_epi32(a[k], a[k + 1]);
+      }
+      for (int k = 0; k < 16; k += 4)
+        for (int i = 0; i < 2; ++i) {
+          a[k + 2 * i] = _mm512_unpacklo_epi64(b[k + i], b[k + i + 2]);
+          a[k + 2 * i + 1] = _mm512_unpackhi_epi64(b[k + i], b[k + i + 2]);
+        }
+      for (int k = 0; k < 16; k += 8)
+        for (int i = 0; i < 4; ++i) {
+          b[k + i] = _mm512_shuffle_i32x4(a[k + i], a[k + i + 4], _MM_SHUFFLE(2, 0, 2, 0));
+          b[k + i + 4] = _mm512_shuffle_i32x4(a[k + i], a[k + i + 4], _MM_SHUFFLE(3, 1, 3, 1));
+        }
+      for (int i = 0; i < 8; ++i) {
+        a[i] = _mm512_shuffle_i32x4(b[i], b[i + 8], _MM_SHUFFLE(2, 0, 2, 0));
+        a[i + 8] = _mm512_shuffle_i32x4(b[i], b[i + 8], _MM_SHUFFLE(3, 1, 3, 1));
+      }
+      for (int i = 0; i < 16; ++i) columns[half][16 * s + i] = a[i];
+    }
+}
+
+// score_keys_bf16 from transposed keys: lane k's sum over dimensions in the same order, bit for bit (lane i of
+// a key's dword sums is the chain over slices of dwords i, 16 + i, ...; sum16 adds the 16 lanes as below),
+// without the reduction across lanes (32 shuffles and adds for 16 keys) or a load of the keys per unit.
+template <int kSlices>
+inline void score_columns_bf16(const at::BFloat16* q, const __m512i (*columns)[16 * kSlices], float scale,
+                               float* scores) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(q);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int half = 0; half < kKeyChunk / 16; ++half) {
+    __m512 lane[16];
+    for (int i = 0; i < 16; ++i) {
+      lane[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(_mm512_set1_epi32(pairs[i])),
+                                 reinterpret_cast<__m512bh>(columns[half][i]));
+      for (int s = 1; s < kSlices; ++s)
+        lane[i] = _mm512_dpbf16_ps(lane[i], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pairs[16 * s + i])),
+                                   reinterpret_cast<__m512bh>(columns[half][16 * s + i]));
+    }
+    __m512 quarter[4];
+    for (int l = 0; l < 4; ++l)
+      quarter[l] = _mm512_add_ps(_mm512_add_ps(lane[4 * l], lane[4 * l + 2]), _mm512_add_ps(lane[4 * l + 1], lane[4 * l + 3]));
+    const __m512 total = _mm512_add_ps(_mm512_add_ps(quarter[0], quarter[1]), _mm512_add_ps(quarter[2], quarter[3]));
+    _mm512_storeu_ps(scores + 16 * half, _mm512_mul_ps(total, vscale));
+  }
+}
+
+// outs[u][2 + ...] = sum over t < n of probs[u][t] * values[t], for kUnits units sharing each pair of value
+// rows: the two rows interleaved (dimension d of row t, then of row t + 1) and multiplied by each unit's two
+// weights rounded to bf16 (vdpbf16ps: one instruction for two keys of 16 dimensions, where the widened rows took
+// two multiply-adds; products exact, the weights' rounding ~2^-9 of each, as the output's own bf16 rounding).
+// n rounded up to a pair reads one row past it (a row of the chunk or its last repeated), its weights 0.
 template <int kSlices, int kUnits>
 void accumulate_values_bf16(const at::BFloat16* const* values, int64_t n, const float* const* probs,
                             float* const* outs) {
+  alignas(64) int32_t weights[kUnits][kKeyChunk / 2];  // (probs[2j], probs[2j + 1]) as bf16 pairs
+  for (int u = 0; u < kUnits; ++u)
+    _mm512_store_si512(weights[u], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(probs[u] + 16),
+                                                                                   _mm512_loadu_ps(probs[u]))));
   __m512 acc[kUnits][2 * kSlices];
   for (auto& unit : acc)
     for (auto& a : unit) a = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
-    __m512 v[2 * kSlices];
-    for (int s = 0; s < kSlices; ++s) widen_pairs(values[t] + 32 * s, v[2 * s], v[2 * s + 1]);
+  for (int64_t t = 0; t < n; t += 2) {
+    __m512bh v[2 * kSlices];
+    for (int s = 0; s < kSlices; ++s) {
+      const __m512i x = _mm512_loadu_si512(values[t] + 32 * s), y = _mm512_loadu_si512(values[t + 1] + 32 * s);
+      v[2 * s] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(x, y));
+      v[2 * s + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(x, y));
+    }
     for (int u = 0; u < kUnits; ++u) {
-      const __m512 p = _mm512_set1_ps(probs[u][t]);
-      for (int i = 0; i < 2 * kSlices; ++i) acc[u][i] = _mm512_fmadd_ps(p, v[i], acc[u][i]);
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(weights[u][t / 2]));
+      for (int i = 0; i < 2 * kSlices; ++i) acc[u][i] = _mm512_dpbf16_ps(acc[u][i], w, v[i]);
     }
   }
-  alignas(64) static const int32_t first[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  alignas(64) static const int32_t second[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  // Lane 4 * L + w of the low interleave holds dimension 8 * L + w of its slice, of the high one 8 * L + 4 + w.
+  alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
   const __m512i lo = _mm512_load_si512(first), hi = _mm512_load_si512(second);
   for (int u = 0; u < kUnits; ++u)
     for (int s = 0; s < kSlices; ++s) {
@@ -339,13 +402,17 @@ void attend_chunk_bf16(const StepRows& s, const RowGroup& g, int64_t c, const at
         values[t] = v_cache + offsets[t] + h * row_width;
       }
     }
+    const bool by_columns = g.count * group >= kColumnUnits;
+    alignas(64) __m512i columns[kKeyChunk / 16][16 * kSlices];
+    if (by_columns) transpose_keys<kSlices>(keys, columns);
     int units = 0;
     for (int64_t r = g.first; r < g.first + g.count; ++r) {
       const int64_t limit = std::min(t0 + n, s.lens[r]) - t0;
       if (limit <= 0) continue;  // the row ends before this chunk: merge reads only its own chunks
       for (int64_t hq = h * group; hq < (h + 1) * group; ++hq, ++units) {
         float* scores = scratch.data() + units * kKeyChunk;
-        score_keys_bf16<kSlices>(qkv + r * qkv_width + hq * dim, keys, qk_scale, scores);
+        if (by_columns) score_columns_bf16<kSlices>(qkv + r * qkv_width + hq * dim, columns, qk_scale, scores);
+        else score_keys_bf16<kSlices>(qkv + r * qkv_width + hq * dim, keys, qk_scale, scores);
         if constexpr (int8)
           for (int64_t t = 0; t < limit; ++t) scores[t] *= key_scales[t];
         float* out = partials.at(r, hq, c);

@@ -59,12 +59,11 @@ def test_kernel_matches_torch_path(dtype: torch.dtype, tol: float, dim: int) -> 
 @pytest.mark.parametrize("dim, group", [(64, 3), (128, 2), (64, 1)])
 def test_bf16_decode_over_several_key_chunks_matches_fp32_and_ignores_the_rows_beside(dim: int, group: int,
                                                                                       kind: str) -> None:
-    """bf16 queries over a bf16 cache (scores from bf16 pairs, values widened in registers, keys in chunks of 32
-    merged per row), an fp8 one (decoded to bf16 a chunk's head at a time, then the same) or an int8 one
-    (queries as int16 codes, integer scores, codes widened in registers): six
-    rows of one sequence (a token and its drafts, crossing a chunk bound), a longer sequence and a one-token
-    one, against attention in fp32 on the numbers the cache holds; each row equals itself computed alone, bit
-    for bit."""
+    """bf16 queries over a bf16 cache (scores from bf16 pairs, value rows interleaved in pairs, keys in chunks of
+    32 merged per row), an fp8 or int8 one (decoded to bf16 a chunk's head at a time, then the same): six rows of
+    one sequence (a token and its drafts, crossing a chunk bound; their scores from transposed keys), a longer
+    sequence and a one-token one, against attention in fp32 on the numbers the cache holds; each row equals
+    itself computed alone (scores key by key), bit for bit."""
     from pagoda.model.cpu_kernels import load_cpu_kernels
 
     ops = load_cpu_kernels()
