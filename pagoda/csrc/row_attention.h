@@ -1,7 +1,7 @@
 // Attention of a one-call decode step's rows (decode_layers.cpp) over the paged KV cache.
 //
 // Rows that read the same blocks (a decode token and the drafts after it, a short prompt chunk) form one
-// group, and each key and value row is read and widened to fp32 once for all of them: a step verifying four
+// group, and each key and value row is read (and widened or decoded) once for all of them: a step verifying four
 // drafts used to read the sequence's cache five times, which at a few hundred tokens of context cost as much
 // as a row of the projections. Keys are split into chunks of kKeyChunk, each (group, chunk) a work item with
 // its own softmax max and sum per query head, merged per row afterwards (as flash-decoding splits keys), so
